@@ -1,0 +1,130 @@
+"""Stage 5: evaluate a policy on a task split. One result file per task, then `summary.json`.
+
+Resumable: tasks whose result file exists are skipped; the summary is rebuilt from the result
+files of the selected tasks, so each task counts once however often the stage was interrupted.
+
+    python -m eval.evaluate --task alfworld --split seen --policy expert --out outputs/eval/expert
+    python -m eval.evaluate --task alfworld --split unseen --policy model --model models/SmolLM2-135M-Instruct
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import Counter, defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from eval_agent.envs import REGISTRY, get_task_family
+from eval_agent.protocol import write_protocol_card
+from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, run_episodes
+from eval_agent.store import write_json
+from eval_agent.trajectory import Trajectory
+
+log = logging.getLogger("eval")
+
+
+def result_path(out: Path, key: str) -> Path:
+    return out / "tasks" / (key.replace("/", "__") + ".json")
+
+
+def summarize(task_name: str, split: str, trajs: list[Trajectory]) -> dict[str, Any]:
+    """Success rate, average reward and steps, overall and per task type."""
+
+    def stats(ts: list[Trajectory]) -> dict[str, Any]:
+        n = len(ts)
+        return {
+            "num_tasks": n,
+            "success_rate": sum(t.success for t in ts) / n if n else 0.0,
+            "avg_reward": sum(t.reward or 0.0 for t in ts) / n if n else 0.0,
+            "avg_steps": sum(len(t.steps) for t in ts) / n if n else 0.0,
+        }
+
+    by_type: dict[str, list[Trajectory]] = defaultdict(list)
+    for t in trajs:
+        by_type[t.meta.get("task_type", "unknown")].append(t)
+    return {
+        "env": task_name,
+        "split": split,
+        **stats(trajs),
+        "per_task_type": {k: stats(v) for k, v in sorted(by_type.items())},
+        "terminations": dict(Counter(t.termination for t in trajs)),
+    }
+
+
+def build_policy(args: argparse.Namespace):
+    if args.policy == "expert":
+        return ExpertPolicy(), {}
+    from eval_agent.chat_format import ChatFormat, resolve_chat_format
+    from eval_agent.llm import GenerationConfig, make_backend
+    from eval_agent.prompts import PromptBuilder, instruction_from_data
+    from eval_agent.runner import ModelPolicy
+
+    if not args.model:
+        raise SystemExit("--model is required with --policy model")
+    fmt_name = resolve_chat_format(args.model, args.chat_format) if Path(args.model).is_dir() else (args.chat_format or "template")
+    kw = {"endpoints_file": args.endpoints} if args.backend == "openai" and args.endpoints else {}
+    backend = make_backend(args.backend, args.model, **kw)
+    tokenizer = None
+    if fmt_name == "template":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    instruction = instruction_from_data(args.instruction_from) if args.instruction_from else None
+    prompts = PromptBuilder.for_task(args.task, icl_num=args.icl_num, instruction=instruction)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return ModelPolicy(backend, ChatFormat(fmt_name, tokenizer), prompts, gen), {"chat_format": fmt_name}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(REGISTRY), default="alfworld")
+    p.add_argument("--split", default="seen", help="train | seen | unseen")
+    p.add_argument("--policy", choices=("model", "expert"), default="model")
+    p.add_argument("--model", help="HF model folder (hf backend) or served model name (openai backend)")
+    p.add_argument("--tokenizer", help="tokenizer folder when --model is a served name (default: --model)")
+    p.add_argument("--backend", choices=("hf", "openai"), default="hf")
+    p.add_argument("--endpoints", help="openai backend: file with one base URL per line (else $OPENAI_BASE_URL)")
+    p.add_argument("--chat_format", choices=("template", "llama-2"), help="default: what the model folder records, else template")
+    p.add_argument("--icl_num", type=int, default=1, help="in-context examples in the prompt (the original: 1)")
+    p.add_argument("--instruction_from", help="published-format expert file whose instruction to prompt with")
+    p.add_argument("--max_steps", type=int, default=MAX_STEPS)
+    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as the paper evaluates")
+    p.add_argument("--data_root", help="task data folder (default: the task family's own lookup)")
+    p.add_argument("--limit", type=int, help="first N tasks of the split only")
+    p.add_argument("--concurrency", type=int, default=16, help="episodes advanced together")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="ignore existing result files and rerun every task")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    out = Path(args.out)
+    family = get_task_family(args.task)
+    tasks = family.load_tasks(args.split, data_root=args.data_root, limit=args.limit)
+    todo = [t for t in tasks if args.overwrite or not result_path(out, t.key).exists()]
+    log.info("%s/%s: %d tasks, %d already done, %d to run", args.task, args.split, len(tasks), len(tasks) - len(todo), len(todo))
+
+    policy, extra = build_policy(args)
+    card = write_protocol_card(out, "eval", {**vars(args), **extra})
+
+    def save(ep: Episode) -> None:
+        write_json(result_path(out, ep.task.key), ep.traj.to_dict())
+
+    stats = run_episodes(todo, policy, family.make_env, save, max_steps=args.max_steps, concurrency=args.concurrency)
+    trajs = [Trajectory.from_dict(json.loads(result_path(out, t.key).read_text())) for t in tasks]
+    for t, traj in zip(tasks, trajs):
+        traj.meta.setdefault("task_type", t.meta.get("task_type", "unknown"))
+    summary = {**summarize(args.task, args.split, trajs), "run": asdict(stats), "protocol": card}
+    write_json(out / "summary.json", summary)
+    log.info(
+        "%s/%s: success %.3f, avg reward %.3f, avg steps %.1f over %d tasks (%d run now in %.1fs)",
+        args.task, args.split, summary["success_rate"], summary["avg_reward"], summary["avg_steps"],
+        summary["num_tasks"], stats.episodes, stats.seconds,
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    main()

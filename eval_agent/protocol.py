@@ -1,0 +1,52 @@
+"""The protocol card every stage writes beside its output (`config.json`): all effective
+arguments, library versions, model path, git commit and seed, so a table row can be traced back."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from eval_agent.store import write_json
+
+_LIBS = ("torch", "transformers", "accelerate", "vllm", "alfworld", "textworld", "virtualhome", "openai")
+_SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+def library_versions() -> dict[str, str | None]:
+    out = {}
+    for name in _LIBS:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        repo = Path(__file__).resolve().parent.parent
+        return subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def protocol_card(stage: str, args: dict[str, Any]) -> dict[str, Any]:
+    clean = {k: ("<set>" if any(w in k.lower() for w in _SECRET_WORDS) and v else v) for k, v in args.items()}
+    return {
+        "stage": stage,
+        "args": clean,
+        "versions": {"python": platform.python_version(), **library_versions()},
+        "git_commit": git_commit(),
+        "command": " ".join(sys.argv),
+    }
+
+
+def write_protocol_card(out_dir: str | Path, stage: str, args: dict[str, Any]) -> dict[str, Any]:
+    card = protocol_card(stage, args)
+    write_json(Path(out_dir) / "config.json", card)
+    return card

@@ -1,0 +1,180 @@
+"""The episode runner: many episodes advance together. Each round gathers the prompts of all live
+episodes into one batched generate call (or one burst of concurrent requests), then steps each
+environment. A finished episode's slot is refilled from the queue at once.
+
+Step semantics follow the original (`envs/alfworld_env.py::step`): a reply without `Action:` is
+an invalid step that costs one of the `max_steps` (40) and gets the error observation; the budget
+counts replayed prefix steps too; `done` wins over the step limit. An environment error or a
+context overflow ends that one episode with its reason; the others carry on.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+from tqdm import tqdm
+
+from eval_agent.chat_format import ChatFormat
+from eval_agent.envs.base import Env, Task
+from eval_agent.llm import Completion, GenerationConfig, LLMBackend
+from eval_agent.prompts import PromptBuilder
+from eval_agent.trajectory import Step, Trajectory, format_reply
+
+# The original's observation for a reply it could not parse (kept verbatim: models were trained on it).
+INVALID_OBSERVATION = "Error Input. Your input must contains 'Action: '"
+MAX_STEPS = 40
+
+
+@dataclass
+class Episode:
+    task: Task
+    env: Env
+    traj: Trajectory
+    prefix: list[str] = field(default_factory=list)  # replies replayed before the policy acts
+
+    @property
+    def finished(self) -> bool:
+        return self.traj.termination is not None
+
+
+class Policy(Protocol):
+    def act(self, episodes: list[Episode]) -> list[Completion]:
+        """One reply per episode, in order."""
+
+
+class ModelPolicy:
+    """Prompts an LLM backend with the rendered conversation of each episode."""
+
+    def __init__(self, backend: LLMBackend, chat_format: ChatFormat, prompts: PromptBuilder, generation: GenerationConfig):
+        self.backend, self.chat_format, self.prompts, self.generation = backend, chat_format, prompts, generation
+
+    def prompt(self, episode: Episode) -> str:
+        return self.chat_format.render(self.prompts.messages(episode.traj))
+
+    def act(self, episodes: list[Episode]) -> list[Completion]:
+        outs = self.backend.generate([self.prompt(ep) for ep in episodes], self.generation)
+        return [o[0] for o in outs]
+
+
+class ExpertPolicy:
+    """Drives each environment with its built-in expert (alfworld's handcoded expert, the
+    VirtualHome ground-truth program): the sanity baseline that must score ~100%."""
+
+    def act(self, episodes: list[Episode]) -> list[Completion]:
+        replies = []
+        for ep in episodes:
+            action = ep.env.expert_action()
+            replies.append(Completion(text=format_reply(f"The expert's next step is {action}.", action) if action else ""))
+        return replies
+
+
+@dataclass
+class RunStats:
+    episodes: int = 0
+    env_steps: int = 0
+    generate_calls: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+
+def apply_reply(ep: Episode, reply: str, max_steps: int) -> None:
+    """Execute one reply in the episode's environment and record the step."""
+    step = Step.from_reply(reply, observation="")
+    result = None
+    if step.action is None:
+        step.observation = INVALID_OBSERVATION
+    else:
+        try:
+            result = ep.env.step(step.action)
+        except Exception as e:  # one broken episode must not stop the stage
+            ep.traj.steps.append(step)
+            ep.traj.termination = "env_error"
+            ep.traj.meta["error"] = f"{type(e).__name__}: {e}"
+            return
+        step.observation = result.observation
+    ep.traj.steps.append(step)
+    if result is not None:
+        ep.traj.reward = result.reward
+    if result is not None and result.done:
+        ep.traj.success = result.success
+        ep.traj.termination = "success" if result.success else "done"
+    elif len(ep.traj.steps) >= max_steps:
+        ep.traj.termination = "max_steps"
+
+
+def start_episode(task: Task, env: Env, prefix: Iterable[str] = (), max_steps: int = MAX_STEPS) -> Episode:
+    """Reset `env` to `task` and replay `prefix` replies (e.g. expert steps 0..t-1)."""
+    ep = Episode(task=task, env=env, traj=Trajectory(task="", meta={"key": task.key, **task.meta}), prefix=list(prefix))
+    try:
+        ep.traj.task = env.reset(task)
+    except Exception as e:
+        ep.traj.termination = "env_error"
+        ep.traj.meta["error"] = f"{type(e).__name__}: {e}"
+        return ep
+    for reply in ep.prefix:
+        if ep.finished:
+            break
+        apply_reply(ep, reply, max_steps)
+    return ep
+
+
+def run_episodes(
+    tasks: Iterable[tuple[Task, list[str]] | Task],
+    policy: Policy,
+    make_env: Callable[[], Env],
+    on_finish: Callable[[Episode], None],
+    max_steps: int = MAX_STEPS,
+    concurrency: int = 32,
+    total: int | None = None,
+    progress: bool = True,
+) -> RunStats:
+    """Run every task (optionally with a prefix of replies to replay) to the end.
+
+    `concurrency` episodes are live at once; each round is one `policy.act` call over all of them.
+    `on_finish` receives each finished episode (write it out there: that is what makes stages
+    resumable).
+    """
+    queue = deque(t if isinstance(t, tuple) else (t, []) for t in tasks)
+    stats, t0 = RunStats(), time.perf_counter()
+    free_envs: list[Env] = []
+    live: list[Episode] = []
+    bar = tqdm(total=total if total is not None else len(queue), disable=not progress, desc="episodes", unit="ep")
+
+    def finish(ep: Episode) -> None:
+        on_finish(ep)
+        free_envs.append(ep.env)
+        stats.episodes += 1
+        stats.env_steps += len(ep.traj.steps) - len(ep.prefix)
+        bar.update(1)
+
+    try:
+        while queue or live:
+            while queue and len(live) < concurrency:
+                task, prefix = queue.popleft()
+                ep = start_episode(task, free_envs.pop() if free_envs else make_env(), prefix, max_steps)
+                if ep.finished:
+                    finish(ep)
+                else:
+                    live.append(ep)
+            if not live:
+                continue
+            replies = policy.act(live)
+            stats.generate_calls += 1
+            for ep, reply in zip(live, replies):
+                stats.generated_tokens += reply.num_tokens
+                if reply.finish_reason == "context_overflow":
+                    ep.traj.termination = "context_overflow"
+                else:
+                    apply_reply(ep, reply.text, max_steps)
+            still = []
+            for ep in live:
+                (finish if ep.finished else still.append)(ep)
+            live = still
+    finally:
+        bar.close()
+        for env in free_envs + [ep.env for ep in live]:
+            env.close()
+    stats.seconds = time.perf_counter() - t0
+    return stats
