@@ -1,0 +1,105 @@
+"""Episode-runner semantics on a tiny deterministic environment (a test double of the Env
+protocol; the real engines are exercised in their own test files)."""
+from eval_agent.envs.base import StepResult, Task
+from eval_agent.llm import Completion
+from eval_agent.runner import INVALID_OBSERVATION, ExpertPolicy, run_episodes
+
+
+class CounterEnv:
+    """Say `count <n>` for n = 1..goal in order; `explode` raises."""
+
+    name = "counter"
+
+    def reset(self, task):
+        self.goal, self.n = task.meta["goal"], 0
+        return f"Count to {self.goal}."
+
+    def step(self, action):
+        if action == "explode":
+            raise RuntimeError("engine crashed")
+        if action == f"count {self.n + 1}":
+            self.n += 1
+            return StepResult(f"You said {self.n}.", self.n == self.goal, self.n == self.goal, float(self.n == self.goal))
+        return StepResult("Nothing happens.", False, False)
+
+    def expert_action(self):
+        return f"count {self.n + 1}"
+
+    def close(self):
+        pass
+
+
+class ScriptedPolicy:
+    """Replies from a per-task script; records the batch size of every call."""
+
+    def __init__(self, scripts):
+        self.scripts, self.calls = scripts, []
+
+    def act(self, episodes):
+        self.calls.append(len(episodes))
+        out = []
+        for ep in episodes:
+            reply = self.scripts[ep.task.key][len(ep.traj.steps) - len(ep.prefix)]
+            out.append(reply if isinstance(reply, Completion) else Completion(text=reply, num_tokens=1))
+        return out
+
+
+def run(tasks, policy, **kw):
+    done = {}
+    stats = run_episodes(tasks, policy, CounterEnv, lambda ep: done.__setitem__(ep.task.key, ep.traj), progress=False, **kw)
+    return done, stats
+
+
+def task(key, goal=2):
+    return Task(key=key, env="counter", split="test", meta={"goal": goal})
+
+
+def test_expert_policy_solves_and_batches():
+    done, stats = run([task(f"t{i}", goal=i + 1) for i in range(5)], ExpertPolicy(), concurrency=5)
+    assert all(t.success and t.termination == "success" for t in done.values())
+    assert [len(done[f"t{i}"].steps) for i in range(5)] == [1, 2, 3, 4, 5]
+    assert stats.generate_calls == 5  # one call per round, not per episode
+    assert stats.episodes == 5 and stats.env_steps == 15
+
+
+def test_invalid_reply_costs_a_step_and_max_steps_ends():
+    policy = ScriptedPolicy({"a": ["Thought: hmm", "Thought: x\nAction: count 1", "Action: count 9"]})
+    done, _ = run([task("a", goal=5)], policy, max_steps=3)
+    traj = done["a"]
+    assert traj.steps[0].action is None and traj.steps[0].observation == INVALID_OBSERVATION
+    assert traj.steps[1].observation == "You said 1."
+    assert traj.steps[2].observation == "Nothing happens."
+    assert traj.termination == "max_steps" and not traj.success
+
+
+def test_done_wins_over_step_limit():
+    done, _ = run([task("a", goal=2)], ScriptedPolicy({"a": ["Action: count 1", "Action: count 2"]}), max_steps=2)
+    assert done["a"].termination == "success" and done["a"].success
+
+
+def test_env_error_and_overflow_end_only_their_episode():
+    policy = ScriptedPolicy(
+        {
+            "boom": ["Action: explode"],
+            "long": [Completion(text="", finish_reason="context_overflow")],
+            "ok": ["Action: count 1", "Action: count 2"],
+        }
+    )
+    done, _ = run([task("boom"), task("long"), task("ok")], policy, concurrency=3)
+    assert done["boom"].termination == "env_error" and "engine crashed" in done["boom"].meta["error"]
+    assert done["long"].termination == "context_overflow"
+    assert done["ok"].success
+
+
+def test_prefix_replay_counts_against_budget():
+    policy = ScriptedPolicy({"a": ["Action: count 3"]})
+    done, _ = run([(task("a", goal=3), ["Action: count 1", "Action: count 2"])], policy, max_steps=40)
+    assert done["a"].success and len(done["a"].steps) == 3
+    done, _ = run([(task("b", goal=9), ["Action: count 1", "Action: count 2"])], ScriptedPolicy({"b": ["x"]}), max_steps=3)
+    assert done["b"].termination == "max_steps" and len(done["b"].steps) == 3
+
+
+def test_concurrency_bounds_live_episodes():
+    policy = ScriptedPolicy({f"t{i}": ["Action: count 1", "Action: count 2"] for i in range(5)})
+    done, _ = run([task(f"t{i}") for i in range(5)], policy, concurrency=2)
+    assert len(done) == 5 and max(policy.calls) == 2
