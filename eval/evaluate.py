@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from eval_agent.envs import REGISTRY, get_task_family
+from eval_agent.llm import BackendUnavailable
 from eval_agent.protocol import write_protocol_card
 from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, run_episodes
 from eval_agent.store import write_json
@@ -112,7 +113,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def save(ep: Episode) -> None:
         write_json(result_path(out, ep.task.key), ep.traj.to_dict())
 
-    stats = run_episodes(todo, policy, family.make_env, save, max_steps=args.max_steps, concurrency=args.concurrency)
+    try:
+        stats = run_episodes(todo, policy, family.make_env, save, max_steps=args.max_steps, concurrency=args.concurrency)
+    except BackendUnavailable as e:
+        raise SystemExit(f"error: {e}") from None
     trajs = [Trajectory.from_dict(json.loads(result_path(out, t.key).read_text())) for t in tasks]
     for t, traj in zip(tasks, trajs):
         traj.meta.setdefault("task_type", t.meta.get("task_type", "unknown"))
