@@ -30,12 +30,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-if [ ! -f "$MODEL_DIR/config.json" ]; then
+if [ ! -f "$MODEL_DIR/config.json" ] && [ -f scripts/prepare_model.py ]; then
   echo "[setup] converting the SmolLM2-135M-Instruct GGUF into $MODEL_DIR"
   "$PY" scripts/prepare_model.py --out "$MODEL_DIR"
 fi
 
-if [ ! -d "$GAMES_DIR/json_2.1.1" ]; then
+if [ ! -d "$GAMES_DIR/json_2.1.1" ] && [ -f scripts/make_alfworld_games.py ]; then
   echo "[setup] generating the ALFWorld game set into $GAMES_DIR"
   "$PY" scripts/make_alfworld_games.py --out "$GAMES_DIR"
 fi
