@@ -13,6 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # scripts/*.py import eval_agent
 PIP=("$PY" -m pip install --disable-pip-version-check -q)
 
 stamp="$VENV/.requirements.sha"
@@ -30,7 +31,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-if [ ! -f "$MODEL_DIR/config.json" ] && [ -f scripts/prepare_model.py ]; then
+if [ ! -f "$MODEL_DIR/config.json" ]; then
   echo "[setup] converting the SmolLM2-135M-Instruct GGUF into $MODEL_DIR"
   "$PY" scripts/prepare_model.py --out "$MODEL_DIR"
 fi
