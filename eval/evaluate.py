@@ -13,6 +13,7 @@ import json
 import logging
 from collections import Counter, defaultdict
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as the paper evaluates")
     p.add_argument("--data_root", help="task data folder (default: the task family's own lookup)")
+    p.add_argument("--env_args", type=json.loads, default={},
+                   help='JSON object of environment options, e.g. \'{"task_text": "original"}\' (ALFWorld)')
     p.add_argument("--limit", type=int, help="first N tasks of the split only")
     p.add_argument("--concurrency", type=int, default=16, help="episodes advanced together")
     p.add_argument("--out", required=True)
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_json(result_path(out, ep.task.key), ep.traj.to_dict())
 
     try:
-        stats = run_episodes(todo, policy, family.make_env, save, max_steps=args.max_steps, concurrency=args.concurrency)
+        make_env = partial(family.make_env, expert=args.policy == "expert", **args.env_args)
+        stats = run_episodes(todo, policy, make_env, save, max_steps=args.max_steps, concurrency=args.concurrency)
     except BackendUnavailable as e:
         raise SystemExit(f"error: {e}") from None
     trajs = [Trajectory.from_dict(json.loads(result_path(out, t.key).read_text())) for t in tasks]
