@@ -159,7 +159,7 @@ class AlfWorldEnv:
         if self.expert:
             from alfworld.agents.expert import HandCodedTWAgent
 
-            random.seed(task.key)  # the expert breaks ties with random.choice
+            self._expert_rng = random.Random(task.key).getstate()
             self._agent = HandCodedTWAgent(max_steps=200)
             self._agent.reset(game)
             self._agent.observe(self._state["feedback"])
@@ -183,12 +183,18 @@ class AlfWorldEnv:
 
         view = dict(self._state)
         view["admissible_commands"] = [to_move_syntax(c) for c in self._state["admissible_commands"]]
+        # The expert breaks ties with the global `random`; give it this episode's own stream so its
+        # choices do not depend on which other episodes run beside it.
+        outer = random.getstate()
+        random.setstate(self._expert_rng)
         try:
             nxt = self._agent.act(view, 0, view["won"], last_command)
         except (HandCodedAgentTimeout, HandCodedAgentFailed):
-            self._expert_next = None
-            return
-        self._expert_next = nxt if nxt in view["admissible_commands"] else "look"
+            nxt = None
+        finally:
+            self._expert_rng = random.getstate()
+            random.setstate(outer)
+        self._expert_next = None if nxt is None else nxt if nxt in view["admissible_commands"] else "look"
 
     def expert_action(self) -> str | None:
         if not self.expert:
