@@ -45,27 +45,27 @@ class HFBackend:
         order = sorted(range(len(rows)), key=lambda r: -lengths[rows[r][0]])
         results: list[Completion | None] = [None] * len(rows)
         fits = [r for r in order if self.max_context is None or lengths[rows[r][0]] < self.max_context]
-        for r in order:
-            if r not in fits:
-                results[r] = Completion(text="", finish_reason="context_overflow")
+        for r in set(order) - set(fits):
+            results[r] = Completion(text="", finish_reason="context_overflow")
         for start in range(0, len(fits), self.batch_size):
             batch = fits[start: start + self.batch_size]
-            for r, c in zip(batch, self._generate_batch([rows[r][1] for r in batch], config)):
+            done = self._generate_batch([rows[r][1] for r in batch], [lengths[rows[r][0]] for r in batch], config)
+            for r, c in zip(batch, done):
                 results[r] = c
         out: list[list[Completion]] = [[] for _ in prompts]
         for (i, _), c in zip(rows, results):
             out[i].append(c)
         return out
 
-    def _generate_batch(self, prompts: list[str], config: GenerationConfig) -> list[Completion]:
+    def _generate_batch(self, prompts: list[str], lengths: list[int], config: GenerationConfig) -> list[Completion]:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        max_new = config.max_new_tokens
-        if self.max_context is not None:
-            max_new = max(1, min(max_new, self.max_context - enc["input_ids"].shape[1]))
+        # Each row's own budget (what it would get alone): a long prompt must not shorten its neighbours.
+        budgets = [config.max_new_tokens if self.max_context is None
+                   else max(1, min(config.max_new_tokens, self.max_context - n)) for n in lengths]
         sample = config.temperature > 0
         gen = self.model.generate(
             **enc,
-            max_new_tokens=max_new,
+            max_new_tokens=max(budgets),
             do_sample=sample,
             temperature=config.temperature if sample else None,
             top_p=config.top_p if sample else None,
@@ -77,11 +77,13 @@ class HFBackend:
         )
         new = gen[:, enc["input_ids"].shape[1]:]
         out = []
-        for row in new.tolist():
-            n_tokens = next((k + 1 for k, t in enumerate(row) if t in self.eos_ids), None)
-            ended_eos = n_tokens is not None
-            ids = row[: n_tokens - 1] if ended_eos else [t for t in row if t != self.tokenizer.pad_token_id]
+        for row, budget in zip(new.tolist(), budgets):
+            row = row[:budget]
+            n_eos = next((k for k, t in enumerate(row) if t in self.eos_ids), None)
+            ids = row[:n_eos] if n_eos is not None else [t for t in row if t != self.tokenizer.pad_token_id]
             text, stopped = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), config.stop)
-            tokens = n_tokens if ended_eos else len(ids)
-            out.append(Completion(text=text, num_tokens=tokens, finish_reason="stop" if (ended_eos or stopped) else "length"))
+            # A row that ended on a stop string is padded afterwards (pad may equal eos): that pad is no token of it.
+            tokens = len(ids) + (n_eos is not None and not stopped)
+            reason = "stop" if (n_eos is not None or stopped) else "length"
+            out.append(Completion(text=text, num_tokens=tokens, finish_reason=reason))
         return out
