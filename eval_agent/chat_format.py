@@ -9,7 +9,9 @@ by construction, never from token-length arithmetic.
 Formats, chosen by configuration (never guessed from a model name):
 - `template`: the tokenizer's own chat template (e.g. SmolLM2's ChatML);
 - `llama-2`: FastChat's `llama-2` conversation template with an empty system message, byte for
-  byte what the published Llama-2-7B-Chat STeCa checkpoints were trained with.
+  byte what the published Llama-2-7B-Chat STeCa checkpoints were trained with, plus the leading
+  `<s>` that FastChat's tokenizer call added: every backend tokenizes the rendered text without
+  adding special tokens, so the text carries its BOS itself (as it does between turns).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ class ChatFormat:
             conv.append_message(conv.roles[i % 2], m["content"])
         if add_generation_prompt and messages and messages[-1]["role"] == "user":
             conv.append_message(conv.roles[1], None)
-        return conv.get_prompt()
+        return "<s>" + conv.get_prompt()
 
     def render_with_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
         """Full conversation text and the (start, end) char spans of each assistant turn.

@@ -93,7 +93,7 @@ MESSAGES = [
 
 def test_llama2_matches_fastchat_layout():
     fmt = ChatFormat("llama-2")
-    assert fmt.render(MESSAGES[:3]) == "[INST] inst [/INST] OK </s><s>[INST] task [/INST]"
+    assert fmt.render(MESSAGES[:3]) == "<s>[INST] inst [/INST] OK </s><s>[INST] task [/INST]"
     text, spans = fmt.render_with_spans(MESSAGES)
     assert [text[a:b] for a, b in spans] == [" OK </s>", " Thought: a\nAction: b </s>"]
     # the inference prompt is a prefix of the training text: same format both ways
