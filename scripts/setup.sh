@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv at the repo root with everything the CPU path needs, prepares the embedded
-# SmolLM2-135M-Instruct model and the generated ALFWorld games. Idempotent: a rerun only checks.
+# SmolLM2-135M-Instruct model, the generated ALFWorld games and the VirtualHome task sets.
+# Idempotent: a rerun only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -8,6 +9,7 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-$ROOT/.venv}
 MODEL_DIR=${MODEL_DIR:-$ROOT/models/SmolLM2-135M-Instruct}
 GAMES_DIR=${GAMES_DIR:-$ROOT/data/alfworld}
+VH_DIR=${VH_DIR:-$ROOT/data/virtualhome}
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
@@ -39,5 +41,10 @@ fi
 if [ ! -d "$GAMES_DIR/json_2.1.1" ] && [ -f scripts/make_alfworld_games.py ]; then
   echo "[setup] generating the ALFWorld game set into $GAMES_DIR"
   "$PY" scripts/make_alfworld_games.py --out "$GAMES_DIR"
+fi
+
+if [ ! -f "$VH_DIR/summary.json" ]; then  # written last
+  echo "[setup] building the VirtualHome task sets into $VH_DIR (~30-60 s)"
+  "$PY" scripts/make_vh_tasks.py --out "$VH_DIR"
 fi
 echo "[setup] ready: $VENV"
