@@ -30,6 +30,7 @@ from eval_agent.trajectory import Step, Trajectory
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
+ALFWORLD_CACHE = Path("~/.cache/alfworld").expanduser()  # alfworld.info's default for $ALFWORLD_DATA
 TASK_TYPES = (
     "pick_and_place_simple",
     "look_at_obj_in_light",
@@ -54,7 +55,10 @@ _ARRIVAL = re.compile(r"^You arrive at [^.]*\.\s*")
 
 def find_data_root(root: str | Path | None = None) -> Path:
     """`root`, else $ALFWORLD_DATA, else the generated games in data/alfworld (scripts/setup.sh)."""
-    path = Path(root or os.environ.get("ALFWORLD_DATA") or REPO / "data" / "alfworld")
+    env = os.environ.get("ALFWORLD_DATA")
+    if env and Path(env) == ALFWORLD_CACHE and not (ALFWORLD_CACHE / "json_2.1.1").is_dir():
+        env = None  # importing alfworld sets it to its empty cache folder when the user did not
+    path = Path(root or env or REPO / "data" / "alfworld")
     if not (path / "json_2.1.1").is_dir():
         raise FileNotFoundError(
             f"no json_2.1.1 folder under {path}: run scripts/setup.sh (generated games) or "
