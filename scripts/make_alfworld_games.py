@@ -25,15 +25,15 @@ while alfworld's grammar says "move X to Y", so after the first move it keeps of
 object> to ..." for the second one, which is never admissible; it then flails at random.
 
 Usage:
-    .venv/bin/python scripts/make_alfworld_games.py --out data/alfworld [--seed 0] [--verify] [--force]
+    .venv/bin/python scripts/make_alfworld_games.py --out data/alfworld [--seed 0] [--verify]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
-import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -493,18 +493,22 @@ def write_game(game: Game, out: Path, seed: int, domain: str, grammar: str) -> P
     return folder / "game.tw-pddl"
 
 
-def generate(out: str | Path, seed: int = 0, force: bool = False) -> list[Path]:
+def generate(out: str | Path, seed: int = 0) -> list[Path]:
     """Generate the whole set under `out`; returns the game files in generation order.
 
-    An existing <out>/json_2.1.1 is an error (it could be the official data), or replaced with `force`."""
+    An existing <out>/json_2.1.1 is an error (it could be the official data). The set is written in a
+    staging folder and renamed into place, so an interrupted run leaves no half set behind."""
     out = Path(out)
-    if (out / "json_2.1.1").exists():
-        if not force:
-            raise FileExistsError(f"{out / 'json_2.1.1'} exists (pass --force to replace it)")
-        shutil.rmtree(out / "json_2.1.1")
+    final = out / "json_2.1.1"
+    if final.exists():
+        raise FileExistsError(f"{final} exists: move it away to generate a new set there")
+    staging = out / f".staging-{os.getpid()}"
     domain = Path(ALFRED_PDDL_PATH).read_text()
     grammar = Path(ALFRED_TWL2_PATH).read_text()
-    return [write_game(game, out, seed, domain, grammar) for game in plan_games(seed)]
+    files = [write_game(game, staging, seed, domain, grammar) for game in plan_games(seed)]
+    (staging / "json_2.1.1").rename(final)
+    staging.rmdir()
+    return [final / f.relative_to(staging / "json_2.1.1") for f in files]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -553,12 +557,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/alfworld", help="folder that receives json_2.1.1/")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="replace an existing <out>/json_2.1.1")
     p.add_argument("--verify", action="store_true", help="play every game with the handcoded expert")
     args = p.parse_args(argv)
     t0 = time.time()
     try:
-        files = generate(args.out, args.seed, args.force)
+        files = generate(args.out, args.seed)
     except FileExistsError as e:
         print(e, file=sys.stderr)
         return 1

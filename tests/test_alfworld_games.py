@@ -61,12 +61,12 @@ def test_same_seed_same_bytes_other_seed_other_games(generated, tmp_path):
     assert tree_bytes(tmp_path / "other" / "json_2.1.1") != tree_bytes(generated)
 
 
-def test_existing_output_is_kept_unless_forced(generated, tmp_path):
+def test_existing_output_is_kept(generated, tmp_path):
     games.generate(tmp_path, seed=0)
     with pytest.raises(FileExistsError):
         games.generate(tmp_path, seed=0)
-    games.generate(tmp_path, seed=0, force=True)
     assert tree_bytes(tmp_path / "json_2.1.1") == tree_bytes(generated)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["json_2.1.1"]  # no staging folder left
 
 
 @pytest.mark.parametrize("task_type", games.TASK_TYPES)
