@@ -1,0 +1,62 @@
+"""Episodes/s of the batched episode runner against one episode at a time (the original scheme),
+same model, same tasks, same greedy decoding, measured side by side in one run.
+
+    .venv/bin/python scripts/bench_runner.py --task alfworld --split unseen --limit 8 --max_steps 10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from eval_agent.chat_format import ChatFormat, resolve_chat_format
+from eval_agent.envs import get_task_family
+from eval_agent.llm import GenerationConfig, make_backend
+from eval_agent.models import default_model_dir
+from eval_agent.prompts import PromptBuilder
+from eval_agent.runner import ModelPolicy, run_episodes
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="alfworld")
+    p.add_argument("--split", default="unseen")
+    p.add_argument("--model", default=str(default_model_dir()))
+    p.add_argument("--limit", type=int, default=8)
+    p.add_argument("--max_steps", type=int, default=10)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8, help="episodes advanced together in the batched run")
+    args = p.parse_args()
+
+    family = get_task_family(args.task)
+    tasks = family.load_tasks(args.split, limit=args.limit)
+    backend = make_backend("hf", args.model, batch_size=args.batch)
+    from transformers import AutoTokenizer
+
+    fmt = ChatFormat(resolve_chat_format(args.model, None), AutoTokenizer.from_pretrained(args.model))
+    policy = ModelPolicy(backend, fmt, PromptBuilder.for_task(args.task), GenerationConfig(max_new_tokens=args.max_new_tokens))
+
+    results = {}
+    for name, concurrency in (("sequential", 1), ("batched", args.batch)):
+        trajs = {}
+        stats = run_episodes(tasks, policy, family.make_env, lambda ep: trajs.__setitem__(ep.task.key, ep.traj.actions),
+                             max_steps=args.max_steps, concurrency=concurrency, progress=False)
+        results[name] = {
+            "episodes_per_s": stats.episodes / stats.seconds,
+            "env_steps_per_s": stats.env_steps / stats.seconds,
+            "generated_tokens_per_s": stats.generated_tokens / stats.seconds,
+            "seconds": stats.seconds,
+            "generate_calls": stats.generate_calls,
+            "actions": trajs,
+        }
+    same = results["sequential"].pop("actions") == results["batched"].pop("actions")
+    ratio = results["batched"]["episodes_per_s"] / results["sequential"]["episodes_per_s"]
+    print(json.dumps({"model": args.model, "tasks": len(tasks), "max_steps": args.max_steps, **results,
+                      "same_greedy_actions": same, "speedup_batched_vs_sequential": round(ratio, 2)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
