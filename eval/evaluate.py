@@ -58,25 +58,18 @@ def summarize(task_name: str, split: str, trajs: list[Trajectory]) -> dict[str, 
 def build_policy(args: argparse.Namespace):
     if args.policy == "expert":
         return ExpertPolicy(), {}
-    from eval_agent.chat_format import ChatFormat, resolve_chat_format
-    from eval_agent.llm import GenerationConfig, make_backend
-    from eval_agent.prompts import PromptBuilder, instruction_from_data
+    from eval_agent.llm import GenerationConfig
+    from eval_agent.prompts import instruction_from_data
     from eval_agent.runner import ModelPolicy
 
     if not args.model:
         raise SystemExit("--model is required with --policy model")
-    fmt_name = resolve_chat_format(args.model, args.chat_format) if Path(args.model).is_dir() else (args.chat_format or "template")
-    kw = {"endpoints_file": args.endpoints} if args.backend == "openai" and args.endpoints else {}
-    backend = make_backend(args.backend, args.model, **kw)
-    tokenizer = None
-    if fmt_name == "template":
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    instruction = instruction_from_data(args.instruction_from) if args.instruction_from else None
-    prompts = PromptBuilder.for_task(args.task, icl_num=args.icl_num, instruction=instruction)
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    return ModelPolicy(backend, ChatFormat(fmt_name, tokenizer), prompts, gen), {"chat_format": fmt_name}
+    policy = ModelPolicy.build(
+        args.task, args.model, GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
+        backend=args.backend, endpoints=args.endpoints, chat_format=args.chat_format, tokenizer=args.tokenizer,
+        icl_num=args.icl_num, instruction=instruction_from_data(args.instruction_from) if args.instruction_from else None,
+    )
+    return policy, {"chat_format": policy.chat_format.name}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
 from tqdm import tqdm
 
-from eval_agent.chat_format import ChatFormat
+from eval_agent.chat_format import ChatFormat, resolve_chat_format
 from eval_agent.envs.base import Env, Task
-from eval_agent.llm import Completion, GenerationConfig, LLMBackend
+from eval_agent.llm import Completion, GenerationConfig, LLMBackend, make_backend
 from eval_agent.prompts import PromptBuilder
 from eval_agent.trajectory import Step, Trajectory, format_reply
 
@@ -50,6 +51,23 @@ class ModelPolicy:
     def __init__(self, backend: LLMBackend, chat_format: ChatFormat, prompts: PromptBuilder, generation: GenerationConfig):
         self.backend, self.chat_format, self.prompts, self.generation = backend, chat_format, prompts, generation
 
+    @classmethod
+    def build(cls, task: str, model: str, generation: GenerationConfig, backend: str = "hf",
+              endpoints: str | None = None, chat_format: str | None = None, tokenizer: str | None = None,
+              icl_num: int = 1, instruction: str | None = None, **backend_options) -> "ModelPolicy":
+        """The policy every stage prompts a model with: the chat format the model folder records
+        (else `chat_format`, else the tokenizer's template) and the task family's prompt."""
+        fmt = resolve_chat_format(model, chat_format) if Path(model).is_dir() else (chat_format or "template")
+        tok = None
+        if fmt == "template":
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(tokenizer or model)
+        if backend == "openai" and endpoints:
+            backend_options["endpoints_file"] = endpoints
+        prompts = PromptBuilder.for_task(task, icl_num=icl_num, instruction=instruction)
+        return cls(make_backend(backend, model, **backend_options), ChatFormat(fmt, tok), prompts, generation)
+
     def prompt(self, episode: Episode) -> str:
         return self.chat_format.render(self.prompts.messages(episode.traj))
 
@@ -77,6 +95,12 @@ class RunStats:
     generate_calls: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+
+    def rates(self) -> dict[str, float]:
+        """Throughput, as the benchmarks report it."""
+        s = max(self.seconds, 1e-9)
+        return {"episodes_per_s": self.episodes / s, "env_steps_per_s": self.env_steps / s,
+                "generated_tokens_per_s": self.generated_tokens / s}
 
 
 def apply_reply(ep: Episode, reply: str, max_steps: int) -> None:

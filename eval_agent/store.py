@@ -41,7 +41,7 @@ class JsonlStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if overwrite and self.path.exists():
-            self.path.replace(self.path.with_suffix(self.path.suffix + ".old"))
+            self.path.replace(free_name(self.path.with_suffix(self.path.suffix + ".old")))
         self.torn_lines = self._cut_torn_tail()
         self.records: dict[str, dict[str, Any]] = {}
         if self.path.exists():
@@ -74,6 +74,15 @@ class JsonlStore:
             f.flush()
             os.fsync(f.fileno())
         self.records[record["key"]] = record
+
+
+def free_name(path: Path) -> Path:
+    """`path`, or `path` with 2, 3, ... appended: a file moved aside never replaces an older one."""
+    n = 1
+    while path.exists():
+        n += 1
+        path = path.with_name(f"{path.name.rstrip('0123456789')}{n}")
+    return path
 
 
 def write_atomic(path: str | Path, text: str) -> None:

@@ -12,11 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from eval_agent.chat_format import ChatFormat, resolve_chat_format
 from eval_agent.envs import get_task_family
-from eval_agent.llm import GenerationConfig, make_backend
+from eval_agent.llm import GenerationConfig
 from eval_agent.models import default_model_dir
-from eval_agent.prompts import PromptBuilder
 from eval_agent.runner import ModelPolicy, run_episodes
 
 
@@ -33,11 +31,8 @@ def main() -> None:
 
     family = get_task_family(args.task)
     tasks = family.load_tasks(args.split, limit=args.limit)
-    backend = make_backend("hf", args.model, batch_size=args.batch)
-    from transformers import AutoTokenizer
-
-    fmt = ChatFormat(resolve_chat_format(args.model, None), AutoTokenizer.from_pretrained(args.model))
-    policy = ModelPolicy(backend, fmt, PromptBuilder.for_task(args.task), GenerationConfig(max_new_tokens=args.max_new_tokens))
+    policy = ModelPolicy.build(args.task, args.model, GenerationConfig(max_new_tokens=args.max_new_tokens),
+                               batch_size=args.batch)
 
     results = {}
     for name, concurrency in (("sequential", 1), ("batched", args.batch)):
@@ -45,9 +40,7 @@ def main() -> None:
         stats = run_episodes(tasks, policy, family.make_env, lambda ep: trajs.__setitem__(ep.task.key, ep.traj.actions),
                              max_steps=args.max_steps, concurrency=concurrency, progress=False)
         results[name] = {
-            "episodes_per_s": stats.episodes / stats.seconds,
-            "env_steps_per_s": stats.env_steps / stats.seconds,
-            "generated_tokens_per_s": stats.generated_tokens / stats.seconds,
+            **stats.rates(),
             "seconds": stats.seconds,
             "generate_calls": stats.generate_calls,
             "actions": trajs,
