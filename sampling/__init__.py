@@ -1,0 +1,1 @@
+"""Stage 2: expert and explored step records, and Monte-Carlo rollouts of them."""

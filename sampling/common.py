@@ -1,0 +1,128 @@
+"""What the sampling stages share: the command line, expert trajectories matched to environment
+tasks, sharding by task, output paths and the policy."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from eval_agent.envs import REGISTRY, Task, get_task_family
+from eval_agent.expert_data import load_expert_data
+from eval_agent.llm import GenerationConfig
+from eval_agent.prompts import instruction_from_data
+from eval_agent.runner import MAX_STEPS, ModelPolicy
+from eval_agent.store import BadRecord
+from eval_agent.trajectory import Trajectory
+
+log = logging.getLogger("sampling")
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=sorted(REGISTRY), default="alfworld")
+    p.add_argument("--split", default="train", help="the split the expert trajectories play")
+    p.add_argument("--kind", choices=("expert", "explore", "both"), default="both")
+    p.add_argument("--data_root", help="task data folder (default: the task family's own lookup)")
+    p.add_argument("--env_args", type=json.loads, default={}, help="JSON object of environment options")
+    p.add_argument("--model", help="HF model folder (hf backend) or served model name (openai backend)")
+    p.add_argument("--tokenizer", help="tokenizer folder when --model is a served name (default: --model)")
+    p.add_argument("--backend", choices=("hf", "openai"), default="hf")
+    p.add_argument("--endpoints", help="openai backend: file with one base URL per line (else $OPENAI_BASE_URL)")
+    p.add_argument("--chat_format", choices=("template", "llama-2"), help="default: what the model folder records")
+    p.add_argument("--icl_num", type=int, default=1, help="in-context examples in the prompt (the original: 1)")
+    p.add_argument("--instruction_from", help="published-format expert file whose instruction to prompt with")
+    p.add_argument("--max_steps", type=int, default=MAX_STEPS, help="episode budget, replayed prefix included")
+    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--num_shards", type=int, default=1)
+    p.add_argument("--shard_id", type=int, default=0)
+    p.add_argument("--limit", type=int, help="first N expert trajectories only (before sharding)")
+    p.add_argument("--concurrency", type=int, default=16, help="episodes advanced together")
+    p.add_argument("--run_dir", required=True, help="outputs go to RUN_DIR/sampling/")
+    p.add_argument("--overwrite", action="store_true", help="start fresh output files (old ones are moved aside)")
+
+
+def check_shards(args: argparse.Namespace) -> None:
+    if args.num_shards < 1 or not 0 <= args.shard_id < args.num_shards:
+        raise SystemExit(f"error: need 0 <= --shard_id < --num_shards, got {args.shard_id} and {args.num_shards}")
+
+
+def kinds(kind: str) -> list[str]:
+    return ["expert", "explore"] if kind == "both" else [kind]
+
+
+def shard_of(task_key: str, num_shards: int) -> int:
+    """A stable shard for a task (the same on every machine and Python): all its steps go together."""
+    return int.from_bytes(hashlib.sha1(task_key.encode()).digest()[:8], "big") % num_shards
+
+
+def steps_dir(run_dir: str | Path) -> Path:
+    """Step records and their protocol card: RUN_DIR/sampling/."""
+    return Path(run_dir) / "sampling"
+
+
+def mc_dir(run_dir: str | Path) -> Path:
+    """Rollouts and their protocol card: RUN_DIR/sampling/mc/."""
+    return steps_dir(run_dir) / "mc"
+
+
+def out_path(folder: Path, stem: str, num_shards: int = 1, shard_id: int = 0) -> Path:
+    """<folder>/<stem>.jsonl, or <stem>.shard<i>of<n>.jsonl when sharded."""
+    shard = f".shard{shard_id}of{num_shards}" if num_shards > 1 else ""
+    return folder / f"{stem}{shard}.jsonl"
+
+
+@dataclass
+class ExpertTask:
+    task: Task
+    expert: Trajectory
+
+    @property
+    def replies(self) -> list[str]:
+        return [s.text for s in self.expert.steps]
+
+
+def task_tail(key: str) -> str:
+    """`<task dir>/<trial dir>` of an ALFWorld key or published `game_file` (the original matched on
+    absolute-path slices, B4); other keys are used whole."""
+    parts = key.strip("/").split("/")
+    return "/".join(parts[-2:]) if len(parts) >= 3 and parts[-3] in ("train", "valid_seen", "valid_unseen") else key
+
+
+def load_expert_tasks(args: argparse.Namespace) -> tuple[list[ExpertTask], int]:
+    """Expert trajectories (first `--limit`) matched to the split's tasks, in file order, and the
+    number without a task (skipped and counted). A malformed file raises naming file, line, field."""
+    try:
+        trajs = load_expert_data(args.expert_data)
+    except (BadRecord, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    trajs = trajs[: args.limit]
+    family = get_task_family(args.task)
+    by_tail = {task_tail(t.key): t for t in family.load_tasks(args.split, data_root=args.data_root)}
+    out, unmatched, seen = [], 0, {}
+    for traj in trajs:
+        key = traj.meta["key"]
+        task = by_tail.get(task_tail(traj.meta.get("game_file", key))) or by_tail.get(task_tail(key))
+        if task is None:
+            unmatched += 1
+            log.warning("expert trajectory %r matches no %s/%s task: skipped", key, args.task, args.split)
+            continue
+        if task.key in seen:
+            raise SystemExit(f"error: {args.expert_data}: expert trajectories {seen[task.key]!r} and {key!r} both play {task.key}")
+        seen[task.key] = key
+        out.append(ExpertTask(task, traj))
+    return out, unmatched
+
+
+def in_shard(items: list[ExpertTask], args: argparse.Namespace) -> list[ExpertTask]:
+    return [x for x in items if shard_of(x.task.key, args.num_shards) == args.shard_id]
+
+
+def build_policy(args: argparse.Namespace, generation: GenerationConfig) -> ModelPolicy:
+    if not args.model:
+        raise SystemExit("error: --model is required for explore records and rollouts")
+    instruction = instruction_from_data(args.instruction_from) if args.instruction_from else None
+    return ModelPolicy.build(args.task, args.model, generation, backend=args.backend, endpoints=args.endpoints,
+                             chat_format=args.chat_format, tokenizer=args.tokenizer, icl_num=args.icl_num,
+                             instruction=instruction)

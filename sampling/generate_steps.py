@@ -1,0 +1,112 @@
+"""Stage 2a: expert and explored step records.
+
+For every expert trajectory and every step t: replay the expert's steps 0..t-1 in the real
+environment, then take step t, either the expert's own reply (kind `expert`: no model needed; the
+record stops after step t, as the original ALFWorld expert records did) or the SFT policy's greedy
+reply (kind `explore`: continued greedily to the end of the episode, whose success is recorded).
+Records are `eval_agent.records.StepRecord`s in RUN_DIR/sampling/steps_<kind>[.shard<i>of<n>].jsonl.
+
+Resumable: keys already written are skipped; each record is fsynced as it is written.
+
+    python -m sampling.generate_steps --task alfworld --kind both --expert_data outputs/alfworld/sft/expert_train.jsonl \\
+        --model outputs/alfworld/sft/model --run_dir outputs/alfworld
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import asdict
+from functools import partial
+from typing import Any
+
+from tqdm import tqdm
+
+from eval_agent.envs import get_task_family
+from eval_agent.llm import BackendUnavailable, GenerationConfig
+from eval_agent.protocol import write_protocol_card
+from eval_agent.records import StepRecord, step_key
+from eval_agent.runner import Episode, run_episodes, start_episode
+from eval_agent.store import JsonlStore
+from sampling.common import (ExpertTask, add_common_args, build_policy, check_shards, in_shard, kinds,
+                             load_expert_tasks, log, out_path, steps_dir)
+
+
+def step_record(x: ExpertTask, t: int, kind: str, ep: Episode) -> StepRecord:
+    """The record of step t of `ep` (an episode that replayed expert steps 0..t-1 first)."""
+    traj = ep.traj
+    ended = traj.termination is not None and len(traj.steps) <= t + 1  # at step t, or earlier in the replay
+    slim = {k: traj.meta[k] for k in ("key", "task_type", "error") if k in traj.meta}
+    return StepRecord(
+        key=step_key(x.task.key, t, kind), task_key=x.task.key, expert_key=x.expert.meta["key"], env=x.task.env,
+        task_type=x.task.meta.get("task_type"), t=t, kind=kind, task=traj.task, prefix=x.replies[:t],
+        step=asdict(traj.steps[t]) if len(traj.steps) > t else None,
+        done=ended, step_success=ended and traj.success, step_termination=traj.termination if ended else None,
+        success=traj.success, termination=traj.termination,
+        trajectory={**traj.to_dict(), "meta": slim} if kind == "explore" else None,
+        error=traj.meta.get("error"),
+    )
+
+
+def expert_records(todo: list[tuple[ExpertTask, int]], args: argparse.Namespace, store: JsonlStore) -> dict[str, Any]:
+    """Replay expert steps 0..t in one environment, one record at a time (no model involved)."""
+    env = get_task_family(args.task).make_env(**args.env_args)
+    try:
+        for x, t in tqdm(todo, desc="expert steps", unit="rec"):
+            ep = start_episode(x.task, env, x.replies[: t + 1], args.max_steps)
+            store.append(step_record(x, t, "expert", ep).to_dict())
+    finally:
+        env.close()
+    return {}
+
+
+def explore_records(todo: list[tuple[ExpertTask, int]], args: argparse.Namespace, store: JsonlStore) -> dict[str, Any]:
+    """Expert prefix, then the greedy policy from step t to the end; all episodes advance together."""
+    by_task = {x.task.key: x for x, _ in todo}
+    policy = build_policy(args, GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0))
+
+    def save(ep: Episode) -> None:
+        store.append(step_record(by_task[ep.task.key], len(ep.prefix), "explore", ep).to_dict())
+
+    make_env = partial(get_task_family(args.task).make_env, **args.env_args)
+    stats = run_episodes([(x.task, x.replies[:t]) for x, t in todo], policy, make_env, save,
+                         max_steps=args.max_steps, concurrency=args.concurrency)
+    return {"chat_format": policy.chat_format.name, "generated_tokens": stats.generated_tokens}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--expert_data", required=True, help="expert trajectories (JSONL of Trajectory.to_dict + key, or published)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    check_shards(args)
+
+    items, unmatched = load_expert_tasks(args)
+    mine = in_shard(items, args)
+    write_protocol_card(steps_dir(args.run_dir), "sampling.generate_steps", vars(args))
+    summary: dict[str, Any] = {}
+    for kind in kinds(args.kind):
+        t0 = time.perf_counter()
+        path = out_path(steps_dir(args.run_dir), f"steps_{kind}", args.num_shards, args.shard_id)
+        store = JsonlStore(path, overwrite=args.overwrite)
+        expected = [(x, t) for x in mine for t in range(len(x.expert.steps))]
+        todo = [(x, t) for x, t in expected if step_key(x.task.key, t, kind) not in store]
+        try:
+            extra = (expert_records if kind == "expert" else explore_records)(todo, args, store) if todo else {}
+        except BackendUnavailable as e:
+            raise SystemExit(f"error: {e}") from None
+        new = [store.records[k] for k in (step_key(x.task.key, t, kind) for x, t in todo) if k in store]
+        written, errors = len(new), sum(1 for r in new if r["error"])
+        summary[kind] = {"trajectories_in": len(items), "unmatched": unmatched, "in_shard": len(mine),
+                         "records_expected": len(expected), "skipped_done": len(expected) - len(todo),
+                         "written": written, "env_errors": errors, "seconds": round(time.perf_counter() - t0, 1),
+                         "out": str(path), **extra}
+        log.info("steps_%s: %d expert trajectories (%d without a task), %d in shard %d/%d; %d records: %d done before, "
+                 "%d written now (%d env errors) in %.1fs -> %s", kind, len(items), unmatched, len(mine), args.shard_id,
+                 args.num_shards, len(expected), len(expected) - len(todo), written, errors, summary[kind]["seconds"], path)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

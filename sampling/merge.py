@@ -1,0 +1,87 @@
+"""Merge the shard files of a sampling stage into one file, after checking that every expected key
+is there exactly once (a duplicate is an error too; see `eval_agent.store.merge_jsonl`).
+
+Expected keys: for step records, every step t of every expert trajectory that matches a task (so
+the same --expert_data / --limit / --split as generate_steps); for rollouts, N per record of the
+merged step-record file. Nothing is written when a key is missing.
+
+    python -m sampling.merge --what steps --kind both --num_shards 4 --expert_data expert.jsonl --run_dir outputs/alfworld
+    python -m sampling.merge --what rollouts --kind both --num_shards 4 --n 5 --run_dir outputs/alfworld
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from eval_agent.envs import REGISTRY
+from eval_agent.records import read_step_records, rollout_key, step_key
+from eval_agent.store import BadRecord, merge_jsonl, read_jsonl
+from sampling.common import kinds, load_expert_tasks, log, mc_dir, out_path, steps_dir
+
+EXAMPLES = 5
+
+
+def check_keys(sources: list[Path], expected: set[str]) -> None:
+    """Raise SystemExit naming how many keys are missing / unexpected / duplicated, with examples."""
+    seen: set[str] = set()
+    dups: set[str] = set()
+    for src in sources:
+        for rec in read_jsonl(src):
+            (dups if rec["key"] in seen else seen).add(rec["key"])
+    problems = []
+    for what, keys in (("missing", sorted(expected - seen)), ("unexpected", sorted(seen - expected)),
+                       ("duplicated", sorted(dups))):
+        if keys:
+            problems.append(f"{len(keys)} {what} (e.g. {', '.join(keys[:EXAMPLES])})")
+    if problems:
+        raise SystemExit(f"error: {len(expected)} keys expected in {', '.join(map(str, sources))}: " + "; ".join(problems))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--what", choices=("steps", "rollouts"), required=True)
+    p.add_argument("--kind", choices=("expert", "explore", "both"), default="both")
+    p.add_argument("--num_shards", type=int, required=True)
+    p.add_argument("--run_dir", required=True)
+    p.add_argument("--n", type=int, default=5, help="rollouts: samples per step record")
+    p.add_argument("--expert_data", help="steps: the expert trajectories generate_steps read")
+    p.add_argument("--task", choices=sorted(REGISTRY), default="alfworld")
+    p.add_argument("--split", default="train")
+    p.add_argument("--data_root")
+    p.add_argument("--limit", type=int)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.what == "steps" and not args.expert_data:
+        raise SystemExit("error: --what steps needs --expert_data (the expected keys come from it)")
+
+    items = load_expert_tasks(args)[0] if args.what == "steps" else []
+    summary = {}
+    for kind in kinds(args.kind):
+        t0 = time.perf_counter()
+        folder, stem = (steps_dir(args.run_dir), f"steps_{kind}") if args.what == "steps" else (mc_dir(args.run_dir), f"rollouts_{kind}")
+        sources = [out_path(folder, stem, args.num_shards, i) for i in range(args.num_shards)]
+        absent = [str(s) for s in sources if not s.is_file()]
+        if absent:
+            raise SystemExit(f"error: {len(absent)} of {args.num_shards} shard files are missing: {', '.join(absent)}")
+        try:
+            if args.what == "steps":
+                expected = {step_key(x.task.key, t, kind) for x in items for t in range(len(x.expert.steps))}
+            else:
+                records = read_step_records(out_path(steps_dir(args.run_dir), f"steps_{kind}"))
+                expected = {rollout_key(r.key, i) for r in records for i in range(args.n)}
+            check_keys(sources, expected)
+        except (BadRecord, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from None
+        out = out_path(folder, stem)
+        n = merge_jsonl(sources, out)
+        summary[kind] = {"shards": args.num_shards, "records": n, "out": str(out), "seconds": round(time.perf_counter() - t0, 1)}
+        log.info("%s: merged %d shards, %d records, all %d expected keys once -> %s (%.1fs)",
+                 stem, args.num_shards, n, len(expected), out, summary[kind]["seconds"])
+    return summary
+
+
+if __name__ == "__main__":
+    main()
