@@ -29,12 +29,13 @@ class PromptBuilder:
             raise ValueError("icl_num must be 0 or 1 (the original uses one example)")
         return cls(instruction=instruction or family.INSTRUCTION, icl_example=family.ICL_EXAMPLE if icl_num else None)
 
-    def messages(self, traj: Trajectory) -> list[dict[str, str]]:
-        """Messages to prompt the next step of `traj` (ends with a user turn)."""
+    def messages(self, traj: Trajectory, include_last_observation: bool = True) -> list[dict[str, str]]:
+        """Messages to prompt the next step of `traj` (ends with a user turn); without the last
+        observation, the conversation a model is trained on (ends with the last answer)."""
         msgs = [{"role": "user", "content": self.instruction}, {"role": "assistant", "content": "OK"}]
         if self.icl_example is not None:
             msgs += self.icl_example.to_messages(include_last_observation=False)
-        return msgs + traj.to_messages(include_last_observation=True)
+        return msgs + traj.to_messages(include_last_observation=include_last_observation)
 
 
 def instruction_from_data(path: str | Path) -> str:

@@ -1,0 +1,182 @@
+"""Expert trajectories for training: reading the published SFT files and our own JSONL, writing the
+published format back, and the templated thoughts of ALFWorld expert runs.
+
+Two on-disk formats, both read by `load_expert_data`:
+- ours: JSONL, one `Trajectory.to_dict()` plus a stable `key` per line (what `sft.make_expert_data`
+  writes; resumable);
+- the published one (`alfworld_sft.json`): a JSON list (or JSONL) of
+  `{"id", "game_file", "conversations": [{"from": "human"|"gpt", "value"}...]}` whose first turns are
+  the instruction and "OK". The instruction is kept in `meta["instruction"]` so training prompts with
+  the words the data was written for.
+
+A bad row is an error naming the file and row (and the turn or field), never a crash deep inside.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from eval_agent.store import BadRecord, read_jsonl
+from eval_agent.trajectory import Step, Trajectory, trajectory_from_conversation
+
+
+def load_expert_data(path: str | Path) -> list[Trajectory]:
+    """Every trajectory of an expert file, in file order, with `meta["key"]` set."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        head = f.read(64).lstrip()
+    if head.startswith("["):
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise BadRecord(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return [_trajectory(row, f"{path}: row {i}") for i, row in enumerate(rows)]
+    out = []
+    with path.open(encoding="utf-8") as f:
+        linenos = [n for n, line in enumerate(f, 1) if line.strip()]
+    for lineno, row in zip(linenos, read_jsonl(path, required=())):
+        out.append(_trajectory(row, f"{path}: line {lineno}"))
+    return out
+
+
+def _trajectory(row: Any, where: str) -> Trajectory:
+    if not isinstance(row, dict):
+        raise BadRecord(f"{where}: expected a JSON object")
+    if "conversations" in row:  # the published format
+        if "id" not in row:
+            raise BadRecord(f"{where}: missing field 'id'")
+        if not isinstance(row["conversations"], list):
+            raise BadRecord(f"{where}: 'conversations' must be a list of turns")
+        try:
+            instruction, traj = trajectory_from_conversation(row["conversations"], where=where)
+        except ValueError as e:
+            raise BadRecord(str(e)) from None
+        if not traj.steps:
+            raise BadRecord(f"{where}: no assistant turn after the task")
+        traj.success, traj.reward, traj.termination = True, 1.0, "success"  # published expert data
+        traj.meta = {"key": str(row["id"]), **({"game_file": row["game_file"]} if "game_file" in row else {}),
+                     **({"instruction": instruction} if instruction else {})}
+        return traj
+    for name in ("key", "task", "steps"):
+        if name not in row:
+            raise BadRecord(f"{where}: missing field {name!r} (neither a trajectory nor a published row)")
+    record = {k: v for k, v in row.items() if k != "key"}
+    try:
+        traj = Trajectory.from_dict(record)
+    except TypeError as e:
+        raise BadRecord(f"{where}: not a trajectory ({e})") from None
+    for i, step in enumerate(traj.steps):
+        if not step.text.strip():
+            raise BadRecord(f"{where}: step {i} has an empty reply")
+    if not traj.task.strip() or not traj.steps:
+        raise BadRecord(f"{where}: empty task or no steps")
+    traj.meta = {**traj.meta, "key": row["key"]}
+    return traj
+
+
+def to_published(trajs: list[Trajectory], instruction: str, id_prefix: str) -> list[dict[str, Any]]:
+    """Rows of the published SFT format (instruction + "OK", task, steps; ends with the last answer)."""
+    rows = []
+    for i, t in enumerate(trajs):
+        row: dict[str, Any] = {"id": f"{id_prefix}_{i}"}
+        if "game_file" in t.meta:  # as published: data/json_2.1.1/<split>/<task dir>/<trial dir>
+            game = Path(t.meta["game_file"])  # .../game.tw-pddl (ours) or the trial folder (published)
+            row["game_file"] = "data/json_2.1.1/" + "/".join((game.parent if game.suffix else game).parts[-3:])
+        row["conversations"] = t.to_conversation(t.meta.get("instruction", instruction))
+        rows.append(row)
+    return rows
+
+
+# ---- ALFWorld: templated thoughts for the handcoded expert's actions ---------------------------------
+
+_ACTION = re.compile(r"^(?P<verb>go to|take|put|open|close|clean|heat|cool|use|examine|look|inventory)\b ?(?P<rest>.*)$")
+_TAKE = re.compile(r"^(?P<obj>.+?) from (?P<recep>.+)$")
+_WITH = re.compile(r"^(?P<obj>.+?) (?:with|in/on) (?P<recep>.+)$")
+_NOOP = ("look", "inventory")  # they change nothing in the game: dropped from the expert data
+
+_SEARCH = ("I need to find {a}. I will check {r}.", "{A} may be in/on {r}. I will go there and look.",
+           "I have not found {a} yet. Next I will check {r}.", "No {w} here. I will try {r} next.")
+_FETCH = {"clean": "Now I need to clean the {o}, so I will go to {r}.",
+          "heat": "Now I need to heat the {o}, so I will go to {r}.",
+          "cool": "Now I need to cool the {o}, so I will go to {r}.",
+          "put": "Now I will bring the {o} to {r} to put it there.",
+          "use": "Now I need a light to look at the {o}. I will go to {r}."}
+
+
+def _article(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
+def _kind(action: str) -> tuple[str, str, str]:
+    """(verb, object, receptacle) of an ALFWorld command; the unused parts are ''."""
+    m = _ACTION.match(action)
+    if not m:
+        return action, "", ""
+    verb, rest = m["verb"], m["rest"]
+    if verb == "take" and (t := _TAKE.match(rest)):
+        return verb, t["obj"], t["recep"]
+    if verb in ("put", "clean", "heat", "cool") and (t := _WITH.match(rest)):
+        return verb, t["obj"], t["recep"]
+    if verb in ("go to", "open", "close", "use"):
+        return verb, "", rest
+    return verb, rest, ""
+
+
+def _class(name: str) -> str:
+    return re.sub(r" \d+$", "", name)
+
+
+def alfworld_thoughts(actions: list[str], seed: str) -> list[str]:
+    """One short thought per action, templated by action kind with a look ahead (no LLM): a `go to`
+    either searches for what the next take / use / put needs ("I need to find a mug. I will check
+    cabinet 1.") or fetches it there ("Now I need to heat the mug 1, so I will go to microwave 1.");
+    open / take / put / clean / heat / cool / use say what they do. Wording varies, seeded per task."""
+    rng = random.Random(seed)
+    kinds = [_kind(a) for a in actions]
+    thoughts, held, taken, last_want = [], "", set(), ""
+    for i, (verb, obj, recep) in enumerate(kinds):
+        later = [k for k in kinds[i + 1:] if k[0] != "open"]
+        goal = next((k for k in later if k[0] in ("take", "put", "clean", "heat", "cool", "use")), None)
+        if verb == "go to" and goal and goal[0] != "take" and later[0] is goal:
+            text = _FETCH[goal[0]].format(o=held or "object", r=recep)
+        elif verb == "go to":
+            want = _class(goal[1] if goal[0] == "take" else goal[2]) if goal else _class(recep)
+            phrase = f"another {want}" if want in taken else _article(want)
+            text = rng.choice(_SEARCH if want == last_want else _SEARCH[:2]).format(
+                a=phrase, A=phrase[0].upper() + phrase[1:], w=want, r=recep)
+            last_want = want
+        elif verb == "open" and held and goal and goal[0] != "use":
+            text = f"The {recep} is closed. I will open it to {goal[0]} the {held} " + ("in it." if goal[0] == "put" else "there.")
+        elif verb == "open":
+            text = f"The {recep} is closed. I will open it to see what is inside."
+        elif verb == "close":
+            text = f"I will close the {recep} again."
+        elif verb == "take":
+            text, held = f"I found the {obj} in/on the {recep}. I will take it.", obj
+            taken.add(_class(obj))
+        elif verb == "put":
+            text, held = f"Now I put the {obj} in/on the {recep}.", ""
+        elif verb in ("clean", "heat", "cool"):
+            text = f"I will {verb} the {obj} with the {recep}."
+        elif verb == "use":
+            text = f"I will turn on the {recep} and look at the {held or 'object'} under its light."
+        else:
+            text = f"I will {verb} {obj}".rstrip() + "."
+        thoughts.append(text)
+    return thoughts
+
+
+def alfworld_expert_trajectory(traj: Trajectory, key: str) -> Trajectory:
+    """An expert run with the runner's placeholder thoughts rewritten as templated ones and the no-op
+    commands (`look`, `inventory`) left out; observations stay the game's own."""
+    steps = [s for s in traj.steps if s.action not in _NOOP]
+    thoughts = alfworld_thoughts([s.action for s in steps], seed=key)
+    return Trajectory(
+        task=traj.task,
+        steps=[Step.expert(t, s.action, s.observation) for t, s in zip(thoughts, steps)],
+        success=traj.success, reward=traj.reward, termination=traj.termination,
+        meta={**traj.meta, "key": key},
+    )

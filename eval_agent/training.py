@@ -1,0 +1,116 @@
+"""Turning conversations into training examples, shared by the training stages (SFT, reinforced
+training): token ids, a loss mask that covers chosen assistant turns only, whole-turn truncation,
+and a padding collator.
+
+The mask comes from the chat format by construction: `ChatFormat.render_with_spans` gives the
+character span of every assistant turn (its text and end-of-turn marker) and the tokenizer's offset
+mapping places each token in the text. The text is tokenized in pieces cut at the end of every
+assistant turn, so that no token straddles the end of an answer (with a BPE tokenizer on `llama-2`
+text, `</s><s>` would otherwise merge into `><` across two turns): the answer's tokens are then the
+ones the model itself generates before it stops. A token straddling the *start* of an answer means
+the tokenizer does not fit the format; that is an error, never a silent half-masked token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from eval_agent.chat_format import ChatFormat
+from eval_agent.prompts import PromptBuilder
+from eval_agent.trajectory import Trajectory
+
+IGNORE = -100  # label of a token the loss skips (the Hugging Face convention)
+
+
+@dataclass
+class Encoded:
+    """A tokenized conversation. `num_messages` < the messages given when trailing turns were cut."""
+
+    input_ids: list[int]
+    labels: list[int]
+    num_messages: int
+
+    @property
+    def num_trained(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+def encode_conversation(
+    messages: list[dict[str, str]],
+    chat_format: ChatFormat,
+    tokenizer,
+    max_len: int | None = None,
+    trained: set[int] | None = None,
+) -> Encoded:
+    """Token ids and labels of `messages`; labels are the ids of the assistant turns whose message
+    index is in `trained` (default: every assistant turn) and IGNORE elsewhere.
+
+    Truncation drops whole trailing turns: the example ends with the last assistant turn that fits
+    in `max_len` tokens, so no answer is ever trained half-way. When not even the first assistant
+    turn fits, the example is empty (`num_messages` 0) and the caller skips it.
+    """
+    text, spans = chat_format.render_with_spans(messages)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    trained = set(turns) if trained is None else trained
+    cuts = [0] + [end for _, end in spans]
+    pieces = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+    enc = tokenizer(pieces, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = []
+    labels: list[int] = []
+    kept = 0
+    for turn, (start, _), piece_start, piece_ids, offsets in zip(
+        turns, spans, cuts, enc["input_ids"], enc["offset_mapping"]
+    ):
+        if max_len is not None and len(ids) + len(piece_ids) > max_len:
+            break
+        for tok, (a, b) in zip(piece_ids, offsets):
+            a, b = a + piece_start, b + piece_start
+            if a < start < b:
+                raise ValueError(f"token {text[a:b]!r} straddles the start of assistant turn {turn}: "
+                                 f"the tokenizer does not fit chat format {chat_format.name!r}")
+            labels.append(tok if a >= start and turn in trained else IGNORE)
+            ids.append(tok)
+        kept = turn + 1
+    return Encoded(input_ids=ids, labels=labels, num_messages=kept)
+
+
+def sft_messages(prompts: PromptBuilder, traj: Trajectory) -> tuple[list[dict[str, str]], set[int]]:
+    """The training conversation of an expert trajectory and the assistant turns to train.
+
+    Layout as prompted at inference: instruction, "OK", [in-context example], task, steps; it ends
+    with the last answer (the final observation teaches nothing). Trained: "OK" (as the original
+    FastChat training did) and every step of the trajectory; never the in-context example's turns,
+    which would otherwise be learned once per row.
+    """
+    messages = prompts.messages(traj, include_last_observation=False)
+    icl_end = 2 + (len(prompts.icl_example.to_messages(include_last_observation=False)) if prompts.icl_example else 0)
+    trained = {i for i, m in enumerate(messages) if m["role"] == "assistant" and not 2 <= i < icl_end}
+    return messages, trained
+
+
+@dataclass
+class PadCollator:
+    """Right-pads a batch of `Encoded`-like dicts; padded positions get no attention and no loss."""
+
+    pad_id: int
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+
+        def pad(seq: list[int], value: int) -> list[int]:
+            return seq + [value] * (width - len(seq))
+
+        return {
+            "input_ids": torch.tensor([pad(r["input_ids"], self.pad_id) for r in rows]),
+            "labels": torch.tensor([pad(r["labels"], IGNORE) for r in rows]),
+            "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows]),
+        }
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else unk, else eos (pad positions are masked, so any id works)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    raise ValueError("the tokenizer has no pad, unk or eos token to pad with")

@@ -1,0 +1,160 @@
+"""Stage 1: supervised fine-tuning (warm-up) on expert trajectories with the Hugging Face Trainer.
+
+Each trajectory becomes the conversation the model is prompted with at inference (instruction, "OK",
+[the in-context example with --icl 1], task, steps), rendered by the shared chat format; the loss
+covers the assistant turns only ("OK" and the trajectory's steps, each with its end-of-turn marker),
+masked from the renderer's spans (`eval_agent.training`). Conversations longer than
+--model_max_length lose whole trailing turns; rows where not one step fits are skipped; both counted.
+
+Runs as one process, under `torchrun` (DDP; gloo on CPU) or under `accelerate launch` with an FSDP or
+DeepSpeed config (sft/configs). Gradient accumulation follows from --global_batch_size. A rerun with
+the same --output_dir resumes from its last checkpoint.
+
+Writes into --output_dir: the model and tokenizer, `steca_chat_format.json` (later stages read the
+format from there), `train_summary.json` (rows, tokens, time, tokens/s, the loss log), and the
+protocol card `config.json` into the parent folder (the stage folder, e.g. RUN_DIR/sft/).
+
+    python -m sft.train --model_name_or_path models/SmolLM2-135M-Instruct --data expert.jsonl \\
+        --output_dir outputs/alfworld/sft/model
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainerState,
+                          TrainingArguments)
+from transformers.trainer_utils import get_last_checkpoint
+
+from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format, write_chat_format
+from eval_agent.envs import REGISTRY, get_task_family
+from eval_agent.expert_data import load_expert_data
+from eval_agent.prompts import PromptBuilder
+from eval_agent.protocol import write_protocol_card
+from eval_agent.store import write_json
+from eval_agent.training import PadCollator, encode_conversation, pad_token_id, sft_messages
+
+log = logging.getLogger("sft.train")
+
+
+@dataclass
+class SFTArguments:
+    model_name_or_path: str = field(metadata={"help": "base model folder (HF format)"})
+    data: str = field(metadata={"help": "expert trajectories: our JSONL or the published alfworld_sft.json format"})
+    task: str = field(default="alfworld", metadata={"help": f"task family (instruction, ICL example): {sorted(REGISTRY)}"})
+    chat_format: str | None = field(default=None, metadata={"help": f"{FORMATS}; default: what the model folder records, else template"})
+    icl: int = field(default=0, metadata={"help": "1: put the one-shot example into training prompts (the original trains without)"})
+    model_max_length: int = field(default=4096, metadata={"help": "tokens per example; longer ones lose whole trailing turns"})
+    global_batch_size: int = field(default=16, metadata={"help": "examples per optimizer step over all processes"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. flash_attention_2; default: transformers' choice"})
+
+
+def encode_dataset(args: SFTArguments, tokenizer, chat_format: ChatFormat) -> tuple[list[dict], dict]:
+    """Tokenized training rows and the counts for the summary."""
+    family = get_task_family(args.task)
+    base = PromptBuilder.for_task(args.task, icl_num=args.icl)
+    rows, stats = [], {"rows_in": 0, "truncated": 0, "skipped_too_long": 0, "tokens": 0, "trained_tokens": 0}
+    for traj in load_expert_data(args.data):
+        stats["rows_in"] += 1
+        prompts = dataclasses.replace(base, instruction=traj.meta.get("instruction") or family.INSTRUCTION)
+        messages, trained = sft_messages(prompts, traj)
+        enc = encode_conversation(messages, chat_format, tokenizer, args.model_max_length, trained)
+        first_step = min(i for i in trained if i > 1)  # the trained turns after "OK" are the steps
+        if enc.num_messages <= first_step:  # not one step of the trajectory fits
+            stats["skipped_too_long"] += 1
+            continue
+        stats["truncated"] += enc.num_messages < len(messages)
+        stats["tokens"] += len(enc.input_ids)
+        stats["trained_tokens"] += enc.num_trained
+        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    stats["rows_out"] = len(rows)
+    if not rows:
+        raise SystemExit(f"error: no training row fits in {args.model_max_length} tokens ({args.data})")
+    return rows, stats
+
+
+def configure(args: SFTArguments, targs: TrainingArguments) -> TrainingArguments:
+    """Gradient accumulation from the global batch, and the precision this machine supports."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = targs.per_device_train_batch_size * world
+    if args.global_batch_size % per_step:
+        raise SystemExit(f"error: global batch {args.global_batch_size} is not a multiple of "
+                         f"per-device batch {targs.per_device_train_batch_size} x {world} processes")
+    if args.precision not in ("auto", "bf16", "fp32"):
+        raise SystemExit(f"error: --precision must be auto, bf16 or fp32, got {args.precision!r}")
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and gpu_bf16)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the original (--tf32 True); no effect on CPU
+    # without a GPU, transformers only runs distributed (DDP over gloo) when told to use the CPU
+    return dataclasses.replace(targs, gradient_accumulation_steps=args.global_batch_size // per_step, bf16=bf16,
+                               use_cpu=targs.use_cpu or not torch.cuda.is_available(),
+                               include_num_input_tokens_seen="non_padding")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((SFTArguments, TrainingArguments))
+    args, targs = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    targs = configure(args, targs)
+    out = Path(targs.output_dir)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    fmt_name = resolve_chat_format(args.model_name_or_path, args.chat_format)
+    chat_format = ChatFormat(fmt_name, tokenizer if fmt_name == "template" else None)
+    rows, stats = encode_dataset(args, tokenizer, chat_format)
+    if targs.process_index == 0:
+        write_protocol_card(out.parent, "sft", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
+    log.info("%s: %d rows in, %d used (%d truncated, %d skipped: too long), %d tokens, %d trained",
+             args.data, stats["rows_in"], stats["rows_out"], stats["truncated"], stats["skipped_too_long"],
+             stats["tokens"], stats["trained_tokens"])
+
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path, dtype=torch.bfloat16 if targs.bf16 else torch.float32,
+        attn_implementation=args.attn_implementation,
+    )
+    model.config.use_cache = False  # no generation while training; activation checkpointing needs it off
+    trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=PadCollator(pad_token_id(tokenizer)),
+                      processing_class=tokenizer)
+    resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+    seen_before = 0
+    if resume:
+        log.info("resuming from %s", resume)
+        seen_before = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")).num_input_tokens_seen
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
+    model.config.use_cache = True  # the saved model generates with its KV cache
+    trainer.save_model(str(out))  # every process takes part (FSDP gathers the full state dict); rank 0 writes
+    summary = {
+        **stats,
+        "chat_format": fmt_name,
+        "epochs": targs.num_train_epochs,
+        "global_batch_size": args.global_batch_size,
+        "gradient_accumulation_steps": targs.gradient_accumulation_steps,
+        "world_size": targs.world_size,
+        "optimizer_steps": trainer.state.global_step,
+        "resumed_from": resume,
+        "train_loss": result.training_loss,
+        "train_seconds": round(seconds, 1),
+        "tokens_seen": trainer.state.num_input_tokens_seen,  # all processes, all epochs, no padding
+        "tokens_per_s": round((trainer.state.num_input_tokens_seen - seen_before) / seconds, 1),  # this run's
+        "log_history": trainer.state.log_history,
+    }
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(out)
+        write_chat_format(out, fmt_name)
+        write_json(out / "train_summary.json", summary)
+    log.info("trained %d steps in %.1fs (%.0f tokens/s), final loss %.4f -> %s", summary["optimizer_steps"],
+             seconds, summary["tokens_per_s"], result.training_loss, out)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
