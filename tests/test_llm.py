@@ -257,13 +257,16 @@ def test_two_endpoints_both_used_results_in_prompt_order():
     backend = OpenAIBackend("fake", base_urls=[a.url, b.url], concurrency=4)
     try:
         prompts = [f"p{i}" for i in range(12)]
-        out = backend.generate(prompts, GenerationConfig(max_new_tokens=4, n=2))
+        out = backend.generate(prompts, GenerationConfig(max_new_tokens=4, n=2, temperature=1.0))
         assert [[c.text.split("|", 1)[1] for c in cs] for cs in out] == [[f"{p}|0", f"{p}|1"] for p in prompts]
         assert all(len({c.text.split("|")[0] for c in cs}) == 1 for cs in out)  # n samples: one request, one server
         assert a.posts > 0 and b.posts > 0 and a.posts + b.posts == 12
         assert {cs[0].meta["endpoint"] for cs in out} == {a.url, b.url}
         assert all(c.num_tokens == 4 for cs in out for c in cs)
         assert backend.generate(["again"], GREEDY)[0][0].text.endswith("|again|0")  # the loop survives calls
+        # vLLM refuses n > 1 when greedy: one sample is asked for and copied
+        copies = [c.text for c in backend.generate(["g"], GenerationConfig(max_new_tokens=4, n=3))[0]]
+        assert len(copies) == 3 and len(set(copies)) == 1 and copies[0].endswith("|g|0")
     finally:
         backend.close()
         a.close()

@@ -153,8 +153,11 @@ class OpenAIBackend:
             return [Completion(text="", finish_reason="context_overflow") for _ in range(config.n)]
 
     async def _request(self, prompt: str, config: GenerationConfig, max_tokens: int | None) -> list[Completion]:
+        # vLLM refuses n > 1 with greedy decoding (all samples would be the same): ask once, copy.
+        greedy_copies = config.n if config.temperature == 0 else 1
         kwargs: dict[str, Any] = dict(
-            model=self.model_name, prompt=prompt, n=config.n, temperature=config.temperature, top_p=config.top_p,
+            model=self.model_name, prompt=prompt, n=config.n // greedy_copies, temperature=config.temperature,
+            top_p=config.top_p,
             max_tokens=max_tokens, stop=list(config.stop) or None, extra_body={"add_special_tokens": False},
         )
         if config.seed is not None:
@@ -178,7 +181,7 @@ class OpenAIBackend:
         # usage is the request's total; vLLM gives no per-sample count
         per_sample = resp.usage.completion_tokens // max(1, len(choices)) if resp.usage else 0
         return [Completion(text=c.text, num_tokens=per_sample, finish_reason=c.finish_reason or "stop",
-                           meta={"endpoint": self.urls[i]}) for c in choices]
+                           meta={"endpoint": self.urls[i]}) for c in choices for _ in range(greedy_copies)]
 
     def _pick(self) -> int:
         """The endpoint with the fewest requests in flight; ties go round robin."""
