@@ -47,14 +47,9 @@ import alfworld.gen.goal_library as glib
 from alfworld.agents.utils.misc import add_task_to_grammar
 from alfworld.info import ALFRED_PDDL_PATH, ALFRED_TWL2_PATH
 
-TASK_TYPES = (
-    "pick_and_place_simple",
-    "look_at_obj_in_light",
-    "pick_clean_then_place_in_recep",
-    "pick_heat_then_place_in_recep",
-    "pick_cool_then_place_in_recep",
-    "pick_two_obj_and_place",
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from eval_agent.envs.alfworld import TASK_TYPES  # noqa: E402
+
 GAMES_PER_TYPE = {"train": 4, "valid_seen": 2, "valid_unseen": 2}
 MAX_EXPERT_STEPS = 30  # the promise: the handcoded expert wins every game within this many steps
 STEP_BUDGET = 26       # what generation aims for (estimate), leaving slack under MAX_EXPERT_STEPS

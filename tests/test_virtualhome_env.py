@@ -244,7 +244,7 @@ def good_row(stem: str = "file203_1", scene: str = SCENE) -> dict:
     """A valid row (file203_1's program) whose path points at `scene/stem`."""
     task = shipped_task("file203_1")
     return {"id": "1", "task": task.meta["task"], "description": task.meta["description"],
-            "path": f"/home/someone/executable_programs/{scene}/{stem}.txt", "new_program_lines": task.meta["program"],
+            "path": f"/abs/prefix/executable_programs/{scene}/{stem}.txt", "new_program_lines": task.meta["program"],
             "revised_graph": {"nodes": [], "revised_nodes": [], "revised_add_edges": []},
             "object_id_dict": task.meta["object_id_dict"]}
 
