@@ -20,7 +20,7 @@ from typing import Any
 from eval_agent.envs import REGISTRY, get_task_family
 from eval_agent.llm import BackendUnavailable
 from eval_agent.protocol import write_protocol_card
-from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, run_episodes
+from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, add_model_args, run_episodes
 from eval_agent.store import write_json
 from eval_agent.trajectory import Trajectory
 
@@ -59,16 +59,9 @@ def build_policy(args: argparse.Namespace):
     if args.policy == "expert":
         return ExpertPolicy(), {}
     from eval_agent.llm import GenerationConfig
-    from eval_agent.prompts import instruction_from_data
-    from eval_agent.runner import ModelPolicy
 
-    if not args.model:
-        raise SystemExit("--model is required with --policy model")
-    policy = ModelPolicy.build(
-        args.task, args.model, GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
-        backend=args.backend, endpoints=args.endpoints, chat_format=args.chat_format, tokenizer=args.tokenizer,
-        icl_num=args.icl_num, instruction=instruction_from_data(args.instruction_from) if args.instruction_from else None,
-    )
+    policy = ModelPolicy.from_args(args, GenerationConfig(max_new_tokens=args.max_new_tokens,
+                                                          temperature=args.temperature))
     return policy, {"chat_format": policy.chat_format.name}
 
 
@@ -77,15 +70,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--task", choices=sorted(REGISTRY), default="alfworld")
     p.add_argument("--split", default="seen", help="train | seen | unseen")
     p.add_argument("--policy", choices=("model", "expert"), default="model")
-    p.add_argument("--model", help="HF model folder (hf backend) or served model name (openai backend)")
-    p.add_argument("--tokenizer", help="tokenizer folder when --model is a served name (default: --model)")
-    p.add_argument("--backend", choices=("hf", "openai"), default="hf")
-    p.add_argument("--endpoints", help="openai backend: file with one base URL per line (else $OPENAI_BASE_URL)")
-    p.add_argument("--chat_format", choices=("template", "llama-2"), help="default: what the model folder records, else template")
-    p.add_argument("--icl_num", type=int, default=1, help="in-context examples in the prompt (the original: 1)")
-    p.add_argument("--instruction_from", help="published-format expert file whose instruction to prompt with")
+    add_model_args(p)
     p.add_argument("--max_steps", type=int, default=MAX_STEPS)
-    p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as the paper evaluates")
     p.add_argument("--data_root", help="task data folder (default: the task family's own lookup)")
     p.add_argument("--env_args", type=json.loads, default={},

@@ -9,6 +9,7 @@ context overflow ends that one episode with its reason; the others carry on.
 """
 from __future__ import annotations
 
+import argparse
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -67,6 +68,18 @@ class ModelPolicy:
             backend_options["endpoints_file"] = endpoints
         prompts = PromptBuilder.for_task(task, icl_num=icl_num, instruction=instruction)
         return cls(make_backend(backend, model, **backend_options), ChatFormat(fmt, tok), prompts, generation)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, generation: GenerationConfig) -> "ModelPolicy":
+        """`build` from the arguments `add_model_args` defines (plus `--task`)."""
+        from eval_agent.prompts import instruction_from_data
+
+        if not args.model:
+            raise SystemExit("error: --model is required for a model policy")
+        instruction = instruction_from_data(args.instruction_from) if args.instruction_from else None
+        return cls.build(args.task, args.model, generation, backend=args.backend, endpoints=args.endpoints,
+                         chat_format=args.chat_format, tokenizer=args.tokenizer, icl_num=args.icl_num,
+                         instruction=instruction)
 
     def prompt(self, episode: Episode) -> str:
         return self.chat_format.render(self.prompts.messages(episode.traj))
@@ -202,3 +215,16 @@ def run_episodes(
             env.close()
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The command-line arguments of a model policy, the same in every stage that prompts one."""
+    p.add_argument("--model", help="HF model folder (hf backend) or served model name (openai backend)")
+    p.add_argument("--tokenizer", help="tokenizer folder when --model is a served name (default: --model)")
+    p.add_argument("--backend", choices=("hf", "openai"), default="hf")
+    p.add_argument("--endpoints", help="openai backend: file with one base URL per line (else $OPENAI_BASE_URL)")
+    p.add_argument("--chat_format", choices=("template", "llama-2"),
+                   help="default: what the model folder records, else template")
+    p.add_argument("--icl_num", type=int, default=1, help="in-context examples in the prompt (the original: 1)")
+    p.add_argument("--instruction_from", help="published-format expert file whose instruction to prompt with")
+    p.add_argument("--max_new_tokens", type=int, default=512)

@@ -12,8 +12,7 @@ from pathlib import Path
 from eval_agent.envs import REGISTRY, Task, get_task_family
 from eval_agent.expert_data import load_expert_data
 from eval_agent.llm import GenerationConfig
-from eval_agent.prompts import instruction_from_data
-from eval_agent.runner import MAX_STEPS, ModelPolicy
+from eval_agent.runner import MAX_STEPS, ModelPolicy, add_model_args
 from eval_agent.store import BadRecord
 from eval_agent.trajectory import Trajectory
 
@@ -26,15 +25,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=("expert", "explore", "both"), default="both")
     p.add_argument("--data_root", help="task data folder (default: the task family's own lookup)")
     p.add_argument("--env_args", type=json.loads, default={}, help="JSON object of environment options")
-    p.add_argument("--model", help="HF model folder (hf backend) or served model name (openai backend)")
-    p.add_argument("--tokenizer", help="tokenizer folder when --model is a served name (default: --model)")
-    p.add_argument("--backend", choices=("hf", "openai"), default="hf")
-    p.add_argument("--endpoints", help="openai backend: file with one base URL per line (else $OPENAI_BASE_URL)")
-    p.add_argument("--chat_format", choices=("template", "llama-2"), help="default: what the model folder records")
-    p.add_argument("--icl_num", type=int, default=1, help="in-context examples in the prompt (the original: 1)")
-    p.add_argument("--instruction_from", help="published-format expert file whose instruction to prompt with")
+    add_model_args(p)
     p.add_argument("--max_steps", type=int, default=MAX_STEPS, help="episode budget, replayed prefix included")
-    p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--num_shards", type=int, default=1)
     p.add_argument("--shard_id", type=int, default=0)
     p.add_argument("--limit", type=int, help="first N expert trajectories only (before sharding)")
@@ -122,7 +114,4 @@ def in_shard(items: list[ExpertTask], args: argparse.Namespace) -> list[ExpertTa
 def build_policy(args: argparse.Namespace, generation: GenerationConfig) -> ModelPolicy:
     if not args.model:
         raise SystemExit("error: --model is required for explore records and rollouts")
-    instruction = instruction_from_data(args.instruction_from) if args.instruction_from else None
-    return ModelPolicy.build(args.task, args.model, generation, backend=args.backend, endpoints=args.endpoints,
-                             chat_format=args.chat_format, tokenizer=args.tokenizer, icl_num=args.icl_num,
-                             instruction=instruction)
+    return ModelPolicy.from_args(args, generation)
