@@ -12,7 +12,7 @@ from typing import Any
 from eval_agent.store import write_json
 
 _LIBS = ("torch", "transformers", "accelerate", "vllm", "alfworld", "textworld", "virtualhome", "openai")
-_SECRET_WORDS = ("key", "token", "secret", "password")
+_SECRET_WORDS = {"key", "apikey", "token", "secret", "password"}  # whole name parts: max_new_tokens is no secret
 
 
 def library_versions() -> dict[str, str | None]:
@@ -36,7 +36,7 @@ def git_commit() -> str | None:
 
 
 def protocol_card(stage: str, args: dict[str, Any]) -> dict[str, Any]:
-    clean = {k: ("<set>" if any(w in k.lower() for w in _SECRET_WORDS) and v else v) for k, v in args.items()}
+    clean = {k: ("<set>" if _SECRET_WORDS & set(k.lower().split("_")) and v else v) for k, v in args.items()}
     return {
         "stage": stage,
         "args": clean,

@@ -146,3 +146,10 @@ def test_merge_rejects_duplicate_keys(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"key": "x"}\n')
     with pytest.raises(ValueError, match="appears in"):
         merge_jsonl([tmp_path / "a.jsonl", tmp_path / "c.jsonl"], tmp_path / "m2.jsonl")
+
+
+def test_protocol_card_hides_secrets_only():
+    from eval_agent.protocol import protocol_card
+
+    card = protocol_card("x", {"api_key": "sk-1", "hf_token": "hf_1", "max_new_tokens": 64, "key": "alfworld/1", "empty_key": None})
+    assert card["args"] == {"api_key": "<set>", "hf_token": "<set>", "max_new_tokens": 64, "key": "<set>", "empty_key": None}
