@@ -392,12 +392,12 @@ def sample_game(rng: random.Random, split: str, index: int, task_type: str, layo
     raise RuntimeError(f"no placement within {STEP_BUDGET} expert steps for {task_type} in {layout.room.scene}")
 
 
-def plan_games(seed: int) -> list[Game]:
+def plan_games(seed: int, games_per_type: dict[str, int] = GAMES_PER_TYPE) -> list[Game]:
     """All games of all splits: rooms taken in turn among those that can host the task type."""
     layouts = {room.scene: make_layout(room, seed) for room in ROOMS}
     games = []
     index = 0
-    for split, per_type in GAMES_PER_TYPE.items():
+    for split, per_type in games_per_type.items():
         pool = "unseen" if split == "valid_unseen" else "train"
         for t, task_type in enumerate(TASK_TYPES):
             rooms = [layouts[r.scene] for r in ROOMS if r.split == pool
@@ -488,7 +488,7 @@ def write_game(game: Game, out: Path, seed: int, domain: str, grammar: str) -> P
     return folder / "game.tw-pddl"
 
 
-def generate(out: str | Path, seed: int = 0) -> list[Path]:
+def generate(out: str | Path, seed: int = 0, games_per_type: dict[str, int] = GAMES_PER_TYPE) -> list[Path]:
     """Generate the whole set under `out`; returns the game files in generation order.
 
     An existing <out>/json_2.1.1 is an error (it could be the official data). The set is written in a
@@ -500,7 +500,7 @@ def generate(out: str | Path, seed: int = 0) -> list[Path]:
     staging = out / f".staging-{os.getpid()}"
     domain = Path(ALFRED_PDDL_PATH).read_text()
     grammar = Path(ALFRED_TWL2_PATH).read_text()
-    files = [write_game(game, staging, seed, domain, grammar) for game in plan_games(seed)]
+    files = [write_game(game, staging, seed, domain, grammar) for game in plan_games(seed, games_per_type)]
     (staging / "json_2.1.1").rename(final)
     staging.rmdir()
     return [final / f.relative_to(staging / "json_2.1.1") for f in files]
@@ -553,10 +553,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="data/alfworld", help="folder that receives json_2.1.1/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verify", action="store_true", help="play every game with the handcoded expert")
+    p.add_argument("--train_per_type", type=int, default=GAMES_PER_TYPE["train"],
+                   help="train games per task type (more data for a longer CPU SFT run); the other splits keep "
+                        "their sizes, though their trial names and task wordings shift with the game numbering")
     args = p.parse_args(argv)
     t0 = time.time()
     try:
-        files = generate(args.out, args.seed)
+        files = generate(args.out, args.seed, {**GAMES_PER_TYPE, "train": args.train_per_type})
     except FileExistsError as e:
         print(e, file=sys.stderr)
         return 1
