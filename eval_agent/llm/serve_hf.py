@@ -5,11 +5,13 @@ the same HTTP client code (OpenAIBackend) against a real server process, as a GP
 
 Speaks the part of vLLM's protocol OpenAIBackend uses: `GET /health`, `GET /v1/models`,
 `POST /v1/completions` (prompt as text or a list of texts; n, temperature, top_p, max_tokens, stop,
-seed). As vLLM does: the served name defaults to --model as given; prompt + max_tokens over the
-context is refused with HTTP 400 in vLLM's wording; `max_tokens: null` means up to the end of the
-context. Prompts are tokenized without adding special tokens (HFBackend's rule, which OpenAIBackend
-asks vLLM for too). One model, so generation is serialized with a lock; requests are not batched
-together (throughput comes from vLLM, not from here). Standard library only.
+seed), and `POST /v1/chat/completions` for the reflection client (messages rendered with the served
+model's chat format, then completed as above). As vLLM does: the served name defaults to --model as
+given; prompt + max_tokens over the context is refused with HTTP 400 in vLLM's wording;
+`max_tokens: null` means up to the end of the context. Prompts are tokenized without adding special
+tokens (HFBackend's rule, which OpenAIBackend asks vLLM for too). One model, so generation is
+serialized with a lock; requests are not batched together (throughput comes from vLLM, not from
+here). Standard library only.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
 from eval_agent.llm import GenerationConfig
 from eval_agent.llm.hf import HFBackend
 
@@ -71,12 +74,35 @@ def complete(backend: HFBackend, name: str, lock: threading.Lock, req: dict[str,
     }
 
 
+def chat_complete(backend: HFBackend, name: str, lock: threading.Lock, chat_format: str,
+                  req: dict[str, Any]) -> tuple[int, dict]:
+    """(HTTP status, JSON body) for one /v1/chat/completions request: the messages rendered with the
+    model's chat format, completed as /v1/completions does; no max_tokens means up to the end of the context."""
+    messages = req.get("messages")
+    if not messages or not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                                and isinstance(m.get("content"), str) for m in messages):
+        return _error(400, "messages must be a non-empty list of {role: system|user|assistant, content: string}")
+    try:
+        prompt = ChatFormat(chat_format, backend.tokenizer).render(
+            [{"role": m["role"], "content": m["content"]} for m in messages])
+    except ValueError as e:
+        return _error(400, f"cannot render the messages: {e}")
+    max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
+    sub = {k: req.get(k) for k in ("model", "n", "temperature", "top_p", "stop", "seed")}
+    status, body = complete(backend, name, lock, {**sub, "prompt": prompt, "max_tokens": max_tokens})
+    if status != 200:
+        return status, body
+    choices = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+                "finish_reason": c["finish_reason"]} for c in body["choices"]]
+    return 200, {**body, "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "choices": choices}
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # open keep-alive connections do not hold up shutdown
 
-    def __init__(self, address: tuple[str, int], backend: HFBackend, name: str):
+    def __init__(self, address: tuple[str, int], backend: HFBackend, name: str, chat_format: str = "template"):
         super().__init__(address, Handler)
-        self.backend, self.name, self.lock = backend, name, threading.Lock()
+        self.backend, self.name, self.lock, self.chat_format = backend, name, threading.Lock(), chat_format
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -107,14 +133,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))  # always read: keep-alive
-        if self.path.split("?", 1)[0].rstrip("/") != "/v1/completions":
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path not in ("/v1/completions", "/v1/chat/completions"):
             return self._send(*_error(404, f"no route {self.path}", "NotFoundError"))
         try:
             req = json.loads(body or b"{}")
         except ValueError as e:
             return self._send(*_error(400, f"invalid JSON: {e}"))
+        s = self.server
         try:
-            self._send(*complete(self.server.backend, self.server.name, self.server.lock, req))
+            if path == "/v1/completions":
+                self._send(*complete(s.backend, s.name, s.lock, req))
+            else:
+                self._send(*chat_complete(s.backend, s.name, s.lock, s.chat_format, req))
         except Exception as e:  # a bug here is the server's fault: 500, and the traceback on stderr
             traceback.print_exc()
             self._send(*_error(500, f"{type(e).__name__}: {e}", "InternalServerError"))
@@ -128,11 +159,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--served-model-name", help="name clients ask for (default: --model as given, like vLLM)")
     p.add_argument("--max_context", "--max-model-len", type=int, help="context window (default: the model's)")
     p.add_argument("--batch_size", type=int, default=16, help="HFBackend sub-batch size (n samples, prompt lists)")
+    p.add_argument("--chat_format", choices=FORMATS,
+                   help="how /v1/chat/completions renders messages (default: what the model folder records, "
+                        "else template)")
     args = p.parse_args(argv)
 
     backend = HFBackend(args.model, max_context=args.max_context, batch_size=args.batch_size)
     name = args.served_model_name or args.model
-    server = Server((args.host, args.port), backend, name)
+    server = Server((args.host, args.port), backend, name, resolve_chat_format(args.model, args.chat_format))
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # leaves serve_forever in the main thread

@@ -1,0 +1,1 @@
+"""Stage 3: step rewards, deviation detection, reflection, D_c/D_e/D_s and nDTW weights."""
