@@ -265,6 +265,15 @@ class ChatModel:
                      completion_tokens=(usage.completion_tokens or 0) if usage else 0)
 
 
+def weights_fingerprint(model: str) -> str | None:
+    """Name, size and modification time of a local model folder's weight files; None for a served name."""
+    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in Path(model).glob(pattern))
+    if not files:
+        return None
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
 class SelfModel:
     """The SFT policy through an eval_agent.llm backend (hf in-process or openai completions servers)."""
 
@@ -273,7 +282,8 @@ class SelfModel:
     def __init__(self, policy: ModelPolicy, settings: dict[str, Any], batch: int = 8):
         self.backend, self.chat_format = policy.backend, policy.chat_format
         self.model = policy.backend.model_name
-        self.settings = {**settings, "stop": list(DEFAULT_STOP)}
+        # the weights' identity joins the cache key: a model retrained into the same folder is a new model
+        self.settings = {**settings, "stop": list(DEFAULT_STOP), "weights": weights_fingerprint(self.model)}
         self.batch = batch
         self.tokenizer = getattr(self.backend, "tokenizer", None) or self.chat_format.tokenizer
 

@@ -386,3 +386,13 @@ def test_self_backend_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
     assert reflector.summary()["calls"] == 6 and reflector.summary()["cost_usd"] is None
     rerun = reflector_from_args(parse(argv), tmp_path / "cache.jsonl")
     assert all(r.cached for r in rerun.reflect(reqs)) and rerun.summary()["calls"] == 0
+
+
+def test_weights_fingerprint_changes_with_the_weights(tmp_path):
+    from data_collection.reflection import weights_fingerprint
+
+    assert weights_fingerprint("gpt-4o") is None  # a served name, no folder
+    (tmp_path / "model.safetensors").write_bytes(b"12")
+    before = weights_fingerprint(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"1234")  # retrained into the same folder
+    assert before and weights_fingerprint(str(tmp_path)) != before
