@@ -1,5 +1,6 @@
-"""Episodes/s of the batched episode runner against one episode at a time (the original scheme),
-same model, same tasks, same greedy decoding, measured side by side in one run.
+"""Episodes/s of the batched episode runner (hf backend with its prefix cache) against one episode
+at a time running the whole prompt every step (the original scheme): same model, same tasks, same
+greedy decoding, measured side by side in one run; also whether both took the same actions.
 
     .venv/bin/python scripts/bench_runner.py --task alfworld --split unseen --limit 8 --max_steps 10
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,18 +33,25 @@ def main() -> None:
 
     family = get_task_family(args.task)
     tasks = family.load_tasks(args.split, limit=args.limit)
-    policy = ModelPolicy.build(args.task, args.model, GenerationConfig(max_new_tokens=args.max_new_tokens),
-                               batch_size=args.batch)
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
 
     results = {}
-    for name, concurrency in (("sequential", 1), ("batched", args.batch)):
+    # sequential: the original scheme (the whole prompt every step); batched: the runner as the stages use it.
+    # Each has its own backend: a prefix cache filled by one run must not serve the other.
+    for name, concurrency, options in (("sequential", 1, {"batch_size": 1, "prefix_cache_gb": 0}),
+                                       ("batched", args.batch, {"batch_size": args.batch})):
+        policy = ModelPolicy.build(args.task, args.model, generation, **options)
         trajs = {}
+        load_before = os.getloadavg()[0]
         stats = run_episodes(tasks, policy, family.make_env, lambda ep: trajs.__setitem__(ep.task.key, ep.traj.actions),
                              max_steps=args.max_steps, concurrency=concurrency, progress=False)
         results[name] = {
             **stats.rates(),
             "seconds": stats.seconds,
             "generate_calls": stats.generate_calls,
+            "prompt_tokens": policy.backend.prompt_tokens,
+            "prompt_tokens_run": policy.backend.prompt_tokens_run,
+            "load_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "actions": trajs,
         }
     same = results["sequential"].pop("actions") == results["batched"].pop("actions")

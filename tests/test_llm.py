@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from eval_agent.llm import BackendUnavailable, GenerationConfig
-from eval_agent.llm.hf import HFBackend
+from eval_agent.llm.hf import HFBackend, PrefixCache
 from eval_agent.llm.openai_http import OpenAIBackend, resolve_base_urls
 
 GREEDY = GenerationConfig(max_new_tokens=12)
@@ -96,6 +96,84 @@ def test_n_samples_per_prompt(tiny, tiny_prompts):
     assert texts(again) == texts(sampled)  # seeded
     greedy = tiny.generate(tiny_prompts[:1], GenerationConfig(max_new_tokens=8, n=2))
     assert greedy[0][0].text == greedy[0][1].text
+
+
+def test_prefix_cache_reuses_an_episode_s_states(tiny_model_dir, tiny_prompts):
+    """The next prompt of an episode (prompt + reply + more) runs only its new tokens, and gives the
+    text a backend without the cache gives."""
+    cached, whole = HFBackend(str(tiny_model_dir)), HFBackend(str(tiny_model_dir), prefix_cache_gb=0)
+    config = GenerationConfig(max_new_tokens=10, stop=())
+    prompt = tiny_prompts[-1]
+    for _ in range(3):  # three steps of one conversation
+        got = cached.generate([prompt], config)
+        assert summary(got) == summary(whole.generate([prompt], config))
+        prompt = prompt + got[0][0].text + "\nObservation: nothing happens.\n"
+    asked = whole.prompt_tokens
+    assert whole.prompt_tokens_run == asked and cached.prompt_tokens == asked
+    new_tokens = asked - 3 * _lengths(cached, tiny_prompts[-1:])[0]
+    assert cached.prompt_tokens_run < _lengths(cached, tiny_prompts[-1:])[0] + new_tokens  # the steps' common part ran once
+
+
+def test_identical_prompts_run_once(tiny_model_dir, tiny_prompts):
+    """The N rollouts of one record (equal prompts, several episodes) and n samples of a prompt: one run."""
+    backend = HFBackend(str(tiny_model_dir), prefix_cache_gb=0)
+    prompt = tiny_prompts[-1]
+    got = backend.generate([prompt] * 3, GenerationConfig(max_new_tokens=6, n=2, temperature=1.0, seed=0))
+    assert [len(cs) for cs in got] == [2, 2, 2]
+    assert backend.prompt_tokens_run == _lengths(backend, [prompt])[0] and backend.prompt_tokens == 6 * backend.prompt_tokens_run
+    assert len({c.text for cs in got for c in cs}) > 1  # one run, yet six independent samples
+
+
+def test_shared_prefix_runs_once(tiny_model_dir):
+    """Prompts that begin alike (instruction, example): the common part runs once, then each its own rest."""
+    backend = HFBackend(str(tiny_model_dir))
+    head = " ".join(f"word{i}" for i in range(40))
+    prompts = [f"{head} task one", f"{head} the second task", f"{head} a third"]
+    got = backend.generate(prompts, GREEDY)
+    lengths, shared = _lengths(backend, prompts), _lengths(backend, [head])[0]
+    assert backend.prompt_tokens_run < sum(lengths) - shared  # the shared part ran once at most
+    whole = HFBackend(str(tiny_model_dir), prefix_cache_gb=0)
+    assert summary(got) == summary(whole.generate(prompts, GREEDY))
+
+
+def test_prefix_cache_keeps_longest_and_evicts_oldest():
+    import torch
+
+    def seq(*ids):
+        return torch.tensor(ids)
+
+    def states(n):
+        return torch.full((1, 2, 1, n, 1), float(n))
+
+    cache = PrefixCache(max_tokens=8)
+    cache.add(seq(1, 2, 3), states(3))
+    cache.add(seq(1, 2, 3, 4), states(4))  # extends the first: replaces it
+    assert len(cache.entries) == 1 and cache.tokens == 4
+    cache.add(seq(1, 2), states(2))  # covered by a stored one: nothing new
+    assert len(cache.entries) == 1
+    found, n = cache.longest(seq(1, 2, 3, 9))
+    assert n == 3 and found.shape[3] == 4
+    cache.add(seq(5, 6, 7), states(3))
+    cache.longest(seq(1))  # touch: (1, 2, 3, 4) is now the most recently used
+    cache.add(seq(8, 9), states(2))  # 9 tokens > 8: the least recently used, (5, 6, 7), goes
+    assert cache.tokens == 6 and cache.longest(seq(5, 6))[1] == 0 and cache.longest(seq(1, 2))[1] == 2
+    assert cache.longest(seq(4))[0] is None
+
+
+def test_sampling_follows_temperature_and_top_p():
+    import torch
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1e9, 0.5]]).repeat(20000, 1)
+    torch.manual_seed(0)
+    drawn = torch.bincount(HFBackend._pick(logits, GenerationConfig(temperature=1.0)), minlength=5) / 20000
+    assert torch.allclose(drawn, torch.softmax(logits[0], -1), atol=0.01) and drawn[3] == 0
+    hot = torch.bincount(HFBackend._pick(logits, GenerationConfig(temperature=2.0)), minlength=5) / 20000
+    assert torch.allclose(hot, torch.softmax(logits[0] / 2, -1), atol=0.01)
+    # top_p 0.7: the two likeliest (0.58 + 0.21 reach it), renormalised
+    nucleus = torch.bincount(HFBackend._pick(logits, GenerationConfig(temperature=1.0, top_p=0.7)), minlength=5) / 20000
+    top2 = torch.softmax(logits[0], -1)[[1, 2]]
+    assert nucleus[[0, 3, 4]].sum() == 0 and torch.allclose(nucleus[[1, 2]], top2 / top2.sum(), atol=0.01)
+    assert HFBackend._pick(logits[:2], GenerationConfig()).tolist() == [2, 2]  # greedy
 
 
 def _lengths(backend, prompts):

