@@ -113,3 +113,28 @@ def merge_jsonl(sources: Iterable[str | Path], out: str | Path) -> int:
             lines.append(json.dumps(rec, ensure_ascii=False))
     write_atomic(out, "".join(line + "\n" for line in lines))
     return len(lines)
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(where, row) for every row of a JSON list or a JSONL file, `where` naming the file and the row
+    ("f.json: row 3", 0-based) or line ("f.jsonl: line 4") for error messages; blank lines are skipped."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        head = f.read(64).lstrip()
+    if head.startswith("["):
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise BadRecord(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        for i, row in enumerate(rows):
+            yield f"{path}: row {i}", row
+        return
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadRecord(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+            yield f"{path}: line {lineno}", row

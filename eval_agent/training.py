@@ -12,6 +12,8 @@ the tokenizer does not fit the format; that is an error, never a silent half-mas
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -114,3 +116,24 @@ def pad_token_id(tokenizer) -> int:
         if tid is not None:
             return tid
     raise ValueError("the tokenizer has no pad, unk or eos token to pad with")
+
+
+def configure_training_args(targs, global_batch_size: int, precision: str):
+    """`TrainingArguments` completed for this machine: gradient accumulation from the global batch
+    (over all processes), bf16 where the GPU has it (`precision` auto | bf16 | fp32), tf32 matmuls on
+    GPUs (as the original), and the CPU fallback that lets torchrun run DDP over gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = targs.per_device_train_batch_size * world
+    if global_batch_size % per_step:
+        raise SystemExit(f"error: global batch {global_batch_size} is not a multiple of "
+                         f"per-device batch {targs.per_device_train_batch_size} x {world} processes")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise SystemExit(f"error: --precision must be auto, bf16 or fp32, got {precision!r}")
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    bf16 = precision == "bf16" or (precision == "auto" and gpu_bf16)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True  # no effect on CPU
+    # without a GPU, transformers only runs distributed (DDP over gloo) when told to use the CPU
+    return dataclasses.replace(targs, gradient_accumulation_steps=global_batch_size // per_step, bf16=bf16,
+                               use_cpu=targs.use_cpu or not torch.cuda.is_available(),
+                               include_num_input_tokens_seen="non_padding")

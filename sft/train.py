@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,8 @@ from eval_agent.expert_data import load_expert_data
 from eval_agent.prompts import PromptBuilder
 from eval_agent.protocol import write_protocol_card
 from eval_agent.store import write_json
-from eval_agent.training import PadCollator, encode_conversation, pad_token_id, sft_messages
+from eval_agent.training import (PadCollator, configure_training_args, encode_conversation, pad_token_id,
+                                 sft_messages)
 
 log = logging.getLogger("sft.train")
 
@@ -79,30 +79,11 @@ def encode_dataset(args: SFTArguments, tokenizer, chat_format: ChatFormat) -> tu
     return rows, stats
 
 
-def configure(args: SFTArguments, targs: TrainingArguments) -> TrainingArguments:
-    """Gradient accumulation from the global batch, and the precision this machine supports."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_step = targs.per_device_train_batch_size * world
-    if args.global_batch_size % per_step:
-        raise SystemExit(f"error: global batch {args.global_batch_size} is not a multiple of "
-                         f"per-device batch {targs.per_device_train_batch_size} x {world} processes")
-    if args.precision not in ("auto", "bf16", "fp32"):
-        raise SystemExit(f"error: --precision must be auto, bf16 or fp32, got {args.precision!r}")
-    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and gpu_bf16)
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True  # as the original (--tf32 True); no effect on CPU
-    # without a GPU, transformers only runs distributed (DDP over gloo) when told to use the CPU
-    return dataclasses.replace(targs, gradient_accumulation_steps=args.global_batch_size // per_step, bf16=bf16,
-                               use_cpu=targs.use_cpu or not torch.cuda.is_available(),
-                               include_num_input_tokens_seen="non_padding")
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((SFTArguments, TrainingArguments))
     args, targs = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    targs = configure(args, targs)
+    targs = configure_training_args(targs, args.global_batch_size, args.precision)
     out = Path(targs.output_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)

@@ -1,0 +1,195 @@
+"""Stage 4: STeCa reinforced training of the SFT model on the weighted training set.
+
+Reads our merged set (RUN_DIR/data_collection/train.jsonl) or the published `final_data_rft_train.json`
+as is (`Reinforced_train.data`), renders each row with the chat format the SFT folder records, and
+trains with `steca_loss` (`Reinforced_train.loss`): with --beta 0 (the paper) a weight-scaled,
+sequence-summed NLL of the chosen assistant turns given the prompt, with no reference model and no
+rejected forward; with --beta > 0 the original's sigmoid-DPO term against the frozen SFT model
+(--ref_model, default the policy's folder) is added.
+
+Runs as one process, under `torchrun` (DDP; gloo on CPU) or `accelerate launch` with an FSDP or
+DeepSpeed config (sft/configs; beta > 0 under DeepSpeed is refused). Gradient accumulation follows
+from --global_batch_size. A rerun with the same --output_dir resumes from its last checkpoint.
+
+Writes into --output_dir: the model and tokenizer, `steca_chat_format.json`, `train_summary.json`,
+and the protocol card `config.json` into the parent folder (RUN_DIR/steca/).
+
+    python -m Reinforced_train.train --model_name_or_path outputs/alfworld/sft/model \\
+        --data outputs/alfworld/data_collection/train.jsonl --output_dir outputs/alfworld/steca/model
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainerState,
+                          TrainingArguments)
+from transformers.trainer_utils import get_last_checkpoint
+
+from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format, write_chat_format
+from eval_agent.protocol import write_protocol_card
+from eval_agent.store import write_json
+from eval_agent.training import configure_training_args, pad_token_id
+from Reinforced_train.data import encode_rows, load_rows
+from Reinforced_train.loss import WeightedCollator, steca_loss
+
+log = logging.getLogger("Reinforced_train.train")
+
+
+@dataclass
+class SteCaArguments:
+    model_name_or_path: str = field(metadata={"help": "the SFT model folder (HF format): the policy's start"})
+    data: str = field(metadata={"help": "weighted rows: our train.jsonl or the published final_data_rft_train.json"})
+    beta: float = field(default=0.0, metadata={"help": "weight of the DPO term; 0 (the paper): no reference model"})
+    ref_model: str | None = field(default=None, metadata={"help": "frozen reference for beta > 0; default: the SFT folder"})
+    nll_reduction: str = field(default="sum", metadata={"help": "sum (the original: log-probs summed per row) | mean (per token)"})
+    chat_format: str | None = field(default=None, metadata={"help": f"{FORMATS}; default: what the model folder records"})
+    model_max_length: int = field(default=4096, metadata={"help": "tokens per sequence; longer ones lose whole trailing turns"})
+    global_batch_size: int = field(default=15, metadata={"help": "rows per optimizer step over all processes"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. flash_attention_2; default: transformers' choice"})
+
+
+class SteCaTrainer(Trainer):
+    """`Trainer` with the STeCa loss; the batch is a mean over rows, so Trainer divides it by the
+    accumulation steps (and DDP/FSDP average over processes): the mean over the global batch."""
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, beta: float = 0.0, ref_model=None, token_mean: bool = False, pad_id: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # our loss needs no token count gathered over processes
+        self.beta, self.token_mean, self.pad_id = beta, token_mean, pad_id
+        self.ref_model = None if ref_model is None else self._prepare_reference(ref_model)
+        self._metric_sums: dict[str, float] = {}
+        self._metric_count = 0
+
+    def _prepare_reference(self, ref_model):
+        """Frozen, in eval mode, placed like the policy: on the device, or under FSDP sharded with the
+        policy's plugin settings as accelerate wraps the policy (as TRL does; sync_module_states also
+        gives it rank 0's weights under RAM-efficient loading). Not under DeepSpeed or FSDP2."""
+        ref_model.eval().requires_grad_(False)
+        if self.is_deepspeed_enabled or getattr(self.accelerator, "is_fsdp2", False):
+            raise SystemExit("error: --beta > 0 supports DDP and FSDP (DIST_CONFIG=sft/configs/fsdp.yaml), "
+                             "not DeepSpeed or FSDP2")
+        if not self.is_fsdp_enabled:
+            return ref_model.to(self.args.device)
+        from accelerate.utils.fsdp_utils import ensure_weights_retied
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        plugin, device = self.accelerator.state.fsdp_plugin, self.accelerator.device
+        plugin.set_auto_wrap_policy(ref_model)
+        return FSDP(ref_model, sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
+                    cpu_offload=plugin.cpu_offload, auto_wrap_policy=plugin.auto_wrap_policy,
+                    mixed_precision=plugin.mixed_precision_policy, sync_module_states=plugin.sync_module_states,
+                    backward_prefetch=plugin.backward_prefetch, forward_prefetch=plugin.forward_prefetch,
+                    use_orig_params=plugin.use_orig_params, limit_all_gathers=plugin.limit_all_gathers,
+                    param_init_fn=ensure_weights_retied(plugin.param_init_fn, ref_model, device),
+                    device_id=device).eval()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = steca_loss(model, inputs, self.beta, self.ref_model, self.token_mean, self.pad_id)
+        for name, value in metrics.items():
+            self._metric_sums[name] = self._metric_sums.get(name, 0.0) + value
+        self._metric_count += 1
+        return (loss, metrics) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Adds the means of the loss metrics (this process's micro-batches) since the last log."""
+        if "loss" in logs and self._metric_count:
+            logs |= {name: round(total / self._metric_count, 4) for name, total in self._metric_sums.items()}
+            self._metric_sums, self._metric_count = {}, 0
+        super().log(logs, *args, **kwargs)
+
+
+def configure(args: SteCaArguments, targs: TrainingArguments) -> TrainingArguments:
+    if args.nll_reduction not in ("sum", "mean"):
+        raise SystemExit(f"error: --nll_reduction must be sum or mean, got {args.nll_reduction!r}")
+    if args.beta < 0:
+        raise SystemExit(f"error: --beta must be >= 0, got {args.beta}")
+    targs = configure_training_args(targs, args.global_batch_size, args.precision)
+    # Trainer would drop the columns the model's forward does not take (the weights, the rejected rows)
+    return dataclasses.replace(targs, remove_unused_columns=False)
+
+
+def load_model(path: str, targs: TrainingArguments, attn_implementation: str | None):
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16 if targs.bf16 else torch.float32, attn_implementation=attn_implementation)
+    model.config.use_cache = False  # no generation while training; activation checkpointing needs it off
+    return model
+
+
+def build_trainer(args: SteCaArguments, targs: TrainingArguments, examples: list[dict], tokenizer) -> SteCaTrainer:
+    model = load_model(args.model_name_or_path, targs, args.attn_implementation)
+    ref_model = load_model(args.ref_model or args.model_name_or_path, targs, args.attn_implementation) if args.beta else None
+    pad_id = pad_token_id(tokenizer)
+    return SteCaTrainer(model=model, args=targs, train_dataset=examples, data_collator=WeightedCollator(pad_id),
+                        processing_class=tokenizer, beta=args.beta, ref_model=ref_model,
+                        token_mean=args.nll_reduction == "mean", pad_id=pad_id)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((SteCaArguments, TrainingArguments))
+    args, targs = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    targs = configure(args, targs)
+    out = Path(targs.output_dir)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    fmt_name = resolve_chat_format(args.model_name_or_path, args.chat_format)
+    chat_format = ChatFormat(fmt_name, tokenizer if fmt_name == "template" else None)
+    rows = load_rows(args.data, need_rejected=args.beta > 0)
+    examples, stats = encode_rows(rows, chat_format, tokenizer, args.model_max_length, with_rejected=args.beta > 0,
+                                  progress=targs.process_index == 0)
+    if not examples:
+        raise SystemExit(f"error: no training row fits in {args.model_max_length} tokens ({args.data})")
+    if targs.process_index == 0:
+        write_protocol_card(out.parent, "reinforced_train", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
+    log.info("%s: %d rows in, %d used (%d truncated, %d skipped: too long), %d tokens, %d trained, weights %.4g..%.4g",
+             args.data, stats["rows_in"], stats["rows_out"], stats["truncated"], stats["skipped_too_long"],
+             stats["tokens"], stats["trained_tokens"], stats["weight_min"], stats["weight_max"])
+
+    trainer = build_trainer(args, targs, examples, tokenizer)
+    resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+    seen_before = 0
+    if resume:
+        log.info("resuming from %s", resume)
+        seen_before = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")).num_input_tokens_seen
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
+    trainer.model.config.use_cache = True  # the saved model generates with its KV cache
+    trainer.save_model(str(out))  # every process takes part (FSDP gathers the full state dict); rank 0 writes
+    summary = {
+        **stats,
+        "chat_format": fmt_name,
+        "beta": args.beta,
+        "reference_model": (args.ref_model or args.model_name_or_path) if args.beta else None,
+        "nll_reduction": args.nll_reduction,
+        "epochs": targs.num_train_epochs,
+        "global_batch_size": args.global_batch_size,
+        "gradient_accumulation_steps": targs.gradient_accumulation_steps,
+        "world_size": targs.world_size,
+        "optimizer_steps": trainer.state.global_step,
+        "resumed_from": resume,
+        "train_loss": result.training_loss,
+        "train_seconds": round(seconds, 1),
+        "tokens_seen": trainer.state.num_input_tokens_seen,  # chosen sequences, all processes, no padding
+        "tokens_per_s": round((trainer.state.num_input_tokens_seen - seen_before) / seconds, 1),  # this run's
+        "log_history": trainer.state.log_history,
+    }
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(out)
+        write_chat_format(out, fmt_name)
+        write_json(out / "train_summary.json", summary)
+    log.info("trained %d steps in %.1fs (%.0f tokens/s), final loss %.4f -> %s", summary["optimizer_steps"],
+             seconds, summary["tokens_per_s"], result.training_loss, out)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
