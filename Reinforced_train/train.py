@@ -21,19 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainerState,
-                          TrainingArguments)
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
-from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format, write_chat_format
+from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
 from eval_agent.protocol import write_protocol_card
-from eval_agent.store import write_json
-from eval_agent.training import configure_training_args, pad_token_id
+from eval_agent.training import configure_training_args, pad_token_id, train_and_save
 from Reinforced_train.data import encode_rows, load_rows
 from Reinforced_train.loss import WeightedCollator, steca_loss
 
@@ -154,42 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
              stats["tokens"], stats["trained_tokens"], stats["weight_min"], stats["weight_max"])
 
     trainer = build_trainer(args, targs, examples, tokenizer)
-    resume = get_last_checkpoint(str(out)) if out.is_dir() else None
-    seen_before = 0
-    if resume:
-        log.info("resuming from %s", resume)
-        seen_before = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")).num_input_tokens_seen
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - t0
-    trainer.model.config.use_cache = True  # the saved model generates with its KV cache
-    trainer.save_model(str(out))  # every process takes part (FSDP gathers the full state dict); rank 0 writes
-    summary = {
-        **stats,
-        "chat_format": fmt_name,
-        "beta": args.beta,
-        "reference_model": (args.ref_model or args.model_name_or_path) if args.beta else None,
-        "nll_reduction": args.nll_reduction,
-        "epochs": targs.num_train_epochs,
-        "global_batch_size": args.global_batch_size,
-        "gradient_accumulation_steps": targs.gradient_accumulation_steps,
-        "world_size": targs.world_size,
-        "optimizer_steps": trainer.state.global_step,
-        "resumed_from": resume,
-        "train_loss": result.training_loss,
-        "train_seconds": round(seconds, 1),
-        "tokens_seen": trainer.state.num_input_tokens_seen,  # chosen sequences, all processes, no padding
-        "tokens_per_s": round((trainer.state.num_input_tokens_seen - seen_before) / seconds, 1),  # this run's
-        "log_history": trainer.state.log_history,
-    }
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(out)
-        write_chat_format(out, fmt_name)
-        write_json(out / "train_summary.json", summary)
-    log.info("trained %d steps in %.1fs (%.0f tokens/s), final loss %.4f -> %s", summary["optimizer_steps"],
-             seconds, summary["tokens_per_s"], result.training_loss, out)
-    return summary
-
+    extra = {"beta": args.beta, "reference_model": (args.ref_model or args.model_name_or_path) if args.beta else None,
+             "nll_reduction": args.nll_reduction, "global_batch_size": args.global_batch_size}
+    return train_and_save(trainer, tokenizer, fmt_name, {**stats, **extra}, log)
 
 if __name__ == "__main__":
     main()

@@ -13,33 +13,18 @@ A bad row is an error naming the file and row (and the turn or field), never a c
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 from typing import Any
 
-from eval_agent.store import BadRecord, read_jsonl
+from eval_agent.store import BadRecord, read_rows
 from eval_agent.trajectory import Step, Trajectory, trajectory_from_conversation
 
 
 def load_expert_data(path: str | Path) -> list[Trajectory]:
     """Every trajectory of an expert file, in file order, with `meta["key"]` set."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        head = f.read(64).lstrip()
-    if head.startswith("["):
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise BadRecord(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        return [_trajectory(row, f"{path}: row {i}") for i, row in enumerate(rows)]
-    out = []
-    with path.open(encoding="utf-8") as f:
-        linenos = [n for n, line in enumerate(f, 1) if line.strip()]
-    for lineno, row in zip(linenos, read_jsonl(path, required=())):
-        out.append(_trajectory(row, f"{path}: line {lineno}"))
-    return out
+    return [_trajectory(row, where) for where, row in read_rows(path)]
 
 
 def _trajectory(row: Any, where: str) -> Trajectory:

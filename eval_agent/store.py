@@ -136,5 +136,5 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise BadRecord(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+                raise BadRecord(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             yield f"{path}: line {lineno}", row

@@ -1,6 +1,6 @@
 """Turning conversations into training examples, shared by the training stages (SFT, reinforced
 training): token ids, a loss mask that covers chosen assistant turns only, whole-turn truncation,
-and a padding collator.
+a padding collator, and the train-resume-save loop both stages run.
 
 The mask comes from the chat format by construction: `ChatFormat.render_with_spans` gives the
 character span of every assistant turn (its text and end-of-turn marker) and the tokenizer's offset
@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import TrainerState
+from transformers.trainer_utils import get_last_checkpoint
 
-from eval_agent.chat_format import ChatFormat
+from eval_agent.chat_format import ChatFormat, write_chat_format
 from eval_agent.prompts import PromptBuilder
+from eval_agent.store import write_json
 from eval_agent.trajectory import Trajectory
 
 IGNORE = -100  # label of a token the loss skips (the Hugging Face convention)
@@ -137,3 +143,41 @@ def configure_training_args(targs, global_batch_size: int, precision: str):
     return dataclasses.replace(targs, gradient_accumulation_steps=global_batch_size // per_step, bf16=bf16,
                                use_cpu=targs.use_cpu or not torch.cuda.is_available(),
                                include_num_input_tokens_seen="non_padding")
+
+
+def train_and_save(trainer, tokenizer, chat_format_name: str, summary: dict[str, Any], log) -> dict[str, Any]:
+    """Train (resuming from the output folder's last checkpoint), save the model where later stages load it
+    (weights, tokenizer, chat format) and `train_summary.json`: `summary` plus what the run measured."""
+    out = Path(trainer.args.output_dir)
+    resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+    seen_before = 0
+    if resume:
+        log.info("resuming from %s", resume)
+        seen_before = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")).num_input_tokens_seen
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
+    state = trainer.state
+    trainer.model.config.use_cache = True  # the saved model generates with its KV cache
+    trainer.save_model(str(out))  # every process takes part (FSDP gathers the full state dict); rank 0 writes
+    summary = {
+        **summary,
+        "chat_format": chat_format_name,
+        "epochs": trainer.args.num_train_epochs,
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+        "world_size": trainer.args.world_size,
+        "optimizer_steps": state.global_step,
+        "resumed_from": resume,
+        "train_loss": result.training_loss,
+        "train_seconds": round(seconds, 1),
+        "tokens_seen": state.num_input_tokens_seen,  # trained sequences, all processes, all epochs, no padding
+        "tokens_per_s": round((state.num_input_tokens_seen - seen_before) / seconds, 1),  # this run's
+        "log_history": state.log_history,
+    }
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(out)
+        write_chat_format(out, chat_format_name)
+        write_json(out / "train_summary.json", summary)
+    log.info("trained %d steps in %.1fs (%.0f tokens/s), final loss %.4f -> %s", summary["optimizer_steps"],
+             seconds, summary["tokens_per_s"], result.training_loss, out)
+    return summary
