@@ -38,12 +38,6 @@ args=(--model_name_or_path "$MODEL" --data "$DATA" --task "$TASK" --icl "$ICL"
 [ "$GRAD_CKPT" = 1 ] && args+=(--activation_checkpointing)
 [ -n "$ATTN" ] && args+=(--attn_implementation "$ATTN")
 
-if [ -n "$DIST_CONFIG" ]; then
-    launch=("$PYTHON" -m accelerate.commands.launch --config_file "$DIST_CONFIG" --num_processes "$NPROC")
-elif [ "$NPROC" -gt 1 ]; then
-    launch=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC")
-else
-    launch=("$PYTHON")
-fi
-"${launch[@]}" -m sft.train "${args[@]}" "$@"
+source scripts/train_launch.sh
+launch_training sft.train "${args[@]}" "$@"
 echo "model: $OUT (summary: $OUT/train_summary.json)"
