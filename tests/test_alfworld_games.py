@@ -74,3 +74,12 @@ def test_handcoded_expert_wins_valid_unseen(generated, task_type):
     game_file = sorted((generated / "valid_unseen").glob(f"{task_type}-*/*/game.tw-pddl"))[0]
     won, steps = games.play_expert(game_file)
     assert won and steps <= games.MAX_EXPERT_STEPS, (game_file, steps)
+
+
+def test_more_train_games_per_type(tmp_path):
+    """--train_per_type: a larger train split for longer CPU runs; the test splits keep their sizes."""
+    assert games.main(["--out", str(tmp_path), "--train_per_type", "6"]) == 0
+    root = tmp_path / "json_2.1.1"
+    types = Counter(t.parent.name.split("-")[0] for t in (root / "train").glob("*/trial_T*"))
+    assert types == {task_type: 6 for task_type in games.TASK_TYPES}
+    assert len(list((root / "valid_unseen").glob("*/trial_T*"))) == 2 * len(games.TASK_TYPES)
