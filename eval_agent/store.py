@@ -15,23 +15,28 @@ class BadRecord(ValueError):
     """A line that is not a JSON object with a `key`; the message names file and line."""
 
 
-def read_jsonl(path: str | Path, required: Iterable[str] = ("key",)) -> Iterator[dict[str, Any]]:
-    """Yield the records of a JSONL file; bad lines raise with file, line and field."""
-    path = Path(path)
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line; a line that is not JSON raises naming it."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise BadRecord(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise BadRecord(f"{path}:{lineno}: expected a JSON object")
-            for name in required:
-                if name not in rec:
-                    raise BadRecord(f"{path}:{lineno}: missing field {name!r}")
-            yield rec
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = ("key",)) -> Iterator[dict[str, Any]]:
+    """Yield the records of a JSONL file; bad lines raise with file, line and field."""
+    path = Path(path)
+    for lineno, rec in _jsonl_lines(path):
+        if not isinstance(rec, dict):
+            raise BadRecord(f"{path}:{lineno}: expected a JSON object")
+        for name in required:
+            if name not in rec:
+                raise BadRecord(f"{path}:{lineno}: missing field {name!r}")
+        yield rec
 
 
 class JsonlStore:
@@ -129,12 +134,5 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
         for i, row in enumerate(rows):
             yield f"{path}: row {i}", row
         return
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadRecord(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            yield f"{path}: line {lineno}", row
+    for lineno, row in _jsonl_lines(path):
+        yield f"{path}: line {lineno}", row

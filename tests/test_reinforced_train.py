@@ -18,6 +18,7 @@ from eval_agent.chat_format import ChatFormat, resolve_chat_format
 from eval_agent.models import make_tiny_model
 from eval_agent.store import BadRecord
 from eval_agent.training import IGNORE
+from tests.helpers import trained_runs
 from Reinforced_train.data import encode_rows, load_rows
 from Reinforced_train.loss import WeightedCollator, steca_loss
 
@@ -89,18 +90,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def encoded(tmp_path: Path, tokenizer, rows: list[dict], fmt: str = "template", with_rejected: bool = True):
     loaded = load_rows(write_jsonl(tmp_path / "train.jsonl", rows), need_rejected=with_rejected)
     return encode_rows(loaded, ChatFormat(fmt, tokenizer), tokenizer, 4096, with_rejected=with_rejected)
-
-
-def trained_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
-    out, cur = [], []
-    for tok, label in zip(ids, labels):
-        if label != IGNORE:
-            assert label == tok
-            cur.append(tok)
-        elif cur:
-            out.append(cur)
-            cur = []
-    return out + ([cur] if cur else [])
 
 
 @pytest.mark.parametrize("fmt", ["template", "llama-2"])

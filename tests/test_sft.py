@@ -17,6 +17,7 @@ from eval_agent.prompts import PromptBuilder
 from eval_agent.store import BadRecord
 from eval_agent.trajectory import Step, Trajectory
 from eval_agent.training import IGNORE, PadCollator, encode_conversation, sft_messages
+from tests.helpers import trained_runs
 
 REPO = Path(__file__).resolve().parent.parent
 VH_TRAJECTORIES = REPO / "data" / "virtualhome" / "vh_train_trajectories.jsonl"
@@ -39,19 +40,6 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-def runs(ids: list[int], labels: list[int]) -> list[list[int]]:
-    """The maximal runs of consecutive trained tokens."""
-    out, cur = [], []
-    for tok, label in zip(ids, labels):
-        if label != IGNORE:
-            assert label == tok
-            cur.append(tok)
-        elif cur:
-            out.append(cur)
-            cur = []
-    return out + ([cur] if cur else [])
-
-
 @pytest.mark.parametrize("fmt_name", ["template", "llama-2"])
 def test_loss_mask_is_exactly_the_assistant_turns(tokenizer, fmt_name):
     fmt = ChatFormat(fmt_name, tokenizer)
@@ -61,7 +49,7 @@ def test_loss_mask_is_exactly_the_assistant_turns(tokenizer, fmt_name):
     assert enc.num_messages == len(messages)
     # the tokens are the text (up to the last answer's end) and nothing else
     assert tokenizer.decode(enc.input_ids) == text[: spans[-1][1]]
-    trained = [tokenizer.decode(r) for r in runs(enc.input_ids, enc.labels)]
+    trained = [tokenizer.decode(r) for r in trained_runs(enc.input_ids, enc.labels)]
     assert trained == [text[a:b] for a, b in spans]  # "OK" + each step, each with its end marker
     end = "<|im_end|>\n" if fmt_name == "template" else " </s>"
     assert trained[0] == ("OK" if fmt_name == "template" else " OK") + end
@@ -73,7 +61,7 @@ def test_icl_example_turns_are_not_trained(tokenizer):
     prompts = PromptBuilder.for_task("alfworld", icl_num=1)
     messages, trained = sft_messages(prompts, TRAJ)
     enc = encode_conversation(messages, fmt, tokenizer, trained=trained)
-    texts = [tokenizer.decode(r) for r in runs(enc.input_ids, enc.labels)]
+    texts = [tokenizer.decode(r) for r in trained_runs(enc.input_ids, enc.labels)]
     assert texts == ["OK<|im_end|>\n"] + [s.text + "<|im_end|>\n" for s in TRAJ.steps]
     assert prompts.icl_example.steps[0].text in tokenizer.decode(enc.input_ids)  # in the prompt, not the loss
 
@@ -85,7 +73,7 @@ def test_truncation_drops_whole_trailing_turns(tokenizer):
     cut = encode_conversation(messages, fmt, tokenizer, max_len=len(full.input_ids) - 3)
     assert cut.num_messages == len(messages) - 2  # the last observation and the last answer are gone
     assert cut.input_ids == full.input_ids[: len(cut.input_ids)] and cut.labels == full.labels[: len(cut.labels)]
-    assert tokenizer.decode(runs(cut.input_ids, cut.labels)[-1]) == TRAJ.steps[1].text + "<|im_end|>\n"
+    assert tokenizer.decode(trained_runs(cut.input_ids, cut.labels)[-1]) == TRAJ.steps[1].text + "<|im_end|>\n"
     assert encode_conversation(messages, fmt, tokenizer, max_len=5).num_messages == 0
 
 
