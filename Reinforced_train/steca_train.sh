@@ -28,7 +28,7 @@ SAVE=${SAVE:-epoch}                       # checkpoint every epoch (a rerun resu
 SEED=${SEED:-42}
 NPROC=${NPROC:-1}                         # processes (GPUs, or CPU processes over gloo)
 DIST_CONFIG=${DIST_CONFIG:-}              # accelerate config shared with SFT: sft/configs/fsdp.yaml | sft/configs/ds_zero3.yaml
-OUT=${OUT:-outputs/${TASK}/steca/model}   # the model folder; the protocol card goes to its parent
+OUT=${OUT:-outputs/${TASK}/steca/model}   # the model folder; the run card goes to its parent
 PYTHON=${PYTHON:-.venv/bin/python}
 
 args=(--model_name_or_path "$MODEL" --data "$DATA" --beta "$BETA" --nll_reduction "$NLL"

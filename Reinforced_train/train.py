@@ -12,7 +12,7 @@ DeepSpeed config (sft/configs; beta > 0 under DeepSpeed is refused). Gradient ac
 from --global_batch_size. A rerun with the same --output_dir resumes from its last checkpoint.
 
 Writes into --output_dir: the model and tokenizer, `steca_chat_format.json`, `train_summary.json`,
-and the protocol card `config.json` into the parent folder (RUN_DIR/steca/).
+and the run card `config.json` into the parent folder (RUN_DIR/steca/).
 
     python -m Reinforced_train.train --model_name_or_path outputs/alfworld/sft/model \\
         --data outputs/alfworld/data_collection/train.jsonl --output_dir outputs/alfworld/steca/model
@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
 from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
-from eval_agent.protocol import write_protocol_card
+from eval_agent.run_card import write_run_card
 from eval_agent.training import configure_training_args, pad_token_id, train_and_save
 from Reinforced_train.data import encode_rows, load_rows
 from Reinforced_train.loss import WeightedCollator, steca_loss
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not examples:
         raise SystemExit(f"error: no training row fits in {args.model_max_length} tokens ({args.data})")
     if targs.process_index == 0:
-        write_protocol_card(out.parent, "reinforced_train", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
+        write_run_card(out.parent, "reinforced_train", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
     log.info("%s: %d rows in, %d used (%d truncated, %d skipped: too long), %d tokens, %d trained, weights %.4g..%.4g",
              args.data, stats["rows_in"], stats["rows_out"], stats["truncated"], stats["skipped_too_long"],
              stats["tokens"], stats["trained_tokens"], stats["weight_min"], stats["weight_max"])

@@ -11,7 +11,7 @@ replayed; writes RUN_DIR/data_collection/:
     explored.jsonl       D_e: the policy's successful greedy episodes (`kept` when close enough to the expert)
     train.jsonl          the kept rows of all sets, weighted by nDTW (`reward`)
     final_data_rft_train.json   the same rows in the published format
-    summary.json, config.json (protocol card), plots/{step_reward_by_position,deviations_by_step}.png
+    summary.json, config.json (run card), plots/{step_reward_by_position,deviations_by_step}.png
 
 Rerunnable: reflections are cached on disk (reflection.py), everything else is recomputed and each
 file is replaced atomically, so a rerun gives the same files with no new LLM call.
@@ -36,10 +36,10 @@ from data_collection.deviation import CRITERIA, DeviationConfig, check_deviation
 from data_collection.embeddings import EMBEDDERS, ActionEmbeddings, make_embedder
 from data_collection.reflection import ReflectionRequest, add_reflection_args, reflector_from_args
 from data_collection.step_rewards import step_rewards
-from eval_agent.envs import REGISTRY, get_task_family
+from eval_agent.envs import add_task_family_arg, get_task_family
 from eval_agent.expert_data import load_expert_data
 from eval_agent.prompts import instruction_from_data
-from eval_agent.protocol import write_protocol_card
+from eval_agent.run_card import write_run_card
 from eval_agent.records import KINDS, Rollout, StepRecord
 from eval_agent.runner import add_model_args
 from eval_agent.store import BadRecord, free_name, read_jsonl, write_atomic, write_json
@@ -119,7 +119,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=sorted(REGISTRY), default="alfworld")
+    add_task_family_arg(p)
     p.add_argument("--run_dir", required=True, help="reads RUN_DIR/sampling/, writes RUN_DIR/data_collection/")
     p.add_argument("--expert_data", required=True, help="the expert trajectories the sampling stage replayed")
     p.add_argument("--n", type=int, default=5, help="MC samples expected per step record (others are reported)")
@@ -145,7 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_model_args(p)
     add_reflection_args(p)
     args = p.parse_args(argv)
-    k, keep = WEIGHT_DEFAULTS[args.task]
+    k, keep = WEIGHT_DEFAULTS[args.task_family]
     args.k = k if args.k is None else args.k
     args.keep_threshold = keep if args.keep_threshold is None else args.keep_threshold
     return args
@@ -170,7 +170,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[dict[str, Trajectory], dict[s
 def instructions(args: argparse.Namespace, experts: dict[str, Trajectory]) -> dict[str, str]:
     """Each trajectory's instruction as SFT trained it: its own (published data), else
     --instruction_from's, else the task family's."""
-    default = instruction_from_data(args.instruction_from) if args.instruction_from else get_task_family(args.task).INSTRUCTION
+    default = instruction_from_data(args.instruction_from) if args.instruction_from else get_task_family(args.task_family).INSTRUCTION
     return {key: traj.meta.get("instruction") or default for key, traj in experts.items()}
 
 
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None, embeddings: ActionEmbeddings | None = No
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     out = out_dir(args.run_dir)
-    write_protocol_card(out, "data_collection.build", vars(args))
+    write_run_card(out, "data_collection.build", vars(args))
     experts, records, rollouts = load_inputs(args)
     instruction = instructions(args, experts)
 

@@ -39,20 +39,20 @@ def turns(messages: Messages) -> list[dict[str, str]]:
     return [{"from": t["from"], "value": t["value"].strip()} for t in messages_to_conversation(messages)]
 
 
-def history(instruction: str, task: str, steps: list[Step]) -> Messages:
+def history(instruction: str, task_text: str, steps: list[Step]) -> Messages:
     """Instruction, "OK", task, then each step with its observation (no in-context example: the
     training rows have none, as the original's)."""
-    return PromptBuilder(instruction).messages(Trajectory(task=task, steps=steps))
+    return PromptBuilder(instruction).messages(Trajectory(task_text=task_text, steps=steps))
 
 
 def expert_prompt(instruction: str, expert: Trajectory, t: int) -> Messages:
     """The history before expert step t."""
-    return history(instruction, expert.task, expert.steps[:t])
+    return history(instruction, expert.task_text, expert.steps[:t])
 
 
 def continuation(steps: Iterable[Step]) -> Messages:
     """Assistant/observation turns of `steps`, ending with the last answer."""
-    return Trajectory(task="", steps=list(steps)).to_messages(include_last_observation=False)[1:]
+    return Trajectory(task_text="", steps=list(steps)).to_messages(include_last_observation=False)[1:]
 
 
 def policy_steps(rec: StepRecord, start: int) -> list[Step]:
@@ -63,7 +63,7 @@ def policy_steps(rec: StepRecord, start: int) -> list[Step]:
 def calibration_prompt(instruction: str, expert: Trajectory, rec: StepRecord) -> Messages:
     """The D_c prompt and the reflection history: the expert prefix, then the deviated step t and
     the observation the environment really gave it."""
-    return history(instruction, expert.task, expert.steps[: rec.t] + [rec.step_obj])
+    return history(instruction, expert.task_text, expert.steps[: rec.t] + [rec.step_obj])
 
 
 def make_row(set_name: str, task_key: str, t: int, prompt: Messages, chosen: Messages, rejected: Messages,

@@ -446,9 +446,9 @@ def reflector_from_args(args: argparse.Namespace, cache_path: Path) -> Reflector
         name = args.reflect_model or args.model
         if not name:
             raise SystemExit("error: self reflection needs --model (the SFT policy), or set OPENAI_API_KEY for chat")
-        if not getattr(args, "task", None):
-            raise SystemExit("error: self reflection needs --task (the policy's task family)")
-        policy = ModelPolicy.build(args.task, name, GenerationConfig(), backend=args.backend, endpoints=args.endpoints,
+        if not getattr(args, "task_family", None):
+            raise SystemExit("error: self reflection needs --task_family (the policy's task family)")
+        policy = ModelPolicy.build(args.task_family, name, GenerationConfig(), backend=args.backend, endpoints=args.endpoints,
                                    chat_format=args.chat_format, tokenizer=args.tokenizer)
         model = SelfModel(policy, settings, batch=args.reflect_concurrency)
     return Reflector(model, Path(args.reflect_cache or cache_path), retries=args.reflect_retries)

@@ -17,9 +17,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from eval_agent.envs import REGISTRY, get_task_family
+from eval_agent.envs import add_task_family_arg, get_task_family
 from eval_agent.llm import BackendUnavailable
-from eval_agent.protocol import write_protocol_card
+from eval_agent.run_card import write_run_card
 from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, add_model_args, run_episodes
 from eval_agent.store import write_json
 from eval_agent.trajectory import Trajectory
@@ -67,7 +67,7 @@ def build_policy(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=sorted(REGISTRY), default="alfworld")
+    add_task_family_arg(p)
     p.add_argument("--split", default="seen", help="train | seen | unseen")
     p.add_argument("--policy", choices=("model", "expert"), default="model")
     add_model_args(p)
@@ -84,13 +84,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     out = Path(args.out)
-    family = get_task_family(args.task)
+    family = get_task_family(args.task_family)
     tasks = family.load_tasks(args.split, data_root=args.data_root, limit=args.limit)
     todo = [t for t in tasks if args.overwrite or not result_path(out, t.key).exists()]
-    log.info("%s/%s: %d tasks, %d already done, %d to run", args.task, args.split, len(tasks), len(tasks) - len(todo), len(todo))
+    log.info("%s/%s: %d tasks, %d already done, %d to run", args.task_family, args.split, len(tasks), len(tasks) - len(todo), len(todo))
 
     policy, extra = build_policy(args)
-    card = write_protocol_card(out, "eval", {**vars(args), **extra})
+    card = write_run_card(out, "eval", {**vars(args), **extra})
 
     def save(ep: Episode) -> None:
         write_json(result_path(out, ep.task.key), ep.traj.to_dict())
@@ -103,11 +103,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trajs = [Trajectory.from_dict(json.loads(result_path(out, t.key).read_text())) for t in tasks]
     for t, traj in zip(tasks, trajs):
         traj.meta.setdefault("task_type", t.meta.get("task_type", "unknown"))
-    summary = {**summarize(args.task, args.split, trajs), "run": asdict(stats), "protocol": card}
+    summary = {**summarize(args.task_family, args.split, trajs), "run": asdict(stats), "run_card": card}
     write_json(out / "summary.json", summary)
     log.info(
         "%s/%s: success %.3f, avg reward %.3f, avg steps %.1f over %d tasks (%d run now in %.1fs)",
-        args.task, args.split, summary["success_rate"], summary["avg_reward"], summary["avg_steps"],
+        args.task_family, args.split, summary["success_rate"], summary["avg_reward"], summary["avg_steps"],
         summary["num_tasks"], stats.episodes, stats.seconds,
     )
     return summary

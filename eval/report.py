@@ -88,7 +88,7 @@ def load_json(path: Path) -> dict[str, Any]:
 
 def read_summary(path: Path, label: str, metric: str) -> Cell:
     """One cell from an eval.evaluate summary.json, checked field by field, with the model path its
-    protocol card (config.json beside it, else the copy inside the summary) records."""
+    run card (config.json beside it, else the copy inside the summary) records."""
     summary = load_json(path)
     for field in ("env", "split", "num_tasks", "success_rate", "avg_reward"):
         if field not in summary:
@@ -105,7 +105,7 @@ def read_summary(path: Path, label: str, metric: str) -> Cell:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
             fail(path, f"field {field!r} is {v!r}, expected a fraction in [0, 1]")
     config = path.parent / "config.json"
-    card = load_json(config) if config.is_file() else summary.get("protocol") or {}
+    card = load_json(config) if config.is_file() else summary.get("run_card") or {}
     args = card.get("args") or {}
     return Cell(label=label, env=summary["env"], split=SPLIT_NAMES[summary["split"]], value=100 * summary[metric],
                 num_tasks=num_tasks, success_rate=summary["success_rate"], avg_reward=summary["avg_reward"],

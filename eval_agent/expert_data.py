@@ -45,8 +45,8 @@ def _trajectory(row: Any, where: str) -> Trajectory:
         traj.meta = {"key": str(row["id"]), **({"game_file": row["game_file"]} if "game_file" in row else {}),
                      **({"instruction": instruction} if instruction else {})}
         return traj
-    for name in ("key", "task", "steps"):
-        if name not in row:
+    for name in ("key", "task_text", "steps"):
+        if name not in row and not (name == "task_text" and "task" in row):
             raise BadRecord(f"{where}: missing field {name!r} (neither a trajectory nor a published row)")
     record = {k: v for k, v in row.items() if k != "key"}
     try:
@@ -56,7 +56,7 @@ def _trajectory(row: Any, where: str) -> Trajectory:
     for i, step in enumerate(traj.steps):
         if not step.text.strip():
             raise BadRecord(f"{where}: step {i} has an empty reply")
-    if not traj.task.strip() or not traj.steps:
+    if not traj.task_text.strip() or not traj.steps:
         raise BadRecord(f"{where}: empty task or no steps")
     traj.meta = {**traj.meta, "key": row["key"]}
     return traj
@@ -160,7 +160,7 @@ def alfworld_expert_trajectory(traj: Trajectory, key: str) -> Trajectory:
     steps = [s for s in traj.steps if s.action not in _NOOP]
     thoughts = alfworld_thoughts([s.action for s in steps], seed=key)
     return Trajectory(
-        task=traj.task,
+        task_text=traj.task_text,
         steps=[Step.expert(t, s.action, s.observation) for t, s in zip(thoughts, steps)],
         success=traj.success, reward=traj.reward, termination=traj.termination,
         meta={**traj.meta, "key": key},

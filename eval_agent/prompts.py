@@ -23,8 +23,8 @@ class PromptBuilder:
     icl_example: Trajectory | None = None  # None = zero-shot (how the original trains)
 
     @classmethod
-    def for_task(cls, task_name: str, icl_num: int = 1, instruction: str | None = None) -> "PromptBuilder":
-        family = get_task_family(task_name)
+    def for_task(cls, task_family: str, icl_num: int = 1, instruction: str | None = None) -> "PromptBuilder":
+        family = get_task_family(task_family)
         if icl_num not in (0, 1):
             raise ValueError("icl_num must be 0 or 1 (the original uses one example)")
         return cls(instruction=instruction or family.INSTRUCTION, icl_example=family.ICL_EXAMPLE if icl_num else None)

@@ -39,7 +39,7 @@ class StepRecord:
     task_type: str | None
     t: int  # index of the step taken, 0-based; expert steps 0..t-1 were replayed before it
     kind: str  # expert | explore
-    task: str  # the task text the environment showed (initial observation + goal)
+    task_text: str  # the task text the environment showed (initial observation + goal)
     prefix: list[str]  # the expert replies 0..t-1 that were replayed (Step.text)
     step: dict[str, Any] | None  # Step.to_dict of step t; None when the episode ended before it
     done: bool  # the episode ended at or before step t: nothing to roll out after it

@@ -53,7 +53,7 @@ class ModelPolicy:
         self.backend, self.chat_format, self.prompts, self.generation = backend, chat_format, prompts, generation
 
     @classmethod
-    def build(cls, task: str, model: str, generation: GenerationConfig, backend: str = "hf",
+    def build(cls, task_family: str, model: str, generation: GenerationConfig, backend: str = "hf",
               endpoints: str | None = None, chat_format: str | None = None, tokenizer: str | None = None,
               icl_num: int = 1, instruction: str | None = None, **backend_options) -> "ModelPolicy":
         """The policy every stage prompts a model with: the chat format the model folder records
@@ -66,18 +66,18 @@ class ModelPolicy:
             tok = AutoTokenizer.from_pretrained(tokenizer or model)
         if backend == "openai" and endpoints:
             backend_options["endpoints_file"] = endpoints
-        prompts = PromptBuilder.for_task(task, icl_num=icl_num, instruction=instruction)
+        prompts = PromptBuilder.for_task(task_family, icl_num=icl_num, instruction=instruction)
         return cls(make_backend(backend, model, **backend_options), ChatFormat(fmt, tok), prompts, generation)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, generation: GenerationConfig) -> "ModelPolicy":
-        """`build` from the arguments `add_model_args` defines (plus `--task`)."""
+        """`build` from the arguments `add_model_args` defines (plus `--task_family`)."""
         from eval_agent.prompts import instruction_from_data
 
         if not args.model:
             raise SystemExit("error: --model is required for a model policy")
         instruction = instruction_from_data(args.instruction_from) if args.instruction_from else None
-        return cls.build(args.task, args.model, generation, backend=args.backend, endpoints=args.endpoints,
+        return cls.build(args.task_family, args.model, generation, backend=args.backend, endpoints=args.endpoints,
                          chat_format=args.chat_format, tokenizer=args.tokenizer, icl_num=args.icl_num,
                          instruction=instruction)
 
@@ -143,9 +143,9 @@ def apply_reply(ep: Episode, reply: str, max_steps: int) -> None:
 
 def start_episode(task: Task, env: Env, prefix: Iterable[str] = (), max_steps: int = MAX_STEPS) -> Episode:
     """Reset `env` to `task` and replay `prefix` replies (e.g. expert steps 0..t-1)."""
-    ep = Episode(task=task, env=env, traj=Trajectory(task="", meta={"key": task.key, **task.meta}), prefix=list(prefix))
+    ep = Episode(task=task, env=env, traj=Trajectory(task_text="", meta={"key": task.key, **task.meta}), prefix=list(prefix))
     try:
-        ep.traj.task = env.reset(task)
+        ep.traj.task_text = env.reset(task)
     except Exception as e:
         ep.traj.termination = "env_error"
         ep.traj.meta["error"] = f"{type(e).__name__}: {e}"

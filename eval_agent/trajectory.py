@@ -41,7 +41,7 @@ class Step:
 class Trajectory:
     """Task text (initial observation + task description), steps and outcome of one episode."""
 
-    task: str
+    task_text: str
     steps: list[Step] = field(default_factory=list)
     success: bool = False
     reward: float = 0.0
@@ -57,13 +57,14 @@ class Trajectory:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Trajectory":
-        steps = [Step(**s) for s in d.get("steps", [])]
-        return cls(**{**d, "steps": steps})
+        """From `to_dict` output; files written before the field was named `task_text` say `task`."""
+        d = {("task_text" if k == "task" else k): v for k, v in d.items()}
+        return cls(**{**d, "steps": [Step(**s) for s in d.get("steps", [])]})
 
     # ---- chat views -------------------------------------------------------------------------
     def to_messages(self, include_last_observation: bool = True) -> list[dict[str, str]]:
         """Task + alternating assistant/observation turns as OpenAI-style messages."""
-        msgs = [{"role": "user", "content": self.task}]
+        msgs = [{"role": "user", "content": self.task_text}]
         for i, s in enumerate(self.steps):
             msgs.append({"role": "assistant", "content": s.text})
             if include_last_observation or i < len(self.steps) - 1:
@@ -121,7 +122,7 @@ def trajectory_from_conversation(
             raise ValueError(f"{where}: turn {i + (2 if instruction else 0)} should be {want}, got {m['role']}")
         if not m["content"].strip():
             raise ValueError(f"{where}: turn {i + (2 if instruction else 0)} is empty")
-    traj = Trajectory(task=msgs[0]["content"], meta=dict(meta or {}))
+    traj = Trajectory(task_text=msgs[0]["content"], meta=dict(meta or {}))
     for i in range(1, len(msgs), 2):
         obs = msgs[i + 1]["content"] if i + 1 < len(msgs) else ""
         if obs.startswith(OBS_PREFIX.strip()):

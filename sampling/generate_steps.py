@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from eval_agent.envs import get_task_family
 from eval_agent.llm import BackendUnavailable, GenerationConfig
-from eval_agent.protocol import write_protocol_card
+from eval_agent.run_card import write_run_card
 from eval_agent.records import StepRecord, step_key
 from eval_agent.runner import Episode, run_episodes, start_episode
 from eval_agent.store import JsonlStore
-from sampling.common import (ExpertTask, add_common_args, build_policy, check_shards, in_shard, kinds,
+from sampling.expert_tasks import (ExpertTask, add_common_args, build_policy, check_shards, in_shard, kinds,
                              load_expert_tasks, log, out_path, steps_dir)
 
 
@@ -39,7 +39,7 @@ def step_record(x: ExpertTask, t: int, kind: str, ep: Episode) -> StepRecord:
     slim = {k: traj.meta[k] for k in ("key", "task_type", "error") if k in traj.meta}
     return StepRecord(
         key=step_key(x.task.key, t, kind), task_key=x.task.key, expert_key=x.expert.meta["key"], env=x.task.env,
-        task_type=x.task.meta.get("task_type"), t=t, kind=kind, task=traj.task, prefix=x.replies[:t],
+        task_type=x.task.meta.get("task_type"), t=t, kind=kind, task_text=traj.task_text, prefix=x.replies[:t],
         step=asdict(traj.steps[t]) if len(traj.steps) > t else None,
         done=ended, step_success=ended and traj.success, step_termination=traj.termination if ended else None,
         success=traj.success, termination=traj.termination,
@@ -50,7 +50,7 @@ def step_record(x: ExpertTask, t: int, kind: str, ep: Episode) -> StepRecord:
 
 def expert_records(todo: list[tuple[ExpertTask, int]], args: argparse.Namespace, store: JsonlStore) -> dict[str, Any]:
     """Replay expert steps 0..t in one environment, one record at a time (no model involved)."""
-    env = get_task_family(args.task).make_env(**args.env_args)
+    env = get_task_family(args.task_family).make_env(**args.env_args)
     try:
         for x, t in tqdm(todo, desc="expert steps", unit="rec"):
             ep = start_episode(x.task, env, x.replies[: t + 1], args.max_steps)
@@ -68,7 +68,7 @@ def explore_records(todo: list[tuple[ExpertTask, int]], args: argparse.Namespace
     def save(ep: Episode) -> None:
         store.append(step_record(by_task[ep.task.key], len(ep.prefix), "explore", ep).to_dict())
 
-    make_env = partial(get_task_family(args.task).make_env, **args.env_args)
+    make_env = partial(get_task_family(args.task_family).make_env, **args.env_args)
     stats = run_episodes([(x.task, x.replies[:t]) for x, t in todo], policy, make_env, save,
                          max_steps=args.max_steps, concurrency=args.concurrency)
     return {"chat_format": policy.chat_format.name, "generated_tokens": stats.generated_tokens}
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     items, unmatched = load_expert_tasks(args)
     mine = in_shard(items, args)
-    write_protocol_card(steps_dir(args.run_dir), "sampling.generate_steps", vars(args))
+    write_run_card(steps_dir(args.run_dir), "sampling.generate_steps", vars(args))
     summary: dict[str, Any] = {}
     for kind in kinds(args.kind):
         t0 = time.perf_counter()

@@ -25,11 +25,11 @@ from typing import Any, Container
 
 from eval_agent.envs import Task, get_task_family
 from eval_agent.llm import BackendUnavailable, GenerationConfig
-from eval_agent.protocol import write_protocol_card
+from eval_agent.run_card import write_run_card
 from eval_agent.records import Rollout, StepRecord, read_step_records, rollout_key
 from eval_agent.runner import Episode, run_episodes
 from eval_agent.store import BadRecord, JsonlStore
-from sampling.common import (add_common_args, build_policy, check_shards, kinds, log, mc_dir, out_path, shard_of,
+from sampling.expert_tasks import (add_common_args, build_policy, check_shards, kinds, log, mc_dir, out_path, shard_of,
                              steps_dir)
 
 
@@ -80,12 +80,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    family = get_task_family(args.task)
+    family = get_task_family(args.task_family)
     tasks = {t.key: t for t in family.load_tasks(args.split, data_root=args.data_root)}
     # No per-request seed: N identical prompts with one seed would give N identical samples on a server.
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     policy = None
-    write_protocol_card(mc_dir(args.run_dir), "sampling.mc_rollouts", vars(args))
+    write_run_card(mc_dir(args.run_dir), "sampling.mc_rollouts", vars(args))
     summary: dict[str, Any] = {}
     for kind in kinds(args.kind):
         t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         records = [r for r in records if shard_of(r.task_key, args.num_shards) == args.shard_id]
         unknown = sorted({r.task_key for r in records} - tasks.keys())
         if unknown:
-            raise SystemExit(f"error: {source}: {len(unknown)} tasks are not in {args.task}/{args.split} "
+            raise SystemExit(f"error: {source}: {len(unknown)} tasks are not in {args.task_family}/{args.split} "
                              f"(e.g. {unknown[0]!r}); pass the --split / --data_root the step records were made on")
         path = out_path(mc_dir(args.run_dir), f"rollouts_{kind}", args.num_shards, args.shard_id)
         store = JsonlStore(path, overwrite=args.overwrite)

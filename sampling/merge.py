@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eval_agent.envs import REGISTRY
+from eval_agent.envs import add_task_family_arg
 from eval_agent.records import read_step_records, rollout_key, step_key
 from eval_agent.store import BadRecord, merge_jsonl, read_jsonl
-from sampling.common import kinds, load_expert_tasks, log, mc_dir, out_path, steps_dir
+from sampling.expert_tasks import kinds, load_expert_tasks, log, mc_dir, out_path, steps_dir
 
 EXAMPLES = 5
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--run_dir", required=True)
     p.add_argument("--n", type=int, default=5, help="rollouts: samples per step record")
     p.add_argument("--expert_data", help="steps: the expert trajectories generate_steps read")
-    p.add_argument("--task", choices=sorted(REGISTRY), default="alfworld")
+    add_task_family_arg(p)
     p.add_argument("--split", default="train")
     p.add_argument("--data_root")
     p.add_argument("--limit", type=int)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from eval_agent.envs import get_task_family
 from eval_agent.llm import GenerationConfig
-from eval_agent.models import default_model_dir
+from eval_agent.smollm2 import default_model_dir
 from eval_agent.records import read_step_records
 from eval_agent.runner import ModelPolicy, run_episodes, start_episode
 from sampling.generate_steps import main as generate_steps
@@ -80,7 +80,7 @@ def vllm_server(model: str, max_model_len: int, threads_bind: str, timeout: floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="virtualhome")
+    p.add_argument("--task_family", "--task", default="virtualhome")
     p.add_argument("--expert_data", help=f"expert trajectories (default for virtualhome: {VH_EXPERT})")
     p.add_argument("--model", default=str(default_model_dir()))
     p.add_argument("--records", type=int, default=4, help="step records rolled out (the first steps of the first tasks)")
@@ -98,18 +98,18 @@ def main() -> None:
     p.add_argument("--max_model_len", type=int, default=4096, help="the vLLM server's context")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    expert = args.expert_data or (VH_EXPERT if args.task == "virtualhome" else None)
+    expert = args.expert_data or (VH_EXPERT if args.task_family == "virtualhome" else None)
     if expert is None:
         raise SystemExit("error: --expert_data is required for this task")
 
     import torch
 
     with tempfile.TemporaryDirectory() as run_dir:  # expert step records: no model involved, fast
-        generate_steps(["--task", args.task, "--kind", "expert", "--expert_data", str(expert), "--run_dir", run_dir,
+        generate_steps(["--task", args.task_family, "--kind", "expert", "--expert_data", str(expert), "--run_dir", run_dir,
                         "--limit", str(args.records)])
         records = read_step_records(Path(run_dir) / "sampling" / "steps_expert.jsonl")
     records = sorted((r for r in records if not r.done), key=lambda r: (r.t, r.key))[: args.records]
-    family = get_task_family(args.task)
+    family = get_task_family(args.task_family)
     tasks = {t.key: t for t in family.load_tasks("train")}
     jobs = rollout_jobs(records, tasks, args.n, set())
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
@@ -132,7 +132,7 @@ def main() -> None:
                                                                timeout=900))
                 options = {"base_urls": url}
             torch.manual_seed(args.seed)
-            policy = ModelPolicy.build(args.task, args.model, gen, backend=backend, tokenizer=args.model, **options)
+            policy = ModelPolicy.build(args.task_family, args.model, gen, backend=backend, tokenizer=args.model, **options)
             if not prompt_tokens:  # the first prompt of every rollout (`sequential` is hf): what a step reads
                 env = family.make_env()
                 for task, prefix in jobs:
@@ -161,7 +161,7 @@ def main() -> None:
     base = results["sequential"]
     ratios = {f"{name}_vs_sequential": {k: round(results[name][k] / max(base[k], 1e-9), 2) for k in RATES}
               for name in results if name != "sequential"}
-    report = {"model": args.model, "task": args.task, "records": len(records), "n": args.n, "rollouts": len(jobs),
+    report = {"model": args.model, "task": args.task_family, "records": len(records), "n": args.n, "rollouts": len(jobs),
               "max_steps": args.max_steps, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
               "batch": args.batch, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "first_prompt_tokens": {"min": min(prompt_tokens), "mean": round(sum(prompt_tokens) / len(prompt_tokens)),

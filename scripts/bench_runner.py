@@ -16,13 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from eval_agent.envs import get_task_family
 from eval_agent.llm import GenerationConfig
-from eval_agent.models import default_model_dir
+from eval_agent.smollm2 import default_model_dir
 from eval_agent.runner import ModelPolicy, run_episodes
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="alfworld")
+    p.add_argument("--task_family", "--task", default="alfworld")
     p.add_argument("--split", default="unseen")
     p.add_argument("--model", default=str(default_model_dir()))
     p.add_argument("--limit", type=int, default=8)
@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="episodes advanced together in the batched run")
     args = p.parse_args()
 
-    family = get_task_family(args.task)
+    family = get_task_family(args.task_family)
     tasks = family.load_tasks(args.split, limit=args.limit)
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
 
@@ -40,7 +40,7 @@ def main() -> None:
     # Each has its own backend: a prefix cache filled by one run must not serve the other.
     for name, concurrency, options in (("sequential", 1, {"batch_size": 1, "prefix_cache_gb": 0}),
                                        ("batched", args.batch, {"batch_size": args.batch})):
-        policy = ModelPolicy.build(args.task, args.model, generation, **options)
+        policy = ModelPolicy.build(args.task_family, args.model, generation, **options)
         trajs = {}
         load_before = os.getloadavg()[0]
         stats = run_episodes(tasks, policy, family.make_env, lambda ep: trajs.__setitem__(ep.task.key, ep.traj.actions),

@@ -37,12 +37,12 @@ from typing import Any
 
 from eval_agent.envs.base import Task
 from eval_agent.envs.virtualhome import (NOTHING_HAPPENS, TASK_FILES, VirtualHomeEnv, program_line_to_words,
-                                         read_rows, shipped_data_dir)
+                                         read_task_file, shipped_data_dir)
 from eval_agent.trajectory import Step, Trajectory
 
 log = logging.getLogger("make_vh_tasks")
 
-MIN_STEPS, MAX_STEPS = 3, 20
+MIN_PROGRAM_LINES, MAX_PROGRAM_LINES = 3, 20
 UNSEEN_TASKS = ("Go to sleep", "Make coffee", "Wash dishes by hand", "Wash teeth")
 SEEN_EVERY = 8  # every 8th kept program of a training task name is a seen test task
 SCENE = "TrimmedTestScene1_graph/results_intentions_march-13-18"
@@ -160,14 +160,14 @@ def build(out: Path, limit: int | None = None) -> dict[str, Any]:
             dropped["goal does not hold at the end"] += 1
             continue
         n = met.index(True) + 1
-        if not MIN_STEPS <= n <= MAX_STEPS:
-            dropped[f"fewer than {MIN_STEPS} steps" if n < MIN_STEPS else f"more than {MAX_STEPS} steps"] += 1
+        if not MIN_PROGRAM_LINES <= n <= MAX_PROGRAM_LINES:
+            dropped[f"fewer than {MIN_PROGRAM_LINES} steps" if n < MIN_PROGRAM_LINES else f"more than {MAX_PROGRAM_LINES} steps"] += 1
             continue
         row["new_program_lines"] = program[:n]
         row["action_list"] = [program_line_to_words(line) for line in program[:n]]
         steps = [Step.expert(thought(task, a, i, n), a, o)
                  for i, (a, o) in enumerate(zip(row["action_list"], observations))]
-        traj = Trajectory(task=text, steps=steps, success=True, reward=1.0,
+        traj = Trajectory(task_text=text, steps=steps, success=True, reward=1.0,
                           termination="success", meta={"key": key, "task_type": task})
         kept.append((row, traj))
 
@@ -186,7 +186,7 @@ def build(out: Path, limit: int | None = None) -> dict[str, Any]:
     write_jsonl(out / "vh_train_trajectories.jsonl",
                 [{"key": t.meta["key"], **t.to_dict()} for _, t in splits["train"]])
     for split in splits:  # what was written reads back
-        read_rows(out / TASK_FILES[split])
+        read_task_file(out / TASK_FILES[split])
     summary = {"programs": len(files), "kept": len(kept), "dropped": dict(dropped),
                **{split: len(items) for split, items in splits.items()},
                "seconds": round(time.perf_counter() - t0, 1)}

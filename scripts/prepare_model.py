@@ -4,7 +4,7 @@
 """
 import argparse
 
-from eval_agent.models import convert_smollm2, default_model_dir
+from eval_agent.smollm2 import convert_smollm2, default_model_dir
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

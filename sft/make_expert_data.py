@@ -20,9 +20,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-from eval_agent.envs import REGISTRY, get_task_family
+from eval_agent.envs import add_task_family_arg, get_task_family
 from eval_agent.expert_data import alfworld_expert_trajectory, load_expert_data, to_published
-from eval_agent.protocol import write_protocol_card
+from eval_agent.run_card import write_run_card
 from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, run_episodes
 from eval_agent.store import JsonlStore, write_json
 
@@ -66,7 +66,7 @@ def virtualhome(args: argparse.Namespace, store: JsonlStore) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=sorted(REGISTRY), default="alfworld")
+    add_task_family_arg(p)
     p.add_argument("--split", default="train")
     p.add_argument("--data_root", help="task data folder (default: the task family's own lookup)")
     p.add_argument("--out", required=True, help="JSONL of expert trajectories (appended to; resumable)")
@@ -79,16 +79,16 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     out = Path(args.out)
-    write_protocol_card(out.parent, "sft.make_expert_data", vars(args))
+    write_run_card(out.parent, "sft.make_expert_data", vars(args))
     store = JsonlStore(out, overwrite=args.overwrite)
     t0 = time.perf_counter()
-    stats = (alfworld if args.task == "alfworld" else virtualhome)(args, store)
+    stats = (alfworld if args.task_family == "alfworld" else virtualhome)(args, store)
     if args.export:
         trajs = load_expert_data(out)
-        write_json(args.export, to_published(trajs, get_task_family(args.task).INSTRUCTION, args.task))
+        write_json(args.export, to_published(trajs, get_task_family(args.task_family).INSTRUCTION, args.task_family))
     summary = {**stats, "kept": len(store), "seconds": round(time.perf_counter() - t0, 1)}
     log.info("%s/%s: %d tasks, %d run now, %d not won by the expert, %d trajectories in %s (%.1fs)",
-             args.task, args.split, stats["tasks"], stats["run"], stats["failed"], len(store), out, summary["seconds"])
+             args.task_family, args.split, stats["tasks"], stats["run"], stats["failed"], len(store), out, summary["seconds"])
     return summary
 
 

@@ -25,7 +25,7 @@ SAVE=${SAVE:-epoch}                       # checkpoint every epoch (a rerun resu
 SEED=${SEED:-42}
 NPROC=${NPROC:-1}                         # processes (GPUs, or CPU processes over gloo)
 DIST_CONFIG=${DIST_CONFIG:-}              # accelerate config, e.g. sft/configs/fsdp.yaml or sft/configs/ds_zero3.yaml
-OUT=${OUT:-outputs/${TASK}/sft/model}     # the model folder; the protocol card goes to its parent
+OUT=${OUT:-outputs/${TASK}/sft/model}     # the model folder; the run card goes to its parent
 PYTHON=${PYTHON:-.venv/bin/python}
 
 args=(--model_name_or_path "$MODEL" --data "$DATA" --task "$TASK" --icl "$ICL"

@@ -12,7 +12,7 @@ the same --output_dir resumes from its last checkpoint.
 
 Writes into --output_dir: the model and tokenizer, `steca_chat_format.json` (later stages read the
 format from there), `train_summary.json` (rows, tokens, time, tokens/s, the loss log), and the
-protocol card `config.json` into the parent folder (the stage folder, e.g. RUN_DIR/sft/).
+run card `config.json` into the parent folder (the stage folder, e.g. RUN_DIR/sft/).
 
     python -m sft.train --model_name_or_path models/SmolLM2-135M-Instruct --data expert.jsonl \\
         --output_dir outputs/alfworld/sft/model
@@ -31,7 +31,7 @@ from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
 from eval_agent.envs import REGISTRY, get_task_family
 from eval_agent.expert_data import load_expert_data
 from eval_agent.prompts import PromptBuilder
-from eval_agent.protocol import write_protocol_card
+from eval_agent.run_card import write_run_card
 from eval_agent.training import (PadCollator, configure_training_args, encode_conversation, pad_token_id,
                                  sft_messages, train_and_save)
 
@@ -42,7 +42,8 @@ log = logging.getLogger("sft.train")
 class SFTArguments:
     model_name_or_path: str = field(metadata={"help": "base model folder (HF format)"})
     data: str = field(metadata={"help": "expert trajectories: our JSONL or the published alfworld_sft.json format"})
-    task: str = field(default="alfworld", metadata={"help": f"task family (instruction, ICL example): {sorted(REGISTRY)}"})
+    task_family: str = field(default="alfworld", metadata={"help": f"instruction and ICL example of: {sorted(REGISTRY)}",
+                                                           "aliases": ["--task"]})
     chat_format: str | None = field(default=None, metadata={"help": f"{FORMATS}; default: what the model folder records, else template"})
     icl: int = field(default=0, metadata={"help": "1: put the one-shot example into training prompts (the original trains without)"})
     model_max_length: int = field(default=4096, metadata={"help": "tokens per example; longer ones lose whole trailing turns"})
@@ -53,8 +54,8 @@ class SFTArguments:
 
 def encode_dataset(args: SFTArguments, tokenizer, chat_format: ChatFormat) -> tuple[list[dict], dict]:
     """Tokenized training rows and the counts for the summary."""
-    family = get_task_family(args.task)
-    base = PromptBuilder.for_task(args.task, icl_num=args.icl)
+    family = get_task_family(args.task_family)
+    base = PromptBuilder.for_task(args.task_family, icl_num=args.icl)
     rows, stats = [], {"rows_in": 0, "truncated": 0, "skipped_too_long": 0, "tokens": 0, "trained_tokens": 0}
     for traj in load_expert_data(args.data):
         stats["rows_in"] += 1
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     chat_format = ChatFormat(fmt_name, tokenizer if fmt_name == "template" else None)
     rows, stats = encode_dataset(args, tokenizer, chat_format)
     if targs.process_index == 0:
-        write_protocol_card(out.parent, "sft", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
+        write_run_card(out.parent, "sft", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
     log.info("%s: %d rows in, %d used (%d truncated, %d skipped: too long), %d tokens, %d trained",
              args.data, stats["rows_in"], stats["rows_out"], stats["truncated"], stats["skipped_too_long"],
              stats["tokens"], stats["trained_tokens"])

@@ -33,7 +33,7 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
-    from eval_agent.models import make_tiny_model
+    from eval_agent.smollm2 import make_tiny_model
 
     return make_tiny_model(smollm2_dir, tmp_path_factory.mktemp("tiny_model"))
 

@@ -53,7 +53,7 @@ def test_generated_games_all_types_and_expert_solves_them_in_published_syntax():
     trajs = expert_run(one_per_type(tasks))
     for key, traj in trajs.items():
         assert traj.success and traj.termination == "success", key
-        assert traj.task.count("Your task is to:") == 1 and "\n\nYour task is to:" in traj.task
+        assert traj.task_text.count("Your task is to:") == 1 and "\n\nYour task is to:" in traj.task_text
         assert not any(s.observation.startswith("You arrive at") for s in traj.steps)
     puts = [s for t in trajs.values() for s in t.steps if s.action.startswith("put ")]
     assert puts and all(" in/on " in s.action and s.observation.startswith("You put the") for s in puts)

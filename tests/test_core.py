@@ -41,7 +41,7 @@ def test_parse_reply(reply, thought, action):
 def test_conversation_round_trip():
     instruction, traj = trajectory_from_conversation(CONV)
     assert instruction == "Interact with a household."
-    assert traj.task.startswith("You are in a room.")
+    assert traj.task_text.startswith("You are in a room.")
     assert traj.actions == ["go to countertop 1", "take mug 1 from countertop 1"]
     assert traj.steps[0].observation == "On the countertop 1, you see a mug 1."
     assert traj.to_conversation(instruction) == CONV
@@ -149,7 +149,7 @@ def test_merge_rejects_duplicate_keys(tmp_path):
 
 
 def test_protocol_card_hides_secrets_only():
-    from eval_agent.protocol import protocol_card
+    from eval_agent.run_card import run_card
 
-    card = protocol_card("x", {"api_key": "sk-1", "hf_token": "hf_1", "max_new_tokens": 64, "key": "alfworld/1", "empty_key": None})
+    card = run_card("x", {"api_key": "sk-1", "hf_token": "hf_1", "max_new_tokens": 64, "key": "alfworld/1", "empty_key": None})
     assert card["args"] == {"api_key": "<set>", "hf_token": "<set>", "max_new_tokens": 64, "key": "<set>", "empty_key": None}

@@ -61,7 +61,7 @@ ACTIONS = ["go to countertop 1", "take mug 1 from countertop 1", "go to cabinet 
 
 def expert_traj(actions: list[str] = ACTIONS) -> Trajectory:
     steps = [Step.expert(f"I will {a}.", a, f"obs after {a}") for a in actions]
-    return Trajectory(task=TASK, steps=steps, success=True, reward=1.0, termination="success")
+    return Trajectory(task_text=TASK, steps=steps, success=True, reward=1.0, termination="success")
 
 
 def reply(action: str | None) -> Step:
@@ -72,16 +72,16 @@ def reply(action: str | None) -> Step:
 def expert_record(task_key: str, expert: Trajectory, t: int) -> StepRecord:
     last = t == len(expert.steps) - 1
     return StepRecord(key=step_key(task_key, t, "expert"), task_key=task_key, expert_key=task_key, env="alfworld",
-                      task_type=None, t=t, kind="expert", task=expert.task, prefix=[s.text for s in expert.steps[:t]],
+                      task_type=None, t=t, kind="expert", task_text=expert.task_text, prefix=[s.text for s in expert.steps[:t]],
                       step=asdict(expert.steps[t]), done=last, step_success=last, step_termination="success" if last else None,
                       success=last, termination="success" if last else None, trajectory=None, error=None)
 
 
 def explore_record(task_key: str, expert: Trajectory, t: int, step: Step, rest: list[Step], success: bool) -> StepRecord:
-    traj = Trajectory(task=expert.task, steps=expert.steps[:t] + [step] + rest, success=success,
+    traj = Trajectory(task_text=expert.task_text, steps=expert.steps[:t] + [step] + rest, success=success,
                       termination="success" if success else "max_steps")
     return StepRecord(key=step_key(task_key, t, "explore"), task_key=task_key, expert_key=task_key, env="alfworld",
-                      task_type=None, t=t, kind="explore", task=expert.task, prefix=[s.text for s in expert.steps[:t]],
+                      task_type=None, t=t, kind="explore", task_text=expert.task_text, prefix=[s.text for s in expert.steps[:t]],
                       step=asdict(step), done=False, step_success=False, step_termination=None, success=success,
                       termination=traj.termination, trajectory=traj.to_dict(), error=None)
 

@@ -28,7 +28,7 @@ def test_expert_solves_generated_unseen(tmp_path):
     files = sorted((tmp_path / "tasks").glob("*.json"))
     assert len(files) == summary["num_tasks"]
     traj = json.loads(files[0].read_text())
-    assert traj["success"] and traj["steps"][0]["action"] and traj["task"].count("Your task is to:") == 1
+    assert traj["success"] and traj["steps"][0]["action"] and traj["task_text"].count("Your task is to:") == 1
 
 
 def test_killed_evaluation_resumes_without_duplicates(tmp_path):

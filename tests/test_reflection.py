@@ -39,7 +39,7 @@ def request(key: str = "r0", action: str = GT, observation: str = "Nothing happe
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    p.add_argument("--task", default="alfworld")
+    p.add_argument("--task_family", "--task", default="alfworld")
     add_model_args(p)
     add_reflection_args(p)
     return p.parse_args(argv)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from eval_agent.chat_format import ChatFormat, resolve_chat_format
-from eval_agent.models import make_tiny_model
+from eval_agent.smollm2 import make_tiny_model
 from eval_agent.store import BadRecord
 from eval_agent.training import IGNORE
 from tests.helpers import trained_runs

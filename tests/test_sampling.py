@@ -16,7 +16,7 @@ from eval_agent.envs.alfworld import AlfWorldEnv, load_tasks
 from eval_agent.records import read_rollouts, read_step_records, rollout_key
 from eval_agent.runner import ExpertPolicy, run_episodes
 from eval_agent.store import read_jsonl
-from sampling.common import out_path, shard_of
+from sampling.expert_tasks import out_path, shard_of
 from sampling.generate_steps import main as generate_steps
 from sampling.mc_rollouts import main as mc_rollouts
 from sampling.merge import main as merge

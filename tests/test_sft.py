@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 VH_TRAJECTORIES = REPO / "data" / "virtualhome" / "vh_train_trajectories.jsonl"
 
 TRAJ = Trajectory(
-    task="You are in the middle of a room.\n\nYour task is to: put a mug in desk.",
+    task_text="You are in the middle of a room.\n\nYour task is to: put a mug in desk.",
     steps=[
         Step.expert("I need to find a mug. I will check shelf 1.", "go to shelf 1", "On the shelf 1, you see a mug 1."),
         Step.expert("I found the mug 1. I will take it.", "take mug 1 from shelf 1", "You pick up the mug 1."),
@@ -92,7 +92,7 @@ def test_published_format_round_trip_json_and_jsonl(tmp_path):
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for name in ("sft.json", "sft.jsonl"):
         (traj,) = load_expert_data(tmp_path / name)
-        assert traj.task == TRAJ.task and [s.text for s in traj.steps] == [s.text for s in TRAJ.steps]
+        assert traj.task_text == TRAJ.task_text and [s.text for s in traj.steps] == [s.text for s in TRAJ.steps]
         assert [s.observation for s in traj.steps[:-1]] == [s.observation for s in TRAJ.steps[:-1]]
         assert traj.meta == {"key": "alfworld_0", "instruction": "Solve the task."}
 
@@ -160,7 +160,7 @@ def test_alfworld_expert_data_is_templated_replayable_and_resumable(expert_file,
     assert len(trajs) == 4 and all(t.success for t in trajs)
     for t in trajs:
         assert all(s.action != "look" and s.thought and "expert's next step" not in s.thought for s in t.steps)
-        assert t.task.count("Your task is to:") == 1 and t.meta["game_file"].endswith("game.tw-pddl")
+        assert t.task_text.count("Your task is to:") == 1 and t.meta["game_file"].endswith("game.tw-pddl")
     # the recorded replies replay to a win in a fresh environment
     task = load_tasks("train", data_root=games, limit=1)[0]
     ep = start_episode(task, make_env(), prefix=[s.text for s in trajs[0].steps])
@@ -182,7 +182,7 @@ def test_virtualhome_training_trajectories(tmp_path):
     summary = main(["--task", "virtualhome", "--limit", "5", "--out", str(tmp_path / "vh.jsonl")])
     assert summary["kept"] == 5
     trajs = load_expert_data(tmp_path / "vh.jsonl")
-    assert all(t.success and t.steps and t.task.startswith("The task is") for t in trajs)
+    assert all(t.success and t.steps and t.task_text.startswith("The task is") for t in trajs)
 
 
 def sft(env: dict[str, str]) -> dict:

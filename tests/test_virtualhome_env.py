@@ -12,7 +12,7 @@ import pytest
 
 from eval_agent.envs.base import Task
 from eval_agent.envs.virtualhome import (ICL_EXAMPLE, TASK_FILES, Command, VirtualHomeEnv, load_tasks, parse_action,
-                                         parse_program_line, program_line_to_words, read_rows, read_split,
+                                         parse_program_line, program_line_to_words, read_task_file, read_split,
                                          shipped_data_dir, simulator)
 from eval_agent.runner import ExpertPolicy, run_episodes
 from eval_agent.trajectory import Trajectory
@@ -184,7 +184,7 @@ def test_visibility_matches_the_simulators_own(env, groceries):
 
 def test_icl_example_is_what_the_env_prints(env):
     task = shipped_task(ICL_EXAMPLE.meta["key"].rsplit("/", 1)[1])
-    assert env.reset(task) == ICL_EXAMPLE.task
+    assert env.reset(task) == ICL_EXAMPLE.task_text
     for step in ICL_EXAMPLE.steps:
         assert env.step(step.action).observation == step.observation, step.action
 
@@ -263,7 +263,7 @@ def test_malformed_rows_name_file_line_and_field(tmp_path, breakage, field):
     file = tmp_path / "vh_seen_test.jsonl"
     file.write_text(json.dumps(good_row()) + "\n" + json.dumps(bad) + "\n")
     with pytest.raises(ValueError) as e:
-        read_rows(file)
+        read_task_file(file)
     assert f"{file}:2: field {field}" in str(e.value)
 
 
@@ -271,7 +271,7 @@ def test_invalid_json_names_file_and_line(tmp_path):
     file = tmp_path / "vh_seen_test.jsonl"
     file.write_text(json.dumps(good_row()) + "\n{not json\n")
     with pytest.raises(ValueError, match=f"{file}:2: not valid JSON"):
-        read_rows(file)
+        read_task_file(file)
 
 
 def test_tasks_without_a_graph_are_counted_and_logged(tmp_path, caplog):
@@ -308,7 +308,7 @@ def test_generated_sets_replay_with_the_expert(generated):
         for t in ts:
             traj = trajs[t.key]
             assert traj.success and len(traj.steps) == len(t.meta["program"]), t.key
-            assert make_vh_tasks.MIN_STEPS <= len(traj.steps) <= make_vh_tasks.MAX_STEPS
+            assert make_vh_tasks.MIN_PROGRAM_LINES <= len(traj.steps) <= make_vh_tasks.MAX_PROGRAM_LINES
     names = {s: {t.meta["task"] for t in ts} for s, ts in tasks.items()}
     assert not names.get("unseen", set()) & names["train"]
     assert names.get("seen", set()) <= names["train"]
@@ -330,7 +330,7 @@ def test_generated_trajectories_match_the_env(generated):
     for row in rows[:5]:
         traj = Trajectory.from_dict({k: v for k, v in row.items() if k != "key"})
         task = tasks[row["key"]]
-        assert env.reset(task) == traj.task and traj.success
+        assert env.reset(task) == traj.task_text and traj.success
         assert [s.action for s in traj.steps] == [program_line_to_words(p) for p in task.meta["program"]]
         for step in traj.steps:
             assert step.thought and env.step(step.action).observation == step.observation
@@ -346,7 +346,7 @@ def test_steca_scene1_tasks_expert_succeeds():
         assert len(missing) == missing_count and len(tasks) + len(missing) == 247
         trajs = expert_run(tasks)
         assert not [k for k, t in trajs.items() if not t.success]
-        rows = {r["key"]: r for r in read_rows(SHARED / TASK_FILES[split])}
+        rows = {r["key"]: r for r in read_task_file(SHARED / TASK_FILES[split])}
         for t in tasks:  # the expert says the program in the published words
             words = [program_line_to_words(p).lower() for p in t.meta["program"]]
             assert words == [a.lower() for a in rows[t.key]["action_list"]], t.key
@@ -354,7 +354,7 @@ def test_steca_scene1_tasks_expert_succeeds():
 
 @needs_shared
 def test_embedded_test_program_list_matches_the_steca_files():
-    keys = {r["key"] for split in ("seen", "unseen") for r in read_rows(SHARED / TASK_FILES[split])}
+    keys = {r["key"] for split in ("seen", "unseen") for r in read_task_file(SHARED / TASK_FILES[split])}
     assert {k for k in keys if k.startswith(SCENE + "/")} == make_vh_tasks.STECA_TEST_PROGRAMS
 
 

@@ -1,15 +1,16 @@
 """A small registry of task families, loaded lazily: an ALFWorld run never imports VirtualHome
 and vice versa (the original imported both and broke on whichever was missing).
 
-Each entry names a module exposing `load_tasks(split, **kw) -> list[Task]`, `make_env(**kw) -> Env`,
-`INSTRUCTION` and `ICL_EXAMPLE` (a Trajectory).
+Each entry names a module that is a `TaskFamily` (`envs/base.py`): `load_tasks`, `make_env`,
+`find_data_root`, `INSTRUCTION` and `ICL_EXAMPLE`.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
-from types import ModuleType
+from typing import cast
 
-from eval_agent.envs.base import Env, StepResult, Task
+from eval_agent.envs.base import Env, StepResult, Task, TaskFamily
 
 REGISTRY: dict[str, str] = {
     "alfworld": "eval_agent.envs.alfworld",
@@ -17,10 +18,16 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def get_task_family(name: str) -> ModuleType:
+def add_task_family_arg(p: argparse.ArgumentParser, default: str | None = "alfworld") -> None:
+    """`--task_family` (the older `--task` still works): which environment a stage runs on."""
+    p.add_argument("--task_family", "--task", choices=sorted(REGISTRY), default=default,
+                   help="the environment family (default: %(default)s)")
+
+
+def get_task_family(name: str) -> TaskFamily:
     if name not in REGISTRY:
-        raise ValueError(f"unknown task {name!r}; choose from {sorted(REGISTRY)}")
-    return importlib.import_module(REGISTRY[name])
+        raise ValueError(f"unknown task family {name!r}; choose from {sorted(REGISTRY)}")
+    return cast(TaskFamily, importlib.import_module(REGISTRY[name]))
 
 
-__all__ = ["Env", "StepResult", "Task", "REGISTRY", "get_task_family"]
+__all__ = ["Env", "StepResult", "Task", "TaskFamily", "REGISTRY", "add_task_family_arg", "get_task_family"]

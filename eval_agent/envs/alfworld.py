@@ -230,7 +230,7 @@ INSTRUCTION = (
 )
 
 ICL_EXAMPLE = Trajectory(
-    task=(
+    task_text=(
         "You are in the middle of a room. Looking quickly around you, you see a bed 1, a desk 1, a drawer 2, "
         "a drawer 1, a garbagecan 1, a shelf 1, and a sidetable 1.\n\nYour task is to: put a pen in drawer."
     ),

@@ -1,12 +1,14 @@
-"""The environment interface every task family implements.
+"""What a task family (an environment such as ALFWorld) provides; adding one means filling in one module.
 
-An `Env` plays one episode at a time: `reset(task)` returns the task text the agent sees first
-(initial observation + goal); `step(action)` executes one action text. The episode runner owns
-step counting, the 40-step budget and invalid replies, so environments stay small.
+A `TaskFamily` module lists its tasks per split and makes environments. An `Env` plays one episode at a
+time: `reset(task)` returns the task text the agent sees first (initial observation + goal);
+`step(action)` executes one action text. The episode runner owns step counting, the step budget and
+invalid replies, so environments stay small.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -42,3 +44,20 @@ class Env(Protocol):
 
     def close(self) -> None:
         """Release resources."""
+
+
+class TaskFamily(Protocol):
+    """The module-level names a task family module (`eval_agent/envs/<name>.py`) defines; register the
+    module in `eval_agent.envs.REGISTRY`."""
+
+    INSTRUCTION: str  # the first user turn of every prompt
+    ICL_EXAMPLE: Any  # the one-shot example, an `eval_agent.trajectory.Trajectory`
+
+    def find_data_root(self, root: str | Path | None = None) -> Path:
+        """The data folder: `root`, else the family's environment variable, else the generated set."""
+
+    def load_tasks(self, split: str, data_root: str | Path | None = None, limit: int | None = None) -> list[Task]:
+        """The tasks of `split` (train | seen | unseen) in a stable order; the first `limit` only."""
+
+    def make_env(self, expert: bool = False, **options: Any) -> Env:
+        """A fresh environment; `expert` prepares the built-in expert's state tracking."""

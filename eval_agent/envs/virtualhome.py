@@ -213,7 +213,7 @@ def path_tail(path: str) -> str:
     return m[1]
 
 
-def read_rows(file: str | Path) -> list[dict[str, Any]]:
+def read_task_file(file: str | Path) -> list[dict[str, Any]]:
     """Task rows of a JSONL file in the STeCa test-file format, checked field by field; a bad row is an
     error naming the file, the line and the field."""
     rows = []
@@ -284,7 +284,7 @@ def read_split(split: str, data_root: str | Path | None = None) -> tuple[list[Ta
     root = find_data_root(data_root)
     file, roots = task_file(split, root), graph_roots(root)
     tasks, missing = [], []
-    for row in read_rows(file):
+    for row in read_task_file(file):
         graph = next((r / (row["key"] + ".json") for r in roots if (r / (row["key"] + ".json")).is_file()), None)
         if graph is None:
             missing.append(row["key"])
@@ -614,7 +614,7 @@ INSTRUCTION = (
 # A training task of the generated set (scene 1, file203_1), replayed in this environment; the
 # observations are what it prints (tests/test_virtualhome_env.py checks them), the thoughts are ours.
 ICL_EXAMPLE = Trajectory(
-    task="The task is Put groceries in Fridge(Putting groceries in refridgerator).",
+    task_text="The task is Put groceries in Fridge(Putting groceries in refridgerator).",
     steps=[
         Step.expert("Groceries usually wait in the kitchen area, and the fridge is there too. I go to the dining "
                     "room first.", "Walk to dining room", ""),

@@ -1,4 +1,4 @@
-"""The protocol card every stage writes beside its output (`config.json`): all effective
+"""The run card every stage writes beside its output (`config.json`): all effective
 arguments, library versions, model path, git commit and seed, so a table row can be traced back."""
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def git_commit() -> str | None:
         return None
 
 
-def protocol_card(stage: str, args: dict[str, Any]) -> dict[str, Any]:
+def run_card(stage: str, args: dict[str, Any]) -> dict[str, Any]:
     clean = {k: ("<set>" if _SECRET_WORDS & set(k.lower().split("_")) and v else v) for k, v in args.items()}
     return {
         "stage": stage,
@@ -46,7 +46,7 @@ def protocol_card(stage: str, args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_protocol_card(out_dir: str | Path, stage: str, args: dict[str, Any]) -> dict[str, Any]:
-    card = protocol_card(stage, args)
+def write_run_card(out_dir: str | Path, stage: str, args: dict[str, Any]) -> dict[str, Any]:
+    card = run_card(stage, args)
     write_json(Path(out_dir) / "config.json", card)
     return card

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval_agent.envs import REGISTRY, Task, get_task_family
+from eval_agent.envs import Task, add_task_family_arg, get_task_family
 from eval_agent.expert_data import load_expert_data
 from eval_agent.llm import GenerationConfig
 from eval_agent.runner import MAX_STEPS, ModelPolicy, add_model_args
@@ -20,7 +20,7 @@ log = logging.getLogger("sampling")
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=sorted(REGISTRY), default="alfworld")
+    add_task_family_arg(p)
     p.add_argument("--split", default="train", help="the split the expert trajectories play")
     p.add_argument("--kind", choices=("expert", "explore", "both"), default="both")
     p.add_argument("--data_root", help="task data folder (default: the task family's own lookup)")
@@ -50,12 +50,12 @@ def shard_of(task_key: str, num_shards: int) -> int:
 
 
 def steps_dir(run_dir: str | Path) -> Path:
-    """Step records and their protocol card: RUN_DIR/sampling/."""
+    """Step records and their run card: RUN_DIR/sampling/."""
     return Path(run_dir) / "sampling"
 
 
 def mc_dir(run_dir: str | Path) -> Path:
-    """Rollouts and their protocol card: RUN_DIR/sampling/mc/."""
+    """Rollouts and their run card: RUN_DIR/sampling/mc/."""
     return steps_dir(run_dir) / "mc"
 
 
@@ -90,7 +90,7 @@ def load_expert_tasks(args: argparse.Namespace) -> tuple[list[ExpertTask], int]:
     except (BadRecord, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     trajs = trajs[: args.limit]
-    family = get_task_family(args.task)
+    family = get_task_family(args.task_family)
     by_tail = {task_tail(t.key): t for t in family.load_tasks(args.split, data_root=args.data_root)}
     out, unmatched, seen = [], 0, {}
     for traj in trajs:
@@ -98,7 +98,7 @@ def load_expert_tasks(args: argparse.Namespace) -> tuple[list[ExpertTask], int]:
         task = by_tail.get(task_tail(traj.meta.get("game_file", key))) or by_tail.get(task_tail(key))
         if task is None:
             unmatched += 1
-            log.warning("expert trajectory %r matches no %s/%s task: skipped", key, args.task, args.split)
+            log.warning("expert trajectory %r matches no %s/%s task: skipped", key, args.task_family, args.split)
             continue
         if task.key in seen:
             raise SystemExit(f"error: {args.expert_data}: expert trajectories {seen[task.key]!r} and {key!r} both play {task.key}")
