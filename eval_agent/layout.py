@@ -1,0 +1,129 @@
+"""The run directory: where every stage of one run reads and writes. This is the only place the layout is
+spelled out; stages take `--run_dir` and ask a `RunDir` for their paths (an explicit path still overrides).
+
+    RUN_DIR/
+      sft/expert_<split>.jsonl       expert trajectories (stage 1 data)
+      sft/model/                     the SFT model; sft/config.json its run card
+      sampling/steps_<kind>.jsonl    step records (stage 2a); sampling/config.json
+      sampling/mc/rollouts_<kind>.jsonl   Monte-Carlo rollouts (stage 2b); sampling/mc/config.json
+      data_collection/               step rewards, deviations, D_c / D_e / D_s, train.jsonl (stage 3)
+      steca/model/                   the STeCa model (stage 4); steca/config.json
+      eval/<label>/<split>/          one evaluation (stage 5): tasks/, summary.json, config.json
+      pipeline/<stage>.done          the pipeline's record of a completed stage
+
+A pipeline run over several task families keeps one RUN_DIR per family under RUN_ROOT (`run_dir_of`),
+and the report beside them (`report_dir`).
+
+    python -m eval_agent.layout RUN_DIR sft_model      # prints a path, for shell scripts
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    # stage 1: expert data and SFT
+    @property
+    def sft(self) -> Path:
+        return self.root / "sft"
+
+    def expert_data(self, split: str = "train") -> Path:
+        return self.sft / f"expert_{split}.jsonl"
+
+    @property
+    def sft_model(self) -> Path:
+        return self.sft / "model"
+
+    # stage 2: step records and Monte-Carlo rollouts
+    @property
+    def sampling(self) -> Path:
+        return self.root / "sampling"
+
+    @property
+    def mc(self) -> Path:
+        return self.sampling / "mc"
+
+    def steps(self, kind: str, num_shards: int = 1, shard_id: int = 0) -> Path:
+        return self.sampling / _sharded(f"steps_{kind}", num_shards, shard_id)
+
+    def rollouts(self, kind: str, num_shards: int = 1, shard_id: int = 0) -> Path:
+        return self.mc / _sharded(f"rollouts_{kind}", num_shards, shard_id)
+
+    # stage 3: data collection
+    @property
+    def data_collection(self) -> Path:
+        return self.root / "data_collection"
+
+    @property
+    def train_set(self) -> Path:
+        return self.data_collection / "train.jsonl"
+
+    # stage 4: reinforced training
+    @property
+    def steca(self) -> Path:
+        return self.root / "steca"
+
+    @property
+    def steca_model(self) -> Path:
+        return self.steca / "model"
+
+    # stage 5: evaluation
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def evaluation(self, label: str, split: str) -> Path:
+        return self.eval / label / split
+
+    # the pipeline's stage markers
+    @property
+    def pipeline(self) -> Path:
+        return self.root / "pipeline"
+
+    def marker(self, stage: str) -> Path:
+        return self.pipeline / f"{stage}.done"
+
+
+def _sharded(stem: str, num_shards: int, shard_id: int) -> str:
+    """<stem>.jsonl, or <stem>.shard<i>of<n>.jsonl for one shard of a sharded run."""
+    return f"{stem}.shard{shard_id}of{num_shards}.jsonl" if num_shards > 1 else f"{stem}.jsonl"
+
+
+def run_dir_of(run_root: str | Path, task_family: str) -> RunDir:
+    """The run directory of one task family in a pipeline run over several."""
+    return RunDir(Path(run_root) / task_family)
+
+
+def report_dir(run_root: str | Path) -> Path:
+    return Path(run_root) / "report"
+
+
+def card_dir(model_dir: str | Path) -> Path:
+    """Where a training stage writes its run card: beside the model folder, never into the model's own config.json."""
+    return Path(model_dir).parent
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Print one path of the layout (shell scripts use this instead of spelling paths out)."""
+    p = argparse.ArgumentParser(description="Print a path of the run directory layout.")
+    p.add_argument("run_dir")
+    p.add_argument("what", help="a RunDir property or method name, e.g. sft_model, train_set, steps, evaluation")
+    p.add_argument("args", nargs="*", help="the method's arguments, e.g. `evaluation sft seen`")
+    a = p.parse_args(argv)
+    attr = getattr(RunDir(a.run_dir), a.what, None)
+    if attr is None or a.what.startswith("_"):
+        raise SystemExit(f"error: the run directory has no {a.what!r}")
+    path = attr(*a.args) if callable(attr) else attr
+    print(path)
+    return str(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""The run directory layout: one place, and the shell scripts' view of it."""
+import subprocess
+import sys
+from pathlib import Path
+
+from eval_agent.layout import RunDir, card_dir, report_dir, run_dir_of
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_run_dir_paths():
+    run = RunDir("out/alfworld")
+    assert run.expert_data() == Path("out/alfworld/sft/expert_train.jsonl")
+    assert run.steps("explore", 4, 1) == Path("out/alfworld/sampling/steps_explore.shard1of4.jsonl")
+    assert run.rollouts("expert") == Path("out/alfworld/sampling/mc/rollouts_expert.jsonl")
+    assert run.evaluation("sft", "seen") == Path("out/alfworld/eval/sft/seen")
+    assert card_dir(run.sft_model) == run.sft and card_dir(run.steca_model) == run.steca
+    assert run_dir_of("out", "virtualhome") == RunDir("out/virtualhome") and report_dir("out") == Path("out/report")
+
+
+def test_shell_view_prints_the_same_paths():
+    def path(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "eval_agent.layout", "r", *args], cwd=REPO, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    assert path("train_set") == str(RunDir("r").train_set)
+    assert path("evaluation", "steca", "unseen") == str(RunDir("r").evaluation("steca", "unseen"))
+    bad = subprocess.run([sys.executable, "-m", "eval_agent.layout", "r", "nowhere"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode != 0 and "no 'nowhere'" in bad.stderr
