@@ -18,10 +18,9 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def add_task_family_arg(p: argparse.ArgumentParser, default: str | None = "alfworld") -> None:
+def add_task_family_arg(p: argparse.ArgumentParser) -> None:
     """`--task_family` (the older `--task` still works): which environment a stage runs on."""
-    p.add_argument("--task_family", "--task", choices=sorted(REGISTRY), default=default,
-                   help="the environment family (default: %(default)s)")
+    p.add_argument("--task_family", "--task", choices=sorted(REGISTRY), required=True, help="the environment family")
 
 
 def get_task_family(name: str) -> TaskFamily:
