@@ -79,6 +79,9 @@ def parse_row(row: Any, where: str, need_rejected: bool) -> WeightedRow:
     weight = row["reward"]
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise BadRecord(f"{where}: field 'reward' must be a finite number >= 0, got {weight!r}")
+    if not isinstance(row.get("key", ""), str) or isinstance(row.get("id"), (dict, list, bool)):
+        name = "key" if "key" in row else "id"
+        raise BadRecord(f"{where}: field {name!r} must be text, got {row[name]!r:.60}")
     return WeightedRow(
         key=str(row.get("key", row.get("id", where))),
         prompt=prompt,
@@ -90,8 +93,12 @@ def parse_row(row: Any, where: str, need_rejected: bool) -> WeightedRow:
 
 def load_rows(path: str | Path, need_rejected: bool = False) -> list[WeightedRow]:
     """Every row of a training file (ours or the published format), in file order; a bad row raises
-    `BadRecord` naming the file, the row (JSON list, 0-based) or line (JSONL) and the field."""
-    return [parse_row(row, where, need_rejected) for where, row in read_rows(path)]
+    `BadRecord` naming the file, the row (JSON list, 0-based) or line (JSONL) and the field; so does a file
+    without rows."""
+    rows = [parse_row(row, where, need_rejected) for where, row in read_rows(path)]
+    if not rows:
+        raise BadRecord(f"no rows in {path}")
+    return rows
 
 
 def encode_continuation(prompt: list[dict[str, str]], continuation: list[dict[str, str]], chat_format: ChatFormat,

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from eval_agent.cli import UserError
+
 FORMATS = ("template", "llama-2")
 FORMAT_FILE = "steca_chat_format.json"  # written into model folders by the training stages
 
@@ -27,7 +29,7 @@ class ChatFormat:
         if name not in FORMATS:
             raise ValueError(f"unknown chat format {name!r}; choose from {FORMATS}")
         if name == "template" and (tokenizer is None or not getattr(tokenizer, "chat_template", None)):
-            raise ValueError("chat format 'template' needs a tokenizer with a chat template; use --chat_format llama-2")
+            raise UserError("chat format 'template' needs a tokenizer with a chat template; use --chat_format llama-2")
         self.name = name
         self.tokenizer = tokenizer
 
@@ -87,7 +89,7 @@ def resolve_chat_format(model_dir: str | Path, requested: str | None) -> str:
     """
     recorded = recorded_chat_format(model_dir)
     if recorded and requested and requested != recorded:
-        raise ValueError(
+        raise UserError(
             f"{model_dir} was trained with chat format {recorded!r} ({FORMAT_FILE}); refusing {requested!r}"
         )
     return recorded or requested or "template"

@@ -18,13 +18,30 @@ import re
 from pathlib import Path
 from typing import Any
 
+from eval_agent.cli import UserError
+from eval_agent.envs import task_family_of
 from eval_agent.store import BadRecord, read_rows
 from eval_agent.trajectory import Step, Trajectory, trajectory_from_conversation
 
 
 def load_expert_data(path: str | Path) -> list[Trajectory]:
-    """Every trajectory of an expert file, in file order, with `meta["key"]` set."""
-    return [_trajectory(row, where) for where, row in read_rows(path)]
+    """Every trajectory of an expert file, in file order, with `meta["key"]` set; a file without one is an error."""
+    trajs = [_trajectory(row, where) for where, row in read_rows(path)]
+    if not trajs:
+        raise BadRecord(f"no rows in {path}")
+    return trajs
+
+
+def check_task_family(trajs: list[Trajectory], task_family: str, path: str | Path) -> None:
+    """The expert data must be of `task_family`: VirtualHome rows trained under the ALFWorld instruction (or
+    replayed in the wrong environment) would be a silent wrong result. Rows whose task text reads like no
+    family's (data of another source) pass."""
+    for traj in trajs:
+        found = task_family_of(traj.task_text)
+        if found is not None and found != task_family:
+            raise UserError(f"{path}: trajectory {traj.meta.get('key')!r} is a {found} task "
+                            f"({traj.task_text[:40]!r}...), but the task family is {task_family}: set "
+                            f"TASK_FAMILY={found} (--task_family {found}), or pass {task_family} expert data")
 
 
 def _trajectory(row: Any, where: str) -> Trajectory:
@@ -48,9 +65,13 @@ def _trajectory(row: Any, where: str) -> Trajectory:
     for name in ("key", "task_text", "steps"):
         if name not in row and not (name == "task_text" and "task" in row):
             raise BadRecord(f"{where}: missing field {name!r} (neither a trajectory nor a published row)")
+    if not isinstance(row["key"], str):
+        raise BadRecord(f"{where}: field 'key' must be text, got {row['key']!r:.60}")
     record = {k: v for k, v in row.items() if k != "key"}
     try:
         traj = Trajectory.from_dict(record)
+    except ValueError as e:
+        raise BadRecord(f"{where}: {e}") from None
     except TypeError as e:
         raise BadRecord(f"{where}: not a trajectory ({e})") from None
     for i, step in enumerate(traj.steps):

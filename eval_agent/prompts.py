@@ -13,7 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval_agent.cli import UserError
 from eval_agent.envs import get_task_family
+from eval_agent.store import BadRecord
 from eval_agent.trajectory import Trajectory, trajectory_from_conversation
 
 
@@ -26,7 +28,7 @@ class PromptBuilder:
     def for_task(cls, task_family: str, icl_num: int = 1, instruction: str | None = None) -> "PromptBuilder":
         family = get_task_family(task_family)
         if icl_num not in (0, 1):
-            raise ValueError("icl_num must be 0 or 1 (the original uses one example)")
+            raise UserError("icl_num must be 0 or 1 (the original uses one example)")
         return cls(instruction=instruction or family.INSTRUCTION, icl_example=family.ICL_EXAMPLE if icl_num else None)
 
     def messages(self, traj: Trajectory, include_last_observation: bool = True) -> list[dict[str, str]]:
@@ -44,8 +46,8 @@ def instruction_from_data(path: str | Path) -> str:
     text = path.read_text()
     rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(text.splitlines()[0])]
     if not rows or "conversations" not in rows[0]:
-        raise ValueError(f"{path}: row 0 has no 'conversations' field")
+        raise BadRecord(f"{path}: row 0 has no 'conversations' field")
     instruction, _ = trajectory_from_conversation(rows[0]["conversations"], where=f"{path}: row 0")
     if instruction is None:
-        raise ValueError(f"{path}: row 0 does not start with an instruction + 'OK' exchange")
+        raise BadRecord(f"{path}: row 0 does not start with an instruction + 'OK' exchange")
     return instruction

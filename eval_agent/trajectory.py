@@ -9,6 +9,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 OBS_PREFIX = "Observation: "
+# The types a stored trajectory's fields must have (ints where text belongs would fail deep inside, or train).
+_TYPES: dict[str, tuple[type, ...]] = {"task_text": (str,), "steps": (list,), "success": (bool,),
+                                       "reward": (int, float), "termination": (str, type(None)), "meta": (dict,)}
+_STEP_TYPES: dict[str, tuple[type, ...]] = {"text": (str,), "thought": (str,), "action": (str, type(None)),
+                                            "observation": (str,)}
+
+
+def _check_types(d: dict[str, Any], types: dict[str, tuple[type, ...]], prefix: str = "") -> None:
+    for name, allowed in types.items():
+        if name in d and (not isinstance(d[name], allowed) or (bool not in allowed and isinstance(d[name], bool))):
+            kinds = " or ".join("text" if t is str else "null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"field {prefix}{name!r} must be {kinds}, got {d[name]!r:.60}")
 
 
 @dataclass
@@ -57,8 +69,14 @@ class Trajectory:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Trajectory":
-        """From `to_dict` output; files written before the field was named `task_text` say `task`."""
+        """From `to_dict` output; files written before the field was named `task_text` say `task`. A field of
+        the wrong type is a ValueError naming it (the caller adds file and line)."""
         d = {("task_text" if k == "task" else k): v for k, v in d.items()}
+        _check_types(d, _TYPES)
+        for i, step in enumerate(d.get("steps", [])):
+            if not isinstance(step, dict):
+                raise ValueError(f"field 'steps' item {i} must be an object, got {step!r:.60}")
+            _check_types(step, _STEP_TYPES, f"steps[{i}].")
         return cls(**{**d, "steps": [Step(**s) for s in d.get("steps", [])]})
 
     # ---- chat views -------------------------------------------------------------------------
@@ -98,6 +116,8 @@ def conversation_to_messages(conversation: list[dict[str, str]], where: str = "c
             raise ValueError(f"{where}: turn {i} needs 'from' and 'value' fields, got {turn!r:.80}")
         if turn["from"] not in roles:
             raise ValueError(f"{where}: turn {i} has unknown role {turn['from']!r}")
+        if not isinstance(turn["value"], str):
+            raise ValueError(f"{where}: turn {i}: 'value' must be text, got {turn['value']!r:.60}")
         out.append({"role": roles[turn["from"]], "content": turn["value"]})
     return out
 

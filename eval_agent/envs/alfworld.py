@@ -17,14 +17,18 @@ for, so it also solves the official games whose grammar says `put`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import re
 from pathlib import Path
+from typing import Any
 
+from eval_agent.cli import UserError
 from eval_agent.envs.base import StepResult, Task
+from eval_agent.store import BadRecord
 from eval_agent.trajectory import Step, Trajectory
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,16 @@ def find_data_root(root: str | Path | None = None) -> Path:
     return path
 
 
+def data_identity(split: str, data_root: str | Path | None = None) -> dict[str, Any]:
+    """What the games of a split are, for a stage's fingerprint: their folder names (the games themselves are
+    thousands of files, never rewritten in place)."""
+    if split not in SPLITS:
+        raise UserError(f"unknown ALFWorld split {split!r}; choose from {sorted(SPLITS)}")
+    root = find_data_root(data_root)
+    games = sorted(str(p.relative_to(root)) for p in (root / "json_2.1.1" / SPLITS[split]).glob("*/*/game.tw-pddl"))
+    return {"path": str(root.resolve()), "games": hashlib.sha256("\n".join(games).encode()).hexdigest()[:16]}
+
+
 def load_tasks(split: str, data_root: str | Path | None = None, limit: int | None = None) -> list[Task]:
     """Solvable games of a split in sorted path order, keyed `<split dir>/<task dir>/<trial dir>`.
 
@@ -75,7 +89,7 @@ def load_tasks(split: str, data_root: str | Path | None = None, limit: int | Non
     shuffled with seed 1234 (original-code.md D9); sorted order is the same on every machine.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown ALFWorld split {split!r}; choose from {sorted(SPLITS)}")
+        raise UserError(f"unknown ALFWorld split {split!r}; choose from {sorted(SPLITS)}")
     folder = find_data_root(data_root) / "json_2.1.1" / SPLITS[split]
     tasks, skipped = [], 0
     for game in sorted(folder.glob("*/*/game.tw-pddl")):
@@ -88,7 +102,7 @@ def load_tasks(split: str, data_root: str | Path | None = None, limit: int | Non
             solvable = json.loads(game.read_text()).get("solvable", False)
             task_type = json.loads(traj_file.read_text())["task_type"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{trial}: unreadable game or traj_data.json ({e})") from None
+            raise BadRecord(f"{trial}: unreadable game or traj_data.json ({e})") from None
         if not solvable:
             skipped += 1
             continue

@@ -56,6 +56,9 @@ class TaskFamily(Protocol):
     def find_data_root(self, root: str | Path | None = None) -> Path:
         """The data folder: `root`, else the family's environment variable, else the generated set."""
 
+    def data_identity(self, split: str, data_root: str | Path | None = None) -> dict[str, Any]:
+        """What the tasks of `split` are, cheaply (no game loaded), for the fingerprint of a stage that plays them."""
+
     def load_tasks(self, split: str, data_root: str | Path | None = None, limit: int | None = None) -> list[Task]:
         """The tasks of `split` (train | seen | unseen) in a stable order; the first `limit` only."""
 
