@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import openai
 from tqdm import tqdm
 
+from eval_agent.cli import check_policy_model, count, natural, non_negative
+from eval_agent.guard import weights_fingerprint
 from eval_agent.llm import DEFAULT_STOP, BackendUnavailable, GenerationConfig
 from eval_agent.store import JsonlStore
 from eval_agent.trajectory import format_reply
@@ -265,15 +267,6 @@ class ChatModel:
                      completion_tokens=(usage.completion_tokens or 0) if usage else 0)
 
 
-def weights_fingerprint(model: str) -> str | None:
-    """Name, size and modification time of a local model folder's weight files; None for a served name."""
-    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in Path(model).glob(pattern))
-    if not files:
-        return None
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
-
-
 class SelfModel:
     """The SFT policy through an eval_agent.llm backend (hf in-process or openai completions servers)."""
 
@@ -419,23 +412,28 @@ def add_reflection_args(p: argparse.ArgumentParser) -> None:
                    help=f"chat: the model name (default {DEFAULT_CHAT_MODEL}); self: default --model")
     g.add_argument("--reflect_cache",
                    help="raw-reply cache, JSONL (default: RUN_DIR/data_collection/reflection_cache.jsonl)")
-    g.add_argument("--reflect_concurrency", type=int, default=8,
+    g.add_argument("--reflect_concurrency", type=count, default=8,
                    help="chat: requests in flight; self: prompts per generate call")
-    g.add_argument("--reflect_retries", type=int, default=2, help="times an invalid reply is asked again")
-    g.add_argument("--reflect_temperature", type=float, default=1.0, help="the original: the API default, 1.0")
-    g.add_argument("--reflect_max_tokens", type=int, default=256)
+    g.add_argument("--reflect_retries", type=natural, default=2, help="times an invalid reply is asked again")
+    g.add_argument("--reflect_temperature", type=non_negative, default=1.0, help="the original: the API default, 1.0")
+    g.add_argument("--reflect_max_tokens", type=count, default=256)
     g.add_argument("--reflect_seed", type=int, default=0, help="sampling seed (+ the attempt number on retries)")
     g.add_argument("--reflect_timeout", type=float, default=120.0, help="chat: seconds per request")
     g.add_argument("--reflect_http_retries", type=int, default=6,
                    help="chat: retries with exponential backoff on 429/5xx/connection errors")
 
 
+def reflect_backend(args: argparse.Namespace) -> str:
+    """chat or self: what --reflect_backend auto means here (chat when OPENAI_API_KEY is set)."""
+    if args.reflect_backend == "auto":
+        return "chat" if os.environ.get("OPENAI_API_KEY") else "self"
+    return args.reflect_backend
+
+
 def reflector_from_args(args: argparse.Namespace, cache_path: Path) -> Reflector:
     settings = {"temperature": args.reflect_temperature, "max_tokens": args.reflect_max_tokens,
                 "seed": args.reflect_seed}
-    kind = args.reflect_backend
-    if kind == "auto":
-        kind = "chat" if os.environ.get("OPENAI_API_KEY") else "self"
+    kind = reflect_backend(args)
     model: ReflectionModel
     if kind == "chat":
         model = ChatModel(args.reflect_model or DEFAULT_CHAT_MODEL, settings, concurrency=args.reflect_concurrency,
@@ -448,6 +446,7 @@ def reflector_from_args(args: argparse.Namespace, cache_path: Path) -> Reflector
             raise SystemExit("error: self reflection needs --model (the SFT policy), or set OPENAI_API_KEY for chat")
         if not getattr(args, "task_family", None):
             raise SystemExit("error: self reflection needs --task_family (the policy's task family)")
+        check_policy_model(argparse.Namespace(**{**vars(args), "model": name}))
         policy = ModelPolicy.build(args.task_family, name, GenerationConfig(), backend=args.backend, endpoints=args.endpoints,
                                    chat_format=args.chat_format, tokenizer=args.tokenizer)
         model = SelfModel(policy, settings, batch=args.reflect_concurrency)

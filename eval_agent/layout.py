@@ -9,7 +9,9 @@ spelled out; stages take `--run_dir` and ask a `RunDir` for their paths (an expl
       data_collection/               step rewards, deviations, D_c / D_e / D_s, train.jsonl (stage 3)
       steca/model/                   the STeCa model (stage 4); steca/config.json
       eval/<label>/<split>/          one evaluation (stage 5): tasks/, summary.json, config.json
-      pipeline/<stage>.done          the pipeline's record of a completed stage
+      pipeline/<stage>.done          the pipeline's record of a completed stage and the fingerprints it ran with
+
+Beside every output: its fingerprint (`fingerprint_path`) and, while a stage writes it, its lock (`lock_path`).
 
 A pipeline run over several task families keeps one RUN_DIR per family under RUN_ROOT (`run_dir_of`),
 and the report beside them (`report_dir`).
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EVAL_SUMMARY = "summary.json"  # what an evaluation folder (RUN_DIR/eval/<label>/<split>/ or any --out) ends with
+FINGERPRINT_FILE = "fingerprint.json"  # the settings an output folder's results were made with (eval_agent/guard.py)
 
 @dataclass(frozen=True)
 class RunDir:
@@ -112,6 +115,20 @@ def run_dir_of(run_root: str | Path, task_family: str) -> RunDir:
 
 def report_dir(run_root: str | Path) -> Path:
     return Path(run_root) / "report"
+
+
+def fingerprint_path(output: str | Path, folder: bool) -> Path:
+    """Where the settings an output was made with are recorded: inside an output folder, beside an output file
+    (`steps_expert.jsonl.fingerprint.json`), so they move aside together with the results."""
+    output = Path(output)
+    return output / FINGERPRINT_FILE if folder else output.with_name(f"{output.name}.fingerprint.json")
+
+
+def lock_path(output: str | Path) -> Path:
+    """The lock of an output's one writer: beside it (`sft/model.lock`, `steps_expert.jsonl.lock`), so that
+    moving the output aside leaves the lock where the next writer looks."""
+    output = Path(output)
+    return output.with_name(f"{output.name}.lock")
 
 
 def card_dir(model_dir: str | Path) -> Path:

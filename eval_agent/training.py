@@ -13,6 +13,8 @@ the tokenizer does not fit the format; that is an error, never a silent half-mas
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import sys
 import time
@@ -31,6 +33,7 @@ from eval_agent.store import write_json
 from eval_agent.trajectory import Trajectory
 
 IGNORE = -100  # label of a token the loss skips (the Hugging Face convention)
+TRAIN_SUMMARY = "train_summary.json"  # written into the output folder last: the training completed
 
 
 @dataclass
@@ -179,10 +182,20 @@ def train_and_save(trainer, tokenizer, chat_format_name: str, summary: dict[str,
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(out)
         write_chat_format(out, chat_format_name)
-        write_json(out / "train_summary.json", summary)
+        write_json(out / TRAIN_SUMMARY, summary)
     log.info("trained %d steps in %.1fs (%.0f tokens/s), final loss %.4f -> %s", summary["optimizer_steps"],
              seconds, summary["tokens_per_s"], result.training_loss, out)
     return summary
+
+
+def finished_training(output_dir: str | Path) -> dict[str, Any] | None:
+    """The summary of a training that completed in `output_dir`, else None. A rerun of a finished training
+    returns it instead of saving the model again: new weight files would look like a new model downstream."""
+    path = Path(output_dir) / TRAIN_SUMMARY
+    if not path.is_file():
+        return None
+    logging.getLogger(__name__).info("%s: trained already with these settings (%s): nothing to do", output_dir, path.name)
+    return json.loads(path.read_text())
 
 
 def output_dir_from_run_dir(argv: list[str] | None, model_dir: Callable[[RunDir], Path]) -> list[str]:

@@ -389,7 +389,7 @@ def test_self_backend_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def test_weights_fingerprint_changes_with_the_weights(tmp_path):
-    from data_collection.reflection import weights_fingerprint
+    from eval_agent.guard import weights_fingerprint
 
     assert weights_fingerprint("gpt-4o") is None  # a served name, no folder
     (tmp_path / "model.safetensors").write_bytes(b"12")
