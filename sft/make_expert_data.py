@@ -21,14 +21,17 @@ import time
 from functools import partial
 from pathlib import Path
 
+from eval_agent.cli import count, run_main
 from eval_agent.envs import add_task_family_arg, get_task_family
 from eval_agent.expert_data import alfworld_expert_trajectory, load_expert_data, to_published
+from eval_agent.guard import RunGuard, fingerprint, identity, require_output, settings_of
 from eval_agent.layout import RunDir
 from eval_agent.run_card import write_run_card
 from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, run_episodes
 from eval_agent.store import JsonlStore, write_json
 
 log = logging.getLogger("sft.make_expert_data")
+CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
 
 
 def alfworld(args: argparse.Namespace, store: JsonlStore) -> dict[str, int]:
@@ -51,12 +54,15 @@ def alfworld(args: argparse.Namespace, store: JsonlStore) -> dict[str, int]:
     return {"tasks": len(tasks), "run": len(todo), "failed": failed}
 
 
-def virtualhome(args: argparse.Namespace, store: JsonlStore) -> dict[str, int]:
-    family = get_task_family("virtualhome")
-    source = family.find_data_root(args.data_root) / f"vh_{args.split}_trajectories.jsonl"
+def vh_source(args: argparse.Namespace) -> Path:
+    source = get_task_family("virtualhome").find_data_root(args.data_root) / f"vh_{args.split}_trajectories.jsonl"
     if not source.is_file():
         raise SystemExit(f"error: {source} not found (scripts/make_vh_tasks.py writes the training trajectories)")
-    trajs = load_expert_data(source)[: args.limit]
+    return source
+
+
+def virtualhome(args: argparse.Namespace, store: JsonlStore) -> dict[str, int]:
+    trajs = load_expert_data(vh_source(args))[: args.limit]
     failed = 0
     for traj in trajs:
         if not traj.success:
@@ -74,11 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_root", help="task data folder (default: the task family's own lookup)")
     p.add_argument("--run_dir", help="the run directory: writes its expert data of --split")
     p.add_argument("--out", help="JSONL of expert trajectories (appended to; resumable; default: from --run_dir)")
-    p.add_argument("--limit", type=int, help="first N tasks of the split only")
-    p.add_argument("--max_steps", type=int, default=MAX_STEPS)
-    p.add_argument("--concurrency", type=int, default=2, help="games played together (one engine each)")
+    p.add_argument("--limit", type=count, help="first N tasks of the split only (default: all)")
+    p.add_argument("--max_steps", type=count, default=MAX_STEPS)
+    p.add_argument("--concurrency", type=count, default=2, help="games played together (one engine each)")
     p.add_argument("--export", help="also write the trajectories in the published alfworld_sft.json format here")
-    p.add_argument("--overwrite", action="store_true", help="start a fresh --out (the old file is kept as .old)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh --out, whatever settings made the old one (moved aside as .old)")
     return p
 
 
@@ -89,13 +96,19 @@ def main(argv: list[str] | None = None) -> dict:
     if not (args.out or args.run_dir):
         raise SystemExit("error: pass --run_dir (writes RUN_DIR's expert data) or --out")
     out = Path(args.out) if args.out else RunDir(args.run_dir).expert_data(args.split)
-    write_run_card(out.parent, "sft.make_expert_data", vars(args))
-    store = JsonlStore(out, overwrite=args.overwrite)
-    t0 = time.perf_counter()
-    stats = (alfworld if args.task_family == "alfworld" else virtualhome)(args, store)
-    if args.export:
-        trajs = load_expert_data(out)
-        write_json(args.export, to_published(trajs, get_task_family(args.task_family).INSTRUCTION, args.task_family))
+    source = (get_task_family("alfworld").data_identity(args.split, args.data_root) if args.task_family == "alfworld"
+              else identity(vh_source(args)))
+    fp = fingerprint("sft.make_expert_data", CODE_VERSION, settings_of(args, drop={"data_root"}), {"source": source})
+    with RunGuard({out: fp}, folder=False, overwrite=args.overwrite):
+        write_run_card(out.parent, "sft.make_expert_data", vars(args))
+        store = JsonlStore(out)
+        t0 = time.perf_counter()
+        stats = (alfworld if args.task_family == "alfworld" else virtualhome)(args, store)
+        require_output(len(store), f"no expert trajectory was kept in {out}: the expert won none of the "
+                                   f"{stats['tasks']} {args.task_family}/{args.split} tasks")
+        if args.export:
+            trajs = load_expert_data(out)
+            write_json(args.export, to_published(trajs, get_task_family(args.task_family).INSTRUCTION, args.task_family))
     summary = {**stats, "kept": len(store), "seconds": round(time.perf_counter() - t0, 1)}
     log.info("%s/%s: %d tasks, %d run now, %d not won by the expert, %d trajectories in %s (%.1fs)",
              args.task_family, args.split, stats["tasks"], stats["run"], stats["failed"], len(store), out, summary["seconds"])
@@ -103,4 +116,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -28,16 +28,19 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
 from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
+from eval_agent.cli import UserError, at_least, input_file, model_folder, run_main
 from eval_agent.envs import REGISTRY, get_task_family
-from eval_agent.expert_data import load_expert_data
+from eval_agent.expert_data import check_task_family, load_expert_data
+from eval_agent.guard import fingerprint, identity, settings_of, training_guard, training_settings
 from eval_agent.prompts import PromptBuilder
 from eval_agent.layout import RunDir, card_dir
 from eval_agent.run_card import write_run_card
 from eval_agent.smollm2 import default_model_dir
-from eval_agent.training import (PadCollator, configure_training_args, encode_conversation, output_dir_from_run_dir,
-                                 pad_token_id, sft_messages, train_and_save)
+from eval_agent.training import (PadCollator, configure_training_args, encode_conversation, finished_training,
+                                 output_dir_from_run_dir, pad_token_id, sft_messages, train_and_save)
 
 log = logging.getLogger("sft.train")
+CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
 
 
 @dataclass
@@ -56,6 +59,8 @@ class SFTArguments:
     global_batch_size: int = field(default=16, metadata={"help": "examples per optimizer step over all processes"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32"})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. flash_attention_2; default: transformers' choice"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh whatever settings made the output folder "
+                                                             "(moved aside as <folder>.old)"})
 
 
 @dataclass
@@ -88,7 +93,9 @@ def encode_dataset(args: SFTArguments, tokenizer, chat_format: ChatFormat) -> tu
     family = get_task_family(args.task_family)
     base = PromptBuilder.for_task(args.task_family, icl_num=args.icl_num)
     rows, stats = [], {"rows_in": 0, "truncated": 0, "skipped_too_long": 0, "tokens": 0, "trained_tokens": 0}
-    for traj in load_expert_data(args.data):
+    trajs = load_expert_data(args.data)
+    check_task_family(trajs, args.task_family, args.data)
+    for traj in trajs:
         stats["rows_in"] += 1
         prompts = dataclasses.replace(base, instruction=traj.meta.get("instruction") or family.INSTRUCTION)
         messages, trained = sft_messages(prompts, traj)
@@ -117,11 +124,34 @@ def main(argv: list[str] | None = None) -> dict:
     args, targs = parser.parse_args_into_dataclasses(args=output_dir_from_run_dir(argv, lambda run: run.sft_model))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     resolve_paths(args)
+    check_inputs(args, targs)
     targs = configure_training_args(targs, args.global_batch_size, args.precision)
     out = Path(targs.output_dir)
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     fmt_name = resolve_chat_format(args.model_name_or_path, args.chat_format)
+    with training_guard(targs, {out: fingerprint_of(args, targs, fmt_name)}, args.overwrite):
+        return finished_training(out) or train(args, targs, fmt_name)
+
+
+def check_inputs(args: SFTArguments, targs: TrainingArguments) -> None:
+    model_folder(args.model_name_or_path, "base model")
+    input_file(args.data, "expert data")
+    for name in ("global_batch_size", "model_max_length"):
+        at_least(name, getattr(args, name), 1)
+    at_least("learning_rate", targs.learning_rate, 0)
+    if not (targs.num_train_epochs > 0 or targs.max_steps > 0):
+        raise UserError(f"--num_train_epochs must be > 0, got {targs.num_train_epochs}")
+
+
+def fingerprint_of(args: SFTArguments, targs: TrainingArguments, chat_format: str) -> dict:
+    """The recipe, the chat format and the base model and expert data it trains on."""
+    settings = settings_of(dataclasses.asdict(args), drop={"model_name_or_path", "data", "precision", "attn_implementation"})
+    return fingerprint("sft.train", CODE_VERSION, {**settings, **training_settings(targs), "chat_format": chat_format},
+                       {"model": identity(args.model_name_or_path), "data": identity(args.data)})
+
+
+def train(args: SFTArguments, targs: TrainingArguments, fmt_name: str) -> dict:
+    out = Path(targs.output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     chat_format = ChatFormat(fmt_name, tokenizer if fmt_name == "template" else None)
     rows, stats = encode_dataset(args, tokenizer, chat_format)
     if targs.process_index == 0:
@@ -140,4 +170,4 @@ def main(argv: list[str] | None = None) -> dict:
     return train_and_save(trainer, tokenizer, fmt_name, {**stats, "global_batch_size": args.global_batch_size}, log)
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
