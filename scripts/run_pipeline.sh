@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole STeCa pipeline for one or both task families: each stage script in order, each family in its own
 # run directory RUN_ROOT/<family> (eval_agent/layout.py), then the results table in RUN_ROOT/report.
-# A completed stage leaves a marker in RUN_DIR/pipeline/ and is skipped on a rerun; an interrupted stage is
-# rerun and resumes (every stage appends and skips what it has). Stage variables (docs/) pass through, and
+# A completed stage leaves a marker in RUN_DIR/pipeline/ with the fingerprint of its settings and inputs, and is
+# skipped on a rerun with the same ones; a changed setting (BASE_MODEL, N, ...) reruns the stages it affects, their
+# old results moved aside; an interrupted stage is rerun and resumes (docs/reliability.md). Stage variables (docs/) pass through, and
 # PRESET fills in the ones not set (scripts/presets.sh), e.g.
 #   TASK_FAMILY=both PRESET=tiny bash scripts/run_pipeline.sh
 #   TASK_FAMILY=alfworld PRESET=paper BASE_MODEL=meta-llama/Llama-2-7b-chat-hf CHAT_FORMAT=llama-2 \
@@ -27,15 +28,17 @@ apply_preset "$PRESET"
 
 layout() { "$PYTHON" -m eval_agent.layout "$@"; }
 
-stage() {  # stage <name> <command...>: run it unless its marker says it completed
-  local name=$1 marker; shift
+stage() {  # stage <name> <command...>: run it unless its marker says it completed with the settings it would run with
+  local name=$1 marker fingerprint; shift
   marker=$(layout --run_dir "$RUN_DIR" marker "$name")
-  if [ -f "$marker" ]; then echo "== $TASK_FAMILY: $name: done, skipped"; return; fi
+  fingerprint=$(STECA_FINGERPRINT=1 "$@")  # what the stage would run with (eval_agent/guard.py), no work done
+  if "$PYTHON" -m eval_agent.guard marker-status "$marker" <<< "$fingerprint"; then
+    echo "== $TASK_FAMILY: $name: done, skipped"; return
+  fi
   echo "== $TASK_FAMILY: $name ($(date +%H:%M:%S))"
   local t0=$SECONDS
-  "$@"
-  mkdir -p "$(dirname "$marker")"
-  echo "$((SECONDS - t0)) s" > "$marker"
+  STECA_ON_CHANGE=move_aside "$@"  # results made with other settings are moved aside, never mixed in
+  "$PYTHON" -m eval_agent.guard marker-write "$marker" --seconds $((SECONDS - t0)) <<< "$fingerprint"
 }
 
 evaluate_all() {  # the base, SFT and STeCa models on both test splits

@@ -4,7 +4,9 @@
 launch_training() {
   local module=$1; shift
   local launch
-  if [ -n "$DIST_CONFIG" ]; then       # accelerate with an FSDP or DeepSpeed config
+  if [ "${STECA_FINGERPRINT:-}" = 1 ]; then  # only print the run's fingerprint: one process (eval_agent/guard.py)
+    launch=("$PYTHON")
+  elif [ -n "$DIST_CONFIG" ]; then     # accelerate with an FSDP or DeepSpeed config
     launch=("$PYTHON" -m accelerate.commands.launch --config_file "$DIST_CONFIG" --num_processes "$NPROC")
   elif [ "$NPROC" -gt 1 ]; then        # DDP (gloo on a CPU)
     launch=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC")
