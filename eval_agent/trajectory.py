@@ -20,7 +20,7 @@ def _check_types(d: dict[str, Any], types: dict[str, tuple[type, ...]], prefix: 
     for name, allowed in types.items():
         if name in d and (not isinstance(d[name], allowed) or (bool not in allowed and isinstance(d[name], bool))):
             kinds = " or ".join("text" if t is str else "null" if t is type(None) else t.__name__ for t in allowed)
-            raise ValueError(f"field {prefix}{name!r} must be {kinds}, got {d[name]!r:.60}")
+            raise ValueError(f"field {prefix + name!r} must be {kinds}, got {d[name]!r:.60}")
 
 
 @dataclass

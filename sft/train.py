@@ -36,6 +36,7 @@ from eval_agent.prompts import PromptBuilder
 from eval_agent.layout import RunDir, card_dir
 from eval_agent.run_card import write_run_card
 from eval_agent.smollm2 import default_model_dir
+from eval_agent.trajectory import Trajectory
 from eval_agent.training import (PadCollator, configure_training_args, encode_conversation, finished_training,
                                  output_dir_from_run_dir, pad_token_id, sft_messages, train_and_save)
 
@@ -88,13 +89,12 @@ def resolve_paths(args: SFTArguments) -> None:
     args.data = args.data or str(run.expert_data())
 
 
-def encode_dataset(args: SFTArguments, tokenizer, chat_format: ChatFormat) -> tuple[list[dict], dict]:
+def encode_dataset(args: SFTArguments, trajs: list[Trajectory], tokenizer, chat_format: ChatFormat
+                   ) -> tuple[list[dict], dict]:
     """Tokenized training rows and the counts for the summary."""
     family = get_task_family(args.task_family)
     base = PromptBuilder.for_task(args.task_family, icl_num=args.icl_num)
     rows, stats = [], {"rows_in": 0, "truncated": 0, "skipped_too_long": 0, "tokens": 0, "trained_tokens": 0}
-    trajs = load_expert_data(args.data)
-    check_task_family(trajs, args.task_family, args.data)
     for traj in trajs:
         stats["rows_in"] += 1
         prompts = dataclasses.replace(base, instruction=traj.meta.get("instruction") or family.INSTRUCTION)
@@ -124,22 +124,25 @@ def main(argv: list[str] | None = None) -> dict:
     args, targs = parser.parse_args_into_dataclasses(args=output_dir_from_run_dir(argv, lambda run: run.sft_model))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     resolve_paths(args)
-    check_inputs(args, targs)
+    trajs = check_inputs(args, targs)
     targs = configure_training_args(targs, args.global_batch_size, args.precision)
     out = Path(targs.output_dir)
     fmt_name = resolve_chat_format(args.model_name_or_path, args.chat_format)
     with training_guard(targs, {out: fingerprint_of(args, targs, fmt_name)}, args.overwrite):
-        return finished_training(out) or train(args, targs, fmt_name)
+        return finished_training(out) or train(args, targs, fmt_name, trajs)
 
 
-def check_inputs(args: SFTArguments, targs: TrainingArguments) -> None:
+def check_inputs(args: SFTArguments, targs: TrainingArguments) -> list[Trajectory]:
+    """The settings, the base model folder, and the expert data (read here: its rows must be of the task family)."""
     model_folder(args.model_name_or_path, "base model")
-    input_file(args.data, "expert data")
     for name in ("global_batch_size", "model_max_length"):
         at_least(name, getattr(args, name), 1)
     at_least("learning_rate", targs.learning_rate, 0)
     if not (targs.num_train_epochs > 0 or targs.max_steps > 0):
         raise UserError(f"--num_train_epochs must be > 0, got {targs.num_train_epochs}")
+    trajs = load_expert_data(input_file(args.data, "expert data"))
+    check_task_family(trajs, args.task_family, args.data)
+    return trajs
 
 
 def fingerprint_of(args: SFTArguments, targs: TrainingArguments, chat_format: str) -> dict:
@@ -149,11 +152,11 @@ def fingerprint_of(args: SFTArguments, targs: TrainingArguments, chat_format: st
                        {"model": identity(args.model_name_or_path), "data": identity(args.data)})
 
 
-def train(args: SFTArguments, targs: TrainingArguments, fmt_name: str) -> dict:
+def train(args: SFTArguments, targs: TrainingArguments, fmt_name: str, trajs: list[Trajectory]) -> dict:
     out = Path(targs.output_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     chat_format = ChatFormat(fmt_name, tokenizer if fmt_name == "template" else None)
-    rows, stats = encode_dataset(args, tokenizer, chat_format)
+    rows, stats = encode_dataset(args, trajs, tokenizer, chat_format)
     if targs.process_index == 0:
         write_run_card(card_dir(out), "sft", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
     log.info("%s: %d rows in, %d used (%d truncated, %d skipped: too long), %d tokens, %d trained",

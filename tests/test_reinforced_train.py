@@ -275,6 +275,8 @@ def test_published_file_trains_on_two_processes_and_resumes(tmp_path, tiny_model
     trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     assert any(not torch.equal(trained[k], start[k]) for k in start)
+    assert steca_train({**env, "NPROC": "1"}) == summary  # finished: not trained or saved again
+    (out / "train_summary.json").rename(tmp_path / "train_summary.json")  # as if killed before the summary
     resumed = steca_train({**env, "NPROC": "1"})  # same global batch on one process: nothing left to train
     assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["optimizer_steps"] == 2
 
