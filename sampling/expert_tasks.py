@@ -13,6 +13,7 @@ from eval_agent.envs import Task, add_task_family_arg, get_task_family
 from eval_agent.expert_data import check_task_family, load_expert_data
 from eval_agent.layout import RunDir
 from eval_agent.runner import MAX_STEPS, add_model_args
+from eval_agent.store import BadRecord
 from eval_agent.trajectory import Trajectory
 
 log = logging.getLogger("sampling")
@@ -79,7 +80,10 @@ def task_tail(key: str) -> str:
 def load_expert_tasks(args: argparse.Namespace) -> tuple[list[ExpertTask], int]:
     """Expert trajectories (first `--limit`) matched to the split's tasks, in file order, and the
     number without a task (skipped and counted). A malformed file raises naming file, line, field."""
-    trajs = load_expert_data(input_file(args.expert_data, "expert data"))
+    try:
+        trajs = load_expert_data(input_file(args.expert_data, "expert data"))
+    except (BadRecord, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     check_task_family(trajs, args.task_family, args.expert_data)
     trajs = trajs[: args.limit]
     family = get_task_family(args.task_family)

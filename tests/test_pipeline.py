@@ -1,5 +1,6 @@
 """The whole pipeline (scripts/run_pipeline.sh) end to end for both environments with the tiny model:
-killed in the middle of the ALFWorld Monte-Carlo stage, rerun, and every stage's outputs checked."""
+killed in the middle of the ALFWorld Monte-Carlo stage, rerun, and every stage's outputs checked; then rerun
+with another N, which reruns exactly the stages N affects."""
 import json
 import os
 import signal
@@ -83,3 +84,25 @@ def test_pipeline_both_envs_killed_and_resumed(tmp_path, tiny_model_dir):
     table = (report_dir(root) / "report.md").read_text()
     assert all(f"{name} (ours)" in table for name in ("Base model", "SFT", "STeCa"))
     assert (report_dir(root) / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+    # 3. another N: expert data, SFT and step records are kept; MC and data collection rerun, their old results
+    # moved aside; reinforced training and its evaluations rerun exactly when the training set came out otherwise
+    # (inputs are known by content); the base and SFT evaluations are the same runs and are skipped
+    run = run_dir_of(root, "alfworld")
+    records = len(read_step_records(run.steps("expert")))
+    third = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=REPO, env={**env, "TASK_FAMILY": "alfworld",
+                           "N": str(N + 1)}, capture_output=True, text=True, timeout=1200)
+    out = third.stdout + third.stderr
+    assert third.returncode == 0, out[-4000:]
+    train_changed = run.train_set.read_text() != (run.root / "data_collection.old" / "train.jsonl").read_text()
+    rerun = ("mc", "data_collection") + (("steca", "eval") if train_changed else ())
+    for stage in STAGES:
+        assert (f"alfworld: {stage}: done, skipped" in out) == (stage not in rerun), stage
+        assert (f"== {stage}: changed since it completed" in out) == (stage in rerun), stage
+    assert "rollouts_expert.jsonl: n: 2 -> 3" in out
+    assert len(keys(run.rollouts("expert"))) == (N + 1) * records
+    assert len(keys(run.rollouts("expert").with_name("rollouts_expert.jsonl.old"))) == N * records
+    assert json.loads(run.collection_summary.read_text())["inputs"]["rollouts"]["expert"] == (N + 1) * records
+    assert run.steca_model.with_name("model.old").is_dir() == train_changed
+    assert run.evaluation("steca", "seen").with_name("seen.old").is_dir() == train_changed
+    assert not run.evaluation("sft", "seen").with_name("seen.old").exists()

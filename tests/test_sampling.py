@@ -168,7 +168,7 @@ def test_crash_in_one_episode_is_recorded_and_the_stage_carries_on(tmp_path, vh_
     assert mc["explore"]["copied_from_done_records"] >= 2
 
 
-def test_bad_expert_file_names_file_line_and_field(tmp_path, vh_expert):
+def test_bad_expert_file_names_file_line_and_field(tmp_path, vh_expert, tiny_model_dir):
     good = vh_expert.read_text().splitlines()
     missing = tmp_path / "missing.jsonl"
     row = json.loads(good[1])
@@ -187,4 +187,5 @@ def test_bad_expert_file_names_file_line_and_field(tmp_path, vh_expert):
     del rec["prefix"]
     steps.write_text(json.dumps(rec) + "\n")
     with pytest.raises(SystemExit, match=rf"{steps}:1: missing field 'prefix'"):
-        mc_rollouts(["--task", "virtualhome", "--kind", "expert", "--steps", str(steps), "--run_dir", str(tmp_path)])
+        mc_rollouts(["--task", "virtualhome", "--kind", "expert", "--steps", str(steps), "--run_dir", str(tmp_path),
+                     "--model", str(tiny_model_dir)])
