@@ -72,7 +72,7 @@ class ExpertTask:
 
 def task_tail(key: str) -> str:
     """`<task dir>/<trial dir>` of an ALFWorld key or published `game_file` (the original matched on
-    absolute-path slices, B4); other keys are used whole."""
+    absolute-path slices: docs/fidelity.md, B4); other keys are used whole."""
     parts = key.strip("/").split("/")
     return "/".join(parts[-2:]) if len(parts) >= 3 and parts[-3] in ("train", "valid_seen", "valid_unseen") else key
 

@@ -1,15 +1,9 @@
 """Stage 1 data: expert trajectories for SFT, as JSONL of `Trajectory.to_dict()` + `key`.
 
-- alfworld: alfworld's handcoded expert plays every game of the split through the episode runner
-  (real observations); thoughts are templated by action kind (`eval_agent.expert_data`); only won
-  games are kept. Works on the generated games and on the official ones (`--data_root`).
-- virtualhome: the expert trajectories `scripts/make_vh_tasks.py` wrote (`vh_<split>_trajectories.jsonl`
-  under the data root), checked and copied.
-
-Writes RUN_DIR's expert data of the split (eval_agent/layout.py), or --out. Resumable: keys already
-written are skipped; a failed game is retried on the next run (the expert is deterministic, so it fails
-again, and is counted). `--export` also writes the published `alfworld_sft.json` format (a JSON list of
-id / game_file / conversations).
+ALFWorld: alfworld's handcoded expert plays every game of the split through the episode runner (real
+observations, templated thoughts, only won games kept). VirtualHome: the expert trajectories
+scripts/make_vh_tasks.py wrote, checked and copied. Writes the run directory's expert data (or --out);
+resumable. `--export` also writes the published alfworld_sft.json format. docs/sft.md has the details.
 
     python -m sft.make_expert_data --task_family alfworld --split train --run_dir outputs/alfworld
 """
