@@ -238,9 +238,12 @@ class Lock:
                 created = False
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except BlockingIOError:  # a live holder; or, on a file just created, a run checking it
+                holder = self._holder()
+                if created:
+                    self.path.unlink()
                 os.close(fd)
-                raise self._held(self._holder()) from None
+                raise self._held(holder) from None
             try:
                 if os.fstat(fd).st_ino != os.stat(self.path).st_ino:  # released and removed meanwhile
                     os.close(fd)

@@ -88,16 +88,16 @@ def test_pipeline_both_envs_killed_and_resumed(tmp_path, tiny_model_dir):
     # 3. another N: expert data, SFT and step records are kept; MC and data collection rerun, their old results
     # moved aside; reinforced training and its evaluations rerun exactly when the training set came out otherwise
     # (inputs are known by content); the base and SFT evaluations are the same runs and are skipped
-    run = run_dir_of(root, "alfworld")
+    run = run_dir_of(root, "virtualhome")  # the faster engine
     records = len(read_step_records(run.steps("expert")))
-    third = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=REPO, env={**env, "TASK_FAMILY": "alfworld",
+    third = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=REPO, env={**env, "TASK_FAMILY": "virtualhome",
                            "N": str(N + 1)}, capture_output=True, text=True, timeout=1200)
     out = third.stdout + third.stderr
     assert third.returncode == 0, out[-4000:]
     train_changed = run.train_set.read_text() != (run.root / "data_collection.old" / "train.jsonl").read_text()
     rerun = ("mc", "data_collection") + (("steca", "eval") if train_changed else ())
     for stage in STAGES:
-        assert (f"alfworld: {stage}: done, skipped" in out) == (stage not in rerun), stage
+        assert (f"virtualhome: {stage}: done, skipped" in out) == (stage not in rerun), stage
         assert (f"== {stage}: changed since it completed" in out) == (stage in rerun), stage
     assert "rollouts_expert.jsonl: n: 2 -> 3" in out
     assert len(keys(run.rollouts("expert"))) == (N + 1) * records
