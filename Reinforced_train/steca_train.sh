@@ -21,7 +21,9 @@ BETA=${BETA:-0}                           # DPO term weight; 0 = weighted NLL of
 REF_MODEL=${REF_MODEL:-}                  # frozen reference for BETA > 0; empty = MODEL
 NLL=${NLL:-sum}                           # sum (the original: log-probs summed per sequence) | mean (per token)
 MAX_LEN=${MAX_LEN:-4096}                  # longer sequences lose whole trailing turns
-PRECISION=${PRECISION:-auto}              # auto = bf16 on a GPU that has it (+ tf32), else fp32 | bf16 | fp32
+PRECISION=${PRECISION:-auto}              # auto = bf16 autocast on a GPU that has it (+ tf32), else fp32 | bf16 | fp32
+SAVE_DTYPE=${SAVE_DTYPE:-}                # dtype of the saved model; empty = bf16 after bf16 training, else fp32
+REPORT_TO=${REPORT_TO:-}                  # none | tensorboard | wandb; empty = tensorboard when installed
 GRAD_CKPT=${GRAD_CKPT:-1}                 # activation (gradient) checkpointing
 ATTN=${ATTN:-}                            # e.g. flash_attention_2 on GPUs; empty = transformers' default
 SAVE=${SAVE:-epoch}                       # checkpoint every epoch (a rerun resumes from the last) | no
@@ -35,12 +37,14 @@ args=(--model_name_or_path "$MODEL" --data "$DATA" --beta "$BETA" --nll_reductio
       --learning_rate "$LR" --num_train_epochs "$EPOCHS" --global_batch_size "$BATCH"
       --per_device_train_batch_size "$MICRO_BATCH" --lr_scheduler_type "$SCHEDULER" --warmup_steps "$WARMUP"
       --weight_decay "$WEIGHT_DECAY" --model_max_length "$MAX_LEN" --precision "$PRECISION"
-      --save_strategy "$SAVE" --save_total_limit 1 --logging_steps 1 --seed "$SEED" --report_to none
+      --save_strategy "$SAVE" --save_total_limit 1 --logging_steps 1 --seed "$SEED"
       --output_dir "$OUT")
 [ -n "$CHAT_FORMAT" ] && args+=(--chat_format "$CHAT_FORMAT")
 [ -n "$REF_MODEL" ] && args+=(--ref_model "$REF_MODEL")
 [ "$GRAD_CKPT" = 1 ] && args+=(--activation_checkpointing)
 [ -n "$ATTN" ] && args+=(--attn_implementation "$ATTN")
+[ -n "$SAVE_DTYPE" ] && args+=(--save_dtype "$SAVE_DTYPE")
+[ -n "$REPORT_TO" ] && args+=(--report_to "$REPORT_TO")
 
 source scripts/train_launch.sh
 launch_training Reinforced_train.train "${args[@]}" "$@"

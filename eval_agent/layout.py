@@ -10,6 +10,7 @@ spelled out; stages take `--run_dir` and ask a `RunDir` for their paths (an expl
       steca/model/                   the STeCa model (stage 4); steca/config.json
       eval/<label>/<split>/          one evaluation (stage 5): tasks/, summary.json, config.json
       pipeline/<stage>.done          the pipeline's record of a completed stage
+      tracking.json                  the experiment tracker of the run (eval_agent.tracking)
 
 A pipeline run over several task families keeps one RUN_DIR per family under RUN_ROOT (`run_dir_of`),
 and the report beside them (`report_dir`).
@@ -81,6 +82,11 @@ class RunDir:
 
     def evaluation(self, label: str, split: str) -> Path:
         return self.eval / label / split
+
+    # the tracker the training stages chose (eval_agent.tracking), for the stages without a Trainer
+    @property
+    def tracking(self) -> Path:
+        return self.root / "tracking.json"
 
     # the pipeline's stage markers
     @property

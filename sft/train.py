@@ -24,16 +24,16 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
 from eval_agent.envs import REGISTRY, get_task_family
 from eval_agent.expert_data import load_expert_data
 from eval_agent.prompts import PromptBuilder
 from eval_agent.run_card import write_run_card
-from eval_agent.training import (PadCollator, configure_training_args, encode_conversation, pad_token_id,
-                                 sft_messages, train_and_save)
+from eval_agent.training import (PadCollator, check_master_weights, configure_training_args, encode_conversation,
+                                 load_for_training, pad_token_id, save_dtype, sft_messages, train_and_save,
+                                 training_parser)
 
 log = logging.getLogger("sft.train")
 
@@ -48,7 +48,9 @@ class SFTArguments:
     icl: int = field(default=0, metadata={"help": "1: put the one-shot example into training prompts (the original trains without)"})
     model_max_length: int = field(default=4096, metadata={"help": "tokens per example; longer ones lose whole trailing turns"})
     global_batch_size: int = field(default=16, metadata={"help": "examples per optimizer step over all processes"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU that has it, else fp32) | bf16 "
+                                                             "| fp32; weights and optimizer stay fp32"})
+    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved model: auto (bf16 after bf16 training) | bf16 | fp32"})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. flash_attention_2; default: transformers' choice"})
 
 
@@ -77,10 +79,10 @@ def encode_dataset(args: SFTArguments, tokenizer, chat_format: ChatFormat) -> tu
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((SFTArguments, TrainingArguments))
-    args, targs = parser.parse_args_into_dataclasses(args=argv)
+    args, targs = training_parser(SFTArguments, TrainingArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    targs = configure_training_args(targs, args.global_batch_size, args.precision)
+    targs = configure_training_args(targs, args.global_batch_size, args.precision, stage="sft")
+    dtype = save_dtype(args.save_dtype, targs)
     out = Path(targs.output_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
@@ -93,14 +95,12 @@ def main(argv: list[str] | None = None) -> dict:
              args.data, stats["rows_in"], stats["rows_out"], stats["truncated"], stats["skipped_too_long"],
              stats["tokens"], stats["trained_tokens"])
 
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path, dtype=torch.bfloat16 if targs.bf16 else torch.float32,
-        attn_implementation=args.attn_implementation,
-    )
-    model.config.use_cache = False  # no generation while training; activation checkpointing needs it off
+    model = load_for_training(args.model_name_or_path, args.attn_implementation)
+    check_master_weights(model, targs)
     trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=PadCollator(pad_token_id(tokenizer)),
                       processing_class=tokenizer)
-    return train_and_save(trainer, tokenizer, fmt_name, {**stats, "global_batch_size": args.global_batch_size}, log)
+    return train_and_save(trainer, tokenizer, fmt_name, {**stats, "global_batch_size": args.global_batch_size}, log,
+                          dtype)
 
 if __name__ == "__main__":
     main()
