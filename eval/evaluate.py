@@ -22,6 +22,7 @@ from eval_agent.llm import BackendUnavailable
 from eval_agent.run_card import write_run_card
 from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, add_model_args, run_episodes
 from eval_agent.store import write_json
+from eval_agent.tracking import find_run_dir, log_summary
 from eval_agent.trajectory import Trajectory
 
 log = logging.getLogger("eval")
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         traj.meta.setdefault("task_type", t.meta.get("task_type", "unknown"))
     summary = {**summarize(args.task_family, args.split, trajs), "run": asdict(stats), "run_card": card}
     write_json(out / "summary.json", summary)
+    log_summary(find_run_dir(out), f"eval/{out.parent.name}/{out.name}", {k: v for k, v in summary.items()
+                                                                         if k != "run_card"}, out)
     log.info(
         "%s/%s: success %.3f, avg reward %.3f, avg steps %.1f over %d tasks (%d run now in %.1fs)",
         args.task_family, args.split, summary["success_rate"], summary["avg_reward"], summary["avg_steps"],

@@ -76,11 +76,18 @@ def _numbers(figures: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def log_summary(run_dir: str | Path, stage: str, figures: dict[str, Any], stage_dir: str | Path) -> list[str]:
+def find_run_dir(out: str | Path, levels: int = 3) -> Path | None:
+    """The run directory above a stage's output folder (e.g. RUN_DIR/eval/<label>/<split>): the nearest of it
+    and its `levels` parents that holds a tracking record; None outside a tracked run."""
+    out = Path(out).resolve()
+    return next((d for d in [out, *out.parents][: levels + 1] if RunDir(d).tracking.is_file()), None)
+
+
+def log_summary(run_dir: str | Path | None, stage: str, figures: dict[str, Any], stage_dir: str | Path) -> list[str]:
     """Log the numeric figures of a stage's summary to the trackers RUN_DIR/tracking.json names; returns them.
     TensorBoard events go to `stage_dir`/tensorboard, a wandb run joins the run directory's group."""
-    record = RunDir(run_dir).tracking
-    if not record.is_file():
+    record = RunDir(run_dir).tracking if run_dir is not None else None
+    if record is None or not record.is_file():
         return []
     config = json.loads(record.read_text())
     numbers = _numbers(figures)

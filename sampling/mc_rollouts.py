@@ -29,6 +29,7 @@ from eval_agent.run_card import write_run_card
 from eval_agent.records import Rollout, StepRecord, read_step_records, rollout_key
 from eval_agent.runner import Episode, run_episodes
 from eval_agent.store import BadRecord, JsonlStore
+from eval_agent.tracking import log_summary
 from sampling.expert_tasks import (add_common_args, build_policy, check_shards, kinds, log, mc_dir, out_path, shard_of,
                              steps_dir)
 
@@ -119,10 +120,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         expected = len(records) * args.n
         summary[kind] = {"records_in": len(records), "rollouts_expected": expected, "skipped_done": expected - copied - len(jobs),
                          "copied_from_done_records": copied, "rolled_out": len(store) - before - copied,
+                         "success_rate": sum(r["success"] for r in store.records.values()) / max(1, len(store)),
                          "seconds": round(time.perf_counter() - t0, 1), "out": str(path)}
         log.info("rollouts_%s: %d step records x %d = %d rollouts: %d done before, %d copied from finished records, "
                  "%d rolled out now in %.1fs -> %s", kind, len(records), args.n, expected, summary[kind]["skipped_done"],
                  copied, summary[kind]["rolled_out"], summary[kind]["seconds"], path)
+    log_summary(args.run_dir, "mc", summary, mc_dir(args.run_dir))
     return summary
 
 

