@@ -1,0 +1,236 @@
+"""The Python side of scripts/gpu_smoke.sh: the smoke model, the reinforced-training rows, waiting for a
+server, and the final check with its figures (which also reloads the SFT folders and generates from them).
+
+    python scripts/gpu_smoke.py model --tokenizer models/SmolLM2-135M-Instruct --size 0.5b --out OUT/base
+    python scripts/gpu_smoke.py rows --expert RUN/sft/expert_train.jsonl --steps RUN/sampling/steps_explore.jsonl --out rows.jsonl
+    python scripts/gpu_smoke.py wait-url FILE --pid PID [--timeout 180]
+    python scripts/gpu_smoke.py check OUT --device cuda [--peak_tflops 989]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Llama-architecture shapes built on the spot with the SmolLM2 tokenizer (49,152 tokens, tied embeddings).
+SIZES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "0.5b": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
+                 num_key_value_heads=4),  # ~0.48B parameters, head_dim 128 (vLLM's kernels take it)
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=16,
+               num_key_value_heads=4),  # ~1.0B
+}
+# Dense bf16 peak of one GPU (no sparsity), by a piece of its name; --peak_tflops overrides.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+
+
+def make_model(tokenizer_dir: str, size: str, out: str, seed: int = 0) -> Path:
+    """A randomly initialised Llama of `size` with the tokenizer (and chat template) of `tokenizer_dir`, fp32."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad, **SIZES[size])
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"{size} Llama, {model.num_parameters() / 1e6:.1f}M parameters -> {out}")
+    return Path(out)
+
+
+def reinforced_rows(expert: str, steps: str, out: str) -> int:
+    """Training rows in data_collection's format from the expert trajectories (chosen) and the policy's own
+    greedy episodes from step 0 (rejected): the smoke skips data collection (its embedding model is ~90 MB)."""
+    from eval_agent.expert_data import load_expert_data
+    from eval_agent.store import read_jsonl
+    from eval_agent.trajectory import Trajectory
+
+    explored = {r["expert_key"]: Trajectory.from_dict(r["trajectory"]) for r in read_jsonl(steps)
+                if r["t"] == 0 and r.get("trajectory") and r["trajectory"]["steps"]}
+    rows = []
+    for traj in load_expert_data(expert):
+        policy = explored.get(traj.meta.get("key"))
+        if policy is None:
+            continue
+        instruction = traj.meta.get("instruction") or "Solve the task."
+        chosen, rejected = traj.to_conversation(instruction), policy.to_conversation(instruction)
+        rows.append({"key": traj.meta["key"], "prompt": chosen[:3], "chosen": chosen[3:], "rejected": rejected[3:],
+                     "reward": 1.0})
+    if not rows:
+        raise SystemExit(f"error: no expert trajectory of {expert} has an explored episode in {steps}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{len(rows)} reinforced-training rows -> {out}")
+    return len(rows)
+
+
+def wait_url(path: str, pid: int, timeout: float) -> str:
+    """The base URL serve_hf prints ("serving ... URL") once /health answers; fails if the server exits."""
+    deadline = time.monotonic() + timeout
+    url = None
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            raise SystemExit(f"error: the server (pid {pid}) exited during startup") from None
+        lines = [line for line in Path(path).read_text().splitlines() if line.startswith("serving ")] \
+            if Path(path).exists() else []
+        url = url or (lines[0].split()[-1] if lines else None)
+        if url:
+            try:
+                with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return url
+            except OSError:
+                pass
+        time.sleep(0.2)  # poll interval
+    raise SystemExit(f"error: no healthy server within {timeout:.0f} s")
+
+
+def generate(model_dir: str, dtype: str, tokens: int = 8) -> str:
+    """Reload a trained folder as the next stage would and generate greedily in its recorded chat format."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval_agent.chat_format import ChatFormat, resolve_chat_format
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
+    if str(model.dtype).removeprefix("torch.") != dtype:
+        raise SystemExit(f"error: {model_dir} loads as {model.dtype}, expected {dtype}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    name = resolve_chat_format(model_dir, None)
+    prompt = ChatFormat(name, tokenizer if name == "template" else None).render(
+        [{"role": "user", "content": "Your task is to: put a mug in the desk."}])
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+    out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    if out.shape[1] != ids.shape[1] + tokens:
+        raise SystemExit(f"error: generated {out.shape[1] - ids.shape[1]} tokens, expected {tokens}")
+    text = tokenizer.decode(out[0, ids.shape[1]:])
+    print(f"{model_dir}: {model.dtype} on {device}, chat format {name}, generated {tokens} tokens: {text!r}")
+    return text
+
+
+def peak_tflops(device_name: str, given: float | None) -> float | None:
+    if given:
+        return given
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+
+
+def check(out: Path, device: str, given_peak: float | None) -> dict:
+    """Every stage's output is there and counted right; the training figures (peak GPU memory, tokens/s,
+    model FLOPs utilisation = 6 x parameters x tokens/s over the GPUs' bf16 peak) go to OUT/figures.json."""
+    import torch
+
+    plan = json.loads((out / "plan.json").read_text())
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    peak = peak_tflops(name, given_peak) if device == "cuda" else None
+    problems, training = [], []
+    for stage in plan["training"]:
+        path = out / stage["folder"] / "train_summary.json"
+        if not path.is_file():
+            problems.append(f"{stage['name']}: no {path}")
+            continue
+        s = json.loads(path.read_text())
+        tflops = 6 * s["parameters"] * s["tokens_per_s"] / 1e12
+        row = {"stage": stage["name"], "launcher": stage["launcher"], "optimizer_steps": s["optimizer_steps"],
+               "train_seconds": s["train_seconds"], "tokens_per_s": s["tokens_per_s"], "peak_gpu_mib": s["peak_gpu_mib"],
+               "model_tflops": round(tflops, 2),
+               "mfu": round(tflops / (peak * s["world_size"]), 4) if peak else None,
+               "saved_dtype": s["saved_dtype"], "precision": s["precision"], "resumed_from": s["resumed_from"],
+               "chat_format": s["chat_format"]}
+        training.append(row)
+        if s["saved_dtype"] != plan["saved_dtype"]:
+            problems.append(f"{stage['name']}: saved {s['saved_dtype']}, expected {plan['saved_dtype']}")
+        if stage.get("resumed") and not s["resumed_from"]:
+            problems.append(f"{stage['name']}: did not resume")
+        if s["chat_format"] != "llama-2":
+            problems.append(f"{stage['name']}: chat format {s['chat_format']}")
+        if stage.get("beta") and not any("margin" in h for h in s["log_history"]):
+            problems.append(f"{stage['name']}: beta > 0 logged no preference margin")
+        if stage.get("generate"):
+            generate(str(out / stage["folder"]), plan["saved_dtype"])  # raises if it does not reload or generate
+    counts = {}
+    for run in plan["sampling"]:
+        root = out / run["run_dir"]
+        got = {}
+        for kind in ("expert", "explore"):
+            steps = root / "sampling" / f"steps_{kind}.jsonl"
+            got[f"steps_{kind}"] = sum(1 for _ in steps.open()) if steps.is_file() else 0
+        if run.get("mc"):
+            rollouts = root / "sampling" / "mc" / "rollouts_explore.jsonl"
+            got["rollouts_explore"] = sum(1 for _ in rollouts.open()) if rollouts.is_file() else 0
+            if got["rollouts_explore"] != got["steps_explore"] * plan["n"]:
+                problems.append(f"{run['name']}: {got['rollouts_explore']} rollouts for {got['steps_explore']} "
+                                f"records x {plan['n']}")
+        if run.get("eval"):
+            summary = root / run["eval"] / "summary.json"
+            got["eval_tasks"] = json.loads(summary.read_text())["num_tasks"] if summary.is_file() else 0
+            if got["eval_tasks"] != plan["eval_limit"]:
+                problems.append(f"{run['name']}: evaluated {got['eval_tasks']} tasks, expected {plan['eval_limit']}")
+        if not got["steps_explore"] or (run.get("expert", True) and not got["steps_expert"]):
+            problems.append(f"{run['name']}: no step records ({got})")
+        counts[run["name"]] = got
+    figures = {"device": name, "peak_bf16_tflops": peak, "training": training, "sampling": counts,
+               "skipped": plan.get("skipped", []), "problems": problems}
+    (out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"{'stage':<22}{'launcher':<10}{'steps':>6}{'seconds':>9}{'tokens/s':>11}{'peak GPU MiB':>14}{'MFU':>8}")
+    for r in training:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mem = r["peak_gpu_mib"] if r["peak_gpu_mib"] is not None else "n/a"
+        print(f"{r['stage']:<22}{r['launcher']:<10}{r['optimizer_steps']:>6}{r['train_seconds']:>9}"
+              f"{r['tokens_per_s']:>11}{mem:>14}{mfu:>8}")
+    for run, got in counts.items():
+        print(f"{run}: " + ", ".join(f"{k} {v}" for k, v in got.items()))
+    for reason in plan.get("skipped", []):
+        print(f"skipped: {reason}")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("model")
+    m.add_argument("--tokenizer", required=True)
+    m.add_argument("--size", choices=sorted(SIZES), default="0.5b")
+    m.add_argument("--out", required=True)
+    r = sub.add_parser("rows")
+    r.add_argument("--expert", required=True)
+    r.add_argument("--steps", required=True)
+    r.add_argument("--out", required=True)
+    w = sub.add_parser("wait-url")
+    w.add_argument("file")
+    w.add_argument("--pid", type=int, required=True)
+    w.add_argument("--timeout", type=float, default=180)
+    c = sub.add_parser("check")
+    c.add_argument("out")
+    c.add_argument("--device", choices=("cuda", "cpu"), required=True)
+    c.add_argument("--peak_tflops", type=float, help="bf16 peak of one GPU; default: by the GPU's name")
+    a = p.parse_args(argv)
+    if a.cmd == "model":
+        make_model(a.tokenizer, a.size, a.out)
+    elif a.cmd == "rows":
+        reinforced_rows(a.expert, a.steps, a.out)
+    elif a.cmd == "wait-url":
+        print(wait_url(a.file, a.pid, a.timeout))
+    else:
+        check(Path(a.out), a.device, a.peak_tflops)
+
+
+if __name__ == "__main__":
+    main()
