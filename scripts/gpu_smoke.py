@@ -20,35 +20,22 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# Llama-architecture shapes built on the spot with the SmolLM2 tokenizer (49,152 tokens, tied embeddings).
-SIZES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "0.5b": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
-                 num_key_value_heads=4),  # ~0.48B parameters, head_dim 128 (vLLM's kernels take it)
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=16,
-               num_key_value_heads=4),  # ~1.0B
-}
+from eval_agent.smollm2 import LLAMA_SIZES  # noqa: E402  (after the path is set)
+
 # Dense bf16 peak of one GPU (no sparsity), by a piece of its name; --peak_tflops overrides.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
 
 
-def make_model(tokenizer_dir: str, size: str, out: str, seed: int = 0) -> Path:
-    """A randomly initialised Llama of `size` with the tokenizer (and chat template) of `tokenizer_dir`, fp32."""
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+def make_model(tokenizer_dir: str, size: str, out: str) -> Path:
+    """The smoke model: a randomly initialised fp32 Llama of `size` with the tokenizer of `tokenizer_dir`."""
+    from transformers import AutoConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad, **SIZES[size])
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    print(f"{size} Llama, {model.num_parameters() / 1e6:.1f}M parameters -> {out}")
-    return Path(out)
+    from eval_agent.smollm2 import make_tiny_model
+
+    path = make_tiny_model(tokenizer_dir, out, size=size)
+    config = AutoConfig.from_pretrained(path)
+    print(f"{size} Llama ({config.num_hidden_layers} layers, {config.hidden_size} wide) -> {path}")
+    return path
 
 
 def reinforced_rows(expert: str, steps: str, out: str) -> int:
@@ -207,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("model")
     m.add_argument("--tokenizer", required=True)
-    m.add_argument("--size", choices=sorted(SIZES), default="0.5b")
+    m.add_argument("--size", choices=sorted(LLAMA_SIZES), default="0.5b")
     m.add_argument("--out", required=True)
     r = sub.add_parser("rows")
     r.add_argument("--expert", required=True)
