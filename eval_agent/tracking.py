@@ -23,6 +23,14 @@ from eval_agent.store import write_json
 TRACKERS = ("tensorboard", "wandb")
 WANDB_PROJECT = "steca"  # WANDB_PROJECT overrides it
 log = logging.getLogger("eval_agent.tracking")
+_set_here: dict[str, str] = {}  # the environment variables this module set, and to what
+
+
+def _set_env(name: str, value: str) -> None:
+    """Set `name` (read by transformers' callbacks) unless the user did: a value set here before is replaced, so
+    a second stage in the same process gets its own."""
+    if name not in os.environ or os.environ[name] == _set_here.get(name):
+        os.environ[name] = _set_here[name] = value
 
 
 def installed(tracker: str) -> bool:
@@ -54,11 +62,11 @@ def configure_tracking(targs, stage: str):
     report_to = resolve_report_to(targs.report_to)
     name = f"{run.root.resolve().name}/{stage}"
     if "tensorboard" in report_to:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(stage_dir / "tensorboard"))
+        _set_env("TENSORBOARD_LOGGING_DIR", str(stage_dir / "tensorboard"))
     if "wandb" in report_to:
-        os.environ.setdefault("WANDB_PROJECT", WANDB_PROJECT)
-        os.environ.setdefault("WANDB_RUN_GROUP", run.root.resolve().name)
-        os.environ.setdefault("WANDB_JOB_TYPE", stage)
+        _set_env("WANDB_PROJECT", WANDB_PROJECT)
+        _set_env("WANDB_RUN_GROUP", run.root.resolve().name)
+        _set_env("WANDB_JOB_TYPE", stage)
     run_name = targs.run_name if targs.run_name not in (None, targs.output_dir) else name
     if targs.process_index == 0 and report_to:
         write_json(run.tracking, {"report_to": report_to, "run": run.root.resolve().name})

@@ -4,12 +4,21 @@ evaluation) logged to the same run; nothing logged where no tracker is configure
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from eval_agent.layout import RunDir
 from eval_agent.tracking import find_run_dir, installed, log_summary, resolve_report_to
+
+
+@pytest.fixture(autouse=True)
+def tracker_env(monkeypatch):
+    """The variables configure_tracking sets for transformers' callbacks are put back after each test."""
+    for name in ("TENSORBOARD_LOGGING_DIR", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_JOB_TYPE"):
+        monkeypatch.setenv(name, "recorded")  # so that the teardown restores the state before the test
+        monkeypatch.delenv(name)
 
 
 def scalars(folder: Path) -> dict[str, float]:
@@ -66,3 +75,25 @@ def test_training_and_summaries_report_to_one_tensorboard_run(tmp_path, tiny_mod
         "success_rate": 0.5}}}, out) == ["tensorboard"]
     assert scalars(out / "tensorboard") == {"eval/sft/seen/success_rate": 1.0,
                                              "eval/sft/seen/per_task_type/a/success_rate": 0.5}
+
+
+def test_wandb_offline_groups_the_stages_of_a_run(tmp_path, tiny_model_dir, monkeypatch):
+    """wandb (not pinned; skipped where it is not installed) in offline mode: the training stage and the MC
+    summary are runs of one group named after the run directory."""
+    pytest.importorskip("wandb")
+    from Reinforced_train.train import main
+    from tests.test_reinforced_train import ROWS, write_jsonl
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = RunDir(tmp_path / "wrun")
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    main(["--model_name_or_path", str(tiny_model_dir), "--data", str(data), "--output_dir", str(run.steca_model),
+          "--global_batch_size", "2", "--per_device_train_batch_size", "2", "--precision", "fp32", "--max_steps", "1",
+          "--save_strategy", "no", "--logging_steps", "1", "--report_to", "wandb"])
+    assert json.loads(run.tracking.read_text()) == {"report_to": ["wandb"], "run": "wrun"}
+    assert os.environ["WANDB_RUN_GROUP"] == "wrun" and os.environ["WANDB_PROJECT"] == "steca"
+    assert log_summary(run.root, "mc", {"explore": {"success_rate": 0.5}}, run.mc) == ["wandb"]
+    offline = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2  # the training run and the MC summary's
