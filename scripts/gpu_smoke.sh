@@ -54,9 +54,11 @@ export VH_DATA=${VH_DATA:-$ROOT/data/virtualhome}
 if [ "$DEVICE" = cpu ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   SIZE=${SIZE:-tiny}; ROWS=2; MAX_LEN=512; BATCH=1; MICRO=1; LIMIT=1; MAX_STEPS=4; NEW_TOKENS=8; N=2; EVAL_LIMIT=1
+  HTTP_STEPS=4; HTTP_TOKENS=8
   SAVED_DTYPE=float32; PRECISION=fp32
 else
   SIZE=${SIZE:-0.5b}; ROWS=8; MAX_LEN=2048; BATCH=4; MICRO=2; LIMIT=2; MAX_STEPS=10; NEW_TOKENS=32; N=2; EVAL_LIMIT=4
+  HTTP_STEPS=4; HTTP_TOKENS=16  # serve_hf answers one request at a time: the HTTP path, not throughput
   SAVED_DTYPE=bfloat16; PRECISION=auto
 fi
 PY=$PYTHON
@@ -167,12 +169,13 @@ CURRENT=serve_hf
 SERVER_PID=$!
 "$PY" scripts/gpu_smoke.py wait-url "$HTTP/serve_hf.out" --pid "$SERVER_PID" > "$HTTP/endpoints.txt"
 echo "[gpu_smoke] serve_hf up at $(cat "$HTTP/endpoints.txt")"
-http=(--backend openai --endpoints "$HTTP/endpoints.txt" --model "$SFT")
-step steps_http "$PY" -m sampling.generate_steps "${sample[@]}" --kind both --expert_data "$EXPERT" --limit "$LIMIT" \
+http=(--backend openai --endpoints "$HTTP/endpoints.txt" --model "$SFT" --max_steps "$HTTP_STEPS"
+      --max_new_tokens "$HTTP_TOKENS")
+step steps_http "$PY" -m sampling.generate_steps "${sample[@]}" --kind both --expert_data "$EXPERT" --limit 1 \
   --run_dir "$HTTP" "${http[@]}"
 step mc_http "$PY" -m sampling.mc_rollouts "${sample[@]}" --kind explore --n "$N" --run_dir "$HTTP" "${http[@]}"
-step eval_http "$PY" -m eval.evaluate --task virtualhome --split seen --limit "$EVAL_LIMIT" --max_steps "$MAX_STEPS" \
-  --max_new_tokens "$NEW_TOKENS" --out "$HTTP/eval/sft/seen" "${http[@]}"
+step eval_http "$PY" -m eval.evaluate --task virtualhome --split seen --limit "$EVAL_LIMIT" --out "$HTTP/eval/sft/seen" \
+  "${http[@]}"
 kill -TERM "$SERVER_PID" && wait "$SERVER_PID" || true
 SERVER_PID=
 
@@ -190,7 +193,7 @@ elif ! "$VLLM_PY" -c "import vllm" > /dev/null 2>&1; then
 else
   step steps_vllm env MODEL="$SFT" VLLM_PY="$VLLM_PY" ENDPOINTS_FILE="$OUT/vllm/endpoints.txt" \
     LOG_DIR="$OUT/vllm/logs" BASE_PORT=${VLLM_PORT:-8400} NUM_REPLICAS=1 MAX_MODEL_LEN=4096 \
-    GPU_MEMORY_UTILIZATION=0.5 bash scripts/serve_vllm.sh -- "$PY" -m sampling.generate_steps "${sample[@]}" \
+    GPU_MEMORY_UTILIZATION=0.5 EXTRA_ARGS=--enforce-eager bash scripts/serve_vllm.sh -- "$PY" -m sampling.generate_steps "${sample[@]}" \
     --kind explore --expert_data "$EXPERT" --limit "$LIMIT" --run_dir "$OUT/vllm" --backend openai \
     --endpoints "$OUT/vllm/endpoints.txt" --model "$SFT"
   SAMPLING_RUNS+=('{"name": "vllm", "run_dir": "vllm", "expert": false}')
