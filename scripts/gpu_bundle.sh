@@ -19,12 +19,14 @@ PYTHON=${PYTHON:-.venv/bin/python}
 
 # What the smoke imports beyond torch, transformers and accelerate, pinned as in requirements*.txt:
 # transformers itself (the machine's may be older than the 5.24 the code targets), DeepSpeed (ZeRO-3) and
-# the parts of its requirements such a machine lacks (pydantic, hjson), openai for the HTTP backend, FastChat
-# for the llama-2 format (only fastchat.conversation is imported: --no-deps keeps its web stack out), and the
-# VirtualHome simulator with its scene data.
-PURE=(transformers==5.24.0 fschat==0.2.36 openai==3.57.0 pydantic==2.14.4 annotated-types==0.8.0
-      typing-inspection==0.4.5 distro==1.9.0 sniffio==1.3.1 hjson==3.1.0 virtualhome==2.3.0 virtualhome-eval==0.1.1)
-BINARY=(pydantic-core==2.50.5 jiter==0.19.0)  # compiled: fetched for PY_VERSION and PLATFORM
+# the parts of its requirements such a machine lacks (pydantic, hjson), openai for the HTTP backend with its
+# httpx2 stack, FastChat for the llama-2 format (only fastchat.conversation is imported: --no-deps keeps its
+# web stack out), the VirtualHome simulator with its scene data, and the floors of transformers 5.24 and
+# pydantic 2.14 that an older image may miss (regex >= 2025.10.22, typing-extensions >= 4.16).
+PURE=(transformers==5.24.0 fschat==0.2.36 openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5
+      pydantic==2.14.4 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 distro==1.9.0
+      sniffio==1.3.1 hjson==3.1.0 virtualhome==2.3.0 virtualhome-eval==0.1.1)
+BINARY=(pydantic-core==2.50.5 jiter==0.19.0 regex==2026.11.19)  # compiled: fetched for PY_VERSION and PLATFORM
 DEEPSPEED=deepspeed==0.19.8                   # an sdist on PyPI: built here into a pure-Python wheel
 
 [ -f "$TOKENIZER/tokenizer.json" ] || { echo "error: no tokenizer in $TOKENIZER: run bash scripts/setup.sh" >&2; exit 1; }
