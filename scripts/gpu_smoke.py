@@ -2,7 +2,7 @@
 server, and the final check with its figures (which also reloads the SFT folders and generates from them).
 
     python scripts/gpu_smoke.py model --tokenizer models/SmolLM2-135M-Instruct --size 0.5b --out OUT/base
-    python scripts/gpu_smoke.py rows --expert RUN/sft/expert_train.jsonl --steps RUN/sampling/steps_explore.jsonl --out rows.jsonl
+    python scripts/gpu_smoke.py rows --run_dir RUN
     python scripts/gpu_smoke.py wait-url FILE --pid PID [--timeout 180]
     python scripts/gpu_smoke.py check OUT --device cuda [--peak_tflops 989]
 """
@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from eval_agent.smollm2 import LLAMA_SIZES  # noqa: E402  (after the path is set)
+from eval_agent.layout import RunDir  # noqa: E402  (after the path is set)
+from eval_agent.smollm2 import LLAMA_SIZES  # noqa: E402
 
 # Dense bf16 peak of one GPU (no sparsity), by a piece of its name; --peak_tflops overrides.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
@@ -38,13 +39,14 @@ def make_model(tokenizer_dir: str, size: str, out: str) -> Path:
     return path
 
 
-def reinforced_rows(expert: str, steps: str, out: str) -> int:
-    """Training rows in data_collection's format from the expert trajectories (chosen) and the policy's own
-    greedy episodes from step 0 (rejected): the smoke skips data collection (its embedding model is ~90 MB)."""
+def reinforced_rows(run: RunDir) -> int:
+    """The run's training set in data_collection's format from its expert trajectories (chosen) and the policy's
+    own greedy episodes from step 0 (rejected): the smoke skips data collection (its embedding model is ~90 MB)."""
     from eval_agent.expert_data import load_expert_data
     from eval_agent.store import read_jsonl
     from eval_agent.trajectory import Trajectory
 
+    expert, steps, out = run.expert_data("train"), run.steps("explore"), run.train_set
     explored = {r["expert_key"]: Trajectory.from_dict(r["trajectory"]) for r in read_jsonl(steps)
                 if r["t"] == 0 and r.get("trajectory") and r["trajectory"]["steps"]}
     rows = []
@@ -58,8 +60,8 @@ def reinforced_rows(expert: str, steps: str, out: str) -> int:
                      "reward": 1.0})
     if not rows:
         raise SystemExit(f"error: no expert trajectory of {expert} has an explored episode in {steps}")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{len(rows)} reinforced-training rows -> {out}")
     return len(rows)
 
@@ -127,7 +129,8 @@ def check(out: Path, device: str, given_peak: float | None) -> dict:
     peak = peak_tflops(name, given_peak) if device == "cuda" else None
     problems, training = [], []
     for stage in plan["training"]:
-        path = out / stage["folder"] / "train_summary.json"
+        folder = getattr(RunDir(out / stage["run"]), stage["model"])
+        path = folder / "train_summary.json"
         if not path.is_file():
             problems.append(f"{stage['name']}: no {path}")
             continue
@@ -149,22 +152,22 @@ def check(out: Path, device: str, given_peak: float | None) -> dict:
         if stage.get("beta") and not any("margin" in h for h in s["log_history"]):
             problems.append(f"{stage['name']}: beta > 0 logged no preference margin")
         if stage.get("generate"):
-            generate(str(out / stage["folder"]), plan["saved_dtype"])  # raises if it does not reload or generate
+            generate(str(folder), plan["saved_dtype"])  # raises if it does not reload or generate
     counts = {}
     for run in plan["sampling"]:
-        root = out / run["run_dir"]
+        root = RunDir(out / run["run"])
         got = {}
         for kind in ("expert", "explore"):
-            steps = root / "sampling" / f"steps_{kind}.jsonl"
+            steps = root.steps(kind)
             got[f"steps_{kind}"] = sum(1 for _ in steps.open()) if steps.is_file() else 0
         if run.get("mc"):
-            rollouts = root / "sampling" / "mc" / "rollouts_explore.jsonl"
+            rollouts = root.rollouts("explore")
             got["rollouts_explore"] = sum(1 for _ in rollouts.open()) if rollouts.is_file() else 0
             if got["rollouts_explore"] != got["steps_explore"] * plan["n"]:
                 problems.append(f"{run['name']}: {got['rollouts_explore']} rollouts for {got['steps_explore']} "
                                 f"records x {plan['n']}")
         if run.get("eval"):
-            summary = root / run["eval"] / "summary.json"
+            summary = root.eval_summary(run["eval"], "seen")
             got["eval_tasks"] = json.loads(summary.read_text())["num_tasks"] if summary.is_file() else 0
             if got["eval_tasks"] != plan["eval_limit"]:
                 problems.append(f"{run['name']}: evaluated {got['eval_tasks']} tasks, expected {plan['eval_limit']}")
@@ -197,9 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--size", choices=sorted(LLAMA_SIZES), default="0.5b")
     m.add_argument("--out", required=True)
     r = sub.add_parser("rows")
-    r.add_argument("--expert", required=True)
-    r.add_argument("--steps", required=True)
-    r.add_argument("--out", required=True)
+    r.add_argument("--run_dir", required=True)
     w = sub.add_parser("wait-url")
     w.add_argument("file")
     w.add_argument("--pid", type=int, required=True)
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd == "model":
         make_model(a.tokenizer, a.size, a.out)
     elif a.cmd == "rows":
-        reinforced_rows(a.expert, a.steps, a.out)
+        reinforced_rows(RunDir(a.run_dir))
     elif a.cmd == "wait-url":
         print(wait_url(a.file, a.pid, a.timeout))
     else:

@@ -96,9 +96,9 @@ skip() { SKIPPED+=("$1"); echo "[gpu_smoke] skipped: $1"; }
 
 # --- the machine ---------------------------------------------------------------------------------
 if [ "$DEVICE" = cuda ]; then
-  "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || {
-    echo "gpu_smoke: no usable GPU for $PY ($("$PY" -m eval_agent.doctor 2> /dev/null | grep -m1 cuda_problem || true));" \
-         "run with --cpu on a CPU" >&2; exit 1; }
+  "$PY" -c "import sys; from eval_agent.training import cuda_problem; p = cuda_problem(); p and print(p); sys.exit(bool(p))" \
+    > "$OUT/logs/cuda.log" 2>&1 || {
+    echo "gpu_smoke: no usable GPU for $PY: $(tail -n 1 "$OUT/logs/cuda.log"); run with --cpu on a CPU" >&2; exit 1; }
   "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'[gpu_smoke] {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__} (CUDA {torch.version.cuda})')"
 fi
 HAVE_DS=0
@@ -118,48 +118,46 @@ train() {  # train LAUNCHER MODULE ARGS...
 }
 common_train=(--per_device_train_batch_size "$MICRO" --model_max_length "$MAX_LEN" --precision "$PRECISION"
               --logging_steps 1 --save_strategy epoch --save_total_limit 1 --seed 0)
-sample=(--task virtualhome --split train --max_steps "$MAX_STEPS" --max_new_tokens "$NEW_TOKENS" --concurrency 8)
+sample=(--task_family virtualhome --split train --max_steps "$MAX_STEPS" --max_new_tokens "$NEW_TOKENS" --concurrency 8)
 PLAN_TRAINING=()
 planned() { PLAN_TRAINING+=("$1"); }
+path() { "$PY" -m eval_agent.layout --run_dir "$@"; }  # a path of a run directory (eval_agent/layout.py)
 
-# --- the model and the data ----------------------------------------------------------------------
+# --- the model and the data: run/ is the main run directory, the others hold one variant each ------
 BASE=$OUT/base
 step model "$PY" scripts/gpu_smoke.py model --tokenizer "$TOKENIZER" --size "$SIZE" --out "$BASE"
 RUN=$OUT/run
-EXPERT=$RUN/sft/expert_train.jsonl
-step expert_data "$PY" -m sft.make_expert_data --task virtualhome --limit "$ROWS" --out "$EXPERT"
+step expert_data "$PY" -m sft.make_expert_data --task_family virtualhome --run_dir "$RUN" --limit "$ROWS"
+EXPERT=$(path "$RUN" expert_data train)
+SFT=$(path "$RUN" sft_model)
 
 # --- SFT: FSDP (GPU) or one process (CPU), resumed; ZeRO-3 (the check reloads and generates from both) ---
 SFT_LAUNCHER=single; [ "$FSDP" = 1 ] && SFT_LAUNCHER=fsdp
-sft_args=(--model_name_or_path "$BASE" --data "$EXPERT" --task virtualhome --chat_format llama-2 --learning_rate 1e-4
+sft_args=(--task_family virtualhome --model_name_or_path "$BASE" --chat_format llama-2 --learning_rate 1e-4
           --global_batch_size "$BATCH" "${common_train[@]}")
-step sft_$SFT_LAUNCHER train "$SFT_LAUNCHER" sft.train "${sft_args[@]}" --num_train_epochs 1 --output_dir "$RUN/sft/model"
-step sft_resume train "$SFT_LAUNCHER" sft.train "${sft_args[@]}" --num_train_epochs 2 --output_dir "$RUN/sft/model"
-planned "{\"name\": \"sft_$SFT_LAUNCHER+resume\", \"launcher\": \"$SFT_LAUNCHER\", \"folder\": \"run/sft/model\", \"resumed\": true, \"generate\": true}"
+step sft_$SFT_LAUNCHER train "$SFT_LAUNCHER" sft.train "${sft_args[@]}" --run_dir "$RUN" --num_train_epochs 1
+step sft_resume train "$SFT_LAUNCHER" sft.train "${sft_args[@]}" --run_dir "$RUN" --num_train_epochs 2
+planned "{\"name\": \"sft_$SFT_LAUNCHER+resume\", \"launcher\": \"$SFT_LAUNCHER\", \"run\": \"run\", \"model\": \"sft_model\", \"resumed\": true, \"generate\": true}"
 if [ "$HAVE_DS" = 1 ]; then
-  step sft_zero3 train zero3 sft.train "${sft_args[@]}" --num_train_epochs 1 --output_dir "$OUT/zero3/sft/model"
-  planned '{"name": "sft_zero3", "launcher": "zero3", "folder": "zero3/sft/model", "generate": true}'
+  step sft_zero3 train zero3 sft.train "${sft_args[@]}" --run_dir "$OUT/zero3" --data "$EXPERT" --num_train_epochs 1
+  planned '{"name": "sft_zero3", "launcher": "zero3", "run": "zero3", "model": "sft_model", "generate": true}'
 fi
 
 # --- sampling and evaluation, in process ---------------------------------------------------------
-SFT=$RUN/sft/model
-step steps_hf "$PY" -m sampling.generate_steps "${sample[@]}" --kind both --expert_data "$EXPERT" --limit "$LIMIT" \
-  --model "$SFT" --run_dir "$RUN"
-step mc_hf "$PY" -m sampling.mc_rollouts "${sample[@]}" --kind explore --n "$N" --model "$SFT" --run_dir "$RUN"
+step steps_hf "$PY" -m sampling.generate_steps "${sample[@]}" --kind both --limit "$LIMIT" --run_dir "$RUN"
+step mc_hf "$PY" -m sampling.mc_rollouts "${sample[@]}" --kind explore --n "$N" --run_dir "$RUN"
 
 # --- reinforced training: beta = 0 (ZeRO-3 when there), beta > 0 with the frozen reference (FSDP on GPUs) -----
-step rows "$PY" scripts/gpu_smoke.py rows --expert "$EXPERT" --steps "$RUN/sampling/steps_explore.jsonl" \
-  --out "$RUN/data_collection/train.jsonl"
+step rows "$PY" scripts/gpu_smoke.py rows --run_dir "$RUN"
 RFT_LAUNCHER=single; [ "$HAVE_DS" = 1 ] && RFT_LAUNCHER=zero3
-rft_args=(--model_name_or_path "$SFT" --data "$RUN/data_collection/train.jsonl" --learning_rate 3e-6
-          --global_batch_size "$MICRO" --num_train_epochs 1 "${common_train[@]}")
-step steca_beta0 train "$RFT_LAUNCHER" Reinforced_train.train "${rft_args[@]}" --beta 0 --output_dir "$RUN/steca/model"
-planned "{\"name\": \"steca_beta0\", \"launcher\": \"$RFT_LAUNCHER\", \"folder\": \"run/steca/model\"}"
-step steca_beta0.1 train "$SFT_LAUNCHER" Reinforced_train.train "${rft_args[@]}" --beta 0.1 \
-  --output_dir "$OUT/beta/steca/model"
-planned "{\"name\": \"steca_beta0.1\", \"launcher\": \"$SFT_LAUNCHER\", \"folder\": \"beta/steca/model\", \"beta\": 0.1}"
-step eval_hf "$PY" -m eval.evaluate --task virtualhome --split seen --limit "$EVAL_LIMIT" --max_steps "$MAX_STEPS" \
-  --max_new_tokens "$NEW_TOKENS" --model "$RUN/steca/model" --out "$RUN/eval/steca/seen"
+rft_args=(--learning_rate 3e-6 --global_batch_size "$MICRO" --num_train_epochs 1 "${common_train[@]}")
+step steca_beta0 train "$RFT_LAUNCHER" Reinforced_train.train "${rft_args[@]}" --beta 0 --run_dir "$RUN"
+planned "{\"name\": \"steca_beta0\", \"launcher\": \"$RFT_LAUNCHER\", \"run\": \"run\", \"model\": \"steca_model\"}"
+step steca_beta0.1 train "$SFT_LAUNCHER" Reinforced_train.train "${rft_args[@]}" --beta 0.1 --run_dir "$OUT/beta" \
+  --model_name_or_path "$SFT" --data "$(path "$RUN" train_set)"
+planned "{\"name\": \"steca_beta0.1\", \"launcher\": \"$SFT_LAUNCHER\", \"run\": \"beta\", \"model\": \"steca_model\", \"beta\": 0.1}"
+step eval_hf "$PY" -m eval.evaluate --task_family virtualhome --split seen --limit "$EVAL_LIMIT" --max_steps "$MAX_STEPS" \
+  --max_new_tokens "$NEW_TOKENS" --run_dir "$RUN" --label steca
 
 # --- the same stages over HTTP through serve_hf --------------------------------------------------
 HTTP=$OUT/http
@@ -174,14 +172,14 @@ http=(--backend openai --endpoints "$HTTP/endpoints.txt" --model "$SFT" --max_st
 step steps_http "$PY" -m sampling.generate_steps "${sample[@]}" --kind both --expert_data "$EXPERT" --limit 1 \
   --run_dir "$HTTP" "${http[@]}"
 step mc_http "$PY" -m sampling.mc_rollouts "${sample[@]}" --kind explore --n "$N" --run_dir "$HTTP" "${http[@]}"
-step eval_http "$PY" -m eval.evaluate --task virtualhome --split seen --limit "$EVAL_LIMIT" --out "$HTTP/eval/sft/seen" \
-  "${http[@]}"
+step eval_http "$PY" -m eval.evaluate --task_family virtualhome --split seen --limit "$EVAL_LIMIT" --run_dir "$HTTP" \
+  --label sft "${http[@]}"
 kill -TERM "$SERVER_PID" && wait "$SERVER_PID" || true
 SERVER_PID=
 
 # --- vLLM ----------------------------------------------------------------------------------------
-SAMPLING_RUNS=("{\"name\": \"hf\", \"run_dir\": \"run\", \"mc\": true, \"eval\": \"eval/steca/seen\"}"
-               "{\"name\": \"http\", \"run_dir\": \"http\", \"mc\": true, \"eval\": \"eval/sft/seen\"}")
+SAMPLING_RUNS=('{"name": "hf", "run": "run", "mc": true, "eval": "steca"}'
+               '{"name": "http", "run": "http", "mc": true, "eval": "sft"}')
 VLLM_PY=${VLLM_PY:-$([ -x .venv-vllm/bin/python ] && echo .venv-vllm/bin/python || echo "$PY")}
 if [ "$VLLM" = 0 ]; then
   skip "vLLM: VLLM=0"
@@ -196,7 +194,7 @@ else
     GPU_MEMORY_UTILIZATION=0.5 EXTRA_ARGS=--enforce-eager bash scripts/serve_vllm.sh -- "$PY" -m sampling.generate_steps "${sample[@]}" \
     --kind explore --expert_data "$EXPERT" --limit "$LIMIT" --run_dir "$OUT/vllm" --backend openai \
     --endpoints "$OUT/vllm/endpoints.txt" --model "$SFT"
-  SAMPLING_RUNS+=('{"name": "vllm", "run_dir": "vllm", "expert": false}')
+  SAMPLING_RUNS+=('{"name": "vllm", "run": "vllm", "expert": false}')
 fi
 
 # --- the check and the figures -------------------------------------------------------------------

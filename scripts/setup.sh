@@ -103,7 +103,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
            "remove it ($PY -m pip uninstall -y torch) and rerun bash scripts/setup.sh --gpu" >&2; exit 1; }
     "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || {
       echo "[setup] error: torch $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)') sees no GPU;" \
-           "python -m eval_agent.doctor says why" >&2; exit 1; }
+           "the doctor (eval_agent/doctor.py) says why" >&2; exit 1; }
     "$PY" -c "import deepspeed" > /dev/null 2>&1 || { echo "[setup] error: deepspeed failed to install" >&2; exit 1; }
   fi
   # VirtualHome's evolving-graph simulator and its scene-1 data: their pinned dependencies do not

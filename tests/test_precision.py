@@ -111,8 +111,9 @@ def test_bf16_training_moves_the_fp32_weights_and_saves_bf16(tmp_path, tiny_mode
     data = tmp_path / "sft.json"
     data.write_text(json.dumps(to_published([TRAJ], instruction="Solve the task.", id_prefix="alfworld")))
     out = tmp_path / "sft" / "model"
-    summary = main(["--model_name_or_path", str(tiny_model_dir), "--data", str(data), "--output_dir", str(out),
-                    "--precision", "bf16", "--use_cpu", "--learning_rate", str(LR), "--global_batch_size", "1",
+    summary = main(["--task_family", "alfworld", "--model_name_or_path", str(tiny_model_dir), "--data", str(data),
+                    "--output_dir", str(out), "--precision", "bf16", "--use_cpu", "--learning_rate", str(LR),
+                    "--global_batch_size", "1",
                     "--per_device_train_batch_size", "1", "--num_train_epochs", "1", "--save_strategy", "steps",
                     "--save_steps", "1", "--report_to", "none", "--lr_scheduler_type", "constant"])
     assert summary["precision"] == "bf16 autocast, fp32 weights" and summary["saved_dtype"] == "bfloat16"
