@@ -107,6 +107,7 @@ FSDP=1
 [ "$DEVICE" = cpu ] && FSDP=0 && skip "FSDP: accelerate applies FSDP on GPUs only (SFT and beta > 0 run as one plain process)"
 [ "$HAVE_DS" = 1 ] || skip "ZeRO-3: deepspeed is not installed for $PY (bash scripts/setup.sh --gpu, or the bundle)"
 
+source scripts/stage_lib.sh     # opt, which train_launch.sh uses (the `args` they build are not used here)
 source scripts/train_launch.sh  # launch_training MODULE ARGS...: reads PYTHON, NPROC, DIST_CONFIG
 NPROC=1
 launcher() {  # the DIST_CONFIG of a launcher name
