@@ -254,8 +254,8 @@ def save_final_model(trainer, out: Path, dtype: torch.dtype) -> None:
     FSDP gathers the full state dict onto rank 0's CPU, ZeRO-3 its 16-bit weights, one layer at a time; the
     checkpoints before stay as the launcher shards them (FSDP's SHARDED_STATE_DICT, DeepSpeed's own files)."""
     state = trainer.accelerator.get_state_dict(trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model)
-    if state:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if state:  # cast on the CPU: no second copy of the weights on a GPU still holding the optimizer state
+        state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()}
     trainer._save(str(out), state_dict=state)
     if trainer.is_world_process_zero():
         config = trainer.accelerator.unwrap_model(trainer.model).config
