@@ -38,10 +38,9 @@ from data_collection.step_rewards import step_rewards
 from eval_agent.envs import add_task_family_arg, get_task_family
 from eval_agent.expert_data import load_expert_data
 from eval_agent.layout import RunDir
-from eval_agent.prompts import instruction_from_data
 from eval_agent.run_card import write_run_card
 from eval_agent.records import KINDS, Rollout, StepRecord
-from eval_agent.runner import add_model_args
+from eval_agent.runner import add_model_args, published_prompt
 from eval_agent.store import BadRecord, free_name, read_jsonl, write_atomic, write_json
 from eval_agent.trajectory import Step, Trajectory
 
@@ -173,7 +172,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[dict[str, Trajectory], dict[s
 def instructions(args: argparse.Namespace, experts: dict[str, Trajectory]) -> dict[str, str]:
     """Each trajectory's instruction as SFT trained it: its own (published data), else
     --instruction_from's, else the task family's."""
-    default = instruction_from_data(args.instruction_from) if args.instruction_from else get_task_family(args.task_family).INSTRUCTION
+    default = published_prompt(args)[0] or get_task_family(args.task_family).INSTRUCTION
     return {key: traj.meta.get("instruction") or default for key, traj in experts.items()}
 
 

@@ -28,7 +28,7 @@ KEEP_THRESHOLD=${KEEP_THRESHOLD:-}         # explored rows kept when nDTW < this
 EMBEDDER=${EMBEDDER:-}                     # minilm | bert-cls (the original's bert-base-uncased [CLS])
 EMBEDDER_PATH=${EMBEDDER_PATH:-}           # model folder or hub name; empty = the package's MiniLM / bert-base-uncased
 EMBED_DEVICE=${EMBED_DEVICE:-}             # cpu | cuda
-source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM MAX_NEW_TOKENS
+source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM ICL_FROM MAX_NEW_TOKENS
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
 opt --expert_data "$EXPERT_DATA"

@@ -18,7 +18,7 @@ EVAL_LIMIT=${EVAL_LIMIT:-${LIMIT:-}}       # first N tasks only; empty = the who
 CONCURRENCY=${CONCURRENCY:-}               # episodes in flight
 DATA_ROOT=${DATA_ROOT:-}
 OUT=${OUT:-}                               # the output folder; empty = RUN_DIR/eval/<LABEL>/<SPLIT>
-source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM MAX_NEW_TOKENS
+source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM ICL_FROM MAX_NEW_TOKENS
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
 opt --split "$SPLIT"

@@ -19,7 +19,7 @@ SAMPLE_LIMIT=${SAMPLE_LIMIT:-${LIMIT:-}}   # first N expert trajectories only; e
 NUM_SHARDS=${NUM_SHARDS:-}                 # split the tasks over machines: a task and all its steps go to one shard
 SHARD_ID=${SHARD_ID:-}
 CONCURRENCY=${CONCURRENCY:-}               # episodes in flight
-source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM MAX_NEW_TOKENS
+source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM ICL_FROM MAX_NEW_TOKENS
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
 opt --kind "$KIND"

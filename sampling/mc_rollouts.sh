@@ -21,7 +21,7 @@ MAX_STEPS=${MAX_STEPS:-}                   # episode budget, the replayed prefix
 NUM_SHARDS=${NUM_SHARDS:-}
 SHARD_ID=${SHARD_ID:-}
 CONCURRENCY=${CONCURRENCY:-}               # episodes in flight; a record's N rollouts are queued side by side
-source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM MAX_NEW_TOKENS
+source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM ICL_FROM MAX_NEW_TOKENS
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
 opt --kind "$KIND"
