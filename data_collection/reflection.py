@@ -5,7 +5,8 @@ is told that this last step was not optimal and what the ground-truth next actio
 thought that leads to that action. Only the thought is generated; the action is the expert's (an
 oracle, as in the paper). Two backends:
 - `chat`: an OpenAI-compatible chat endpoint (GPT-4o in the paper); key and base URL come only from
-  the environment (OPENAI_API_KEY, OPENAI_BASE_URL) and are never logged or written;
+  the environment (REFLECT_API_KEY, REFLECT_BASE_URL, each falling back to OPENAI_API_KEY,
+  OPENAI_BASE_URL) and are never logged or written;
 - `self`: the SFT policy itself through eval_agent.llm (the paper's self-generation variant, Table 3),
   the request rendered with the model's own chat format and generated in batches.
 
@@ -27,7 +28,6 @@ import concurrent.futures
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -38,6 +38,7 @@ import openai
 from tqdm import tqdm
 
 from eval_agent.llm import DEFAULT_STOP, BackendUnavailable, GenerationConfig
+from eval_agent.llm.reflect_endpoint import reflection_endpoint
 from eval_agent.store import JsonlStore
 from eval_agent.trajectory import format_reply
 
@@ -187,11 +188,11 @@ class ChatModel:
 
     def __init__(self, model: str, settings: dict[str, Any], concurrency: int = 8, timeout: float = 120.0,
                  http_retries: int = 6):
-        key = os.environ.get("OPENAI_API_KEY")
-        base_url = os.environ.get("OPENAI_BASE_URL") or None
+        key, base_url = reflection_endpoint()
         if not key and not base_url:
-            raise SystemExit("error: the chat reflection backend needs OPENAI_API_KEY (and OPENAI_BASE_URL for an "
-                             "endpoint other than OpenAI's) in the environment; or use --reflect_backend self")
+            raise SystemExit("error: the chat reflection backend needs REFLECT_API_KEY (or OPENAI_API_KEY; and "
+                             "REFLECT_BASE_URL for an endpoint other than OpenAI's) in the environment; or use "
+                             "--reflect_backend self")
         self.client = openai.OpenAI(api_key=key or "EMPTY", base_url=base_url, timeout=timeout, max_retries=0)
         self.url = str(self.client.base_url).rstrip("/")
         self.model, self.settings = model, settings
@@ -217,13 +218,13 @@ class ChatModel:
     def _unavailable(self, e: Exception) -> BackendUnavailable:
         """A clear error naming the endpoint; the key is never part of it (a 401 message may quote it)."""
         if isinstance(e, openai.AuthenticationError):
-            why = "it rejected OPENAI_API_KEY (401)"
+            why = "it rejected the key (401; REFLECT_API_KEY, else OPENAI_API_KEY)"
         elif isinstance(e, openai.APIConnectionError):
             why = f"cannot connect ({type(e).__name__})"
         else:
             why = f"{type(e).__name__}: {getattr(e, 'message', e)}"
-        return BackendUnavailable(f"chat endpoint {self.url} (model {self.model!r}): {why}; set OPENAI_BASE_URL / "
-                                  f"OPENAI_API_KEY, or use --reflect_backend self")
+        return BackendUnavailable(f"chat endpoint {self.url} (model {self.model!r}): {why}; set REFLECT_BASE_URL / "
+                                  f"REFLECT_API_KEY, or use --reflect_backend self")
 
     def _check(self) -> None:
         """Fail fast when the endpoint is down or refuses the key (a missing /models route is fine)."""
@@ -413,8 +414,8 @@ def add_reflection_args(p: argparse.ArgumentParser) -> None:
     """Reflection options; `self` uses add_model_args' --model/--backend/--endpoints/--chat_format (and --task)."""
     g = p.add_argument_group("reflection")
     g.add_argument("--reflect_backend", choices=("auto", "chat", "self"), default="auto",
-                   help="chat: an OpenAI-compatible endpoint (OPENAI_API_KEY, OPENAI_BASE_URL); self: the policy "
-                        "given by --model (the paper's self-generation); auto: chat when OPENAI_API_KEY is set")
+                   help="chat: an OpenAI-compatible endpoint (REFLECT_API_KEY, REFLECT_BASE_URL, else OPENAI_*); self: "
+                        "the policy given by --model (the paper's self-generation); auto: chat when a key is set")
     g.add_argument("--reflect_model",
                    help=f"chat: the model name (default {DEFAULT_CHAT_MODEL}); self: default --model")
     g.add_argument("--reflect_cache",
@@ -435,7 +436,7 @@ def reflector_from_args(args: argparse.Namespace, cache_path: Path) -> Reflector
                 "seed": args.reflect_seed}
     kind = args.reflect_backend
     if kind == "auto":
-        kind = "chat" if os.environ.get("OPENAI_API_KEY") else "self"
+        kind = "chat" if reflection_endpoint()[0] else "self"
     model: ReflectionModel
     if kind == "chat":
         model = ChatModel(args.reflect_model or DEFAULT_CHAT_MODEL, settings, concurrency=args.reflect_concurrency,
@@ -445,7 +446,7 @@ def reflector_from_args(args: argparse.Namespace, cache_path: Path) -> Reflector
 
         name = args.reflect_model or args.model
         if not name:
-            raise SystemExit("error: self reflection needs --model (the SFT policy), or set OPENAI_API_KEY for chat")
+            raise SystemExit("error: self reflection needs --model (the SFT policy), or set REFLECT_API_KEY for chat")
         if not getattr(args, "task_family", None):
             raise SystemExit("error: self reflection needs --task_family (the policy's task family)")
         policy = ModelPolicy.build(args.task_family, name, GenerationConfig(), backend=args.backend, endpoints=args.endpoints,
