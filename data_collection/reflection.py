@@ -57,6 +57,15 @@ REQUEST = (
     "Thought: <your thought>\n"
     "Action: {action}"
 )
+# `--reflect_prompt original`: the published code's request (data_cali_*.py), verbatim, appended to the
+# history rendered as a `Human: ...` / `Gpt: ...` transcript and sent as one user message.
+ORIGINAL_REQUEST = (
+    "\n\nAbove is the interaction history. However, the last step is not optimal and may lead to a wrong direction. "
+    "The next step ground truth action is: {action}. Please provide the thought which would lead the agent to generate "
+    "the ground truth action and be aware of the last non-optimal action. The thought should follow the format of the "
+    "interaction history."
+)
+PROMPT_STYLES = ("ours", "original")
 DEFAULT_CHAT_MODEL = "gpt-4o"
 # USD per 1M (input, output) tokens, OpenAI's list prices (cached-input discounts ignored).
 PRICES_PER_1M = {"gpt-4o": (2.50, 10.00), "gpt-4o-mini": (0.15, 0.60)}
@@ -85,8 +94,15 @@ class Reflection:
 
 # ---- prompt and reply cleaning ----------------------------------------------------------------------
 
-def reflection_messages(req: ReflectionRequest) -> list[dict[str, str]]:
-    """The chat sent to the reflecting model: the history, the request appended to its last (observation) turn."""
+def transcript(history: list[dict[str, str]]) -> str:
+    """The original's `convert_to_text`: `Human: <turn>` / `Gpt: <turn>` (values stripped), blank lines between."""
+    speaker = {"user": "Human", "assistant": "Gpt"}
+    return "\n\n".join(f"{speaker[m['role']]}: {m['content'].strip()}" for m in history)
+
+
+def reflection_messages(req: ReflectionRequest, style: str = "ours") -> list[dict[str, str]]:
+    """The chat sent to the reflecting model: the history as chat turns with the request appended to its last
+    (observation) turn (`ours`), or the original's one user message: transcript + its request (`original`)."""
     where = f"reflection request {req.key!r}"
     action = (req.expert_action or "").strip()
     if not action or "\n" in action:
@@ -97,6 +113,10 @@ def reflection_messages(req: ReflectionRequest) -> list[dict[str, str]]:
     for i, m in enumerate(history):
         if m.get("role") != ("user" if i % 2 == 0 else "assistant") or not isinstance(m.get("content"), str):
             raise ValueError(f"{where}: turn {i} must be a {'user' if i % 2 == 0 else 'assistant'} turn with text")
+    if style == "original":
+        return [{"role": "user", "content": transcript(history) + ORIGINAL_REQUEST.format(action=action)}]
+    if style != "ours":
+        raise ValueError(f"reflection prompt style must be one of {PROMPT_STYLES}, got {style!r}")
     last = {"role": "user", "content": history[-1]["content"].rstrip() + "\n\n" + REQUEST.format(action=action)}
     return [dict(m) for m in history[:-1]] + [last]
 
@@ -307,9 +327,10 @@ class SelfModel:
 class Reflector:
     """Reflections for many requests: cached, retried while invalid, counted."""
 
-    def __init__(self, model: ReflectionModel, cache_path: str | Path, retries: int = 2):
+    def __init__(self, model: ReflectionModel, cache_path: str | Path, retries: int = 2, prompt_style: str = "ours"):
         self.model = model
         self.retries = retries
+        self.prompt_style = prompt_style
         self.cache = JsonlStore(cache_path)
         self.stats = {"requests": 0, "ok": 0, "invalid": 0, "retries": 0, "calls": 0, "cache_hits": 0,
                       "refused": 0, "actions_replaced": 0, "prompt_tokens": 0, "completion_tokens": 0}
@@ -321,7 +342,7 @@ class Reflector:
 
     def reflect(self, requests: list[ReflectionRequest]) -> list[Reflection]:
         """One reflection per request, in order; attempt k+1 only for the requests still invalid after k."""
-        prompts = [self.model.prompt_text(reflection_messages(r)) for r in requests]
+        prompts = [self.model.prompt_text(reflection_messages(r, self.prompt_style)) for r in requests]
         attempts = [0] * len(requests)
         tokens = [[0, 0] for _ in requests]
         called = [False] * len(requests)
@@ -416,6 +437,9 @@ def add_reflection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reflect_backend", choices=("auto", "chat", "self"), default="auto",
                    help="chat: an OpenAI-compatible endpoint (REFLECT_API_KEY, REFLECT_BASE_URL, else OPENAI_*); self: "
                         "the policy given by --model (the paper's self-generation); auto: chat when a key is set")
+    g.add_argument("--reflect_prompt", choices=PROMPT_STYLES, default="ours",
+                   help="ours: the history as chat turns, the request in the last one; original: the published "
+                        "code's Human:/Gpt: transcript and request as one user message")
     g.add_argument("--reflect_model",
                    help=f"chat: the model name (default {DEFAULT_CHAT_MODEL}); self: default --model")
     g.add_argument("--reflect_cache",
@@ -452,4 +476,5 @@ def reflector_from_args(args: argparse.Namespace, cache_path: Path) -> Reflector
         policy = ModelPolicy.build(args.task_family, name, GenerationConfig(), backend=args.backend, endpoints=args.endpoints,
                                    chat_format=args.chat_format, tokenizer=args.tokenizer)
         model = SelfModel(policy, settings, batch=args.reflect_concurrency)
-    return Reflector(model, Path(args.reflect_cache or cache_path), retries=args.reflect_retries)
+    return Reflector(model, Path(args.reflect_cache or cache_path), retries=args.reflect_retries,
+                     prompt_style=args.reflect_prompt)
