@@ -149,3 +149,49 @@ def test_paper_preset_uses_the_published_files_and_the_user_wins(tmp_path):
     mine = preset_env(alf, INSTRUCTION_FROM="/my/inst.txt", EMBEDDER="minilm")
     assert mine["INSTRUCTION_FROM"] == "/my/inst.txt" and mine["EMBEDDER"] == "minilm"
     assert mine["ICL_FROM"] == str(alf / "alfworld_icl.json")
+
+
+def test_paper_preset_prompts_carry_the_published_instruction_and_example(tmp_path, tiny_model_dir, serve_hf):
+    """PRESET=paper on data in the official layout: the expert data is the published file (its instruction kept
+    for SFT and reflection), and every prompt that sampling, MC and evaluation send (logged by the server
+    as rendered) carries the published instruction and one-shot example."""
+    from data_collection.build import build_parser, instructions
+
+    game = sorted((REPO / "data" / "alfworld" / "json_2.1.1" / "train").glob("*/*/game.tw-pddl"))[0].parent
+    alf = tmp_path / "official" / "alfworld"
+    alf.mkdir(parents=True)
+    (alf / "json_2.1.1").symlink_to(REPO / "data" / "alfworld" / "json_2.1.1")
+    (alf / "alfworld_sft.json").write_text(json.dumps(
+        [sft_row("role", 0, game=f"data/json_2.1.1/train/{game.parent.name}/{game.name}")]))
+    (alf / "alfworld_inst.txt").write_text(INSTRUCTION)
+    icl_file(alf / "alfworld_icl.json")
+    log = tmp_path / "requests.jsonl"
+    url = serve_hf(tiny_model_dir, "--log_requests", str(log))
+    (tmp_path / "endpoints.txt").write_text(url + "\n")
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("EXPERT_SOURCE", "EXPERT_DATA", "INSTRUCTION_FROM", "ICL_FROM", "OPENAI_API_KEY", "REFLECT_API_KEY")}
+    env.update(PRESET="paper", TASK_FAMILY="alfworld", ALFWORLD_DATA=str(alf), RUN_DIR=str(run), OMP_NUM_THREADS="1",
+               BACKEND="openai", ENDPOINTS=str(tmp_path / "endpoints.txt"), MODEL=str(tiny_model_dir),
+               MAX_NEW_TOKENS="4", MAX_STEPS="4", SAMPLE_LIMIT="1", KIND="explore", N="1", EVAL_LIMIT="1",
+               SPLIT="", LABEL="probe", CONCURRENCY="2")
+
+    def stage(script: str, **extra: str) -> None:
+        done = subprocess.run(["bash", script], cwd=REPO, env={**env, **extra}, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, f"{script}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+
+    stage("sft/make_expert_data.sh")
+    (expert,) = load_expert_data(run / "expert" / "train" / "trajectories.jsonl")
+    assert expert.meta["key"] == "alfworld_0" and expert.meta["instruction"] == INSTRUCTION  # SFT trains on it
+    args = build_parser().parse_args(["--task_family", "alfworld", "--run_dir", str(run)])
+    assert instructions(args, {"alfworld_0": expert}) == {"alfworld_0": INSTRUCTION}  # the reflection history's
+    stage("sampling/generate_steps.sh")
+    stage("sampling/mc_rollouts.sh")
+    stage("eval/evaluate.sh", SPLIT="seen")
+    prompts = [json.loads(line)["prompt"] for line in log.read_text().splitlines()]
+    prompts = [p for batch in prompts for p in (batch if isinstance(batch, list) else [batch])]
+    assert len(prompts) >= 3
+    for prompt in prompts:
+        assert INSTRUCTION in prompt and ICL_TASK in prompt and "Action: take pen 1 from desk 1" in prompt
+        assert "You are an agent in a household" not in prompt  # never our own instruction

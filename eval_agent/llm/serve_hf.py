@@ -100,9 +100,11 @@ def chat_complete(backend: HFBackend, name: str, lock: threading.Lock, chat_form
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # open keep-alive connections do not hold up shutdown
 
-    def __init__(self, address: tuple[str, int], backend: HFBackend, name: str, chat_format: str = "template"):
+    def __init__(self, address: tuple[str, int], backend: HFBackend, name: str, chat_format: str = "template",
+                 log_requests: str | None = None):
         super().__init__(address, Handler)
         self.backend, self.name, self.lock, self.chat_format = backend, name, threading.Lock(), chat_format
+        self.log_requests = log_requests  # JSONL of every generation request: what exactly the model was asked
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -141,6 +143,9 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError as e:
             return self._send(*_error(400, f"invalid JSON: {e}"))
         s = self.server
+        if s.log_requests:
+            with s.lock, open(s.log_requests, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"path": path, **req}, ensure_ascii=False) + "\n")
         try:
             if path == "/v1/completions":
                 self._send(*complete(s.backend, s.name, s.lock, req))
@@ -162,11 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chat_format", choices=FORMATS,
                    help="how /v1/chat/completions renders messages (default: what the model folder records, "
                         "else template)")
+    p.add_argument("--log_requests", help="append every generation request (prompt and settings) to this JSONL file")
     args = p.parse_args(argv)
 
     backend = HFBackend(args.model, max_context=args.max_context, batch_size=args.batch_size)
     name = args.served_model_name or args.model
-    server = Server((args.host, args.port), backend, name, resolve_chat_format(args.model, args.chat_format))
+    server = Server((args.host, args.port), backend, name, resolve_chat_format(args.model, args.chat_format),
+                    log_requests=args.log_requests)
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # leaves serve_forever in the main thread
