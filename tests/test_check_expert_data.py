@@ -58,3 +58,16 @@ def test_import_keeps_only_what_replays(tmp_path):
     assert kept.meta["key"] == load_expert_data(path)[0].meta["key"]
     report = [json.loads(line) for line in (run.expert_data().parent / "replay.jsonl").read_text().splitlines()]
     assert [r["replayed"] for r in report] == [True, False, False]
+
+
+def test_official_vh_data_does_not_abort_the_expert_stage(tmp_path, monkeypatch):
+    """VH_DATA pointing at the official download (test tasks only, as the README says to export it): the
+    expert trajectories come from the generated set, as the training tasks do."""
+    official = tmp_path / "official"
+    official.mkdir()
+    for name in ("vh_seen_test.jsonl", "vh_unseen_test.jsonl"):
+        (official / name).write_text((REPO / "data" / "virtualhome" / name).read_text())
+    monkeypatch.setenv("VH_DATA", str(official))
+    run = RunDir(tmp_path / "run")
+    stats = make_expert_data.main(["--task_family", "virtualhome", "--run_dir", str(run.root), "--limit", "2"])
+    assert stats["kept"] == 2 and len(load_expert_data(run.expert_data())) == 2

@@ -146,8 +146,9 @@ def test_paper_preset_uses_the_published_files_and_the_user_wins(tmp_path):
     got = preset_env(alf)
     assert got == {"EXPERT_SOURCE": str(alf / "alfworld_sft.json"), "INSTRUCTION_FROM": str(alf / "alfworld_inst.txt"),
                    "ICL_FROM": str(alf / "alfworld_icl.json"), "EMBEDDER": "bert-cls"}
-    mine = preset_env(alf, INSTRUCTION_FROM="/my/inst.txt", EMBEDDER="minilm")
+    mine = preset_env(alf, INSTRUCTION_FROM="/my/inst.txt", EMBEDDER="minilm", EXPERT_SOURCE="/my/sft.json")
     assert mine["INSTRUCTION_FROM"] == "/my/inst.txt" and mine["EMBEDDER"] == "minilm"
+    assert mine["EXPERT_SOURCE"] == "/my/sft.json"
     assert mine["ICL_FROM"] == str(alf / "alfworld_icl.json")
 
 
