@@ -101,7 +101,12 @@ def check_inputs(task_family: str, preset: str, env: Mapping[str, str], report: 
     from eval_agent.prompts import icl_from, instruction_from
     from eval_agent.published import published_files
 
-    files = dict(published_files(task_family)) if preset == "paper" else {}
+    files = {}
+    if preset == "paper":
+        try:
+            files = dict(published_files(task_family, count_data(task_family, env)[0]))
+        except (FileNotFoundError, ValueError):
+            pass  # no data: check_data says so
     files.update({v: Path(env[v]) for v in ("EXPERT_SOURCE", "INSTRUCTION_FROM", "ICL_FROM") if env.get(v)})
     readers = {"EXPERT_SOURCE": load_expert_data, "INSTRUCTION_FROM": instruction_from, "ICL_FROM": icl_from}
     for var, path in files.items():

@@ -181,3 +181,13 @@ def test_readme_paper_command_stops_before_any_stage(tmp_path, smollm2_dir):
     assert "RFT_BATCH=15 is not a multiple of RFT_MICRO_BATCH=1 x NPROC=8" in done.stdout
     assert "== " not in done.stdout and not (tmp_path / "run").exists()  # no stage started, nothing written
     assert took < 60, took
+
+
+def test_paper_preset_checks_the_published_files_beside_the_data(tmp_path, smollm2_dir):
+    alf = tmp_path / "alfworld"
+    alf.mkdir()
+    (alf / "json_2.1.1").symlink_to(REPO / "data" / "alfworld" / "json_2.1.1")
+    (alf / "alfworld_sft.json").write_text('[{"id": "alfworld_0", "conversations": [{"from": "gpt", "value": "x"}]}]')
+    report = run({"PRESET": "paper", "ALFWORLD_DATA": str(alf)})
+    assert "alfworld_sft.json: row 0: the task turn (a human turn) is missing" in only(report, "EXPERT_SOURCE=")
+    assert not any("no published alfworld_sft.json" in w for w in report.warnings)
