@@ -23,13 +23,6 @@ RFT_MAX_LEN=${RFT_MAX_LEN:-${MAX_LEN:-}}       # tokens per sequence; longer one
 BETA=${BETA:-}                                 # DPO term weight; 0 = weighted NLL of chosen, no reference model
 REF_MODEL=${REF_MODEL:-}                       # frozen reference for BETA > 0; empty = MODEL
 NLL=${NLL:-}                                   # sum (the original: summed per row) | mean (per token)
-PRECISION=${PRECISION:-}                       # auto | bf16 | fp32
-GRAD_CKPT=${GRAD_CKPT:-}                       # 1 | 0: activation checkpointing
-ATTN=${ATTN:-}                                 # e.g. flash_attention_2 on GPUs
-SAVE=${SAVE:-}                                 # epoch (a rerun resumes from the last) | no
-SEED=${SEED:-}                                 # training seed
-NPROC=${NPROC:-1}                              # processes (GPUs, or CPU processes over gloo)
-DIST_CONFIG=${DIST_CONFIG:-}                   # accelerate config shared with SFT: sft/configs/fsdp.yaml | ds_zero3.yaml
 OUT=${OUT:-}                                   # the model folder; empty = the run's; the run card goes to its parent
 
 args+=(--run_dir "$RUN_DIR")
@@ -47,12 +40,7 @@ opt --model_max_length "$RFT_MAX_LEN"
 opt --beta "$BETA"
 opt --ref_model "$REF_MODEL"
 opt --nll_reduction "$NLL"
-opt --precision "$PRECISION"
-opt_bool --activation_checkpointing "$GRAD_CKPT"
-opt --attn_implementation "$ATTN"
-opt --save_strategy "$SAVE"
-opt --seed "$SEED"
 opt --output_dir "$OUT"
 
-source scripts/train_launch.sh
+source scripts/train_launch.sh                 # PRECISION GRAD_CKPT ATTN SAVE SEED NPROC DIST_CONFIG
 launch_training Reinforced_train.train "${args[@]}" "$@"

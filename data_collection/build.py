@@ -1,20 +1,12 @@
 """Stage 3: from step records and Monte-Carlo rollouts to the weighted training set.
 
-Reads RUN_DIR/sampling/steps_{expert,explore}.jsonl, RUN_DIR/sampling/mc/rollouts_{expert,explore}.jsonl
-(sharded runs: merge them first with `python -m sampling.merge`) and the expert trajectories sampling
-replayed; writes RUN_DIR/data_collection/:
-    step_rewards.jsonl   per step record: mean MC success and the number of samples
-    deviations.jsonl     per explored step: every deviation criterion and the verdict (deviation.py)
-    calibration.jsonl    D_c: expert prefix + deviated step -> reflective thought + expert action + expert suffix
-    expert_sub.jsonl     D_s: expert suffixes (`expert_sub`, IPR's step_pm) + whole expert trajectories
-                         where the greedy episode failed (`expert_full`, ETO's traj_pm)
-    explored.jsonl       D_e: the policy's successful greedy episodes (`kept` when close enough to the expert)
-    train.jsonl          the kept rows of all sets, weighted by nDTW (`reward`)
-    final_data_rft_train.json   the same rows in the published format
-    summary.json, config.json (run card), plots/{step_reward_by_position,deviations_by_step}.png
-
-Rerunnable: reflections are cached on disk (reflection.py), everything else is recomputed and each
-file is replaced atomically, so a rerun gives the same files with no new LLM call.
+Reads RUN_DIR/sampling/ (sharded runs: `python -m sampling.merge` first) and the expert trajectories sampling
+replayed; writes RUN_DIR/data_collection/ (docs/data_collection.md describes each file):
+    step_rewards.jsonl, deviations.jsonl    the step rewards and every deviation verdict
+    calibration.jsonl, expert_sub.jsonl, explored.jsonl    D_c, D_s, D_e
+    train.jsonl, final_data_rft_train.json    the kept rows weighted by nDTW, and their published export
+    summary.json, config.json, plots/
+Rerunnable: reflections are cached on disk, the rest is recomputed and replaced atomically.
 
     python -m data_collection.build --task_family alfworld --run_dir outputs/alfworld
 """
@@ -227,10 +219,10 @@ def calibration_rows(args: argparse.Namespace, deviated: list[tuple[StepRecord, 
 def pair_rows(args: argparse.Namespace, explored: list[StepRecord], experts: dict[str, Trajectory],
               instruction: dict[str, str], reward: Callable[[str, str, int], float | None]
               ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Counter], int]:
-    """D_s and D_e (original-code.md 4.2, 4.4): at t >= min_step, the expert suffix where the greedy
-    continuation failed and the expert's MC value at t beats the explored one by `margin`
-    (expert_sub); at t = 0, the whole expert trajectory where the greedy episode failed
-    (expert_full), or the greedy episode itself where it succeeded (explored)."""
+    """D_s and D_e (the original's data_expert_*.py and data_explored_*.py): at t >= min_step, the
+    expert suffix where the greedy continuation failed and the expert's MC value at t beats the
+    explored one by `margin` (expert_sub); at t = 0, the whole expert trajectory where the greedy
+    episode failed (expert_full), or the greedy episode itself where it succeeded (explored)."""
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in ("expert_sub", "expert_full", "explored")}
     skips: dict[str, Counter] = {s: Counter() for s in rows}
     win_pairs = 0

@@ -8,27 +8,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/stage_lib.sh                # PRESET, PYTHON, TASK_FAMILY, RUN_DIR
 
-SPLIT=${SPLIT:-}                           # train | seen | unseen
 POLICY=${POLICY:-}                         # model | expert (the built-in expert: the sanity baseline)
 LABEL=${LABEL:-}                           # base | sft | steca | any name with MODEL
 MODEL=${MODEL:-}                           # the model; empty = the one LABEL names
 BASE_MODEL=${BASE_MODEL:-}                 # the model LABEL=base names; empty = the embedded SmolLM2
-MAX_STEPS=${MAX_STEPS:-}
 EVAL_LIMIT=${EVAL_LIMIT:-${LIMIT:-}}       # first N tasks only; empty = the whole split (LIMIT: the older name)
-CONCURRENCY=${CONCURRENCY:-}               # episodes in flight
-DATA_ROOT=${DATA_ROOT:-}
 OUT=${OUT:-}                               # the output folder; empty = RUN_DIR/eval/<LABEL>/<SPLIT>
+source scripts/episode_vars.sh             # SPLIT DATA_ROOT MAX_STEPS CONCURRENCY
 source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM ICL_FROM MAX_NEW_TOKENS
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
-opt --split "$SPLIT"
 opt --policy "$POLICY"
 opt --label "$LABEL"
 opt --model "$MODEL"
 opt --base_model "$BASE_MODEL"
-opt --max_steps "$MAX_STEPS"
 opt --limit "$EVAL_LIMIT"
-opt --concurrency "$CONCURRENCY"
-opt --data_root "$DATA_ROOT"
 opt --out "$OUT"
 exec "$PYTHON" -m eval.evaluate "${args[@]}" "$@"

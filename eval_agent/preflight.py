@@ -343,13 +343,18 @@ def preflight(env: Mapping[str, str], families: list[str], run_root: str, gpus: 
     return report
 
 
-def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> Report:
-    env = dict(os.environ if env is None else env)
+def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+    """The command line; everything else comes from the environment, as the stage scripts read it."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task_family", default=env.get("TASK_FAMILY") or env.get("TASK") or "alfworld",
                    choices=("alfworld", "virtualhome", "both"))
     p.add_argument("--run_root", default=env.get("RUN_ROOT") or f"outputs/pipeline-{env.get('PRESET') or 'tiny'}")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> Report:
+    env = dict(os.environ if env is None else env)
+    args = build_parser(env).parse_args(argv)
     families = ["alfworld", "virtualhome"] if args.task_family == "both" else [args.task_family]
     report = preflight(env, families, args.run_root)
     print(report.text(f"PRESET={env.get('PRESET') or 'tiny'}, {args.task_family}"), flush=True)

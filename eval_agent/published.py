@@ -53,11 +53,15 @@ def published_files(task_family: str, root: str | Path | None = None) -> dict[st
     return found
 
 
-def main(argv: list[str] | None = None) -> str:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Print NAME=path for the published files found for a task family.")
     p.add_argument("--task_family", choices=sorted(REGISTRY), required=True)
     p.add_argument("--data_root", help="default: the family's data folder ($ALFWORLD_DATA / $VH_DATA)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> str:
+    a = build_parser().parse_args(argv)
     text = "".join(f"{var}={shlex.quote(str(path))}\n" for var, path in published_files(a.task_family, a.data_root).items())
     print(text, end="")
     return text

@@ -1,13 +1,9 @@
 """Stage 2a: expert and explored step records.
 
-For every expert trajectory and every step t: replay the expert's steps 0..t-1 in the real
-environment, then take step t, either the expert's own reply (kind `expert`: no model needed; the
-record stops after step t, as the original ALFWorld expert records did) or the SFT policy's greedy
-reply (kind `explore`: continued greedily to the end of the episode, whose success is recorded).
-Records are `eval_agent.records.StepRecord`s in RUN_DIR/sampling/steps_<kind>[.shard<i>of<n>].jsonl.
-The expert data and the SFT model default to the run directory's (eval_agent/layout.py).
-
-Resumable: keys already written are skipped; each record is fsynced as it is written.
+For every expert trajectory and step t: replay the expert's steps 0..t-1 in a fresh environment, then take
+step t, the expert's own (kind `expert`) or the SFT policy's greedy one, continued greedily to the end of the
+episode (kind `explore`). Writes `eval_agent.records.StepRecord`s to RUN_DIR/sampling/ (eval_agent/layout.py);
+resumable, each record fsynced as it is written. docs/sampling.md has the details.
 
     python -m sampling.generate_steps --task_family alfworld --kind both --run_dir outputs/alfworld
 """

@@ -9,27 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/stage_lib.sh                # PRESET, PYTHON, TASK_FAMILY, RUN_DIR
 
-KIND=${KIND:-}                             # expert | explore | both
-MODEL=${MODEL:-}                           # the policy (HF folder or served model name); empty = the run's SFT model
 EXPERT_DATA=${EXPERT_DATA:-}               # expert trajectories (ours or published); empty = the run's
-SPLIT=${SPLIT:-}                           # the split the expert trajectories play (train)
-DATA_ROOT=${DATA_ROOT:-}                   # task data folder; empty = $ALFWORLD_DATA / $VH_DATA, else data/<family>
-MAX_STEPS=${MAX_STEPS:-}                   # episode budget, the replayed prefix included (as the original)
 SAMPLE_LIMIT=${SAMPLE_LIMIT:-${LIMIT:-}}   # first N expert trajectories only; empty = all (LIMIT: the older name)
-NUM_SHARDS=${NUM_SHARDS:-}                 # split the tasks over machines: a task and all its steps go to one shard
-SHARD_ID=${SHARD_ID:-}
-CONCURRENCY=${CONCURRENCY:-}               # episodes in flight
+source sampling/sampling_vars.sh           # KIND MODEL NUM_SHARDS SHARD_ID
+source scripts/episode_vars.sh             # SPLIT DATA_ROOT MAX_STEPS CONCURRENCY
 source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM ICL_FROM MAX_NEW_TOKENS
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
-opt --kind "$KIND"
-opt --model "$MODEL"
 opt --expert_data "$EXPERT_DATA"
-opt --split "$SPLIT"
-opt --data_root "$DATA_ROOT"
-opt --max_steps "$MAX_STEPS"
 opt --limit "$SAMPLE_LIMIT"
-opt --num_shards "$NUM_SHARDS"
-opt --shard_id "$SHARD_ID"
-opt --concurrency "$CONCURRENCY"
 exec "$PYTHON" -m sampling.generate_steps "${args[@]}" "$@"

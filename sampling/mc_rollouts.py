@@ -1,14 +1,9 @@
-"""Stage 2b: Monte-Carlo rollouts of step records (the step reward is their mean success).
+"""Stage 2b: Monte-Carlo rollouts of step records; a record's step reward is their mean success.
 
-For each step record, N rollouts with the policy at temperature 1: the record's prefix (expert
-replies 0..t-1 and its own step-t reply) is replayed in the environment, then the policy samples
-until the episode ends or `--max_steps` (the replayed prefix counts, as in the original). The N
-rollouts of a record are queued together (a server's prefix cache serves them) and all live
-episodes advance together. Rollouts are `eval_agent.records.Rollout`s, keyed `<record key>|s<i>`,
-in RUN_DIR/sampling/mc/rollouts_<kind>[.shard<i>of<n>].jsonl.
-
-A record whose episode had already ended at step t (done) gets its outcome copied N times with
-`from_record=True` and no agent step: the original took one extra agent step there (D8).
+For each step record, N rollouts at temperature 1 after its step t (the replayed prefix counts toward
+`--max_steps`, as in the original), a record's N queued together so a prefix cache serves them. A record whose
+episode already ended at step t gets its outcome copied N times (`from_record=True`). Writes
+`eval_agent.records.Rollout`s to RUN_DIR/sampling/mc/; resumable. docs/sampling.md has the details.
 
     python -m sampling.mc_rollouts --task_family alfworld --kind both --run_dir outputs/alfworld
 """

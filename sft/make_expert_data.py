@@ -1,22 +1,12 @@
 """Stage 1 data: expert trajectories for SFT, as JSONL of `Trajectory.to_dict()` + `key`.
 
-- alfworld: alfworld's handcoded expert plays every game of the split through the episode runner
-  (real observations); thoughts are templated by action kind (`eval_agent.expert_data`); only won
-  games are kept. Works on the generated games and on the official ones (`--data_root`).
-- virtualhome: the expert trajectories `scripts/make_vh_tasks.py` wrote (`vh_<split>_trajectories.jsonl`
-  under the data root, else the generated set's, as the training tasks are found), checked and copied.
-- `--source FILE` (either family): an expert file imported instead, e.g. the published `alfworld_sft.json`
-  (the `paper` preset's default when it is beside the data, eval_agent/published.py); its instruction
-  stays with every trajectory, so SFT trains on the words the data was written for.
-
-`--check_replay` replays every trajectory's actions in the real environment first (sft/check_expert_data.py)
-and writes the result per trajectory beside the data (`replay.jsonl`); `--replay_keep replayed|succeeded`
-then drops the trajectories that do not replay exactly / do not end in success (default: keep all).
-
-Writes RUN_DIR's expert data of the split (eval_agent/layout.py), or --out. Resumable: keys already
-written are skipped; a failed game is retried on the next run (the expert is deterministic, so it fails
-again, and is counted). `--export` also writes the published `alfworld_sft.json` format (a JSON list of
-id / game_file / conversations).
+ALFWorld: alfworld's handcoded expert plays every game of the split through the episode runner (real
+observations, templated thoughts, only won games kept). VirtualHome: the expert trajectories
+scripts/make_vh_tasks.py wrote (the generated set's when the data root has none), checked and copied.
+`--source FILE` imports an expert file instead (the published `alfworld_sft.json` for PRESET=paper), its
+instruction kept; `--check_replay` replays each in the real environment (sft/check_expert_data.py) and
+`--replay_keep` drops those that do not replay or succeed. Writes the run directory's expert data (or --out);
+resumable. `--export` also writes the published alfworld_sft.json format. docs/sft.md has the details.
 
     python -m sft.make_expert_data --task_family alfworld --split train --run_dir outputs/alfworld
 """

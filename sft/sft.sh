@@ -19,13 +19,6 @@ SFT_SCHEDULER=${SFT_SCHEDULER:-${SCHEDULER:-}}
 SFT_WARMUP=${SFT_WARMUP:-${WARMUP:-}}          # warmup, a fraction of the steps
 SFT_WEIGHT_DECAY=${SFT_WEIGHT_DECAY:-${WEIGHT_DECAY:-}}
 SFT_MAX_LEN=${SFT_MAX_LEN:-${MAX_LEN:-}}       # tokens per row; longer ones lose whole trailing turns
-PRECISION=${PRECISION:-}                       # auto | bf16 | fp32
-GRAD_CKPT=${GRAD_CKPT:-}                       # 1 | 0: activation checkpointing
-ATTN=${ATTN:-}                                 # e.g. flash_attention_2 on GPUs
-SAVE=${SAVE:-}                                 # epoch (a rerun resumes from the last) | no
-SEED=${SEED:-}                                 # training seed
-NPROC=${NPROC:-1}                              # processes (GPUs, or CPU processes over gloo)
-DIST_CONFIG=${DIST_CONFIG:-}                   # accelerate config, e.g. sft/configs/fsdp.yaml or sft/configs/ds_zero3.yaml
 OUT=${OUT:-}                                   # the model folder; empty = the run's; the run card goes to its parent
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
@@ -41,12 +34,7 @@ opt --lr_scheduler_type "$SFT_SCHEDULER"
 opt --warmup_steps "$SFT_WARMUP"
 opt --weight_decay "$SFT_WEIGHT_DECAY"
 opt --model_max_length "$SFT_MAX_LEN"
-opt --precision "$PRECISION"
-opt_bool --activation_checkpointing "$GRAD_CKPT"
-opt --attn_implementation "$ATTN"
-opt --save_strategy "$SAVE"
-opt --seed "$SEED"
 opt --output_dir "$OUT"
 
-source scripts/train_launch.sh
+source scripts/train_launch.sh                 # PRECISION GRAD_CKPT ATTN SAVE SEED NPROC DIST_CONFIG
 launch_training sft.train "${args[@]}" "$@"

@@ -1,5 +1,4 @@
-"""A small registry of task families, loaded lazily: an ALFWorld run never imports VirtualHome
-and vice versa (the original imported both and broke on whichever was missing).
+"""A small registry of task families, loaded lazily: an ALFWorld run never imports VirtualHome and vice versa.
 
 Each entry names a module that is a `TaskFamily` (`envs/base.py`): `load_tasks`, `make_env`,
 `find_data_root`, `INSTRUCTION` and `ICL_EXAMPLE`.

@@ -156,7 +156,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(*_error(500, f"{type(e).__name__}: {e}", "InternalServerError"))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF model folder")
     p.add_argument("--host", default="127.0.0.1")
@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="how /v1/chat/completions renders messages (default: what the model folder records, "
                         "else template)")
     p.add_argument("--log_requests", help="append every generation request (prompt and settings) to this JSONL file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     backend = HFBackend(args.model, max_context=args.max_context, batch_size=args.batch_size)
     name = args.served_model_name or args.model
