@@ -5,6 +5,7 @@ split, looked up as the stages do), GPUs, vLLM endpoints reachable and what they
 --endpoints or $OPENAI_BASE_URL, as the stages take them), whether an API key is set (never its value).
 
     python -m eval_agent.doctor [--endpoints FILE] [--alfworld_data DIR] [--vh_data DIR]
+    python -m eval_agent.doctor --preflight     # the pipeline's pre-flight check, with the same variables
 """
 from __future__ import annotations
 
@@ -152,6 +153,7 @@ def report(endpoints: str | None = None, alfworld_data: str | None = None, vh_da
         "gpu": _gpu(),
         "endpoints": _endpoints(endpoints),
         "OPENAI_API_KEY": "set" if os.environ.get("OPENAI_API_KEY") else "not set",
+        "REFLECT_API_KEY": "set" if os.environ.get("REFLECT_API_KEY") else "not set",
     }
 
 
@@ -160,7 +162,13 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--endpoints", help="file with one base URL per line, as the stages take it (else $OPENAI_BASE_URL)")
     p.add_argument("--alfworld_data", help="default: $ALFWORLD_DATA, else data/alfworld")
     p.add_argument("--vh_data", help="default: $VH_DATA, else data/virtualhome")
+    p.add_argument("--preflight", action="store_true",
+                   help="run the pipeline's pre-flight check instead (eval_agent/preflight.py; TASK_FAMILY, PRESET, ...)")
     args = p.parse_args(argv)
+    if args.preflight:
+        from eval_agent.preflight import main as preflight
+
+        return preflight([]).text("doctor")
     text = json.dumps(report(args.endpoints, args.alfworld_data, args.vh_data), indent=2)
     key = os.environ.get("OPENAI_API_KEY")
     if key:  # an error message that quoted it would still not show it

@@ -54,6 +54,19 @@ def _trajectory(row: Any, where: str) -> Trajectory:
     return traj
 
 
+def task_tail(key: str) -> str:
+    """`<task dir>/<trial dir>` of an ALFWorld key or published `game_file` (the original matched on
+    absolute-path slices, B4); other keys are used whole."""
+    parts = key.strip("/").split("/")
+    return "/".join(parts[-2:]) if len(parts) >= 3 and parts[-3] in ("train", "valid_seen", "valid_unseen") else key
+
+
+def task_of(traj: Trajectory, by_tail: dict[str, Any]) -> Any:
+    """The task (from `{task_tail(task.key): task}`) an expert trajectory plays, or None."""
+    key = traj.meta["key"]
+    return by_tail.get(task_tail(traj.meta.get("game_file", key))) or by_tail.get(task_tail(key))
+
+
 def to_published(trajs: list[Trajectory], instruction: str, id_prefix: str) -> list[dict[str, Any]]:
     """Rows of the published SFT format (instruction + "OK", task, steps; ends with the last answer)."""
     rows = []

@@ -11,6 +11,8 @@ spelled out; stages take `--run_dir` and ask a `RunDir` for their paths (an expl
       eval/<label>/<split>/          one evaluation (stage 5): tasks/, summary.json, config.json
       pipeline/<stage>.done          the pipeline's record of a completed stage
       tracking.json                  the experiment tracker of the run (eval_agent.tracking)
+      servers/endpoints.txt          the base URLs of the model server the running stage uses (BACKEND=vllm|serve_hf)
+      servers/logs/<label>/          its logs, per model served (base | sft | steca)
 
 A pipeline run over several task families keeps one RUN_DIR per family under RUN_ROOT (`run_dir_of`),
 and the report beside them (`report_dir`).
@@ -104,6 +106,18 @@ class RunDir:
 
     def marker(self, stage: str) -> Path:
         return self.pipeline / f"{stage}.done"
+
+    # the model servers the pipeline starts for a stage (scripts/serve_lib.sh)
+    @property
+    def servers(self) -> Path:
+        return self.root / "servers"
+
+    @property
+    def server_endpoints(self) -> Path:
+        return self.servers / "endpoints.txt"
+
+    def server_logs(self, label: str) -> Path:
+        return self.servers / "logs" / label
 
 
 def _sharded(stem: str, num_shards: int, shard_id: int) -> str:

@@ -29,5 +29,5 @@ launch_training() {
   else
     launch=("$PYTHON")
   fi
-  "${launch[@]}" -m "$module" "$@"
+  exec "${launch[@]}" -m "$module" "$@"  # exec: a signal to the script reaches the trainer
 }

@@ -2,7 +2,10 @@
 
 ALFWorld: alfworld's handcoded expert plays every game of the split through the episode runner (real
 observations, templated thoughts, only won games kept). VirtualHome: the expert trajectories
-scripts/make_vh_tasks.py wrote, checked and copied. Writes the run directory's expert data (or --out);
+scripts/make_vh_tasks.py wrote (the generated set's when the data root has none), checked and copied.
+`--source FILE` imports an expert file instead (the published `alfworld_sft.json` for PRESET=paper), its
+instruction kept; `--check_replay` replays each in the real environment (sft/check_expert_data.py) and
+`--replay_keep` drops those that do not replay or succeed. Writes the run directory's expert data (or --out);
 resumable. `--export` also writes the published alfworld_sft.json format. docs/sft.md has the details.
 
     python -m sft.make_expert_data --task_family alfworld --split train --run_dir outputs/alfworld
@@ -20,7 +23,8 @@ from eval_agent.expert_data import alfworld_expert_trajectory, load_expert_data,
 from eval_agent.layout import RunDir
 from eval_agent.run_card import write_run_card
 from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, run_episodes
-from eval_agent.store import JsonlStore, write_json
+from eval_agent.store import BadRecord, JsonlStore, write_json
+from sft.check_expert_data import KEEP, check, kept, summarize
 
 log = logging.getLogger("sft.make_expert_data")
 
@@ -45,19 +49,39 @@ def alfworld(args: argparse.Namespace, store: JsonlStore) -> dict[str, int]:
     return {"tasks": len(tasks), "run": len(todo), "failed": failed}
 
 
-def virtualhome(args: argparse.Namespace, store: JsonlStore) -> dict[str, int]:
+def vh_trajectories(args: argparse.Namespace) -> Path:
+    """The VirtualHome expert trajectories of the split: under the data root, else the generated set's
+    (the official download has test tasks only; the training tasks fall back the same way)."""
     family = get_task_family("virtualhome")
-    source = family.find_data_root(args.data_root) / f"vh_{args.split}_trajectories.jsonl"
-    if not source.is_file():
-        raise SystemExit(f"error: {source} not found (scripts/make_vh_tasks.py writes the training trajectories)")
-    trajs = load_expert_data(source)[: args.limit]
-    failed = 0
-    for traj in trajs:
-        if not traj.success:
-            failed += 1
-        elif traj.meta["key"] not in store:
-            store.append({"key": traj.meta["key"], **traj.to_dict()})
-    return {"tasks": len(trajs), "run": len(trajs), "failed": failed}
+    name = f"vh_{args.split}_trajectories.jsonl"
+    for root in (family.find_data_root(args.data_root), family.GENERATED):
+        if (root / name).is_file():
+            return root / name
+    raise SystemExit(f"error: no {name} under {family.find_data_root(args.data_root)} or {family.GENERATED} "
+                     "(scripts/make_vh_tasks.py writes the training trajectories; or pass --source)")
+
+
+def imported(args: argparse.Namespace, store: JsonlStore, source: Path, out: Path) -> dict[str, int]:
+    """Trajectories of an expert file (published or ours), optionally checked by replay, into the store."""
+    try:
+        trajs = load_expert_data(source)[: args.limit]
+    except (BadRecord, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    todo = [t for t in trajs if t.meta["key"] not in store]
+    failed, dropped = sum(not t.success for t in todo), 0
+    todo = [t for t in todo if t.success]
+    if args.check_replay and todo:
+        results = check(todo, args.task_family, args.split, args.data_root)
+        report = JsonlStore(out.parent / "replay.jsonl")
+        for result in results:
+            report.append(result)
+        log.info("replay check of %d trajectories: %s", len(todo), summarize(results))
+        keep = [kept(r, args.replay_keep) for r in results]
+        dropped = keep.count(False)
+        todo = [t for t, k in zip(todo, keep) if k]
+    for traj in todo:
+        store.append({"key": traj.meta["key"], **traj.to_dict()})
+    return {"tasks": len(trajs), "run": len(todo) + dropped, "failed": failed, "dropped_by_replay": dropped}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=2, help="games played together (one engine each)")
     p.add_argument("--export", help="also write the trajectories in the published alfworld_sft.json format here")
     p.add_argument("--overwrite", action="store_true", help="start a fresh --out (the old file is kept as .old)")
+    p.add_argument("--source", help="import this expert file (published alfworld_sft.json or ours) instead of "
+                                    "playing the expert / copying the generated VirtualHome trajectories")
+    p.add_argument("--check_replay", action="store_true",
+                   help="replay every imported trajectory in the real environment (writes replay.jsonl beside the data)")
+    p.add_argument("--replay_keep", choices=KEEP, default="all",
+                   help="with --check_replay: keep all, only those that replay exactly, or only those that succeed")
     return p
 
 
@@ -86,7 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
     write_run_card(out.parent, "sft.make_expert_data", vars(args))
     store = JsonlStore(out, overwrite=args.overwrite)
     t0 = time.perf_counter()
-    stats = (alfworld if args.task_family == "alfworld" else virtualhome)(args, store)
+    if args.source or args.task_family == "virtualhome":
+        stats = imported(args, store, Path(args.source) if args.source else vh_trajectories(args), out)
+    else:
+        stats = alfworld(args, store)
     if args.export:
         trajs = load_expert_data(out)
         write_json(args.export, to_published(trajs, get_task_family(args.task_family).INSTRUCTION, args.task_family))
