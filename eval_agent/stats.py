@@ -1,0 +1,31 @@
+"""Confidence intervals for the small counts a CPU run produces, so "0/3" reads as what it is.
+
+The Wilson score interval (Wilson 1927) rather than the textbook normal one: it stays inside [0, 1] and
+does not collapse to a width of zero at 0/n or n/n, which is where small runs live (0/3 successes is
+consistent with a true rate anywhere from 0 to 0.56).
+"""
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+Z95 = NormalDist().inv_cdf(0.975)  # 1.959963984540054, the two-sided 95% normal quantile
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval (lower, upper) of a proportion k/n; 95% with the default z."""
+    if isinstance(k, bool) or isinstance(n, bool) or not (isinstance(k, int) and isinstance(n, int)):
+        raise TypeError(f"k and n must be integers, got {k!r} and {n!r}")
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n > 0, got k={k}, n={n}")
+    p = k / n
+    denominator = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # at k = 0 and k = n the bound is exactly 0 or 1; rounding would leave 1e-17 off it
+    return (0.0 if k == 0 else max(0.0, center - half), 1.0 if k == n else min(1.0, center + half))
+
+
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether two intervals share a point: when two 95% intervals do, we claim no difference."""
+    return a[0] <= b[1] and b[0] <= a[1]
