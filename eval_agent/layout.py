@@ -9,6 +9,7 @@ spelled out; stages take `--run_dir` and ask a `RunDir` for their paths (an expl
       data_collection/               step rewards, deviations, D_c / D_e / D_s, train.jsonl (stage 3)
       steca/model/                   the STeCa model (stage 4); steca/config.json
       eval/<label>/<split>/          one evaluation (stage 5): tasks/, summary.json, config.json
+      eval/<label>/<split>/step_accuracy/   the model's greedy step against the expert's (eval.step_accuracy)
       pipeline/<stage>.done          the pipeline's record of a completed stage
 
 A pipeline run over several task families keeps one RUN_DIR per family under RUN_ROOT (`run_dir_of`),
@@ -81,6 +82,10 @@ class RunDir:
 
     def evaluation(self, label: str, split: str) -> Path:
         return self.eval / label / split
+
+    def step_accuracy(self, label: str, split: str) -> Path:
+        """eval.step_accuracy's folder, inside the evaluation of the same model and split."""
+        return self.evaluation(label, split) / "step_accuracy"
 
     # the pipeline's stage markers
     @property
