@@ -29,3 +29,11 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
 def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
     """Whether two intervals share a point: when two 95% intervals do, we claim no difference."""
     return a[0] <= b[1] and b[0] <= a[1]
+
+
+def format_share(k: int, n: int) -> str:
+    """`3/12 = 0.25 [0.09, 0.53]`: the count, the share and its Wilson 95% interval (`0/0` when n is 0)."""
+    if not n:
+        return f"{k}/{n}"
+    lo, hi = wilson_interval(k, n)
+    return f"{k}/{n} = {k / n:.2f} [{lo:.2f}, {hi:.2f}]"

@@ -1,0 +1,171 @@
+"""Step accuracy on the real engines (generated ALFWorld games, VirtualHome tasks) with scripted policies whose
+answers are known, so every count is exact; then the tiny model end to end, resuming, and bad input."""
+import json
+from pathlib import Path
+
+import pytest
+
+from eval.step_accuracy import chosen_steps, main as step_accuracy, normalize_action
+from eval_agent.envs import get_task_family
+from eval_agent.expert_data import AS_TRAINING_DATA, load_expert_data
+from eval_agent.layout import RunDir
+from eval_agent.llm import Completion
+from eval_agent.runner import ExpertPolicy, run_episodes
+from eval_agent.stats import wilson_interval
+from eval_agent.trajectory import format_reply
+
+# ALFWorld answers by step index t mod 5: the expert's action, an action the engine refuses, a valid action
+# the expert data never takes (it leaves no-op commands out), no action, and the expert's action in capitals
+# (the engine refuses it: named, but not taken).
+ALFWORLD_SCRIPT = ("expert", "fly to the moon", "inventory", None, "EXPERT")
+# VirtualHome answers by parity: the expert's action in capitals at even t (the simulator takes any case), an
+# action the simulator refuses at odd t.
+VIRTUALHOME_SCRIPT = ("EXPERT", "dance wildly")
+
+
+class ScriptedPolicy:
+    """Replies by the step index t = len(prefix) from `script`, with the expert's action read from the
+    stage's own expert.jsonl (the trajectories it replays)."""
+
+    def __init__(self, out: Path, script: tuple):
+        self.out, self.script, self.asked = out, script, []
+        self.expert: dict[str, list[str]] | None = None
+
+    def act(self, episodes):
+        if self.expert is None:
+            self.expert = {t.meta["key"]: t.actions for t in load_expert_data(self.out / "expert.jsonl")}
+        replies = []
+        for ep in episodes:
+            t = len(ep.prefix)
+            self.asked.append((ep.task.key, t))
+            answer = self.script[t % len(self.script)]
+            if answer in ("expert", "EXPERT"):
+                action = self.expert[ep.task.key][t]
+                action = f"  {action.upper() if answer == 'EXPERT' else action} "
+                replies.append(Completion(text=format_reply("I follow the plan.", action)))
+            elif answer is None:
+                replies.append(Completion(text="I am not sure what to do."))
+            else:
+                replies.append(Completion(text=format_reply("Let me try this.", answer)))
+        return replies
+
+
+def expected(out: Path, env: str, script: tuple, per_task: int | None = None) -> dict[str, int]:
+    """Per category of the script, how many selected steps fall into it."""
+    n = {"match": 0, "valid": 0, "no_action": 0, "refused_match": 0, "steps": 0}
+    for traj in load_expert_data(out / "expert.jsonl"):
+        if not traj.success:
+            continue
+        for t in chosen_steps(len(traj.steps), per_task):
+            match, valid, refused = outcome(env, script[t % len(script)])
+            n["steps"] += 1
+            n["match"] += match
+            n["valid"] += valid
+            n["refused_match"] += refused
+            n["no_action"] += script[t % len(script)] is None
+    return n
+
+
+def outcome(env: str, answer: str | None) -> tuple[bool, bool, bool]:
+    """(match, valid, refused_match) of a scripted answer."""
+    if answer == "EXPERT":
+        return (False, False, True) if env == "alfworld" else (True, True, False)
+    return answer == "expert", answer in ("expert", "inventory"), False
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+
+
+def test_normalize_action_and_chosen_steps():
+    assert normalize_action("  Take Mug 1 from   CounterTop 1 ") == "take mug 1 from countertop 1"
+    assert normalize_action("Walk to dining_room") == normalize_action("walk to dining room")
+    assert normalize_action("go to desk 1") != normalize_action("go to desk 2")
+    assert chosen_steps(5, None) == chosen_steps(5, 9) == [0, 1, 2, 3, 4]
+    assert chosen_steps(10, 4) == [0, 3, 6, 9] and chosen_steps(7, 2) == [0, 6] and chosen_steps(7, 1) == [0]
+    assert all(len(chosen_steps(n, k)) == min(n, k) for n in range(1, 30) for k in range(1, 12))
+
+
+def test_alfworld_scripted_policy_counts_exactly(tmp_path):
+    run = RunDir(tmp_path / "run")
+    out = run.step_accuracy("scripted", "seen")
+    policy = ScriptedPolicy(out, ALFWORLD_SCRIPT)
+    args = ["--task_family", "alfworld", "--split", "seen", "--limit", "1", "--run_dir", str(run.root),
+            "--label", "scripted", "--model", "scripted"]
+    summary = step_accuracy(args, policy=policy)
+    want = expected(out, "alfworld", ALFWORLD_SCRIPT)
+    assert summary["expert_won"] == 1 and summary["skipped"] == {}
+    assert {k: summary[k] for k in want} == want and min(want.values()) > 0  # every kind of answer occurs
+    assert summary["step_accuracy"] == want["match"] / want["steps"]
+    assert tuple(summary["step_accuracy_ci"]) == wilson_interval(want["match"], want["steps"])
+    assert sum(v["steps"] for v in summary["per_task_type"].values()) == want["steps"]
+    for r in records(out):
+        answer = ALFWORLD_SCRIPT[r["t"] % len(ALFWORLD_SCRIPT)]
+        assert (r["match"], r["valid"], r["refused_match"]) == outcome("alfworld", answer), r
+        assert (r["observation"] == "Nothing happens.") == (answer in ("fly to the moon", "EXPERT")), r
+    assert json.loads((out / "summary.json").read_text())["match"] == want["match"]
+    assert sorted(policy.asked) == sorted((r["task_key"], r["t"]) for r in records(out))  # each step asked once
+
+    # the prompt of step t holds the expert's steps 0..t-1 as the training data writes them
+    expert = load_expert_data(out / "expert.jsonl")[0]
+    assert not any(a in ("look", "inventory") for a in expert.actions)
+    assert expert.steps[0].thought != f"The expert's next step is {expert.actions[0]}."
+
+    # a rerun asks nothing; more steps per task are not needed here, fewer reuse what is there
+    again = ScriptedPolicy(out, ALFWORLD_SCRIPT)
+    assert step_accuracy(args + ["--steps_per_task", "3"], policy=again)["steps"] == 3 and again.asked == []
+    assert len(records(out)) == want["steps"]
+
+
+def test_virtualhome_scripted_policy_counts_exactly(tmp_path):
+    out = tmp_path / "vh"
+    summary = step_accuracy(["--task_family", "virtualhome", "--split", "unseen", "--limit", "3", "--out", str(out),
+                             "--steps_per_task", "4"], policy=ScriptedPolicy(out, VIRTUALHOME_SCRIPT))
+    want = expected(out, "virtualhome", VIRTUALHOME_SCRIPT, per_task=4)
+    assert summary["expert_won"] == 3 and summary["skipped"] == {}
+    assert {k: summary[k] for k in want} == want and 0 < want["match"] < want["steps"]
+    assert want["valid"] == want["match"] and want["refused_match"] == 0  # any case is taken; "dance wildly" never
+    assert all(r["observation"].startswith("Nothing happens.") != r["valid"] for r in records(out))
+
+
+def test_virtualhome_expert_runs_read_like_the_training_data():
+    family = get_task_family("virtualhome")
+    task = family.load_tasks("train", limit=1)[0]
+    runs = {}
+    run_episodes([task], ExpertPolicy(), family.make_env, lambda ep: runs.__setitem__(ep.task.key, ep.traj),
+                 progress=False)
+    ours = AS_TRAINING_DATA["virtualhome"](runs[task.key], task.key)
+    data = next(t for t in load_expert_data(family.find_data_root() / "vh_train_trajectories.jsonl")
+                if t.meta["key"] == task.key)
+    assert ours.task_text == data.task_text and ours.steps == data.steps and ours.success
+
+
+def test_tiny_model_end_to_end_and_settings_guard(tmp_path, tiny_model_dir):
+    out = tmp_path / "tiny"
+    args = ["--task_family", "alfworld", "--split", "unseen", "--limit", "1", "--steps_per_task", "2",
+            "--max_new_tokens", "8", "--backend", "hf", "--out", str(out)]
+    summary = step_accuracy(args + ["--model", str(tiny_model_dir)])
+    assert summary["steps"] == 2 and 0 <= summary["match"] <= summary["valid"] + summary["no_action"] + 2
+    assert len(records(out)) == 2 and all(r["reply"] is not None for r in records(out))
+    card = json.loads((out / "config.json").read_text())
+    assert card["stage"] == "eval.step_accuracy" and card["args"]["model"] == str(tiny_model_dir)
+
+    with pytest.raises(SystemExit, match="other settings.*model"):
+        step_accuracy(args + ["--model", "another/model"], policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
+    with pytest.raises(SystemExit, match="other settings.*max_new_tokens"):
+        step_accuracy(args[:-4] + ["--max_new_tokens", "9", "--out", str(out), "--model", str(tiny_model_dir)])
+    fresh = step_accuracy(args + ["--model", "another/model", "--overwrite"], policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
+    assert fresh["steps"] == 2 and (out / "steps.jsonl.old").is_file() and (out / "expert.jsonl.old").is_file()
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(SystemExit):
+        step_accuracy(["--task_family", "alfworld", "--model", "m"])  # neither --out nor --run_dir/--label
+    with pytest.raises(SystemExit):
+        step_accuracy(["--task_family", "alfworld", "--out", str(tmp_path), "--env_args", "[1]"])
+    out = tmp_path / "broken"
+    out.mkdir()
+    (out / "steps.jsonl").write_text('{"key": "a"}\nnot json\n')
+    with pytest.raises(SystemExit, match=r"steps.jsonl:2: not valid JSON.*--overwrite"):
+        step_accuracy(["--task_family", "alfworld", "--split", "seen", "--limit", "1", "--out", str(out)],
+                      policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
