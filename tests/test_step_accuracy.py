@@ -1,6 +1,7 @@
 """Step accuracy on the real engines (generated ALFWorld games, VirtualHome tasks) with scripted policies whose
 answers are known, so every count is exact; then the tiny model end to end, resuming, and bad input."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from eval_agent.llm import Completion
 from eval_agent.runner import ExpertPolicy, run_episodes
 from eval_agent.stats import wilson_interval
 from eval_agent.trajectory import format_reply
+
+REPO = Path(__file__).resolve().parent.parent
 
 # ALFWorld answers by step index t mod 5: the expert's action, an action the engine refuses, a valid action
 # the expert data never takes (it leaves no-op commands out), no action, and the expert's action in capitals
@@ -140,24 +143,6 @@ def test_virtualhome_expert_runs_read_like_the_training_data():
     assert ours.task_text == data.task_text and ours.steps == data.steps and ours.success
 
 
-def test_tiny_model_end_to_end_and_settings_guard(tmp_path, tiny_model_dir):
-    out = tmp_path / "tiny"
-    args = ["--task_family", "alfworld", "--split", "unseen", "--limit", "1", "--steps_per_task", "2",
-            "--max_new_tokens", "8", "--backend", "hf", "--out", str(out)]
-    summary = step_accuracy(args + ["--model", str(tiny_model_dir)])
-    assert summary["steps"] == 2 and 0 <= summary["match"] <= summary["valid"] + summary["no_action"] + 2
-    assert len(records(out)) == 2 and all(r["reply"] is not None for r in records(out))
-    card = json.loads((out / "config.json").read_text())
-    assert card["stage"] == "eval.step_accuracy" and card["args"]["model"] == str(tiny_model_dir)
-
-    with pytest.raises(SystemExit, match="other settings.*model"):
-        step_accuracy(args + ["--model", "another/model"], policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
-    with pytest.raises(SystemExit, match="other settings.*max_new_tokens"):
-        step_accuracy(args[:-4] + ["--max_new_tokens", "9", "--out", str(out), "--model", str(tiny_model_dir)])
-    fresh = step_accuracy(args + ["--model", "another/model", "--overwrite"], policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
-    assert fresh["steps"] == 2 and (out / "steps.jsonl.old").is_file() and (out / "expert.jsonl.old").is_file()
-
-
 def test_bad_input(tmp_path):
     with pytest.raises(SystemExit):
         step_accuracy(["--task_family", "alfworld", "--model", "m"])  # neither --out nor --run_dir/--label
@@ -169,3 +154,35 @@ def test_bad_input(tmp_path):
     with pytest.raises(SystemExit, match=r"steps.jsonl:2: not valid JSON.*--overwrite"):
         step_accuracy(["--task_family", "alfworld", "--split", "seen", "--limit", "1", "--out", str(out)],
                       policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
+
+
+
+def test_tiny_model_through_the_stage_script_and_settings_guard(tmp_path, tiny_model_dir):
+    """eval/step_accuracy.sh with LABEL=sft finds the run's SFT model through the layout and passes only the
+    knobs that are set; a rerun with other settings is refused, --overwrite starts fresh."""
+    import os
+    import subprocess
+
+    run = RunDir(tmp_path / "run")
+    run.sft.mkdir(parents=True)
+    run.sft_model.symlink_to(tiny_model_dir)
+    env = {**os.environ, "TASK_FAMILY": "alfworld", "RUN_DIR": str(run.root), "LABEL": "sft", "SPLIT": "unseen",
+           "LIMIT": "1", "STEPS_PER_TASK": "2", "MAX_NEW_TOKENS": "8", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "eval/step_accuracy.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = run.step_accuracy("sft", "unseen")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["model"] == str(run.sft_model) and summary["label"] == "sft"
+    assert len(records(out)) == 2 and all(r["reply"] is not None for r in records(out))
+    card = json.loads((out / "config.json").read_text())
+    assert card["stage"] == "eval.step_accuracy" and card["args"]["concurrency"] == 16  # Python's default
+
+    args = ["--task_family", "alfworld", "--split", "unseen", "--limit", "1", "--steps_per_task", "2",
+            "--run_dir", str(run.root), "--label", "sft"]
+    with pytest.raises(SystemExit, match="other settings.*model"):
+        step_accuracy(args + ["--max_new_tokens", "8", "--model", "another/model"], policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
+    with pytest.raises(SystemExit, match="other settings.*max_new_tokens"):
+        step_accuracy(args + ["--max_new_tokens", "9", "--model", str(run.sft_model)], policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
+    fresh = step_accuracy(args + ["--model", "another/model", "--overwrite"], policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
+    assert fresh["steps"] == 2 and (out / "steps.jsonl.old").is_file() and (out / "expert.jsonl.old").is_file()
