@@ -184,7 +184,8 @@ def collect(cells: list[Any], runs: list[str], step_accuracy: list[str]) -> tupl
                         add_step_accuracy(label_dir.name, path)
         summary = rd.data_collection / "summary.json"
         card = rd.data_collection / "config.json"
-        family = env or (load_json(card).get("args", {}).get("task_family") if card.is_file() else None)
+        args = (load_json(card).get("args") if card.is_file() else None) or {}
+        family = env or (args.get("task_family") if isinstance(args, dict) else None)
         if summary.is_file() and family in ENV_TITLES:
             collections.append(read_collection(summary, family))
     for spec in step_accuracy:

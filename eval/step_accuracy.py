@@ -175,10 +175,14 @@ def expert_trajectories(tasks: list[Task], args: argparse.Namespace, out: Path) 
     store = open_store(out / "expert.jsonl", args.overwrite)
     as_data = AS_TRAINING_DATA[args.task_family]
     todo = [t for t in tasks if t.key not in store]
+
+    def keep(ep: Episode) -> None:  # a lost run is kept as it went (it is listed, never replayed)
+        traj = as_data(ep.traj, ep.task.key) if ep.traj.success else ep.traj
+        store.append({"key": ep.task.key, **traj.to_dict()})
+
     if todo:
         log.info("the expert plays %d of %d tasks", len(todo), len(tasks))
-        run_episodes(todo, ExpertPolicy(), partial(family.make_env, expert=True, **args.env_args),
-                     lambda ep: store.append({"key": ep.task.key, **as_data(ep.traj, ep.task.key).to_dict()}),
+        run_episodes(todo, ExpertPolicy(), partial(family.make_env, expert=True, **args.env_args), keep,
                      max_steps=args.max_steps, concurrency=args.concurrency, progress=False)
     out_trajs = {}
     for task in tasks:
@@ -249,7 +253,10 @@ def main(argv: list[str] | None = None, policy: Policy | None = None) -> dict[st
     t0 = time.perf_counter()
     out = Path(args.out) if args.out else RunDir(args.run_dir).step_accuracy(args.label, args.split)
     family = get_task_family(args.task_family)
-    tasks = family.load_tasks(args.split, data_root=args.data_root, limit=args.limit)
+    try:
+        tasks = family.load_tasks(args.split, data_root=args.data_root, limit=args.limit)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     store = open_store(out / "steps.jsonl", args.overwrite)
     check_settings(out, store, args)
     experts = expert_trajectories(tasks, args, out)

@@ -13,7 +13,7 @@ from eval_agent.layout import RunDir
 from eval_agent.llm import Completion
 from eval_agent.runner import ExpertPolicy, run_episodes
 from eval_agent.stats import wilson_interval
-from eval_agent.trajectory import format_reply
+from eval_agent.trajectory import Trajectory, format_reply
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ class ScriptedPolicy:
 
     def act(self, episodes):
         if self.expert is None:
-            self.expert = {t.meta["key"]: t.actions for t in load_expert_data(self.out / "expert.jsonl")}
+            self.expert = {t.meta["key"]: t.actions for t in won_experts(self.out)}
         replies = []
         for ep in episodes:
             t = len(ep.prefix)
@@ -53,12 +53,16 @@ class ScriptedPolicy:
         return replies
 
 
+def won_experts(out: Path) -> list[Trajectory]:
+    """The expert runs the stage scores (it keeps a lost run too, as it went)."""
+    rows = [json.loads(line) for line in (out / "expert.jsonl").read_text().splitlines()]
+    return [Trajectory.from_dict({k: v for k, v in r.items() if k != "key"}) for r in rows if r["success"]]
+
+
 def expected(out: Path, env: str, script: tuple, per_task: int | None = None) -> dict[str, int]:
     """Per category of the script, how many selected steps fall into it."""
     n = {"match": 0, "valid": 0, "no_action": 0, "refused_match": 0, "steps": 0}
-    for traj in load_expert_data(out / "expert.jsonl"):
-        if not traj.success:
-            continue
+    for traj in won_experts(out):
         for t in chosen_steps(len(traj.steps), per_task):
             match, valid, refused = outcome(env, script[t % len(script)])
             n["steps"] += 1
@@ -129,6 +133,23 @@ def test_virtualhome_scripted_policy_counts_exactly(tmp_path):
     assert {k: summary[k] for k in want} == want and 0 < want["match"] < want["steps"]
     assert want["valid"] == want["match"] and want["refused_match"] == 0  # any case is taken; "dance wildly" never
     assert all(r["observation"].startswith("Nothing happens.") != r["valid"] for r in records(out))
+
+
+def test_tasks_the_expert_loses_are_listed_not_scored(tmp_path):
+    """A task whose goal its program cannot reach: the expert's run is kept as it went and the task is left out."""
+    family = get_task_family("virtualhome")
+    rows = [json.loads(line) for line in (family.find_data_root() / "vh_unseen_test.jsonl").read_text().splitlines()[:2]]
+    rows[1]["revised_graph"]["revised_add_edges"].append({"from_id": 1, "relation_type": "ON", "to_id": 2})
+    (tmp_path / "vh_unseen_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    summary = step_accuracy(["--task_family", "virtualhome", "--split", "unseen", "--data_root", str(tmp_path),
+                             "--max_steps", "25", "--steps_per_task", "2", "--out", str(out)],
+                            policy=ScriptedPolicy(out, VIRTUALHOME_SCRIPT))
+    lost = family.load_tasks("unseen", data_root=tmp_path)[1].key
+    assert summary["expert_won"] == 1 and summary["expert_failed"] == [lost] and summary["steps"] == 2
+    assert {r["task_key"] for r in records(out)} == {family.load_tasks("unseen", data_root=tmp_path)[0].key}
+    with pytest.raises(SystemExit, match="unknown VirtualHome split"):
+        step_accuracy(["--task_family", "virtualhome", "--split", "dev", "--out", str(out)])
 
 
 def test_virtualhome_expert_runs_read_like_the_training_data():
