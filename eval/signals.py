@@ -168,7 +168,8 @@ def collect(cells: list[Any], runs: list[str], step_accuracy: list[str]) -> tupl
         env, split, match, valid, no_action = read_step_accuracy(path)
         row = at(label, env, split)
         if "step_accuracy" in row.sources:
-            fail(path, f"a second step-accuracy summary for {label} {env}/{split} (the first: {row.sources['step_accuracy']})")
+            fail(path, f"a second step-accuracy summary for {label} {env}/{split} "
+                       f"(the first: {row.sources['step_accuracy']})")
         row.step_accuracy, row.valid, row.no_action = match, valid, no_action
         row.sources["step_accuracy"] = str(path)
 
@@ -240,7 +241,8 @@ def collection_cells(c: Collection) -> list[str]:
 def to_markdown(rows: list[Signals], collections: list[Collection]) -> str:
     lines = ["## Signals at small scale", "", CAPTION, ""]
     if rows:
-        lines += ["| Environment | Split | Model | Success | Step accuracy | Valid actions |", "|---|---|---|---:|---:|---:|"]
+        lines += ["| Environment | Split | Model | Success | Step accuracy | Valid actions |",
+                  "|---|---|---|---:|---:|---:|"]
         lines += [f"| {ENV_TITLES[r.env]} | {r.split} | {method(r.label)} | {cell(r.success)} | {cell(r.step_accuracy)} "
                   f"| {cell(r.valid)} |" for r in rows]
     else:

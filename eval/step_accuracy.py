@@ -104,7 +104,8 @@ def step_record(task: Task, expert: Trajectory, ep: Episode) -> dict[str, Any]:
     record: dict[str, Any] = {
         "key": f"{task.key}|t{t}", "task_key": task.key, "task_type": task.meta.get("task_type", "unknown"), "t": t,
         "length": len(expert.steps), "expert_action": expert.steps[t].action, "reply": None, "action": None,
-        "observation": None, "match": None, "valid": None, "refused_match": None, "skip": None, "error": ep.traj.meta.get("error"),
+        "observation": None, "match": None, "valid": None, "refused_match": None, "skip": None,
+        "error": ep.traj.meta.get("error"),
     }
     replayed = [s.observation for s in steps[:t]]
     if replayed != [s.observation for s in expert.steps[:len(replayed)]]:
@@ -297,7 +298,8 @@ def main(argv: list[str] | None = None, policy: Policy | None = None) -> dict[st
     write_json(out / "summary.json", summary)
     log.info("%s/%s%s: step accuracy %s, valid actions %s over %d steps (%d skipped) of %d tasks -> %s",
              args.task_family, args.split, f" ({args.label})" if args.label else "",
-             format_share(summary["match"], summary["steps"]), format_share(summary["valid"], summary["steps"]), summary["steps"],
+             format_share(summary["match"], summary["steps"]), format_share(summary["valid"], summary["steps"]),
+             summary["steps"],
              sum(summary["skipped"].values()), len(won), out)
     return summary
 

@@ -111,7 +111,8 @@ def test_signals_table_collection_and_reading(tmp_path, runs, capsys):
     assert "0.60 after the expert's steps (n=15) against 0.23 after the SFT policy's own (n=7): the expert's steps " \
            "led to success more often" in rest
     assert "Our backbone is SmolLM2-135M-Instruct; the paper's is Llama-2-7B-Chat" in rest
-    assert "rests on 3 to 4 tasks: 1/3 (STeCa, VirtualHome seen) is consistent with any success rate from 0.06 to 0.79" in rest
+    assert "rests on 3 to 4 tasks: 1/3 (STeCa, VirtualHome seen) is consistent with any success rate from 0.06 " \
+        "to 0.79" in rest
     assert f"The paper's STeCa success lies above our interval on ALFWorld unseen (paper 76.1, ours {share(0, 4)})" in rest
     assert f"Our interval still holds the paper's STeCa success on VirtualHome seen (paper 69.6, ours {share(1, 3)})" in rest
     assert f"({12} to {40} steps a cell, against 3 to 4 tasks for success)" in rest

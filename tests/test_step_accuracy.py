@@ -202,8 +202,10 @@ def test_tiny_model_through_the_stage_script_and_settings_guard(tmp_path, tiny_m
     args = ["--task_family", "alfworld", "--split", "unseen", "--limit", "1", "--steps_per_task", "2",
             "--run_dir", str(run.root), "--label", "sft"]
     with pytest.raises(SystemExit, match="other settings.*model"):
-        step_accuracy(args + ["--max_new_tokens", "8", "--model", "another/model"], policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
+        step_accuracy(args + ["--max_new_tokens", "8", "--model", "another/model"],
+                      policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
     with pytest.raises(SystemExit, match="other settings.*max_new_tokens"):
-        step_accuracy(args + ["--max_new_tokens", "9", "--model", str(run.sft_model)], policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
+        step_accuracy(args + ["--max_new_tokens", "9", "--model", str(run.sft_model)],
+                      policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
     fresh = step_accuracy(args + ["--model", "another/model", "--overwrite"], policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
     assert fresh["steps"] == 2 and (out / "steps.jsonl.old").is_file() and (out / "expert.jsonl.old").is_file()
