@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from eval.paper_results import COLUMNS, PAPER_ROWS
+from eval_agent.layout import RunDir
 from eval_agent.store import write_atomic, write_json
 
 log = logging.getLogger("report")
@@ -138,7 +139,9 @@ def discover(run: str) -> tuple[str | None, list[tuple[str, Path]], list[dict[st
                 found.append((label_dir.name, path))
             else:
                 skipped.append({"path": str(path), "reason": f"split {path.parent.name!r} is not a column"})
-    if not found:
+    from eval.signals import step_accuracy_summaries
+
+    if not found and not step_accuracy_summaries(root) and not (RunDir(root).data_collection / "summary.json").is_file():
         raise SystemExit(f"error: --run {run}: no <label>/<split>/summary.json under {evals}")
     return env or None, found, skipped
 
@@ -337,7 +340,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if signals.plot(small, out / "signals.png"):
         figures.append(str(out / "signals.png"))
     figures += [p for c in collections for p in c.plots]
-    reading = signals.reading(small, collections, args.backbone or default_backbone(cells), figures)
+    backbone = args.backbone or default_backbone(cells)
+    reading = signals.reading(small, collections, signals.base_models(small) if backbone == MISSING else backbone,
+                              figures)
     write_atomic(out / "report.md", "\n".join([to_markdown(rows, cells, args.metric, skipped),
                                                signals.to_markdown(small, collections), reading]))
     write_atomic(out / "report.tex", to_latex(rows, args.metric) + "\n" + signals.to_latex(small, collections))

@@ -63,6 +63,7 @@ class Signals:
     step_accuracy: Count | None = None
     valid: Count | None = None
     no_action: int | None = None  # replies without an `Action:` among the scored steps
+    model: str | None = None  # the model the step-accuracy summary records
     sources: dict[str, str] = field(default_factory=dict)  # signal -> file it came from
 
     def get(self, metric: str) -> Count | None:
@@ -102,9 +103,9 @@ def _count(path: Path, summary: dict[str, Any], k_field: str, n_field: str) -> C
     return Count(k, n)
 
 
-def read_step_accuracy(path: Path) -> tuple[str, str, Count | None, Count | None, int]:
-    """(env, split, step accuracy, valid share, replies without an action) from eval.step_accuracy's summary.json;
-    the counts are None when no step was scored."""
+def read_step_accuracy(path: Path) -> tuple[str, str, Count | None, Count | None, int, str | None]:
+    """(env, split, step accuracy, valid share, replies without an action, model) from eval.step_accuracy's
+    summary.json; the counts are None when no step was scored."""
     summary = load_json(path)
     for name in ("env", "split", "steps", "match", "valid"):
         if name not in summary:
@@ -118,7 +119,7 @@ def read_step_accuracy(path: Path) -> tuple[str, str, Count | None, Count | None
         fail(path, f"field 'match' is {match.k}, more than 'valid' ({valid.k}): a match is always a valid action")
     scored = match.n > 0
     return (summary["env"], SPLIT_NAMES[summary["split"]], match if scored else None, valid if scored else None,
-            int(summary.get("no_action") or 0))
+            int(summary.get("no_action") or 0), summary.get("model"))
 
 
 def mean_reward(curve: Any, path: Path, kind: str) -> tuple[float | None, int]:
@@ -150,6 +151,14 @@ def read_collection(path: Path, env: str) -> Collection:
                       n_explored, plots)
 
 
+def step_accuracy_summaries(run_dir: str | Path) -> list[tuple[str, Path]]:
+    """(label, summary.json) of every step-accuracy run on a test split in RUN_DIR/eval/."""
+    rd = RunDir(run_dir)
+    labels = sorted(p.name for p in rd.eval.iterdir() if p.is_dir()) if rd.eval.is_dir() else []
+    return [(label, path) for label in labels for split in ("seen", "unseen")
+            if (path := rd.step_accuracy(label, split) / "summary.json").is_file()]
+
+
 def collect(cells: list[Any], runs: list[str], step_accuracy: list[str]) -> tuple[list[Signals], list[Collection]]:
     """Signals of every (label, env, split) the report knows of: success from its cells (eval summaries),
     step accuracy from RUN_DIR/eval/<label>/<split>/step_accuracy/ of each `--run` and from `--step_accuracy
@@ -165,24 +174,20 @@ def collect(cells: list[Any], runs: list[str], step_accuracy: list[str]) -> tupl
         row.success, row.sources["success"] = Count(k, c.num_tasks), c.summary
 
     def add_step_accuracy(label: str, path: Path) -> None:
-        env, split, match, valid, no_action = read_step_accuracy(path)
+        env, split, match, valid, no_action, model = read_step_accuracy(path)
         row = at(label, env, split)
         if "step_accuracy" in row.sources:
             fail(path, f"a second step-accuracy summary for {label} {env}/{split} "
                        f"(the first: {row.sources['step_accuracy']})")
-        row.step_accuracy, row.valid, row.no_action = match, valid, no_action
+        row.step_accuracy, row.valid, row.no_action, row.model = match, valid, no_action, model
         row.sources["step_accuracy"] = str(path)
 
     collections = []
     for run in runs:
         env, _, folder = run.rpartition("=")
         rd = RunDir(folder)
-        if rd.eval.is_dir():
-            for label_dir in sorted(p for p in rd.eval.iterdir() if p.is_dir()):
-                for split in ("seen", "unseen"):
-                    path = rd.step_accuracy(label_dir.name, split) / "summary.json"
-                    if path.is_file():
-                        add_step_accuracy(label_dir.name, path)
+        for label, path in step_accuracy_summaries(folder):
+            add_step_accuracy(label, path)
         summary = rd.data_collection / "summary.json"
         card = rd.data_collection / "config.json"
         args = (load_json(card).get("args") if card.is_file() else None) or {}
@@ -425,13 +430,23 @@ def scale_sentences(rows: list[Signals], backbone: str) -> list[str]:
     return out
 
 
+def base_models(rows: list[Signals]) -> str:
+    """The base model's name as the step-accuracy summaries record it (when no evaluation says it)."""
+    return ", ".join(sorted({Path(r.model).name for r in rows if r.label == "base" and r.model})) or MISSING
+
+
 def reading(rows: list[Signals], collections: list[Collection], backbone: str, figures: Iterable[str]) -> str:
     """The plain-language reading of the signals table, from its numbers."""
     moved, still = comparisons(rows)
-    lines = ["## Reading", "", "What moved (the 95% intervals do not overlap):"]
-    lines += [f"- {s}" for s in moved] or ["- nothing: no signal changed by more than its intervals allow."]
-    lines += ["", "What did not move:"]
-    lines += [f"- {s[0].upper()}{s[1:]}" for s in still] or ["- nothing left unmoved among the signals measured."]
+    lines = ["## Reading", ""]
+    if moved or still:
+        lines += ["What moved (the 95% intervals do not overlap):"]
+        lines += [f"- {s}" for s in moved] or ["- nothing: no signal changed by more than its intervals allow."]
+        lines += ["", "What did not move:"]
+        lines += [f"- {s[0].upper()}{s[1:]}" for s in still] or ["- nothing: every change measured is beyond its intervals."]
+    else:
+        lines += ["Nothing to compare: no signal was measured for two of base, SFT and STeCa on the same environment "
+                  "and split."]
     if gaps := missing(rows):
         lines += ["", "Not measured, so not compared:"] + [f"- {s}." for s in gaps]
     lines += ["", "Data collection:"]

@@ -36,11 +36,11 @@ def real_collection(tmp_path_factory, tiny_model_dir) -> Path:
     return run / "data_collection"
 
 
-def place_steps(src: Path, dst: Path, env: str, split: str, match: int, valid: int, steps: int) -> Path:
+def place_steps(src: Path, dst: Path, env: str, split: str, match: int, valid: int, steps: int, **fields) -> Path:
     """A copy of a real step-accuracy summary with other counts."""
     dst.mkdir(parents=True)
     summary = json.loads((src / "summary.json").read_text())
-    summary.update(env=env, split=split, match=match, valid=valid, steps=steps, no_action=steps - valid)
+    summary.update(env=env, split=split, match=match, valid=valid, steps=steps, no_action=steps - valid, **fields)
     (dst / "summary.json").write_text(json.dumps(summary))
     return dst / "summary.json"
 
@@ -153,6 +153,20 @@ def test_nothing_moved_and_no_signals(tmp_path, real_summaries, real_step_accura
     md = (tmp_path / "r2" / "report.md").read_text()
     assert table_row(md, "VirtualHome", "unseen", "Base model")[3:] == ["0/2 = 0.00 [0.00, 0.66]", "–", "–"]
     assert "- VirtualHome unseen: success of SFT, STeCa; step accuracy of any model." in md
+
+
+def test_a_run_with_step_accuracy_only(tmp_path, real_step_accuracy):
+    """No evaluation yet: the report still builds, from what there is."""
+    run = RunDir(tmp_path / "virtualhome")
+    place_steps(real_step_accuracy, run.step_accuracy("base", "unseen"), "virtualhome", "unseen", 0, 1, 11,
+                model="models/SmolLM2-135M-Instruct")
+    out = tmp_path / "report"
+    report(["--run", str(run.root), "--out", str(out)])
+    md = (out / "report.md").read_text()
+    assert table_row(md, "VirtualHome", "unseen", "Base model")[3:] == ["–", "0/11 = 0.00 [0.00, 0.26]",
+                                                                         "1/11 = 0.09 [0.02, 0.38]"]
+    assert "Nothing to compare: no signal was measured for two of base, SFT and STeCa" in md
+    assert "Our backbone is SmolLM2-135M-Instruct;" in md
 
 
 def test_step_accuracy_flag_and_bad_summaries(tmp_path, real_summaries, real_step_accuracy):  # noqa: F811
