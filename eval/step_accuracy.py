@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None, policy: Policy | None = None) -> dict[st
              args.split, len(tasks), len(won), len(selected), len(selected) - len(todo), len(todo))
 
     extra: dict[str, Any] = {}
-    if policy is None:
+    if policy is None and todo:  # nothing to ask: the model is not even loaded
         policy = ModelPolicy.from_args(args, GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0))
         extra["resolved_chat_format"] = policy.chat_format.name
     card = write_run_card(out, "eval.step_accuracy", {**vars(args), **extra})
