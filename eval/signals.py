@@ -7,9 +7,9 @@ or STeCa training changed anything. Beside it (never in its place), per environm
 and per environment, from the data-collection stage (RUN_DIR/data_collection/summary.json): deviations
 found, calibrated rows, the mean step reward of expert against explored steps. docs/metrics.md defines each.
 
-The reading compares base -> SFT and SFT -> STeCa on each signal: two 95% intervals that do not overlap
-are a difference (a conservative test); overlapping ones are "no difference we can tell". Everything it
-says is computed from the numbers shown. A missing input is shown as missing, never an error; a present
+The reading compares base -> SFT and SFT -> STeCa on each signal: a change is real when the 95% interval
+of the difference (Newcombe's, from the two Wilson intervals) excludes 0, else it is "no difference we can
+tell". Everything it says is computed from the numbers shown. A missing input is shown as missing, never an error; a present
 but malformed one is an error naming the file.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from eval.paper_results import COLUMNS, PAPER_ROWS
 from eval.report import ENV_TITLES, MISSING, OUR_LABELS, SPLIT_NAMES, fail, label_order, latex_escape, load_json
 from eval_agent.layout import RunDir
-from eval_agent.stats import format_share, overlap, wilson_interval
+from eval_agent.stats import difference_interval, format_share, wilson_interval
 
 COMPARED = (("base", "sft", "SFT"), ("sft", "steca", "STeCa training"))  # (before, after, what changed it)
 METRIC_NAMES = {"success": "success", "step_accuracy": "step accuracy", "valid": "the valid-action share"}
@@ -361,12 +361,14 @@ def comparisons(rows: list[Signals]) -> tuple[list[str], list[str]]:
                 ca, cb = a.get(metric) if a else None, b.get(metric) if b else None
                 if ca is None or cb is None:
                     continue
-                if not overlap(ca.ci, cb.ci):
-                    verb = "raised" if cb.share > ca.share else "lowered"
-                    moved.append(f"{cause} {verb} {name} on {where} from {ca.short()} to {cb.short()}.")
+                lo, hi = difference_interval(cb.k, cb.n, ca.k, ca.n)
+                diff = f"difference {cb.share - ca.share:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                if lo > 0 or hi < 0:
+                    verb = "raised" if lo > 0 else "lowered"
+                    moved.append(f"{cause} {verb} {name} on {where} from {ca.short()} to {cb.short()} ({diff}).")
                 else:
                     still.append(f"{name} on {where}, {method(before)} {ca.short()} vs {method(after)} {cb.short()}: "
-                                 "no difference we can tell (the intervals overlap).")
+                                 f"no difference we can tell ({diff} holds 0).")
     return moved, still
 
 
@@ -440,7 +442,7 @@ def reading(rows: list[Signals], collections: list[Collection], backbone: str, f
     moved, still = comparisons(rows)
     lines = ["## Reading", ""]
     if moved or still:
-        lines += ["What moved (the 95% intervals do not overlap):"]
+        lines += ["What moved (the 95% interval of the difference excludes 0):"]
         lines += [f"- {s}" for s in moved] or ["- nothing: no signal changed by more than its intervals allow."]
         lines += ["", "What did not move:"]
         lines += [f"- {s[0].upper()}{s[1:]}" for s in still] or ["- nothing: every change measured is beyond its intervals."]

@@ -26,9 +26,15 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return (0.0 if k == 0 else max(0.0, center - half), 1.0 if k == n else min(1.0, center + half))
 
 
-def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """Whether two intervals share a point: when two 95% intervals do, we claim no difference."""
-    return a[0] <= b[1] and b[0] <= a[1]
+def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tuple[float, float]:
+    """The 95% interval of the difference k1/n1 - k2/n2 of two independent proportions, from their Wilson
+    intervals (Newcombe 1998, method 10, "hybrid score"). A change is real when it excludes 0. Asking whether
+    the two Wilson intervals overlap instead is far more conservative: 3/48 against 13/48 overlap, yet their
+    difference, +0.21 [0.06, 0.35], excludes 0."""
+    p1, p2 = k1 / n1, k2 / n2
+    (l1, u1), (l2, u2) = wilson_interval(k1, n1, z), wilson_interval(k2, n2, z)
+    d = p1 - p2
+    return d - math.hypot(p1 - l1, u2 - p2), d + math.hypot(u1 - p1, p2 - l2)
 
 
 def format_share(k: int, n: int) -> str:

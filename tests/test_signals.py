@@ -11,7 +11,7 @@ from PIL import Image
 from eval.report import main as report
 from eval.step_accuracy import main as step_accuracy
 from eval_agent.layout import RunDir
-from eval_agent.stats import wilson_interval
+from eval_agent.stats import difference_interval, format_share, wilson_interval
 from tests.test_data_collection import build, fixture_args, fixture_run, toy
 from tests.test_report import place, real_summaries  # noqa: F401  (a fixture)
 from tests.test_step_accuracy import VIRTUALHOME_SCRIPT, ScriptedPolicy
@@ -50,10 +50,16 @@ def share(k: int, n: int) -> str:
     return f"{k / n:.2f} [{lo:.2f}, {hi:.2f}] ({k}/{n})"
 
 
+def diff(before: tuple[int, int], after: tuple[int, int]) -> str:
+    lo, hi = difference_interval(*after, *before)
+    return f"difference {after[0] / after[1] - before[0] / before[1]:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
 @pytest.fixture()
 def runs(tmp_path, real_summaries, real_step_accuracy, real_collection):  # noqa: F811
-    """ALFWorld: success 0/4 for every model; step accuracy base 1/40 -> SFT 20/40 (moved) -> STeCa 22/40 (not);
-    valid 5/40 -> 30/40 -> 31/40; seen: SFT only. VirtualHome: success only, no data collection."""
+    """ALFWorld unseen: success 0/4 for every model; step accuracy base 1/40 -> SFT 20/40 (moved) -> STeCa 22/40
+    (not); valid 5/40 -> 30/40 -> 31/40. ALFWorld seen: step accuracy SFT 13/48 -> STeCa 3/48, moved although the
+    two intervals overlap; valid 20/48 -> 19/48. VirtualHome: success only, no data collection."""
     alf, vh = RunDir(tmp_path / "alfworld"), RunDir(tmp_path / "virtualhome")
     model = {"base": "models/SmolLM2-135M-Instruct", "sft": "x/sft/model", "steca": "x/steca/model"}
     for label in model:
@@ -61,7 +67,8 @@ def runs(tmp_path, real_summaries, real_step_accuracy, real_collection):  # noqa
               num_tasks=4)
     for label, (match, valid) in {"base": (1, 5), "sft": (20, 30), "steca": (22, 31)}.items():
         place_steps(real_step_accuracy, alf.step_accuracy(label, "unseen"), "alfworld", "unseen", match, valid, 40)
-    place_steps(real_step_accuracy, alf.step_accuracy("sft", "seen"), "alfworld", "seen", 3, 9, 12)
+    place_steps(real_step_accuracy, alf.step_accuracy("sft", "seen"), "alfworld", "seen", 13, 20, 48)
+    place_steps(real_step_accuracy, alf.step_accuracy("steca", "seen"), "alfworld", "seen", 3, 19, 48)
     shutil.copytree(real_collection, alf.data_collection)
     place(real_summaries["virtualhome"], vh.evaluation("base", "seen"), "seen", 0.0, model=model["base"], num_tasks=3)
     place(real_summaries["virtualhome"], vh.evaluation("steca", "seen"), "seen", 1 / 3, model=model["steca"],
@@ -87,8 +94,8 @@ def test_signals_table_collection_and_reading(tmp_path, runs, capsys):
     assert table_row(md, "ALFWorld", "unseen", "Base model") == [
         "ALFWorld", "unseen", "Base model", "0/4 = 0.00 [0.00, 0.49]", "1/40 = 0.03 [0.00, 0.13]",
         "5/40 = 0.12 [0.05, 0.26]"]
-    assert table_row(md, "ALFWorld", "seen", "SFT")[3:] == ["–", "3/12 = 0.25 [0.09, 0.53]", "9/12 = 0.75 [0.47, 0.91]"]
-    assert table_row(md, "ALFWorld", "seen", "STeCa")[3:] == ["–", "–", "–"]  # not measured: shown, no crash
+    assert table_row(md, "ALFWorld", "seen", "SFT")[3:] == ["–", format_share(13, 48), format_share(20, 48)]
+    assert table_row(md, "ALFWorld", "seen", "Base model")[3:] == ["–", "–", "–"]  # not measured: shown, no crash
     assert table_row(md, "VirtualHome", "seen", "STeCa")[3:] == ["1/3 = 0.33 [0.06, 0.79]", "–", "–"]
     # data collection: 2 of 5 judged deviated, 2 calibrated rows kept; expert 9.0/15, explored 1.6/7
     assert table_row(md, "ALFWorld", "2/5") == ["ALFWorld", "2/5", "2 (2)", table_row(md, "ALFWorld", "2/5")[3],
@@ -98,15 +105,21 @@ def test_signals_table_collection_and_reading(tmp_path, runs, capsys):
     reading = (out / "reading.md").read_text()
     assert md.endswith(reading) and capsys.readouterr().out.endswith(reading)
     moved, rest = reading.split("What did not move:")
-    assert f"SFT raised step accuracy on ALFWorld unseen from {share(1, 40)} to {share(20, 40)}." in moved
-    assert f"SFT raised the valid-action share on ALFWorld unseen from {share(5, 40)} to {share(30, 40)}." in moved
-    assert "STeCa training" not in moved and "success" not in moved
+    assert f"SFT raised step accuracy on ALFWorld unseen from {share(1, 40)} to {share(20, 40)} " \
+           f"({diff((1, 40), (20, 40))})." in moved
+    assert f"SFT raised the valid-action share on ALFWorld unseen from {share(5, 40)} to {share(30, 40)} " \
+           f"({diff((5, 40), (30, 40))})." in moved
+    assert f"STeCa training lowered step accuracy on ALFWorld seen from {share(13, 48)} to {share(3, 48)} " \
+           f"({diff((13, 48), (3, 48))})." in moved
+    assert wilson_interval(3, 48)[1] > wilson_interval(13, 48)[0]  # moved although the two intervals overlap
+    assert sum(line.startswith("- ") for line in moved.splitlines()) == 3 and "success" not in moved
     assert f"Step accuracy on ALFWorld unseen, SFT {share(20, 40)} vs STeCa {share(22, 40)}: no difference we can " \
-           "tell (the intervals overlap)." in rest
+           f"tell ({diff((20, 40), (22, 40))} holds 0)." in rest
+    assert f"The valid-action share on ALFWorld seen, SFT {share(20, 48)} vs STeCa {share(19, 48)}: no difference" in rest
     assert f"Success on ALFWorld unseen, Base model {share(0, 4)} vs SFT {share(0, 4)}: no difference" in rest
     assert "Not measured, so not compared:\n- VirtualHome seen: success of SFT; step accuracy of any model.\n" \
         "- VirtualHome unseen: success of any model; step accuracy of any model.\n" \
-        "- ALFWorld seen: success of any model; step accuracy of Base model, STeCa.\n\n" in rest
+        "- ALFWorld seen: success of any model; step accuracy of Base model.\n\n" in rest
     assert "found 2 deviations; 2 calibrated rows were written (2 kept)" in rest
     assert "0.60 after the expert's steps (n=15) against 0.23 after the SFT policy's own (n=7): the expert's steps " \
            "led to success more often" in rest
@@ -115,7 +128,7 @@ def test_signals_table_collection_and_reading(tmp_path, runs, capsys):
         "to 0.79" in rest
     assert f"The paper's STeCa success lies above our interval on ALFWorld unseen (paper 76.1, ours {share(0, 4)})" in rest
     assert f"Our interval still holds the paper's STeCa success on VirtualHome seen (paper 69.6, ours {share(1, 3)})" in rest
-    assert f"({12} to {40} steps a cell, against 3 to 4 tasks for success)" in rest
+    assert "(40 to 48 steps a cell, against 3 to 4 tasks for success)" in rest
     assert f"{out / 'report.png'}, {out / 'signals.png'}" in rest
     assert str(alf.data_collection / "plots" / "step_reward_by_position.png") in rest
 
@@ -143,7 +156,7 @@ def test_nothing_moved_and_no_signals(tmp_path, real_summaries, real_step_accura
     out = tmp_path / "report"
     report(["--run", str(run.root), "--out", str(out)])
     reading = (out / "reading.md").read_text()
-    assert "What moved (the 95% intervals do not overlap):\n- nothing: no signal changed" in reading
+    assert "What moved (the 95% interval of the difference excludes 0):\n- nothing: no signal changed" in reading
     assert "Data collection:\n- – (not found)." in reading
 
     # an evaluation with no step accuracy at all: the table shows dashes, the reading says what is missing

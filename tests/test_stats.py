@@ -1,7 +1,7 @@
 """The Wilson interval against values computed once with a reference implementation."""
 import pytest
 
-from eval_agent.stats import Z95, overlap, wilson_interval
+from eval_agent.stats import Z95, difference_interval, format_share, wilson_interval
 
 # statsmodels 0.15.0, statsmodels.stats.proportion.proportion_confint(k, n, alpha=0.05, method="wilson"),
 # computed once and copied here (statsmodels is not a dependency of the project).
@@ -40,6 +40,31 @@ def test_bad_counts(k, n):
         wilson_interval(k, n)
 
 
-def test_overlap():
-    assert overlap((0.0, 0.56), (0.44, 1.0)) and overlap((0.2, 0.3), (0.3, 0.4))
-    assert not overlap((0.0, 0.1), (0.2, 0.9)) and not overlap((0.2, 0.9), (0.0, 0.1))
+# statsmodels 0.15.0, statsmodels.stats.proportion.confint_proportions_2indep(k1, n1, k2, n2, method="newcomb",
+# compare="diff"), computed once and copied here.
+STATSMODELS_NEWCOMBE = {
+    (13, 48, 3, 48): (0.05911313009205771, 0.3533894940049672),
+    (5, 25, 0, 25): (0.026365806759727717, 0.3913095036954034),
+    (20, 40, 1, 40): (0.2942164762626306, 0.6244277603437217),
+    (22, 40, 20, 40): (-0.1619458559723326, 0.25576496975291807),
+    (0, 3, 3, 3): (-1.0, -0.2059232824597782),
+    (4, 21, 1, 21): (-0.06931792275730309, 0.35601515552318486),
+    (1, 3, 0, 3): (-0.29050691643637855, 0.7923403991979523),
+}
+
+
+@pytest.mark.parametrize("counts", sorted(STATSMODELS_NEWCOMBE))
+def test_difference_matches_statsmodels(counts):
+    lo, hi = difference_interval(*counts)
+    assert lo == pytest.approx(STATSMODELS_NEWCOMBE[counts][0], abs=1e-12)
+    assert hi == pytest.approx(STATSMODELS_NEWCOMBE[counts][1], abs=1e-12)
+
+
+def test_difference_excludes_zero_where_the_intervals_still_overlap():
+    (_, base_hi), (sft_lo, _) = wilson_interval(3, 48), wilson_interval(13, 48)
+    assert sft_lo < base_hi and difference_interval(13, 48, 3, 48)[0] > 0
+
+
+def test_format_share():
+    assert format_share(0, 3) == "0/3 = 0.00 [0.00, 0.56]" and format_share(5, 10) == "5/10 = 0.50 [0.24, 0.76]"
+    assert format_share(0, 0) == "0/0"
