@@ -44,12 +44,8 @@ class Count:
         return wilson_interval(self.k, self.n)
 
     def text(self) -> str:
+        """`3/12 = 0.25 [0.09, 0.53]`, in the tables and the reading alike."""
         return format_share(self.k, self.n)
-
-    def short(self) -> str:
-        """`0.25 [0.09, 0.53] (3/12)`, for sentences."""
-        lo, hi = self.ci
-        return f"{self.share:.2f} [{lo:.2f}, {hi:.2f}] ({self.k}/{self.n})"
 
 
 @dataclass
@@ -365,9 +361,9 @@ def comparisons(rows: list[Signals]) -> tuple[list[str], list[str]]:
                 diff = f"difference {cb.share - ca.share:+.2f} [{lo:+.2f}, {hi:+.2f}]"
                 if lo > 0 or hi < 0:
                     verb = "raised" if lo > 0 else "lowered"
-                    moved.append(f"{cause} {verb} {name} on {where} from {ca.short()} to {cb.short()} ({diff}).")
+                    moved.append(f"{cause} {verb} {name} on {where} from {ca.text()} to {cb.text()} ({diff}).")
                 else:
-                    still.append(f"{name} on {where}, {method(before)} {ca.short()} vs {method(after)} {cb.short()}: "
+                    still.append(f"{name} on {where}, {method(before)} {ca.text()} vs {method(after)} {cb.text()}: "
                                  f"no difference we can tell ({diff} holds 0).")
     return moved, still
 
@@ -415,7 +411,7 @@ def scale_sentences(rows: list[Signals], backbone: str) -> list[str]:
             c = steca.get((env, split))
             if c is None or value is None:
                 continue
-            text = f"{ENV_TITLES[env]} {split} (paper {value:.1f}, ours {c.short()})"
+            text = f"{ENV_TITLES[env]} {split} (paper {value:.1f}, ours {c.text()})"
             (below if c.ci[1] < value / 100 else above if c.ci[0] > value / 100 else inside).append(text)
         if below:
             out.append("The paper's STeCa success lies above our interval on " + "; ".join(below) + ".")
@@ -445,7 +441,7 @@ def reading(rows: list[Signals], collections: list[Collection], backbone: str, f
         lines += ["What moved (the 95% interval of the difference excludes 0):"]
         lines += [f"- {s}" for s in moved] or ["- nothing: no signal changed by more than its intervals allow."]
         lines += ["", "What did not move:"]
-        lines += [f"- {s[0].upper()}{s[1:]}" for s in still] or ["- nothing: every change measured is beyond its intervals."]
+        lines += [f"- {s[0].upper()}{s[1:]}" for s in still] or ["- nothing: every comparison made found a difference."]
     else:
         lines += ["Nothing to compare: no signal was measured for two of base, SFT and STeCa on the same environment "
                   "and split."]

@@ -45,9 +45,7 @@ def place_steps(src: Path, dst: Path, env: str, split: str, match: int, valid: i
     return dst / "summary.json"
 
 
-def share(k: int, n: int) -> str:
-    lo, hi = wilson_interval(k, n)
-    return f"{k / n:.2f} [{lo:.2f}, {hi:.2f}] ({k}/{n})"
+share = format_share
 
 
 def diff(before: tuple[int, int], after: tuple[int, int]) -> str:
