@@ -7,15 +7,15 @@ sequence-summed NLL of the chosen assistant turns given the prompt, with no refe
 rejected forward; with --beta > 0 the original's sigmoid-DPO term against the frozen SFT model
 (--ref_model, default the policy's folder) is added.
 
-Runs as one process, under `torchrun` (DDP; gloo on CPU) or `accelerate launch` with an FSDP or
-DeepSpeed config (sft/configs; beta > 0 under DeepSpeed is refused). Gradient accumulation follows
+Inputs and output default to the run directory's (--run_dir; eval_agent/layout.py); the recipe's
+defaults are the paper's (`SteCaTrainingArguments`). Runs as one process, under `torchrun` (DDP; gloo on
+CPU) or `accelerate launch` with an FSDP or DeepSpeed config (sft/configs; beta > 0 under DeepSpeed is refused). Gradient accumulation follows
 from --global_batch_size. A rerun with the same --output_dir resumes from its last checkpoint.
 
 Writes into --output_dir: the model and tokenizer, `steca_chat_format.json`, `train_summary.json`,
 and the run card `config.json` into the parent folder (RUN_DIR/steca/).
 
-    python -m Reinforced_train.train --model_name_or_path outputs/alfworld/sft/model \\
-        --data outputs/alfworld/data_collection/train.jsonl --output_dir outputs/alfworld/steca/model
+    python -m Reinforced_train.train --run_dir outputs/alfworld
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
 from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
+from eval_agent.layout import RunDir, card_dir
 from eval_agent.run_card import write_run_card
-from eval_agent.training import configure_training_args, pad_token_id, train_and_save
+from eval_agent.training import configure_training_args, output_dir_from_run_dir, pad_token_id, train_and_save
 from Reinforced_train.data import encode_rows, load_rows
 from Reinforced_train.loss import WeightedCollator, steca_loss
 
@@ -38,8 +39,12 @@ log = logging.getLogger("Reinforced_train.train")
 
 @dataclass
 class SteCaArguments:
-    model_name_or_path: str = field(metadata={"help": "the SFT model folder (HF format): the policy's start"})
-    data: str = field(metadata={"help": "weighted rows: our train.jsonl or the published final_data_rft_train.json"})
+    run_dir: str | None = field(default=None, metadata={"help": "the run directory: reads its SFT model and training "
+                                                                 "set, writes its STeCa model (eval_agent/layout.py)"})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "the SFT model folder (HF format): the "
+                                                                           "policy's start; default: the run's"})
+    data: str | None = field(default=None, metadata={"help": "weighted rows: our train.jsonl or the published "
+                                                             "final_data_rft_train.json; default: the run's"})
     beta: float = field(default=0.0, metadata={"help": "weight of the DPO term; 0 (the paper): no reference model"})
     ref_model: str | None = field(default=None, metadata={"help": "frozen reference for beta > 0; default: the SFT folder"})
     nll_reduction: str = field(default="sum", metadata={"help": "sum (the original: log-probs summed per row) | mean (per token)"})
@@ -48,6 +53,31 @@ class SteCaArguments:
     global_batch_size: int = field(default=15, metadata={"help": "rows per optimizer step over all processes"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32"})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. flash_attention_2; default: transformers' choice"})
+
+
+@dataclass
+class SteCaTrainingArguments(TrainingArguments):
+    """The paper's reinforced-training recipe as defaults (the original's Reinforced_train/steca_train.sh): one
+    epoch, lr 3e-6, constant schedule after 10% warmup, one row per device, a checkpoint each epoch."""
+
+    learning_rate: float = 3e-6
+    num_train_epochs: float = 1
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_steps: float = 0.1
+    per_device_train_batch_size: int = 1
+    activation_checkpointing: bool | None = True
+    save_strategy: str = "epoch"
+    save_total_limit: int | None = 1
+    logging_steps: float = 1
+
+
+def resolve_paths(args: SteCaArguments) -> None:
+    """Inputs from the run directory where no flag names them (the output: `output_dir_from_run_dir`)."""
+    if not args.run_dir and not (args.model_name_or_path and args.data):
+        raise SystemExit("error: pass --run_dir, or --model_name_or_path and --data")
+    run = RunDir(args.run_dir) if args.run_dir else None
+    args.model_name_or_path = args.model_name_or_path or str(run.sft_model)
+    args.data = args.data or str(run.train_set)
 
 
 class SteCaTrainer(Trainer):
@@ -128,10 +158,16 @@ def build_trainer(args: SteCaArguments, targs: TrainingArguments, examples: list
                         token_mean=args.nll_reduction == "mean", pad_id=pad_id)
 
 
+def build_parser() -> HfArgumentParser:
+    """The command line; its defaults are the stage's (docs/ lists them)."""
+    return HfArgumentParser((SteCaArguments, SteCaTrainingArguments))
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((SteCaArguments, TrainingArguments))
-    args, targs = parser.parse_args_into_dataclasses(args=argv)
+    parser = build_parser()
+    args, targs = parser.parse_args_into_dataclasses(args=output_dir_from_run_dir(argv, lambda run: run.steca_model))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    resolve_paths(args)
     targs = configure(args, targs)
     out = Path(targs.output_dir)
 
@@ -144,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not examples:
         raise SystemExit(f"error: no training row fits in {args.model_max_length} tokens ({args.data})")
     if targs.process_index == 0:
-        write_run_card(out.parent, "reinforced_train", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
+        write_run_card(card_dir(out), "reinforced_train", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
     log.info("%s: %d rows in, %d used (%d truncated, %d skipped: too long), %d tokens, %d trained, weights %.4g..%.4g",
              args.data, stats["rows_in"], stats["rows_out"], stats["truncated"], stats["skipped_too_long"],
              stats["tokens"], stats["trained_tokens"], stats["weight_min"], stats["weight_max"])

@@ -1,23 +1,14 @@
 """Stage 3: from step records and Monte-Carlo rollouts to the weighted training set.
 
-Reads RUN_DIR/sampling/steps_{expert,explore}.jsonl, RUN_DIR/sampling/mc/rollouts_{expert,explore}.jsonl
-(sharded runs: merge them first with `python -m sampling.merge`) and the expert trajectories sampling
-replayed; writes RUN_DIR/data_collection/:
-    step_rewards.jsonl   per step record: mean MC success and the number of samples
-    deviations.jsonl     per explored step: every deviation criterion and the verdict (deviation.py)
-    calibration.jsonl    D_c: expert prefix + deviated step -> reflective thought + expert action + expert suffix
-    expert_sub.jsonl     D_s: expert suffixes (`expert_sub`, IPR's step_pm) + whole expert trajectories
-                         where the greedy episode failed (`expert_full`, ETO's traj_pm)
-    explored.jsonl       D_e: the policy's successful greedy episodes (`kept` when close enough to the expert)
-    train.jsonl          the kept rows of all sets, weighted by nDTW (`reward`)
-    final_data_rft_train.json   the same rows in the published format
-    summary.json, config.json (run card), plots/{step_reward_by_position,deviations_by_step}.png
+Reads RUN_DIR/sampling/ (sharded runs: `python -m sampling.merge` first) and the expert trajectories sampling
+replayed; writes RUN_DIR/data_collection/ (docs/data_collection.md describes each file):
+    step_rewards.jsonl, deviations.jsonl    the step rewards and every deviation verdict
+    calibration.jsonl, expert_sub.jsonl, explored.jsonl    D_c, D_s, D_e
+    train.jsonl, final_data_rft_train.json    the kept rows weighted by nDTW, and their published export
+    summary.json, config.json, plots/
+Rerunnable: reflections are cached on disk, the rest is recomputed and replaced atomically.
 
-Rerunnable: reflections are cached on disk (reflection.py), everything else is recomputed and each
-file is replaced atomically, so a rerun gives the same files with no new LLM call.
-
-    python -m data_collection.build --task alfworld --run_dir outputs/alfworld \\
-        --expert_data outputs/alfworld/sft/expert_train.jsonl --model outputs/alfworld/sft/model
+    python -m data_collection.build --task_family alfworld --run_dir outputs/alfworld
 """
 from __future__ import annotations
 
@@ -38,6 +29,7 @@ from data_collection.reflection import ReflectionRequest, add_reflection_args, r
 from data_collection.step_rewards import step_rewards
 from eval_agent.envs import add_task_family_arg, get_task_family
 from eval_agent.expert_data import load_expert_data
+from eval_agent.layout import RunDir
 from eval_agent.prompts import instruction_from_data
 from eval_agent.run_card import write_run_card
 from eval_agent.records import KINDS, Rollout, StepRecord
@@ -57,10 +49,6 @@ RECORD_TYPES = {**COMMON_TYPES, "expert_key": str, "prefix": list, "step": (dict
                 "error": (str, NONE)}
 ROLLOUT_TYPES = {**COMMON_TYPES, "record_key": str}
 STEP_FIELDS = {f.name for f in fields(Step)}
-
-
-def out_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "data_collection"
 
 
 def _type_name(types: type | tuple[type, ...]) -> str:
@@ -117,11 +105,12 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the stage's (docs/ lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_family_arg(p)
-    p.add_argument("--run_dir", required=True, help="reads RUN_DIR/sampling/, writes RUN_DIR/data_collection/")
-    p.add_argument("--expert_data", required=True, help="the expert trajectories the sampling stage replayed")
+    p.add_argument("--run_dir", required=True, help="the run directory: reads its sampling/, writes its data_collection/")
+    p.add_argument("--expert_data", help="the expert trajectories the sampling stage replayed (default: the run's)")
     p.add_argument("--n", type=int, default=5, help="MC samples expected per step record (others are reported)")
     g = p.add_argument_group("deviation detection")
     g.add_argument("--delta", type=float, default=0.0, help="deviated when r(explored t) <= r(expert t-1) + delta")
@@ -144,7 +133,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--overwrite", action="store_true", help="start with an empty reflection cache (the old one is moved aside)")
     add_model_args(p)
     add_reflection_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    run = RunDir(args.run_dir)
+    args.expert_data = args.expert_data or str(run.expert_data())
+    args.model = args.model or str(run.sft_model)
     k, keep = WEIGHT_DEFAULTS[args.task_family]
     args.k = k if args.k is None else args.k
     args.keep_threshold = keep if args.keep_threshold is None else args.keep_threshold
@@ -157,13 +153,12 @@ def load_inputs(args: argparse.Namespace) -> tuple[dict[str, Trajectory], dict[s
         experts = {traj.meta["key"]: traj for traj in load_expert_data(args.expert_data)}
     except (BadRecord, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    sampling = Path(args.run_dir) / "sampling"
+    run = RunDir(args.run_dir)
     records, rollouts = {}, {}
     for kind in KINDS:
-        path = sampling / f"steps_{kind}.jsonl"
-        records[kind] = load_records(path, StepRecord, RECORD_TYPES, kind)
-        check_against_experts(records[kind], experts, path, args.expert_data)
-        rollouts[kind] = load_records(sampling / "mc" / f"rollouts_{kind}.jsonl", Rollout, ROLLOUT_TYPES, kind)
+        records[kind] = load_records(run.steps(kind), StepRecord, RECORD_TYPES, kind)
+        check_against_experts(records[kind], experts, run.steps(kind), args.expert_data)
+        rollouts[kind] = load_records(run.rollouts(kind), Rollout, ROLLOUT_TYPES, kind)
     return experts, records, rollouts
 
 
@@ -214,10 +209,10 @@ def calibration_rows(args: argparse.Namespace, deviated: list[tuple[StepRecord, 
 def pair_rows(args: argparse.Namespace, explored: list[StepRecord], experts: dict[str, Trajectory],
               instruction: dict[str, str], reward: Callable[[str, str, int], float | None]
               ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Counter], int]:
-    """D_s and D_e (original-code.md 4.2, 4.4): at t >= min_step, the expert suffix where the greedy
-    continuation failed and the expert's MC value at t beats the explored one by `margin`
-    (expert_sub); at t = 0, the whole expert trajectory where the greedy episode failed
-    (expert_full), or the greedy episode itself where it succeeded (explored)."""
+    """D_s and D_e (the original's data_expert_*.py and data_explored_*.py): at t >= min_step, the
+    expert suffix where the greedy continuation failed and the expert's MC value at t beats the
+    explored one by `margin` (expert_sub); at t = 0, the whole expert trajectory where the greedy
+    episode failed (expert_full), or the greedy episode itself where it succeeded (explored)."""
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in ("expert_sub", "expert_full", "explored")}
     skips: dict[str, Counter] = {s: Counter() for s in rows}
     win_pairs = 0
@@ -250,7 +245,8 @@ def main(argv: list[str] | None = None, embeddings: ActionEmbeddings | None = No
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    out = out_dir(args.run_dir)
+    run = RunDir(args.run_dir)
+    out = run.data_collection
     write_run_card(out, "data_collection.build", vars(args))
     experts, records, rollouts = load_inputs(args)
     instruction = instructions(args, experts)
@@ -300,7 +296,7 @@ def main(argv: list[str] | None = None, embeddings: ActionEmbeddings | None = No
     write_jsonl(out / "calibration.jsonl", rows["calibration"])
     write_jsonl(out / "expert_sub.jsonl", rows["expert_sub"] + rows["expert_full"])
     write_jsonl(out / "explored.jsonl", rows["explored"])
-    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(run.train_set, train)
     write_json(out / "final_data_rft_train.json", datasets.published(train))
 
     # 6. summary and plots
@@ -337,7 +333,7 @@ def main(argv: list[str] | None = None, embeddings: ActionEmbeddings | None = No
         "seconds": round(time.perf_counter() - t0, 1),
         "out": str(out),
     }
-    write_json(out / "summary.json", summary)
+    write_json(run.collection_summary, summary)
     log.info("%d explored steps, %d judged, %d deviated; %d reflections %s; rows %s; train %d -> %s (%.1fs)",
              len(deviations), len(judged), len(deviated), len(reflections), summary["reflections"]["by_backend"],
              {s: len(rows[s]) for s in SETS}, len(train), out, summary["seconds"])

@@ -1,24 +1,11 @@
 """Reflection: the thought that leads from a deviated step back to the expert's action (STeCa §3.2).
 
-The reflecting model sees the interaction history up to the deviated step and the observation it got,
-is told that this last step was not optimal and what the ground-truth next action is, and writes the
-thought that leads to that action. Only the thought is generated; the action is the expert's (an
-oracle, as in the paper). Two backends:
-- `chat`: an OpenAI-compatible chat endpoint (GPT-4o in the paper); key and base URL come only from
-  the environment (OPENAI_API_KEY, OPENAI_BASE_URL) and are never logged or written;
-- `self`: the SFT policy itself through eval_agent.llm (the paper's self-generation variant, Table 3),
-  the request rendered with the model's own chat format and generated in batches.
-
-Differences from the original (data_cali_*.py, which used the GPT-4o replies nearly raw):
-- the history is sent as chat turns, and the request follows the last observation in the same user
-  turn: no `Human:`/`Gpt:` transcript, whose role names the replies echoed;
-- a reply is cleaned into exactly `Thought: <one line>\\nAction: <expert action>`: text before
-  `Thought:` (a role prefix, a preamble) is dropped, a thought over several lines is joined, the
-  reply's own `Action:` is replaced by the ground truth (as the original does) and anything after it
-  dropped; a reply with no thought is invalid, asked again, then counted;
-- raw replies are cached on disk per (backend, model, prompt, generation settings, attempt), so a
-  rerun or a resumed run costs nothing for what was answered, and a change of the cleaning rules
-  needs no new calls; requests run concurrently with exponential backoff; tokens and cost are summed.
+The reflecting model sees the history up to the deviated step and its observation, is told that the step was
+not optimal and what the ground-truth next action is, and writes the thought; the action stays the expert's.
+Backends: `chat`, an OpenAI-compatible chat endpoint (GPT-4o in the paper; key and URL only from the
+environment, never logged), or `self`, the SFT policy through eval_agent.llm (the paper's self-generation
+variant). Replies are cleaned into one `Thought:` line and the expert's `Action:`, invalid ones asked again, and
+every raw reply is cached on disk, so a rerun asks nothing. docs/data_collection.md has the details.
 """
 from __future__ import annotations
 

@@ -1,10 +1,14 @@
 """Stage 5: evaluate a policy on a task split. One result file per task, then `summary.json`.
 
+Output: RUN_DIR/eval/<label>/<split>/ (eval_agent/layout.py), or --out. The label names the model:
+`base` (default: the embedded SmolLM2), `sft` and `steca` (default: the run directory's SFT / STeCa model),
+`expert` for --policy expert, or any name with --model.
+
 Resumable: tasks whose result file exists are skipped; the summary is rebuilt from the result
 files of the selected tasks, so each task counts once however often the stage was interrupted.
 
-    python -m eval.evaluate --task alfworld --split seen --policy expert --out outputs/eval/expert
-    python -m eval.evaluate --task alfworld --split unseen --policy model --model models/SmolLM2-135M-Instruct
+    python -m eval.evaluate --task_family alfworld --split seen --policy expert --run_dir outputs/alfworld
+    python -m eval.evaluate --task_family alfworld --split unseen --label sft --run_dir outputs/alfworld
 """
 from __future__ import annotations
 
@@ -18,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from eval_agent.envs import add_task_family_arg, get_task_family
+from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.llm import BackendUnavailable
 from eval_agent.run_card import write_run_card
+from eval_agent.smollm2 import default_model_dir
 from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, add_model_args, run_episodes
 from eval_agent.store import write_json
 from eval_agent.trajectory import Trajectory
@@ -55,6 +61,26 @@ def summarize(task_name: str, split: str, trajs: list[Trajectory]) -> dict[str, 
     }
 
 
+def resolve_output(args: argparse.Namespace) -> Path:
+    """The output folder, and the model the label names when --model is not given."""
+    args.label = args.label or ("expert" if args.policy == "expert" else "base")
+    run = RunDir(args.run_dir) if args.run_dir else None
+    run_models = {"sft": run.sft_model, "steca": run.steca_model} if run else {}
+    if args.policy == "model" and not args.model:
+        if args.label == "base":
+            args.model = args.base_model or str(default_model_dir())
+        elif args.label in run_models:
+            args.model = str(run_models[args.label])
+        else:
+            raise SystemExit(f"error: --label {args.label!r} names no model of the run: pass --model "
+                             f"(labels with a default model: base, sft, steca with --run_dir)")
+    if args.out:
+        return Path(args.out)
+    if run is None:
+        raise SystemExit("error: pass --run_dir (results go to RUN_DIR/eval/<label>/<split>/) or --out")
+    return run.evaluation(args.label, args.split)
+
+
 def build_policy(args: argparse.Namespace):
     if args.policy == "expert":
         return ExpertPolicy(), {}
@@ -65,7 +91,8 @@ def build_policy(args: argparse.Namespace):
     return policy, {"chat_format": policy.chat_format.name}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the stage's (docs/ lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_family_arg(p)
     p.add_argument("--split", default="seen", help="train | seen | unseen")
@@ -78,12 +105,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help='JSON object of environment options, e.g. \'{"task_text": "original"}\' (ALFWorld)')
     p.add_argument("--limit", type=int, help="first N tasks of the split only")
     p.add_argument("--concurrency", type=int, default=16, help="episodes advanced together")
-    p.add_argument("--out", required=True)
+    p.add_argument("--run_dir", help="the run directory: results go to RUN_DIR/eval/<label>/<split>/")
+    p.add_argument("--label", help="what is evaluated: base | sft | steca (the run's models) | any name with --model "
+                                   "(default: expert for --policy expert, else base)")
+    p.add_argument("--base_model", help="the model --label base names (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", help="the output folder (default: from --run_dir and --label)")
     p.add_argument("--overwrite", action="store_true", help="ignore existing result files and rerun every task")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return p
 
-    out = Path(args.out)
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = resolve_output(args)
     family = get_task_family(args.task_family)
     tasks = family.load_tasks(args.split, data_root=args.data_root, limit=args.limit)
     todo = [t for t in tasks if args.overwrite or not result_path(out, t.key).exists()]
@@ -104,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for t, traj in zip(tasks, trajs):
         traj.meta.setdefault("task_type", t.meta.get("task_type", "unknown"))
     summary = {**summarize(args.task_family, args.split, trajs), "run": asdict(stats), "run_card": card}
-    write_json(out / "summary.json", summary)
+    write_json(out / EVAL_SUMMARY, summary)
     log.info(
         "%s/%s: success %.3f, avg reward %.3f, avg steps %.1f over %d tasks (%d run now in %.1fs)",
         args.task_family, args.split, summary["success_rate"], summary["avg_reward"], summary["avg_steps"],

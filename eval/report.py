@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from eval.paper_results import COLUMNS, PAPER_ROWS
-from eval_agent.layout import RunDir
+from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.store import write_atomic, write_json
 
 log = logging.getLogger("report")
@@ -124,15 +124,15 @@ def discover(run: str) -> tuple[str | None, list[tuple[str, Path]], list[dict[st
     if env and env not in ENV_TITLES:
         raise SystemExit(f"error: --run {run}: unknown environment {env!r}; choose from {sorted(ENV_TITLES)}")
     root = Path(folder)
-    evals = root / "eval" if (root / "eval").is_dir() else root
+    evals = RunDir(root).eval if RunDir(root).eval.is_dir() else root
     if not evals.is_dir():
         raise SystemExit(f"error: --run {run}: {root} is not a folder")
     found, skipped = [], []
     for label_dir in sorted(p for p in evals.iterdir() if p.is_dir()):
-        summaries = sorted(label_dir.glob("*/summary.json"))
+        summaries = sorted(label_dir.glob(f"*/{EVAL_SUMMARY}"))
         if not summaries:
             hint = " (it holds a summary.json itself: pass it as --summary LABEL=DIR)" \
-                if (label_dir / "summary.json").is_file() else ""
+                if (label_dir / EVAL_SUMMARY).is_file() else ""
             skipped.append({"path": str(label_dir), "reason": f"no <split>/summary.json{hint}"})
         for path in summaries:
             if path.parent.name in SPLIT_NAMES:
@@ -172,7 +172,7 @@ def collect(runs: list[str], summaries: list[str], metric: str) -> tuple[list[Ce
         label, sep, where = spec.partition("=")
         if not sep or not label or not where:
             raise SystemExit(f"error: --summary {spec}: expected LABEL=PATH")
-        path = Path(where) / "summary.json" if Path(where).is_dir() else Path(where)
+        path = Path(where) / EVAL_SUMMARY if Path(where).is_dir() else Path(where)
         if not path.is_file():
             raise SystemExit(f"error: --summary {spec}: {path} not found")
         add(read_summary(path, label, metric))

@@ -1,15 +1,7 @@
-"""Expert trajectories for training: reading the published SFT files and our own JSONL, writing the
-published format back, and the templated thoughts of expert runs (ALFWorld, VirtualHome).
-
-Two on-disk formats, both read by `load_expert_data`:
-- ours: JSONL, one `Trajectory.to_dict()` plus a stable `key` per line (what `sft.make_expert_data`
-  writes; resumable);
-- the published one (`alfworld_sft.json`): a JSON list (or JSONL) of
-  `{"id", "game_file", "conversations": [{"from": "human"|"gpt", "value"}...]}` whose first turns are
-  the instruction and "OK". The instruction is kept in `meta["instruction"]` so training prompts with
-  the words the data was written for.
-
-A bad row is an error naming the file and row (and the turn or field), never a crash deep inside.
+"""Expert trajectories for training: reading our JSONL (`Trajectory.to_dict()` + `key` a line) and the published
+`alfworld_sft.json` format (a JSON list or JSONL of `{"id", "game_file", "conversations"}`, whose instruction
+is kept in `meta["instruction"]` so training prompts with the data's own words), writing the published format
+back, and the templated thoughts of expert runs (ALFWorld, VirtualHome). A bad row is an error naming the file, row and field.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 spelled out; stages take `--run_dir` and ask a `RunDir` for their paths (an explicit path still overrides).
 
     RUN_DIR/
-      sft/expert_<split>.jsonl       expert trajectories (stage 1 data)
+      expert/<split>/trajectories.jsonl   expert trajectories (stage 1 data); config.json beside them
       sft/model/                     the SFT model; sft/config.json its run card
       sampling/steps_<kind>.jsonl    step records (stage 2a); sampling/config.json
       sampling/mc/rollouts_<kind>.jsonl   Monte-Carlo rollouts (stage 2b); sampling/mc/config.json
@@ -15,13 +15,15 @@ spelled out; stages take `--run_dir` and ask a `RunDir` for their paths (an expl
 A pipeline run over several task families keeps one RUN_DIR per family under RUN_ROOT (`run_dir_of`),
 and the report beside them (`report_dir`).
 
-    python -m eval_agent.layout RUN_DIR sft_model      # prints a path, for shell scripts
+    python -m eval_agent.layout --run_dir RUN_DIR sft_model       # prints a path, for shell scripts
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+
+EVAL_SUMMARY = "summary.json"  # what an evaluation folder (RUN_DIR/eval/<label>/<split>/ or any --out) ends with
 
 @dataclass(frozen=True)
 class RunDir:
@@ -31,12 +33,12 @@ class RunDir:
         object.__setattr__(self, "root", Path(root))
 
     # stage 1: expert data and SFT
+    def expert_data(self, split: str = "train") -> Path:
+        return self.root / "expert" / split / "trajectories.jsonl"
+
     @property
     def sft(self) -> Path:
         return self.root / "sft"
-
-    def expert_data(self, split: str = "train") -> Path:
-        return self.sft / f"expert_{split}.jsonl"
 
     @property
     def sft_model(self) -> Path:
@@ -66,6 +68,10 @@ class RunDir:
     def train_set(self) -> Path:
         return self.data_collection / "train.jsonl"
 
+    @property
+    def collection_summary(self) -> Path:
+        return self.data_collection / "summary.json"
+
     # stage 4: reinforced training
     @property
     def steca(self) -> Path:
@@ -82,6 +88,9 @@ class RunDir:
 
     def evaluation(self, label: str, split: str) -> Path:
         return self.eval / label / split
+
+    def eval_summary(self, label: str, split: str) -> Path:
+        return self.evaluation(label, split) / EVAL_SUMMARY
 
     def step_accuracy(self, label: str, split: str) -> Path:
         """eval.step_accuracy's folder, inside the evaluation of the same model and split."""
@@ -116,16 +125,21 @@ def card_dir(model_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> str:
-    """Print one path of the layout (shell scripts use this instead of spelling paths out)."""
+    """Print one path of the layout, for shell scripts (which never spell a path out themselves)."""
     p = argparse.ArgumentParser(description="Print a path of the run directory layout.")
-    p.add_argument("run_dir")
-    p.add_argument("what", help="a RunDir property or method name, e.g. sft_model, train_set, steps, evaluation")
+    p.add_argument("--run_root", help="with --task_family: the run directory of that family; alone: the report folder")
+    p.add_argument("--task_family")
+    p.add_argument("--run_dir", help="with WHAT: a path of this run directory")
+    p.add_argument("what", nargs="?", help="a RunDir property or method, e.g. sft_model, marker, evaluation")
     p.add_argument("args", nargs="*", help="the method's arguments, e.g. `evaluation sft seen`")
     a = p.parse_args(argv)
-    attr = getattr(RunDir(a.run_dir), a.what, None)
-    if attr is None or a.what.startswith("_"):
-        raise SystemExit(f"error: the run directory has no {a.what!r}")
-    path = attr(*a.args) if callable(attr) else attr
+    if a.run_root:
+        path = run_dir_of(a.run_root, a.task_family).root if a.task_family else report_dir(a.run_root)
+    else:
+        attr = getattr(RunDir(a.run_dir or "."), a.what or "", None)
+        if not a.run_dir or attr is None or a.what.startswith("_"):
+            raise SystemExit(f"error: the run directory has no {a.what!r} (or no --run_dir given)")
+        path = attr(*a.args) if callable(attr) else attr
     print(path)
     return str(path)
 

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Protocol
 
 from tqdm import tqdm
 
-from eval_agent.chat_format import ChatFormat, resolve_chat_format
+from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
 from eval_agent.envs.base import Env, Task
 from eval_agent.llm import Completion, GenerationConfig, LLMBackend, make_backend
 from eval_agent.prompts import PromptBuilder
@@ -223,7 +223,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder when --model is a served name (default: --model)")
     p.add_argument("--backend", choices=("hf", "openai"), default="hf")
     p.add_argument("--endpoints", help="openai backend: file with one base URL per line (else $OPENAI_BASE_URL)")
-    p.add_argument("--chat_format", choices=("template", "llama-2"),
+    p.add_argument("--chat_format", choices=FORMATS,
                    help="default: what the model folder records, else template")
     p.add_argument("--icl_num", type=int, default=1, help="in-context examples in the prompt (the original: 1)")
     p.add_argument("--instruction_from", help="published-format expert file whose instruction to prompt with")

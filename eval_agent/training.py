@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 from eval_agent.chat_format import ChatFormat, write_chat_format
+from eval_agent.layout import RunDir
 from eval_agent.prompts import PromptBuilder
 from eval_agent.store import write_json
 from eval_agent.trajectory import Trajectory
@@ -181,3 +183,17 @@ def train_and_save(trainer, tokenizer, chat_format_name: str, summary: dict[str,
     log.info("trained %d steps in %.1fs (%.0f tokens/s), final loss %.4f -> %s", summary["optimizer_steps"],
              seconds, summary["tokens_per_s"], result.training_loss, out)
     return summary
+
+
+def output_dir_from_run_dir(argv: list[str] | None, model_dir: Callable[[RunDir], Path]) -> list[str]:
+    """`argv` with `--output_dir <the run directory's model folder>` added when --run_dir is given and no
+    --output_dir is: before parsing, since TrainingArguments derives its logging folder from it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = {a.split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if "__output_dir" in given:
+        return argv
+    if "__run_dir" not in given:
+        raise SystemExit("error: pass --run_dir (the model goes into the run directory) or --output_dir")
+    i = next(i for i, a in enumerate(argv) if a.split("=", 1)[0].replace("-", "_") == "__run_dir")
+    run_dir = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
+    return argv + ["--output_dir", str(model_dir(RunDir(run_dir)))]

@@ -1,16 +1,11 @@
-"""Stage 2b: Monte-Carlo rollouts of step records (the step reward is their mean success).
+"""Stage 2b: Monte-Carlo rollouts of step records; a record's step reward is their mean success.
 
-For each step record, N rollouts with the policy at temperature 1: the record's prefix (expert
-replies 0..t-1 and its own step-t reply) is replayed in the environment, then the policy samples
-until the episode ends or `--max_steps` (the replayed prefix counts, as in the original). The N
-rollouts of a record are queued together (a server's prefix cache serves them) and all live
-episodes advance together. Rollouts are `eval_agent.records.Rollout`s, keyed `<record key>|s<i>`,
-in RUN_DIR/sampling/mc/rollouts_<kind>[.shard<i>of<n>].jsonl.
+For each step record, N rollouts at temperature 1 after its step t (the replayed prefix counts toward
+`--max_steps`, as in the original), a record's N queued together so a prefix cache serves them. A record whose
+episode already ended at step t gets its outcome copied N times (`from_record=True`). Writes
+`eval_agent.records.Rollout`s to RUN_DIR/sampling/mc/; resumable. docs/sampling.md has the details.
 
-A record whose episode had already ended at step t (done) gets its outcome copied N times with
-`from_record=True` and no agent step: the original took one extra agent step there (D8).
-
-    python -m sampling.mc_rollouts --task alfworld --kind both --model outputs/alfworld/sft/model --run_dir outputs/alfworld
+    python -m sampling.mc_rollouts --task_family alfworld --kind both --run_dir outputs/alfworld
 """
 from __future__ import annotations
 
@@ -27,10 +22,9 @@ from eval_agent.envs import Task, get_task_family
 from eval_agent.llm import BackendUnavailable, GenerationConfig
 from eval_agent.run_card import write_run_card
 from eval_agent.records import Rollout, StepRecord, read_step_records, rollout_key
-from eval_agent.runner import Episode, run_episodes
+from eval_agent.runner import Episode, ModelPolicy, run_episodes
 from eval_agent.store import BadRecord, JsonlStore
-from sampling.expert_tasks import (add_common_args, build_policy, check_shards, kinds, log, mc_dir, out_path, shard_of,
-                             steps_dir)
+from sampling.expert_tasks import add_sampling_args, check_shards, kinds, log, resolve_run_paths, shard_of
 
 
 def copied_rollout(rec: StepRecord, sample: int) -> Rollout:
@@ -62,17 +56,23 @@ def to_rollout(ep: Episode) -> Rollout:
                    error=traj.meta.get("error"))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the stage's (docs/ lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    add_sampling_args(p)
     p.add_argument("--n", type=int, default=5, help="rollouts per step record (the paper: 5)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seeds the in-process sampler once (a server seeds its own)")
     p.add_argument("--steps", help="step records to roll out (default: this kind's and shard's generate_steps output)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_shards(args)
+    run = resolve_run_paths(args)
     if args.steps and args.kind == "both":
         raise SystemExit("error: --steps names one file: choose --kind expert or explore")
 
@@ -85,11 +85,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # No per-request seed: N identical prompts with one seed would give N identical samples on a server.
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     policy = None
-    write_run_card(mc_dir(args.run_dir), "sampling.mc_rollouts", vars(args))
+    write_run_card(run.mc, "sampling.mc_rollouts", vars(args))
     summary: dict[str, Any] = {}
     for kind in kinds(args.kind):
         t0 = time.perf_counter()
-        source = Path(args.steps or out_path(steps_dir(args.run_dir), f"steps_{kind}", args.num_shards, args.shard_id))
+        source = Path(args.steps) if args.steps else run.steps(kind, args.num_shards, args.shard_id)
         try:
             records = read_step_records(source)
         except (BadRecord, FileNotFoundError) as e:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if unknown:
             raise SystemExit(f"error: {source}: {len(unknown)} tasks are not in {args.task_family}/{args.split} "
                              f"(e.g. {unknown[0]!r}); pass the --split / --data_root the step records were made on")
-        path = out_path(mc_dir(args.run_dir), f"rollouts_{kind}", args.num_shards, args.shard_id)
+        path = run.rollouts(kind, args.num_shards, args.shard_id)
         store = JsonlStore(path, overwrite=args.overwrite)
         before = len(store)
         for rec in (r for r in records if r.done):
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         copied = len(store) - before
         jobs = rollout_jobs([r for r in records if not r.done], tasks, args.n, store)
         if jobs:
-            policy = policy or build_policy(args, gen)
+            policy = policy or ModelPolicy.from_args(args, gen)
             try:
                 run_episodes(jobs, policy, partial(family.make_env, **args.env_args),
                              lambda ep: store.append(to_rollout(ep).to_dict()),

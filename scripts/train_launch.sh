@@ -1,6 +1,20 @@
-# Sourced by the training stages (sft/sft.sh, Reinforced_train/steca_train.sh): one way to start a
-# training module, reading PYTHON, NPROC and DIST_CONFIG from the calling script.
+# Sourced by the training stages (sft/sft.sh, Reinforced_train/steca_train.sh) after their own variables:
+# the knobs both share (docs/pipeline.md) and one way to start a training module under the launcher.
 #   launch_training <module> <args...>
+PRECISION=${PRECISION:-}          # auto | bf16 | fp32
+GRAD_CKPT=${GRAD_CKPT:-}          # 1 | 0: activation checkpointing
+ATTN=${ATTN:-}                    # e.g. flash_attention_2 on GPUs
+SAVE=${SAVE:-}                    # epoch (a rerun resumes from the last) | no
+SEED=${SEED:-}                    # training seed
+NPROC=${NPROC:-1}                 # processes (GPUs, or CPU processes over gloo)
+DIST_CONFIG=${DIST_CONFIG:-}      # accelerate config: sft/configs/fsdp.yaml | sft/configs/ds_zero3.yaml
+
+opt --precision "$PRECISION"
+opt_bool --activation_checkpointing "$GRAD_CKPT"
+opt --attn_implementation "$ATTN"
+opt --save_strategy "$SAVE"
+opt --seed "$SEED"
+
 launch_training() {
   local module=$1; shift
   local launch

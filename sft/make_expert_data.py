@@ -1,16 +1,11 @@
 """Stage 1 data: expert trajectories for SFT, as JSONL of `Trajectory.to_dict()` + `key`.
 
-- alfworld: alfworld's handcoded expert plays every game of the split through the episode runner
-  (real observations); thoughts are templated by action kind (`eval_agent.expert_data`); only won
-  games are kept. Works on the generated games and on the official ones (`--data_root`).
-- virtualhome: the expert trajectories `scripts/make_vh_tasks.py` wrote (`vh_<split>_trajectories.jsonl`
-  under the data root), checked and copied.
+ALFWorld: alfworld's handcoded expert plays every game of the split through the episode runner (real
+observations, templated thoughts, only won games kept). VirtualHome: the expert trajectories
+scripts/make_vh_tasks.py wrote, checked and copied. Writes the run directory's expert data (or --out);
+resumable. `--export` also writes the published alfworld_sft.json format. docs/sft.md has the details.
 
-Resumable: keys already in `--out` are skipped; a failed game is retried on the next run (the expert is
-deterministic, so it fails again, and is counted). `--export` also writes the published
-`alfworld_sft.json` format (a JSON list of id / game_file / conversations).
-
-    python -m sft.make_expert_data --task alfworld --split train --out outputs/alfworld/sft/expert_train.jsonl
+    python -m sft.make_expert_data --task_family alfworld --split train --run_dir outputs/alfworld
 """
 from __future__ import annotations
 
@@ -22,6 +17,7 @@ from pathlib import Path
 
 from eval_agent.envs import add_task_family_arg, get_task_family
 from eval_agent.expert_data import alfworld_expert_trajectory, load_expert_data, to_published
+from eval_agent.layout import RunDir
 from eval_agent.run_card import write_run_card
 from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, run_episodes
 from eval_agent.store import JsonlStore, write_json
@@ -64,21 +60,29 @@ def virtualhome(args: argparse.Namespace, store: JsonlStore) -> dict[str, int]:
     return {"tasks": len(trajs), "run": len(trajs), "failed": failed}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the stage's (docs/ lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_family_arg(p)
     p.add_argument("--split", default="train")
     p.add_argument("--data_root", help="task data folder (default: the task family's own lookup)")
-    p.add_argument("--out", required=True, help="JSONL of expert trajectories (appended to; resumable)")
+    p.add_argument("--run_dir", help="the run directory: writes its expert data of --split")
+    p.add_argument("--out", help="JSONL of expert trajectories (appended to; resumable; default: from --run_dir)")
     p.add_argument("--limit", type=int, help="first N tasks of the split only")
     p.add_argument("--max_steps", type=int, default=MAX_STEPS)
     p.add_argument("--concurrency", type=int, default=2, help="games played together (one engine each)")
     p.add_argument("--export", help="also write the trajectories in the published alfworld_sft.json format here")
     p.add_argument("--overwrite", action="store_true", help="start a fresh --out (the old file is kept as .old)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    out = Path(args.out)
+    if not (args.out or args.run_dir):
+        raise SystemExit("error: pass --run_dir (writes RUN_DIR's expert data) or --out")
+    out = Path(args.out) if args.out else RunDir(args.run_dir).expert_data(args.split)
     write_run_card(out.parent, "sft.make_expert_data", vars(args))
     store = JsonlStore(out, overwrite=args.overwrite)
     t0 = time.perf_counter()

@@ -1,21 +1,21 @@
 """Stage 1: supervised fine-tuning (warm-up) on expert trajectories with the Hugging Face Trainer.
 
 Each trajectory becomes the conversation the model is prompted with at inference (instruction, "OK",
-[the in-context example with --icl 1], task, steps), rendered by the shared chat format; the loss
+[the in-context example with --icl_num 1], task, steps), rendered by the shared chat format; the loss
 covers the assistant turns only ("OK" and the trajectory's steps, each with its end-of-turn marker),
 masked from the renderer's spans (`eval_agent.training`). Conversations longer than
 --model_max_length lose whole trailing turns; rows where not one step fits are skipped; both counted.
 
-Runs as one process, under `torchrun` (DDP; gloo on CPU) or under `accelerate launch` with an FSDP or
-DeepSpeed config (sft/configs). Gradient accumulation follows from --global_batch_size. A rerun with
+Inputs and output default to the run directory's (--run_dir; eval_agent/layout.py); the recipe's
+defaults are the paper's (`SFTTrainingArguments`). Runs as one process, under `torchrun` (DDP; gloo on
+CPU) or under `accelerate launch` with an FSDP or DeepSpeed config (sft/configs). Gradient accumulation follows from --global_batch_size. A rerun with
 the same --output_dir resumes from its last checkpoint.
 
 Writes into --output_dir: the model and tokenizer, `steca_chat_format.json` (later stages read the
 format from there), `train_summary.json` (rows, tokens, time, tokens/s, the loss log), and the
 run card `config.json` into the parent folder (the stage folder, e.g. RUN_DIR/sft/).
 
-    python -m sft.train --model_name_or_path models/SmolLM2-135M-Instruct --data expert.jsonl \\
-        --output_dir outputs/alfworld/sft/model
+    python -m sft.train --run_dir outputs/alfworld --model_name_or_path models/SmolLM2-135M-Instruct
 """
 from __future__ import annotations
 
@@ -31,31 +31,62 @@ from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
 from eval_agent.envs import REGISTRY, get_task_family
 from eval_agent.expert_data import load_expert_data
 from eval_agent.prompts import PromptBuilder
+from eval_agent.layout import RunDir, card_dir
 from eval_agent.run_card import write_run_card
-from eval_agent.training import (PadCollator, configure_training_args, encode_conversation, pad_token_id,
-                                 sft_messages, train_and_save)
+from eval_agent.smollm2 import default_model_dir
+from eval_agent.training import (PadCollator, configure_training_args, encode_conversation, output_dir_from_run_dir,
+                                 pad_token_id, sft_messages, train_and_save)
 
 log = logging.getLogger("sft.train")
 
 
 @dataclass
 class SFTArguments:
-    model_name_or_path: str = field(metadata={"help": "base model folder (HF format)"})
-    data: str = field(metadata={"help": "expert trajectories: our JSONL or the published alfworld_sft.json format"})
-    task_family: str = field(default="alfworld", metadata={"help": f"instruction and ICL example of: {sorted(REGISTRY)}",
-                                                           "aliases": ["--task"]})
+    task_family: str = field(metadata={"help": f"instruction and ICL example of: {sorted(REGISTRY)}", "aliases": ["--task"]})
+    run_dir: str | None = field(default=None, metadata={"help": "the run directory: reads its expert data, writes its "
+                                                                 "SFT model (eval_agent/layout.py)"})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "base model folder (HF format); default: "
+                                                                           "the embedded SmolLM2-135M-Instruct"})
+    data: str | None = field(default=None, metadata={"help": "expert trajectories: our JSONL or the published "
+                                                             "alfworld_sft.json format; default: the run's"})
     chat_format: str | None = field(default=None, metadata={"help": f"{FORMATS}; default: what the model folder records, else template"})
-    icl: int = field(default=0, metadata={"help": "1: put the one-shot example into training prompts (the original trains without)"})
+    icl_num: int = field(default=0, metadata={"help": "in-context examples in the training prompts: 0 (the original) "
+                                                      "or 1", "aliases": ["--icl"]})
     model_max_length: int = field(default=4096, metadata={"help": "tokens per example; longer ones lose whole trailing turns"})
     global_batch_size: int = field(default=16, metadata={"help": "examples per optimizer step over all processes"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32"})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. flash_attention_2; default: transformers' choice"})
 
 
+@dataclass
+class SFTTrainingArguments(TrainingArguments):
+    """The paper's SFT recipe as defaults (the original's sft/my_sft.sh): 3 epochs, lr 2e-5, cosine with 3% warmup,
+    2 rows per device, a checkpoint each epoch (the last kept: a rerun resumes from it)."""
+
+    learning_rate: float = 2e-5
+    num_train_epochs: float = 3
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.03
+    per_device_train_batch_size: int = 2
+    activation_checkpointing: bool | None = True
+    save_strategy: str = "epoch"
+    save_total_limit: int | None = 1
+    logging_steps: float = 1
+
+
+def resolve_paths(args: SFTArguments) -> None:
+    """Inputs from the run directory where no flag names them (the output: `output_dir_from_run_dir`)."""
+    if not args.run_dir and not args.data:
+        raise SystemExit("error: pass --run_dir, or --data")
+    run = RunDir(args.run_dir) if args.run_dir else None
+    args.model_name_or_path = args.model_name_or_path or str(default_model_dir())
+    args.data = args.data or str(run.expert_data())
+
+
 def encode_dataset(args: SFTArguments, tokenizer, chat_format: ChatFormat) -> tuple[list[dict], dict]:
     """Tokenized training rows and the counts for the summary."""
     family = get_task_family(args.task_family)
-    base = PromptBuilder.for_task(args.task_family, icl_num=args.icl)
+    base = PromptBuilder.for_task(args.task_family, icl_num=args.icl_num)
     rows, stats = [], {"rows_in": 0, "truncated": 0, "skipped_too_long": 0, "tokens": 0, "trained_tokens": 0}
     for traj in load_expert_data(args.data):
         stats["rows_in"] += 1
@@ -76,10 +107,16 @@ def encode_dataset(args: SFTArguments, tokenizer, chat_format: ChatFormat) -> tu
     return rows, stats
 
 
+def build_parser() -> HfArgumentParser:
+    """The command line; its defaults are the stage's (docs/ lists them)."""
+    return HfArgumentParser((SFTArguments, SFTTrainingArguments))
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((SFTArguments, TrainingArguments))
-    args, targs = parser.parse_args_into_dataclasses(args=argv)
+    parser = build_parser()
+    args, targs = parser.parse_args_into_dataclasses(args=output_dir_from_run_dir(argv, lambda run: run.sft_model))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    resolve_paths(args)
     targs = configure_training_args(targs, args.global_batch_size, args.precision)
     out = Path(targs.output_dir)
 
@@ -88,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     chat_format = ChatFormat(fmt_name, tokenizer if fmt_name == "template" else None)
     rows, stats = encode_dataset(args, tokenizer, chat_format)
     if targs.process_index == 0:
-        write_run_card(out.parent, "sft", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
+        write_run_card(card_dir(out), "sft", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
     log.info("%s: %d rows in, %d used (%d truncated, %d skipped: too long), %d tokens, %d trained",
              args.data, stats["rows_in"], stats["rows_out"], stats["truncated"], stats["skipped_too_long"],
              stats["tokens"], stats["trained_tokens"])

@@ -25,6 +25,7 @@ from eval_agent.llm import GenerationConfig
 from eval_agent.llm.hf import HFBackend
 from eval_agent.llm.openai_http import OpenAIBackend
 from eval_agent.records import read_rollouts, read_step_records, rollout_key
+from eval_agent.layout import RunDir
 from sampling.generate_steps import main as generate_steps
 from sampling.mc_rollouts import main as mc_rollouts
 
@@ -350,8 +351,8 @@ def test_vllm_serves_mc_rollouts(vllm_url, tiny32_dir, tmp_path):
     n = 3
     mc_rollouts(common + ["--n", str(n), "--model", str(tiny32_dir), "--tokenizer", str(tiny32_dir), "--backend", "openai",
                           "--endpoints", str(endpoints), "--max_new_tokens", "8", "--max_steps", "6", "--concurrency", "6"])
-    records = read_step_records(tmp_path / "sampling" / "steps_expert.jsonl")
-    rollouts = read_rollouts(tmp_path / "sampling" / "mc" / "rollouts_expert.jsonl")
+    records = read_step_records(RunDir(tmp_path).steps("expert"))
+    rollouts = read_rollouts(RunDir(tmp_path).rollouts("expert"))
     assert sorted(r.key for r in rollouts) == sorted({rollout_key(rec.key, i) for rec in records for i in range(n)})
     rolled = [r for r in rollouts if not r.from_record]
     assert rolled and all(r.steps > 0 and r.error is None and r.termination != "context_overflow" for r in rolled)

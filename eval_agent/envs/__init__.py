@@ -1,5 +1,4 @@
-"""A small registry of task families, loaded lazily: an ALFWorld run never imports VirtualHome
-and vice versa (the original imported both and broke on whichever was missing).
+"""A small registry of task families, loaded lazily: an ALFWorld run never imports VirtualHome and vice versa.
 
 Each entry names a module that is a `TaskFamily` (`envs/base.py`): `load_tasks`, `make_env`,
 `find_data_root`, `INSTRUCTION` and `ICL_EXAMPLE`.
@@ -18,10 +17,9 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def add_task_family_arg(p: argparse.ArgumentParser, default: str | None = "alfworld") -> None:
+def add_task_family_arg(p: argparse.ArgumentParser) -> None:
     """`--task_family` (the older `--task` still works): which environment a stage runs on."""
-    p.add_argument("--task_family", "--task", choices=sorted(REGISTRY), default=default,
-                   help="the environment family (default: %(default)s)")
+    p.add_argument("--task_family", "--task", choices=sorted(REGISTRY), required=True, help="the environment family")
 
 
 def get_task_family(name: str) -> TaskFamily:

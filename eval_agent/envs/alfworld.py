@@ -1,19 +1,11 @@
 """ALFWorld on the real `alfworld` TextWorld engine (PyPI alfworld 0.4.2), game files in the official
-`json_2.1.1` layout under `ALFWORLD_DATA`.
+`json_2.1.1` layout under `ALFWORLD_DATA` (else the generated set).
 
-What the agent sees is the published data's format whatever grammar a game file embeds:
-- the official games print `You arrive at loc 12. On the countertop 1, ...`, the grammar in the
-  alfworld wheel prints `You arrive at countertop 1. On the countertop 1, ...`; the arrival sentence
-  is dropped in both cases (the original's `process_ob` dropped the first form; the SFT data has none);
-- the official games take `put X in/on Y`, the wheel's grammar takes `move X to Y`: either spelling is
-  sent in the game's own syntax, and the wheel's `You move the X to the Y.` is shown as the data's
-  `You put the X in/on the Y.`;
-- the task text keeps the paragraphs of the intro apart with a blank line as the SFT data does
-  (`task_text="data"`); `task_text="original"` joins them with one newline as the original
-  evaluation did (original-code.md D5).
-
-The built-in expert is alfworld's handcoded expert, fed the game state in the syntax it was written
-for, so it also solves the official games whose grammar says `put`.
+The agent sees the published data's format whatever grammar a game file embeds: the arrival sentence is
+dropped, `put X in/on Y` and `move X to Y` are sent in the game's own syntax, and a move is reported as a put.
+The task text keeps the intro's paragraphs apart as the SFT data does (`task_text="original"`: one newline, as
+the original evaluation). The built-in expert is alfworld's handcoded expert, fed the game state in the syntax
+it was written for, so it also solves the official games whose grammar says `put`.
 """
 from __future__ import annotations
 
@@ -75,7 +67,7 @@ def load_tasks(split: str, data_root: str | Path | None = None, limit: int | Non
 
     Skips what alfworld's own loader skips (movable/sliced tasks, games without traj_data.json or
     not marked solvable) and logs the count. The original ordered tasks by filesystem walk order
-    shuffled with seed 1234 (original-code.md D9); sorted order is the same on every machine.
+    shuffled with seed 1234 (docs/fidelity.md, D9); sorted order is the same on every machine.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown ALFWorld split {split!r}; choose from {sorted(SPLITS)}")

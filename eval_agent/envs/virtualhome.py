@@ -1,23 +1,12 @@
-"""VirtualHome on the pure-Python evolving-graph simulator (PyPI virtualhome 2.3.0, no Unity), with the
-scene graphs and programs PyPI virtualhome-eval 0.1.1 ships (scene 1) or the official download.
+"""VirtualHome on the pure-Python evolving-graph simulator (PyPI virtualhome 2.3.0, no Unity), with the scene
+graphs and programs PyPI virtualhome-eval 0.1.1 ships (scene 1) or the official download.
 
-A task is one row in the STeCa test-file format (`task`, `description`, `path`, `new_program_lines`,
-`revised_graph`, `object_id_dict`); its initial scene graph is found by the tail of `path`
-(`TrimmedTestScene<K>_graph/<results_dir>/<file>.txt`) under a graph root. What the original
-(`envs/virtualhome_env.py`, original-code.md §2.7) does is kept: the action templates, the grounding order
-(ground-truth ids, then objects near the last object or the agent, then a random object of the class),
-the observation's content (same-class objects elsewhere in the house included), `Nothing happens.` for a
-failed action, the success check on `revised_graph`, the task text `The task is X(desc).`.
-What it got wrong is fixed (B10, B11):
-- `reset` restores the initial graph, the name→id map and the last object every time;
-- `release X` parses (its template had no placeholder), names are never rewritten digit by digit;
-- the random grounding is seeded per task and class name, never the global `random`;
-- the observation is sorted (the original's order followed the per-process string hash), states in the
-  simulator's declaration order, and an INSIDE cycle cannot hang the visibility walk;
-- `feedback="reason"` shows why an action failed (the original discarded every reason).
-Two bugs of virtualhome 2.3.0 itself are repaired at import (`_WalkFind`, `_current_char_node`): without
-them FIND of a distant object crashes and a character that starts seated never walks, and the expert
-programs of the test sets fail.
+A task is one row of the STeCa test-file format (`task`, `description`, `path`, `new_program_lines`,
+`revised_graph`, `object_id_dict`); its initial scene graph is found by the tail of `path`. The original's
+action templates, grounding order, observation content, `Nothing happens.` for a failed action, success check
+and task text are kept; every `reset` restores the initial graph, grounding is seeded and observations are
+sorted, so an episode is the same in every process (docs/fidelity.md, B10 and B11). Two bugs of virtualhome
+2.3.0 itself are repaired at import (`_WalkFind`, `_current_char_node`): the test sets' expert programs need both.
 """
 from __future__ import annotations
 
