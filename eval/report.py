@@ -141,7 +141,7 @@ def discover(run: str) -> tuple[str | None, list[tuple[str, Path]], list[dict[st
                 skipped.append({"path": str(path), "reason": f"split {path.parent.name!r} is not a column"})
     from eval.signals import step_accuracy_summaries
 
-    if not found and not step_accuracy_summaries(root) and not (RunDir(root).data_collection / "summary.json").is_file():
+    if not found and not step_accuracy_summaries(root) and not RunDir(root).collection_summary.is_file():
         raise SystemExit(f"error: --run {run}: no <label>/<split>/summary.json under {evals}")
     return env or None, found, skipped
 

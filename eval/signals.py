@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 from eval.paper_results import COLUMNS, PAPER_ROWS
 from eval.report import ENV_TITLES, MISSING, OUR_LABELS, SPLIT_NAMES, fail, label_order, latex_escape, load_json
-from eval_agent.layout import RunDir
+from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.stats import difference_interval, format_share, wilson_interval
 
 COMPARED = (("base", "sft", "SFT"), ("sft", "steca", "STeCa training"))  # (before, after, what changed it)
@@ -152,7 +152,7 @@ def step_accuracy_summaries(run_dir: str | Path) -> list[tuple[str, Path]]:
     rd = RunDir(run_dir)
     labels = sorted(p.name for p in rd.eval.iterdir() if p.is_dir()) if rd.eval.is_dir() else []
     return [(label, path) for label in labels for split in ("seen", "unseen")
-            if (path := rd.step_accuracy(label, split) / "summary.json").is_file()]
+            if (path := rd.step_accuracy(label, split) / EVAL_SUMMARY).is_file()]
 
 
 def collect(cells: list[Any], runs: list[str], step_accuracy: list[str]) -> tuple[list[Signals], list[Collection]]:
@@ -184,8 +184,8 @@ def collect(cells: list[Any], runs: list[str], step_accuracy: list[str]) -> tupl
         rd = RunDir(folder)
         for label, path in step_accuracy_summaries(folder):
             add_step_accuracy(label, path)
-        summary = rd.data_collection / "summary.json"
-        card = rd.data_collection / "config.json"
+        summary = rd.collection_summary
+        card = summary.with_name("config.json")  # the stage's run card beside its summary
         args = (load_json(card).get("args") if card.is_file() else None) or {}
         family = env or (args.get("task_family") if isinstance(args, dict) else None)
         if summary.is_file() and family in ENV_TITLES:
@@ -194,7 +194,7 @@ def collect(cells: list[Any], runs: list[str], step_accuracy: list[str]) -> tupl
         label, sep, where = spec.partition("=")
         if not sep or not label or not where:
             raise SystemExit(f"error: --step_accuracy {spec}: expected LABEL=PATH")
-        path = Path(where) / "summary.json" if Path(where).is_dir() else Path(where)
+        path = Path(where) / EVAL_SUMMARY if Path(where).is_dir() else Path(where)
         if not path.is_file():
             raise SystemExit(f"error: --step_accuracy {spec}: {path} not found")
         add_step_accuracy(label, path)

@@ -24,7 +24,7 @@ the records of the selected tasks and steps. A rerun with other settings (model,
 refused, naming the difference; --overwrite moves the old files aside and starts fresh.
 
     python -m eval.step_accuracy --task_family alfworld --split unseen --run_dir outputs/alfworld --label sft \\
-        --model outputs/alfworld/sft/model --limit 3 --steps_per_task 4
+        --limit 3 --steps_per_task 4
 """
 from __future__ import annotations
 
@@ -40,9 +40,10 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
+from eval.evaluate import model_of_label
 from eval_agent.envs import Env, StepResult, Task, add_task_family_arg, get_task_family
 from eval_agent.expert_data import AS_TRAINING_DATA
-from eval_agent.layout import RunDir
+from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.llm import BackendUnavailable, GenerationConfig
 from eval_agent.run_card import write_run_card
 from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, Policy, RunStats, add_model_args, run_episodes
@@ -222,14 +223,17 @@ def model_steps(todo: list[tuple[Task, Trajectory, int]], policy: Policy, make_e
     return total
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the stage's (docs/eval.md lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_family_arg(p)
-    p.add_argument("--split", default="unseen", help="seen | unseen (a test split; train works too)")
+    p.add_argument("--split", default="seen", help="seen | unseen (a test split; train works too)")
     add_model_args(p)
     p.add_argument("--run_dir", help="outputs go to RUN_DIR/eval/<label>/<split>/step_accuracy/")
-    p.add_argument("--label", help="which model this is in the run: base | sft | steca | ...")
-    p.add_argument("--out", help="output folder (overrides --run_dir/--label)")
+    p.add_argument("--label", help="the model, as evaluation names it: base | sft | steca (the run's models) | any "
+                                   "name with --model (default: base)")
+    p.add_argument("--base_model", help="the model --label base names (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", help="output folder (default: from --run_dir and --label)")
     p.add_argument("--limit", type=int, help="first N tasks of the split only")
     p.add_argument("--steps_per_task", type=int, help="N steps of each expert trajectory, evenly spaced (default: all)")
     p.add_argument("--max_steps", type=int, default=MAX_STEPS, help="the expert's episode budget")
@@ -237,19 +241,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--env_args", type=json.loads, default={}, help="JSON object of environment options")
     p.add_argument("--concurrency", type=int, default=16, help="episodes advanced together")
     p.add_argument("--overwrite", action="store_true", help="move old results aside and start fresh")
+    return p
+
+
+def parse_args(argv: list[str] | None, scripted: bool = False) -> argparse.Namespace:
+    """The arguments, with the model the label names (none needed for a scripted policy)."""
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.out is None and not (args.run_dir and args.label):
-        p.error("give --run_dir and --label, or --out")
+    args.label = args.label or "base"
+    if args.out is None and not args.run_dir:
+        p.error("give --run_dir (outputs go to RUN_DIR/eval/<label>/<split>/step_accuracy/) or --out")
     if args.steps_per_task is not None and args.steps_per_task < 1:
         p.error("--steps_per_task must be at least 1")
     if not isinstance(args.env_args, dict):
         p.error("--env_args must be a JSON object")
+    if not args.model and not scripted:
+        args.model = model_of_label(args)
     return args
 
 
 def main(argv: list[str] | None = None, policy: Policy | None = None) -> dict[str, Any]:
     """Run the stage; `policy` replaces the model policy of the arguments (tests script one)."""
-    args = parse_args(argv)
+    args = parse_args(argv, scripted=policy is not None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     out = Path(args.out) if args.out else RunDir(args.run_dir).step_accuracy(args.label, args.split)
@@ -295,7 +308,7 @@ def main(argv: list[str] | None = None, policy: Policy | None = None) -> dict[st
                "tasks": len(tasks), "expert_won": len(won), "expert_failed": failed,
                **summarize(records), "run": asdict(stats), "seconds": round(time.perf_counter() - t0, 1),
                "run_card": card}
-    write_json(out / "summary.json", summary)
+    write_json(out / EVAL_SUMMARY, summary)
     log.info("%s/%s%s: step accuracy %s, valid actions %s over %d steps (%d skipped) of %d tasks -> %s",
              args.task_family, args.split, f" ({args.label})" if args.label else "",
              format_share(summary["match"], summary["steps"]), format_share(summary["valid"], summary["steps"]),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.step_accuracy import chosen_steps, main as step_accuracy, normalize_action
+from eval.step_accuracy import chosen_steps, main as step_accuracy, normalize_action, parse_args
 from eval_agent.envs import get_task_family
 from eval_agent.expert_data import AS_TRAINING_DATA, load_expert_data
 from eval_agent.layout import RunDir
@@ -164,6 +164,19 @@ def test_virtualhome_expert_runs_read_like_the_training_data():
     assert ours.task_text == data.task_text and ours.steps == data.steps and ours.success
 
 
+def test_labels_name_models_as_in_evaluation():
+    from eval_agent.smollm2 import default_model_dir
+
+    run = RunDir("r")
+    assert parse_args(["--task_family", "alfworld", "--run_dir", "r", "--label", "sft"]).model == str(run.sft_model)
+    assert parse_args(["--task_family", "alfworld", "--run_dir", "r", "--label", "steca"]).model == str(run.steca_model)
+    assert parse_args(["--task_family", "alfworld", "--run_dir", "r"]).model == str(default_model_dir())  # label base
+    assert parse_args(["--task_family", "alfworld", "--run_dir", "r", "--base_model", "m0"]).model == "m0"
+    assert parse_args(["--task_family", "alfworld", "--run_dir", "r", "--label", "mine", "--model", "m1"]).model == "m1"
+    with pytest.raises(SystemExit, match="--label 'mine' names no model of the run"):
+        parse_args(["--task_family", "alfworld", "--run_dir", "r", "--label", "mine"])
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(SystemExit):
         step_accuracy(["--task_family", "alfworld", "--model", "m"])  # neither --out nor --run_dir/--label
@@ -188,7 +201,7 @@ def test_tiny_model_through_the_stage_script_and_settings_guard(tmp_path, tiny_m
     run.sft.mkdir(parents=True)
     run.sft_model.symlink_to(tiny_model_dir)
     env = {**os.environ, "TASK_FAMILY": "alfworld", "RUN_DIR": str(run.root), "LABEL": "sft", "SPLIT": "unseen",
-           "LIMIT": "1", "STEPS_PER_TASK": "2", "MAX_NEW_TOKENS": "8", "PYTHON": sys.executable}
+           "EVAL_LIMIT": "1", "STEPS_PER_TASK": "2", "MAX_NEW_TOKENS": "8", "PYTHON": sys.executable}
     done = subprocess.run(["bash", "eval/step_accuracy.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
