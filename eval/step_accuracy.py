@@ -55,7 +55,7 @@ log = logging.getLogger("eval.step_accuracy")
 
 # The arguments that decide a record's content: records made with others are never mixed in.
 SETTINGS = ("task_family", "split", "data_root", "env_args", "model", "tokenizer", "chat_format", "icl_num",
-            "instruction_from", "max_new_tokens", "max_steps")
+            "instruction_from", "max_new_tokens", "expert_max_steps")
 
 
 def normalize_action(action: str) -> str:
@@ -185,7 +185,7 @@ def expert_trajectories(tasks: list[Task], args: argparse.Namespace, out: Path) 
     if todo:
         log.info("the expert plays %d of %d tasks", len(todo), len(tasks))
         run_episodes(todo, ExpertPolicy(), partial(family.make_env, expert=True, **args.env_args), keep,
-                     max_steps=args.max_steps, concurrency=args.concurrency, progress=False)
+                     max_steps=args.expert_max_steps, concurrency=args.concurrency, progress=False)
     out_trajs = {}
     for task in tasks:
         rec = {k: v for k, v in store.records[task.key].items() if k != "key"}
@@ -236,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: from --run_dir and --label)")
     p.add_argument("--limit", type=int, help="first N tasks of the split only")
     p.add_argument("--steps_per_task", type=int, help="N steps of each expert trajectory, evenly spaced (default: all)")
-    p.add_argument("--max_steps", type=int, default=MAX_STEPS, help="the expert's episode budget")
+    p.add_argument("--expert_max_steps", type=int, default=MAX_STEPS,
+                   help="the expert's episode budget (not the evaluation's MAX_STEPS: a small budget there must not "
+                        "cut the expert trajectories short)")
     p.add_argument("--data_root", help="task data folder (default: the task family's own lookup)")
     p.add_argument("--env_args", type=json.loads, default={}, help="JSON object of environment options")
     p.add_argument("--concurrency", type=int, default=16, help="episodes advanced together")

@@ -143,7 +143,7 @@ def test_tasks_the_expert_loses_are_listed_not_scored(tmp_path):
     (tmp_path / "vh_unseen_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     summary = step_accuracy(["--task_family", "virtualhome", "--split", "unseen", "--data_root", str(tmp_path),
-                             "--max_steps", "25", "--steps_per_task", "2", "--out", str(out)],
+                             "--expert_max_steps", "25", "--steps_per_task", "2", "--out", str(out)],
                             policy=ScriptedPolicy(out, VIRTUALHOME_SCRIPT))
     lost = family.load_tasks("unseen", data_root=tmp_path)[1].key
     assert summary["expert_won"] == 1 and summary["expert_failed"] == [lost] and summary["steps"] == 2
