@@ -62,24 +62,29 @@ def summarize(task_name: str, split: str, trajs: list[Trajectory]) -> dict[str, 
     }
 
 
+def model_of_label(args: argparse.Namespace) -> str:
+    """The model `--label` names when --model is not given: base (--base_model, else the embedded SmolLM2),
+    sft and steca (the run directory's models)."""
+    run = RunDir(args.run_dir) if args.run_dir else None
+    run_models = {"sft": run.sft_model, "steca": run.steca_model} if run else {}
+    if args.label == "base":
+        return args.base_model or str(default_model_dir())
+    if args.label in run_models:
+        return str(run_models[args.label])
+    raise SystemExit(f"error: --label {args.label!r} names no model of the run: pass --model "
+                     f"(labels with a default model: base, sft, steca with --run_dir)")
+
+
 def resolve_output(args: argparse.Namespace) -> Path:
     """The output folder, and the model the label names when --model is not given."""
     args.label = args.label or ("expert" if args.policy == "expert" else "base")
-    run = RunDir(args.run_dir) if args.run_dir else None
-    run_models = {"sft": run.sft_model, "steca": run.steca_model} if run else {}
     if args.policy == "model" and not args.model:
-        if args.label == "base":
-            args.model = args.base_model or str(default_model_dir())
-        elif args.label in run_models:
-            args.model = str(run_models[args.label])
-        else:
-            raise SystemExit(f"error: --label {args.label!r} names no model of the run: pass --model "
-                             f"(labels with a default model: base, sft, steca with --run_dir)")
+        args.model = model_of_label(args)
     if args.out:
         return Path(args.out)
-    if run is None:
+    if not args.run_dir:
         raise SystemExit("error: pass --run_dir (results go to RUN_DIR/eval/<label>/<split>/) or --out")
-    return run.evaluation(args.label, args.split)
+    return RunDir(args.run_dir).evaluation(args.label, args.split)
 
 
 def build_policy(args: argparse.Namespace):

@@ -9,6 +9,7 @@ spelled out; stages take `--run_dir` and ask a `RunDir` for their paths (an expl
       data_collection/               step rewards, deviations, D_c / D_e / D_s, train.jsonl (stage 3)
       steca/model/                   the STeCa model (stage 4); steca/config.json
       eval/<label>/<split>/          one evaluation (stage 5): tasks/, summary.json, config.json
+      eval/<label>/<split>/step_accuracy/   the model's greedy step against the expert's (eval.step_accuracy)
       pipeline/<stage>.done          the pipeline's record of a completed stage
       tracking.json                  the experiment tracker of the run (eval_agent.tracking)
       servers/endpoints.txt          the base URLs of the model server the running stage uses (BACKEND=vllm|serve_hf)
@@ -93,6 +94,10 @@ class RunDir:
 
     def eval_summary(self, label: str, split: str) -> Path:
         return self.evaluation(label, split) / EVAL_SUMMARY
+
+    def step_accuracy(self, label: str, split: str) -> Path:
+        """eval.step_accuracy's folder, inside the evaluation of the same model and split."""
+        return self.evaluation(label, split) / "step_accuracy"
 
     # the tracker the training stages chose (eval_agent.tracking), for the stages without a Trainer
     @property
