@@ -57,12 +57,13 @@ stage() {  # stage <name> [--serve base|sft|steca] <command...>: run it unless i
   echo "$((SECONDS - t0)) s" > "$marker"
 }
 
-evaluate_all() {  # the base, SFT and STeCa models on both test splits, one server per model
+evaluate_all() {  # the base, SFT and STeCa models on both test splits (success, step accuracy), one server per model
   local label split
   for label in base sft steca; do
     start_server "$label"
     for split in seen unseen; do
       LABEL=$label SPLIT=$split served bash eval/evaluate.sh
+      LABEL=$label SPLIT=$split served bash eval/step_accuracy.sh
     done
     stop_server
   done
@@ -89,5 +90,5 @@ for family in "${families[@]}"; do
   report_args+=(--run "$family=$RUN_DIR")
 done
 report=$(layout --run_root "$RUN_ROOT")
-"$PYTHON" -m eval.report "${report_args[@]}" --out "$report"
+"$PYTHON" -m eval.report "${report_args[@]}" --out "$report" --reading
 echo "pipeline ($PRESET, ${families[*]}) finished in $((SECONDS - start)) s: $report/report.md"
