@@ -25,15 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
 from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
 from eval_agent.cli import at_least, input_file, model_folder, run_main
 from eval_agent.guard import fingerprint, identity, require_output, settings_of, training_guard, training_settings
 from eval_agent.layout import RunDir, card_dir
 from eval_agent.run_card import write_run_card
-from eval_agent.training import (configure_training_args, finished_training, output_dir_from_run_dir, pad_token_id,
-                                 train_and_save)
+from eval_agent.training import (StageTrainingArguments, check_master_weights, configure_training_args,
+                                 finished_training, load_for_training, output_dir_from_run_dir, pad_token_id,
+                                 save_dtype, train_and_save)
 from Reinforced_train.data import encode_rows, load_rows
 from Reinforced_train.loss import WeightedCollator, steca_loss
 
@@ -55,14 +56,16 @@ class SteCaArguments:
     chat_format: str | None = field(default=None, metadata={"help": f"{FORMATS}; default: what the model folder records"})
     model_max_length: int = field(default=4096, metadata={"help": "tokens per sequence; longer ones lose whole trailing turns"})
     global_batch_size: int = field(default=15, metadata={"help": "rows per optimizer step over all processes"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU that has it, else fp32) | bf16 "
+                                                             "| fp32; weights and optimizer stay fp32"})
+    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved model: auto (bf16 after bf16 training) | bf16 | fp32"})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. flash_attention_2; default: transformers' choice"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh whatever settings made the output folder "
                                                              "(moved aside as <folder>.old)"})
 
 
 @dataclass
-class SteCaTrainingArguments(TrainingArguments):
+class SteCaTrainingArguments(StageTrainingArguments):
     """The paper's reinforced-training recipe as defaults (the original's Reinforced_train/steca_train.sh): one
     epoch, lr 3e-6, constant schedule after 10% warmup, one row per device, a checkpoint each epoch."""
 
@@ -143,21 +146,18 @@ def configure(args: SteCaArguments, targs: TrainingArguments) -> TrainingArgumen
         raise SystemExit(f"error: --nll_reduction must be sum or mean, got {args.nll_reduction!r}")
     if args.beta < 0:
         raise SystemExit(f"error: --beta must be >= 0, got {args.beta}")
-    targs = configure_training_args(targs, args.global_batch_size, args.precision)
+    targs = configure_training_args(targs, args.global_batch_size, args.precision, stage="steca")
     # Trainer would drop the columns the model's forward does not take (the weights, the rejected rows)
     return dataclasses.replace(targs, remove_unused_columns=False)
 
 
-def load_model(path: str, targs: TrainingArguments, attn_implementation: str | None):
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.bfloat16 if targs.bf16 else torch.float32, attn_implementation=attn_implementation)
-    model.config.use_cache = False  # no generation while training; activation checkpointing needs it off
-    return model
-
-
 def build_trainer(args: SteCaArguments, targs: TrainingArguments, examples: list[dict], tokenizer) -> SteCaTrainer:
-    model = load_model(args.model_name_or_path, targs, args.attn_implementation)
-    ref_model = load_model(args.ref_model or args.model_name_or_path, targs, args.attn_implementation) if args.beta else None
+    model = load_for_training(args.model_name_or_path, args.attn_implementation)
+    check_master_weights(model, targs)
+    ref_model = None
+    if args.beta:  # frozen: in bf16 when the compute is, half the memory of an fp32 copy
+        ref_model = load_for_training(args.ref_model or args.model_name_or_path, args.attn_implementation,
+                                      torch.bfloat16 if targs.bf16 else torch.float32)
     pad_id = pad_token_id(tokenizer)
     return SteCaTrainer(model=model, args=targs, train_dataset=examples, data_collator=WeightedCollator(pad_id),
                         processing_class=tokenizer, beta=args.beta, ref_model=ref_model,
@@ -218,7 +218,7 @@ def train(args: SteCaArguments, targs: TrainingArguments, fmt_name: str) -> dict
     trainer = build_trainer(args, targs, examples, tokenizer)
     extra = {"beta": args.beta, "reference_model": (args.ref_model or args.model_name_or_path) if args.beta else None,
              "nll_reduction": args.nll_reduction, "global_batch_size": args.global_batch_size}
-    return train_and_save(trainer, tokenizer, fmt_name, {**stats, **extra}, log)
+    return train_and_save(trainer, tokenizer, fmt_name, {**stats, **extra}, log, save_dtype(args.save_dtype, targs))
 
 if __name__ == "__main__":
     run_main(main)

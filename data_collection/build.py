@@ -33,10 +33,9 @@ from eval_agent.envs import add_task_family_arg, get_task_family
 from eval_agent.expert_data import check_task_family, load_expert_data
 from eval_agent.guard import RunGuard, fingerprint, identity, model_arg_names, policy_fingerprint, require_output, settings_of
 from eval_agent.layout import RunDir
-from eval_agent.prompts import instruction_from_data
 from eval_agent.run_card import write_run_card
 from eval_agent.records import KINDS, Rollout, StepRecord
-from eval_agent.runner import add_model_args
+from eval_agent.runner import add_model_args, published_prompt
 from eval_agent.store import BadRecord, read_jsonl, write_atomic, write_json
 from eval_agent.trajectory import Step, Trajectory
 
@@ -133,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embed_device", default="cpu")
     g.add_argument("--embed_batch_size", type=count, default=256)
     g = p.add_argument_group("calibration")
+    g.add_argument("--calibrate", choices=("every", "first"), default="every",
+                   help="D_c from every deviated step (the published code) or only each task's first (paper 3.2)")
     g.add_argument("--reflection_fallback", action="store_true",
                    help="keep a D_c row whose reflection is invalid, with a templated thought (default: skip it)")
     g.add_argument("--overwrite", action="store_true",
@@ -175,8 +176,17 @@ def load_inputs(args: argparse.Namespace) -> tuple[dict[str, Trajectory], dict[s
 def instructions(args: argparse.Namespace, experts: dict[str, Trajectory]) -> dict[str, str]:
     """Each trajectory's instruction as SFT trained it: its own (published data), else
     --instruction_from's, else the task family's."""
-    default = instruction_from_data(args.instruction_from) if args.instruction_from else get_task_family(args.task_family).INSTRUCTION
+    default = published_prompt(args)[0] or get_task_family(args.task_family).INSTRUCTION
     return {key: traj.meta.get("instruction") or default for key, traj in experts.items()}
+
+
+def first_per_task(deviated: list[tuple[StepRecord, dict[str, Any]]]) -> list[tuple[StepRecord, dict[str, Any]]]:
+    """Each task's earliest deviated step only (paper 3.2: D_c from the first deviation; the published code
+    calibrates every deviated step)."""
+    firsts: dict[str, tuple[StepRecord, dict[str, Any]]] = {}
+    for x in sorted(deviated, key=lambda x: x[0].t):
+        firsts.setdefault(x[0].task_key, x)
+    return [x for x in deviated if firsts[x[0].task_key] is x]
 
 
 def calibration_rows(args: argparse.Namespace, deviated: list[tuple[StepRecord, dict[str, Any]]],
@@ -309,6 +319,8 @@ def collect(args: argparse.Namespace, embeddings: ActionEmbeddings | None) -> di
 
     # 3.-4. the training sets
     deviated = [(rec, row) for rec, row in zip(explored, deviations) if row["deviated"]]
+    if args.calibrate == "first":
+        deviated = first_per_task(deviated)
     cal_rows, cal_skips, reflections, reflection_stats = calibration_rows(args, deviated, experts, instruction, out)
     rows, skips, win_pairs = pair_rows(args, explored, experts, instruction, reward)
     rows, skips = {"calibration": cal_rows, **rows}, {"calibration": cal_skips, **skips}
@@ -343,7 +355,8 @@ def collect(args: argparse.Namespace, embeddings: ActionEmbeddings | None) -> di
                    "rollouts": {k: len(rollouts[k]) for k in KINDS}},
         "step_rewards": reward_stats,
         "deviation": {"config": vars(cfg), "explored_steps": len(deviations), "judged": len(judged),
-                      "deviated": len(deviated), "skipped": dict(Counter(d["skip"] for d in deviations if d["skip"])),
+                      "deviated": sum(d["deviated"] for d in deviations), "calibrated_steps": len(deviated),
+                      "calibrate": args.calibrate, "skipped": dict(Counter(d["skip"] for d in deviations if d["skip"])),
                       "criterion_true": {c: sum(bool(d[c]) for d in judged) for c in CRITERIA},
                       "explored_action_missing": sum(d["explored_action"] is None for d in judged),
                       "by_step": by_t,

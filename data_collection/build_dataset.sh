@@ -5,7 +5,8 @@
 # docs/data_collection.md lists every variable with its default, e.g.
 #   TASK_FAMILY=virtualhome REFLECT_BACKEND=self bash data_collection/build_dataset.sh
 # Rerunnable: reflections are cached on disk, a rerun rewrites the same files with no new LLM call.
-# The chat reflection backend reads its key and URL from the environment only (docs/data_collection.md).
+# The chat reflection backend reads its key and URL from the environment only: REFLECT_API_KEY and
+# REFLECT_BASE_URL, each falling back to OPENAI_* (docs/data_collection.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/stage_lib.sh                # PRESET, PYTHON, TASK_FAMILY, RUN_DIR
@@ -17,6 +18,8 @@ REFLECT_MODEL=${REFLECT_MODEL:-}           # chat: the endpoint's model name; se
 REFLECT_CONCURRENCY=${REFLECT_CONCURRENCY:-}  # chat: requests in flight; self: prompts per generate call
 REFLECT_RETRIES=${REFLECT_RETRIES:-}       # times an invalid reflection is asked again
 REFLECTION_FALLBACK=${REFLECTION_FALLBACK:-}  # 1: keep a D_c row whose reflection stays invalid, with a templated thought
+REFLECT_PROMPT=${REFLECT_PROMPT:-}         # ours (chat turns) | original (the published code's Human:/Gpt: transcript)
+CALIBRATE=${CALIBRATE:-}                   # every deviated step (the published code) | first per task (paper 3.2)
 N=${N:-}                                   # MC samples expected per step record (others are reported)
 DELTA=${DELTA:-}                           # deviated when r(explored t) <= r(expert t-1) + DELTA
 STRICT=${STRICT:-}                         # 1: < instead of the original code's <=
@@ -28,7 +31,7 @@ KEEP_THRESHOLD=${KEEP_THRESHOLD:-}         # explored rows kept when nDTW < this
 EMBEDDER=${EMBEDDER:-}                     # minilm | bert-cls (the original's bert-base-uncased [CLS])
 EMBEDDER_PATH=${EMBEDDER_PATH:-}           # model folder or hub name; empty = the package's MiniLM / bert-base-uncased
 EMBED_DEVICE=${EMBED_DEVICE:-}             # cpu | cuda
-source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM MAX_NEW_TOKENS
+source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM ICL_FROM MAX_NEW_TOKENS
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
 opt --expert_data "$EXPERT_DATA"
@@ -38,6 +41,8 @@ opt --reflect_model "$REFLECT_MODEL"
 opt --reflect_concurrency "$REFLECT_CONCURRENCY"
 opt --reflect_retries "$REFLECT_RETRIES"
 flag --reflection_fallback "$REFLECTION_FALLBACK"
+opt --reflect_prompt "$REFLECT_PROMPT"
+opt --calibrate "$CALIBRATE"
 opt --n "$N"
 opt --delta "$DELTA"
 flag --strict "$STRICT"

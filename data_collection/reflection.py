@@ -3,9 +3,10 @@
 The reflecting model sees the history up to the deviated step and its observation, is told that the step was
 not optimal and what the ground-truth next action is, and writes the thought; the action stays the expert's.
 Backends: `chat`, an OpenAI-compatible chat endpoint (GPT-4o in the paper; key and URL only from the
-environment, never logged), or `self`, the SFT policy through eval_agent.llm (the paper's self-generation
-variant). Replies are cleaned into one `Thought:` line and the expert's `Action:`, invalid ones asked again, and
-every raw reply is cached on disk, so a rerun asks nothing. docs/data_collection.md has the details.
+environment: REFLECT_API_KEY / REFLECT_BASE_URL, else OPENAI_*; never logged), or `self`, the SFT policy
+through eval_agent.llm (the paper's self-generation variant). Replies are cleaned into one `Thought:` line and the expert's `Action:`, invalid ones asked again, and
+every raw reply is cached on disk, so a rerun asks nothing. `--reflect_prompt original` sends the published
+code's `Human:`/`Gpt:` transcript and request instead of chat turns. docs/data_collection.md has the details.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import concurrent.futures
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ from tqdm import tqdm
 from eval_agent.cli import check_policy_model, count, natural, non_negative
 from eval_agent.guard import weights_fingerprint
 from eval_agent.llm import DEFAULT_STOP, BackendUnavailable, GenerationConfig
+from eval_agent.llm.reflect_endpoint import reflection_endpoint
 from eval_agent.store import JsonlStore
 from eval_agent.trajectory import format_reply
 
@@ -45,6 +46,15 @@ REQUEST = (
     "Thought: <your thought>\n"
     "Action: {action}"
 )
+# `--reflect_prompt original`: the published code's request (data_cali_*.py), verbatim, appended to the
+# history rendered as a `Human: ...` / `Gpt: ...` transcript and sent as one user message.
+ORIGINAL_REQUEST = (
+    "\n\nAbove is the interaction history. However, the last step is not optimal and may lead to a wrong direction. "
+    "The next step ground truth action is: {action}. Please provide the thought which would lead the agent to generate "
+    "the ground truth action and be aware of the last non-optimal action. The thought should follow the format of the "
+    "interaction history."
+)
+PROMPT_STYLES = ("ours", "original")
 DEFAULT_CHAT_MODEL = "gpt-4o"
 # USD per 1M (input, output) tokens, OpenAI's list prices (cached-input discounts ignored).
 PRICES_PER_1M = {"gpt-4o": (2.50, 10.00), "gpt-4o-mini": (0.15, 0.60)}
@@ -73,8 +83,15 @@ class Reflection:
 
 # ---- prompt and reply cleaning ----------------------------------------------------------------------
 
-def reflection_messages(req: ReflectionRequest) -> list[dict[str, str]]:
-    """The chat sent to the reflecting model: the history, the request appended to its last (observation) turn."""
+def transcript(history: list[dict[str, str]]) -> str:
+    """The original's `convert_to_text`: `Human: <turn>` / `Gpt: <turn>` (values stripped), blank lines between."""
+    speaker = {"user": "Human", "assistant": "Gpt"}
+    return "\n\n".join(f"{speaker[m['role']]}: {m['content'].strip()}" for m in history)
+
+
+def reflection_messages(req: ReflectionRequest, style: str = "ours") -> list[dict[str, str]]:
+    """The chat sent to the reflecting model: the history as chat turns with the request appended to its last
+    (observation) turn (`ours`), or the original's one user message: transcript + its request (`original`)."""
     where = f"reflection request {req.key!r}"
     action = (req.expert_action or "").strip()
     if not action or "\n" in action:
@@ -85,6 +102,10 @@ def reflection_messages(req: ReflectionRequest) -> list[dict[str, str]]:
     for i, m in enumerate(history):
         if m.get("role") != ("user" if i % 2 == 0 else "assistant") or not isinstance(m.get("content"), str):
             raise ValueError(f"{where}: turn {i} must be a {'user' if i % 2 == 0 else 'assistant'} turn with text")
+    if style == "original":
+        return [{"role": "user", "content": transcript(history) + ORIGINAL_REQUEST.format(action=action)}]
+    if style != "ours":
+        raise ValueError(f"reflection prompt style must be one of {PROMPT_STYLES}, got {style!r}")
     last = {"role": "user", "content": history[-1]["content"].rstrip() + "\n\n" + REQUEST.format(action=action)}
     return [dict(m) for m in history[:-1]] + [last]
 
@@ -176,11 +197,11 @@ class ChatModel:
 
     def __init__(self, model: str, settings: dict[str, Any], concurrency: int = 8, timeout: float = 120.0,
                  http_retries: int = 6):
-        key = os.environ.get("OPENAI_API_KEY")
-        base_url = os.environ.get("OPENAI_BASE_URL") or None
+        key, base_url = reflection_endpoint()
         if not key and not base_url:
-            raise SystemExit("error: the chat reflection backend needs OPENAI_API_KEY (and OPENAI_BASE_URL for an "
-                             "endpoint other than OpenAI's) in the environment; or use --reflect_backend self")
+            raise SystemExit("error: the chat reflection backend needs REFLECT_API_KEY (or OPENAI_API_KEY; and "
+                             "REFLECT_BASE_URL for an endpoint other than OpenAI's) in the environment; or use "
+                             "--reflect_backend self")
         self.client = openai.OpenAI(api_key=key or "EMPTY", base_url=base_url, timeout=timeout, max_retries=0)
         self.url = str(self.client.base_url).rstrip("/")
         self.model, self.settings = model, settings
@@ -206,13 +227,13 @@ class ChatModel:
     def _unavailable(self, e: Exception) -> BackendUnavailable:
         """A clear error naming the endpoint; the key is never part of it (a 401 message may quote it)."""
         if isinstance(e, openai.AuthenticationError):
-            why = "it rejected OPENAI_API_KEY (401)"
+            why = "it rejected the key (401; REFLECT_API_KEY, else OPENAI_API_KEY)"
         elif isinstance(e, openai.APIConnectionError):
             why = f"cannot connect ({type(e).__name__})"
         else:
             why = f"{type(e).__name__}: {getattr(e, 'message', e)}"
-        return BackendUnavailable(f"chat endpoint {self.url} (model {self.model!r}): {why}; set OPENAI_BASE_URL / "
-                                  f"OPENAI_API_KEY, or use --reflect_backend self")
+        return BackendUnavailable(f"chat endpoint {self.url} (model {self.model!r}): {why}; set REFLECT_BASE_URL / "
+                                  f"REFLECT_API_KEY, or use --reflect_backend self")
 
     def _check(self) -> None:
         """Fail fast when the endpoint is down or refuses the key (a missing /models route is fine)."""
@@ -286,9 +307,10 @@ class SelfModel:
 class Reflector:
     """Reflections for many requests: cached, retried while invalid, counted."""
 
-    def __init__(self, model: ReflectionModel, cache_path: str | Path, retries: int = 2):
+    def __init__(self, model: ReflectionModel, cache_path: str | Path, retries: int = 2, prompt_style: str = "ours"):
         self.model = model
         self.retries = retries
+        self.prompt_style = prompt_style
         self.cache = JsonlStore(cache_path)
         self.stats = {"requests": 0, "ok": 0, "invalid": 0, "retries": 0, "calls": 0, "cache_hits": 0,
                       "refused": 0, "actions_replaced": 0, "prompt_tokens": 0, "completion_tokens": 0}
@@ -300,7 +322,7 @@ class Reflector:
 
     def reflect(self, requests: list[ReflectionRequest]) -> list[Reflection]:
         """One reflection per request, in order; attempt k+1 only for the requests still invalid after k."""
-        prompts = [self.model.prompt_text(reflection_messages(r)) for r in requests]
+        prompts = [self.model.prompt_text(reflection_messages(r, self.prompt_style)) for r in requests]
         attempts = [0] * len(requests)
         tokens = [[0, 0] for _ in requests]
         called = [False] * len(requests)
@@ -393,8 +415,11 @@ def add_reflection_args(p: argparse.ArgumentParser) -> None:
     """Reflection options; `self` uses add_model_args' --model/--backend/--endpoints/--chat_format (and --task)."""
     g = p.add_argument_group("reflection")
     g.add_argument("--reflect_backend", choices=("auto", "chat", "self"), default="auto",
-                   help="chat: an OpenAI-compatible endpoint (OPENAI_API_KEY, OPENAI_BASE_URL); self: the policy "
-                        "given by --model (the paper's self-generation); auto: chat when OPENAI_API_KEY is set")
+                   help="chat: an OpenAI-compatible endpoint (REFLECT_API_KEY, REFLECT_BASE_URL, else OPENAI_*); self: "
+                        "the policy given by --model (the paper's self-generation); auto: chat when a key is set")
+    g.add_argument("--reflect_prompt", choices=PROMPT_STYLES, default="ours",
+                   help="ours: the history as chat turns, the request in the last one; original: the published "
+                        "code's Human:/Gpt: transcript and request as one user message")
     g.add_argument("--reflect_model",
                    help=f"chat: the model name (default {DEFAULT_CHAT_MODEL}); self: default --model")
     g.add_argument("--reflect_cache",
@@ -411,9 +436,9 @@ def add_reflection_args(p: argparse.ArgumentParser) -> None:
 
 
 def reflect_backend(args: argparse.Namespace) -> str:
-    """chat or self: what --reflect_backend auto means here (chat when OPENAI_API_KEY is set)."""
+    """chat or self: what --reflect_backend auto means here (chat when the reflection endpoint has a key)."""
     if args.reflect_backend == "auto":
-        return "chat" if os.environ.get("OPENAI_API_KEY") else "self"
+        return "chat" if reflection_endpoint()[0] else "self"
     return args.reflect_backend
 
 
@@ -430,11 +455,12 @@ def reflector_from_args(args: argparse.Namespace, cache_path: Path) -> Reflector
 
         name = args.reflect_model or args.model
         if not name:
-            raise SystemExit("error: self reflection needs --model (the SFT policy), or set OPENAI_API_KEY for chat")
+            raise SystemExit("error: self reflection needs --model (the SFT policy), or set REFLECT_API_KEY for chat")
         if not getattr(args, "task_family", None):
             raise SystemExit("error: self reflection needs --task_family (the policy's task family)")
         check_policy_model(argparse.Namespace(**{**vars(args), "model": name}))
         policy = ModelPolicy.build(args.task_family, name, GenerationConfig(), backend=args.backend, endpoints=args.endpoints,
                                    chat_format=args.chat_format, tokenizer=args.tokenizer)
         model = SelfModel(policy, settings, batch=args.reflect_concurrency)
-    return Reflector(model, Path(args.reflect_cache or cache_path), retries=args.reflect_retries)
+    return Reflector(model, Path(args.reflect_cache or cache_path), retries=args.reflect_retries,
+                     prompt_style=args.reflect_prompt)

@@ -30,6 +30,7 @@ from eval_agent.run_card import write_run_card
 from eval_agent.smollm2 import default_model_dir
 from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, add_model_args, run_episodes
 from eval_agent.store import write_json
+from eval_agent.tracking import find_run_dir, log_summary
 from eval_agent.trajectory import Trajectory
 
 log = logging.getLogger("eval")
@@ -64,24 +65,29 @@ def summarize(task_name: str, split: str, trajs: list[Trajectory]) -> dict[str, 
     }
 
 
+def model_of_label(args: argparse.Namespace) -> str:
+    """The model `--label` names when --model is not given: base (--base_model, else the embedded SmolLM2),
+    sft and steca (the run directory's models)."""
+    run = RunDir(args.run_dir) if args.run_dir else None
+    run_models = {"sft": run.sft_model, "steca": run.steca_model} if run else {}
+    if args.label == "base":
+        return args.base_model or str(default_model_dir())
+    if args.label in run_models:
+        return str(run_models[args.label])
+    raise SystemExit(f"error: --label {args.label!r} names no model of the run: pass --model "
+                     f"(labels with a default model: base, sft, steca with --run_dir)")
+
+
 def resolve_output(args: argparse.Namespace) -> Path:
     """The output folder, and the model the label names when --model is not given."""
     args.label = args.label or ("expert" if args.policy == "expert" else "base")
-    run = RunDir(args.run_dir) if args.run_dir else None
-    run_models = {"sft": run.sft_model, "steca": run.steca_model} if run else {}
     if args.policy == "model" and not args.model:
-        if args.label == "base":
-            args.model = args.base_model or str(default_model_dir())
-        elif args.label in run_models:
-            args.model = str(run_models[args.label])
-        else:
-            raise SystemExit(f"error: --label {args.label!r} names no model of the run: pass --model "
-                             f"(labels with a default model: base, sft, steca with --run_dir)")
+        args.model = model_of_label(args)
     if args.out:
         return Path(args.out)
-    if run is None:
+    if not args.run_dir:
         raise SystemExit("error: pass --run_dir (results go to RUN_DIR/eval/<label>/<split>/) or --out")
-    return run.evaluation(args.label, args.split)
+    return RunDir(args.run_dir).evaluation(args.label, args.split)
 
 
 def build_policy(args: argparse.Namespace):
@@ -129,12 +135,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def fingerprint_of(args: argparse.Namespace) -> dict[str, Any]:
-    """The policy (the model's settings and identity, or the built-in expert), decoding, steps and tasks."""
-    settings = settings_of(args, drop=model_arg_names() | {"base_model", "data_root"})
+    """The policy (the model's settings and identity, or the built-in expert), decoding, steps and tasks; the
+    task limit only selects: each task's result file is the same whichever tasks are chosen."""
+    settings = settings_of(args, drop=model_arg_names() | {"base_model", "data_root", "limit"})
     policy_settings, policy_inputs = policy_fingerprint(args) if args.policy == "model" else ({}, {})
     return fingerprint("eval", CODE_VERSION, {**settings, **policy_settings},
                        {"tasks": get_task_family(args.task_family).data_identity(args.split, args.data_root),
-                        **policy_inputs})
+                        **policy_inputs}, selection={"limit": args.limit})
 
 
 def evaluate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -159,6 +166,8 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         traj.meta.setdefault("task_type", t.meta.get("task_type", "unknown"))
     summary = {**summarize(args.task_family, args.split, trajs), "run": asdict(stats), "run_card": card}
     write_json(out / EVAL_SUMMARY, summary)
+    log_summary(find_run_dir(out), f"eval/{out.parent.name}/{out.name}", {k: v for k, v in summary.items()
+                                                                         if k != "run_card"}, out)
     log.info(
         "%s/%s: success %.3f, avg reward %.3f, avg steps %.1f over %d tasks (%d run now in %.1fs)",
         args.task_family, args.split, summary["success_rate"], summary["avg_reward"], summary["avg_steps"],

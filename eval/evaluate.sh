@@ -15,7 +15,7 @@ BASE_MODEL=${BASE_MODEL:-}                 # the model LABEL=base names; empty =
 EVAL_LIMIT=${EVAL_LIMIT:-${LIMIT:-}}       # first N tasks only; empty = the whole split (LIMIT: the older name)
 OUT=${OUT:-}                               # the output folder; empty = RUN_DIR/eval/<LABEL>/<SPLIT>
 source scripts/episode_vars.sh             # SPLIT DATA_ROOT MAX_STEPS CONCURRENCY
-source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM MAX_NEW_TOKENS
+source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM ICL_FROM MAX_NEW_TOKENS
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
 opt --policy "$POLICY"

@@ -1,7 +1,7 @@
 """Expert trajectories for training: reading our JSONL (`Trajectory.to_dict()` + `key` a line) and the published
 `alfworld_sft.json` format (a JSON list or JSONL of `{"id", "game_file", "conversations"}`, whose instruction
 is kept in `meta["instruction"]` so training prompts with the data's own words), writing the published format
-back, and the templated thoughts of ALFWorld expert runs. A bad row is an error naming the file, row and field.
+back, and the templated thoughts of expert runs (ALFWorld, VirtualHome). A bad row is an error naming the file, row and field.
 """
 from __future__ import annotations
 
@@ -73,6 +73,19 @@ def _trajectory(row: Any, where: str) -> Trajectory:
         raise BadRecord(f"{where}: empty task or no steps")
     traj.meta = {**traj.meta, "key": row["key"]}
     return traj
+
+
+def task_tail(key: str) -> str:
+    """`<task dir>/<trial dir>` of an ALFWorld key or published `game_file` (the original matched on
+    absolute-path slices, B4); other keys are used whole."""
+    parts = key.strip("/").split("/")
+    return "/".join(parts[-2:]) if len(parts) >= 3 and parts[-3] in ("train", "valid_seen", "valid_unseen") else key
+
+
+def task_of(traj: Trajectory, by_tail: dict[str, Any]) -> Any:
+    """The task (from `{task_tail(task.key): task}`) an expert trajectory plays, or None."""
+    key = traj.meta["key"]
+    return by_tail.get(task_tail(traj.meta.get("game_file", key))) or by_tail.get(task_tail(key))
 
 
 def to_published(trajs: list[Trajectory], instruction: str, id_prefix: str) -> list[dict[str, Any]]:
@@ -178,3 +191,32 @@ def alfworld_expert_trajectory(traj: Trajectory, key: str) -> Trajectory:
         success=traj.success, reward=traj.reward, termination=traj.termination,
         meta={**traj.meta, "key": key},
     )
+
+
+# ---- VirtualHome: templated thoughts for the expert program's lines --------------------------------------
+
+
+def virtualhome_thought(task: str, action: str, i: int, n: int) -> str:
+    """The thought of step i of an n-step program for task name `task` (scripts/make_vh_tasks.py's training data)."""
+    act = action[0].lower() + action[1:]
+    if i == 0:
+        return f"My task is to {task[0].lower() + task[1:]}. First, I {act}."
+    if i == n - 1:
+        return f"Finally, I {act}, which should complete the task."
+    return f"Next, I {act}."
+
+
+def virtualhome_expert_trajectory(traj: Trajectory, key: str) -> Trajectory:
+    """An expert run (the task's program played through the runner) with the training data's thoughts."""
+    task, n = traj.meta["task"], len(traj.steps)
+    return Trajectory(
+        task_text=traj.task_text,
+        steps=[Step.expert(virtualhome_thought(task, s.action, i, n), s.action, s.observation)
+               for i, s in enumerate(traj.steps)],
+        success=traj.success, reward=traj.reward, termination=traj.termination,
+        meta={**traj.meta, "key": key},
+    )
+
+
+# The built-in expert's run of a task, as each family's training data shows expert trajectories.
+AS_TRAINING_DATA = {"alfworld": alfworld_expert_trajectory, "virtualhome": virtualhome_expert_trajectory}

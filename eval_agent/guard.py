@@ -105,10 +105,13 @@ def identity(value: str | Path | None) -> dict[str, Any] | None:
     return {"name": str(value)}
 
 
-def fingerprint(stage: str, version: int, settings: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+def fingerprint(stage: str, version: int, settings: dict[str, Any], inputs: dict[str, Any],
+                selection: dict[str, Any] | None = None) -> dict[str, Any]:
     """The fingerprint of one output, as JSON would give it back (tuples become lists), so a stored one compares
-    equal to a fresh one."""
-    fp = {"stage": stage, "version": version, "settings": settings, "inputs": inputs}
+    equal to a fresh one. `selection`: settings that choose which records a stage reports on, where each record
+    is the same whichever are chosen (an evaluation's task limit): a run may resume under another selection, the
+    pipeline still reruns the stage for it."""
+    fp = {"stage": stage, "version": version, "settings": settings, "inputs": inputs, "selection": selection or {}}
     return json.loads(json.dumps(fp, sort_keys=True, default=str))
 
 
@@ -155,15 +158,18 @@ def training_settings(targs) -> dict[str, Any]:
     return {k: getattr(targs, k) for k in TRAINING_SETTINGS}
 
 
-def _comparable(fp: dict[str, Any]) -> dict[str, Any]:
-    """The fingerprint without where things are: a run directory moved elsewhere is the same run."""
+def _comparable(fp: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """The fingerprint without where things are (a run directory moved elsewhere is the same run), and to
+    resume, without the selection."""
     inputs = {k: ({n: v for n, v in ident.items() if n != "path"} if isinstance(ident, dict) else ident)
               for k, ident in fp.get("inputs", {}).items()}
-    return {**{k: v for k, v in fp.items() if k not in ("inputs", "output")}, "inputs": inputs}
+    drop = {"inputs", "output"} | ({"selection"} if resume else set())
+    return {**{k: v for k, v in fp.items() if k not in drop}, "inputs": inputs}
 
 
-def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return _comparable(a) == _comparable(b)
+def same(a: dict[str, Any], b: dict[str, Any], resume: bool = True) -> bool:
+    """Whether results made under `a` may be resumed under `b` (`resume=False`: whether the runs are the same)."""
+    return _comparable(a, resume) == _comparable(b, resume)
 
 
 def _show(value: Any) -> str:
@@ -179,9 +185,10 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     for key in ("stage", "version"):
         if old.get(key) != new.get(key):
             out.append(f"{'code version' if key == 'version' else key}: {old.get(key)} -> {new.get(key)}")
-    a, b = old.get("settings", {}), new.get("settings", {})
-    out += [f"{k}: {_show(a.get(k))} -> {_show(b.get(k))}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-    a, b = _comparable(old)["inputs"], _comparable(new)["inputs"]
+    for part in ("settings", "selection"):
+        a, b = old.get(part, {}), new.get(part, {})
+        out += [f"{k}: {_show(a.get(k))} -> {_show(b.get(k))}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    a, b = _comparable(old, False)["inputs"], _comparable(new, False)["inputs"]
     for k in sorted(a.keys() | b.keys()):
         if a.get(k) != b.get(k):
             was, now = _show(old["inputs"].get(k)), _show(new["inputs"].get(k))
@@ -366,8 +373,11 @@ class RunGuard:
         self.locks = []
 
     def _has_results(self, path: Path) -> bool:
+        """Results in the output; in a folder, another stage's output nested in it (step accuracy inside its
+        evaluation) is that stage's, not this one's."""
         if self.folder:
-            return path.is_dir() and any(p.name != FINGERPRINT_FILE for p in path.iterdir())
+            return path.is_dir() and any(p.name != FINGERPRINT_FILE and not p.name.endswith(".lock")
+                                         and not (p / FINGERPRINT_FILE).is_file() for p in path.iterdir())
         return path.is_file() and path.stat().st_size > 0
 
     def _claim(self, path: Path, fp: dict[str, Any]) -> None:
@@ -443,7 +453,7 @@ def marker_changes(marker: Path, fingerprints: list[dict[str, Any]]) -> list[str
         return [f"{len(done)} outputs -> {len(fingerprints)}"]
     changes = []
     for old, new in zip(done, fingerprints):
-        if not same(old, new):
+        if not same(old, new, resume=False):
             changes += [f"{Path(new.get('output', '')).name}: {d}" for d in differences(old, new)]
     return changes or None
 

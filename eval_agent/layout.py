@@ -9,7 +9,11 @@ spelled out; stages take `--run_dir` and ask a `RunDir` for their paths (an expl
       data_collection/               step rewards, deviations, D_c / D_e / D_s, train.jsonl (stage 3)
       steca/model/                   the STeCa model (stage 4); steca/config.json
       eval/<label>/<split>/          one evaluation (stage 5): tasks/, summary.json, config.json
+      eval/<label>/<split>/step_accuracy/   the model's greedy step against the expert's (eval.step_accuracy)
       pipeline/<stage>.done          the pipeline's record of a completed stage and the fingerprints it ran with
+      tracking.json                  the experiment tracker of the run (eval_agent.tracking)
+      servers/endpoints.txt          the base URLs of the model server the running stage uses (BACKEND=vllm|serve_hf)
+      servers/logs/<label>/          its logs, per model served (base | sft | steca)
 
 Beside every output: its fingerprint (`fingerprint_path`) and, while a stage writes it, its lock (`lock_path`).
 
@@ -94,6 +98,15 @@ class RunDir:
     def eval_summary(self, label: str, split: str) -> Path:
         return self.evaluation(label, split) / EVAL_SUMMARY
 
+    def step_accuracy(self, label: str, split: str) -> Path:
+        """eval.step_accuracy's folder, inside the evaluation of the same model and split."""
+        return self.evaluation(label, split) / "step_accuracy"
+
+    # the tracker the training stages chose (eval_agent.tracking), for the stages without a Trainer
+    @property
+    def tracking(self) -> Path:
+        return self.root / "tracking.json"
+
     # the pipeline's stage markers
     @property
     def pipeline(self) -> Path:
@@ -101,6 +114,18 @@ class RunDir:
 
     def marker(self, stage: str) -> Path:
         return self.pipeline / f"{stage}.done"
+
+    # the model servers the pipeline starts for a stage (scripts/serve_lib.sh)
+    @property
+    def servers(self) -> Path:
+        return self.root / "servers"
+
+    @property
+    def server_endpoints(self) -> Path:
+        return self.servers / "endpoints.txt"
+
+    def server_logs(self, label: str) -> Path:
+        return self.servers / "logs" / label
 
 
 def _sharded(stem: str, num_shards: int, shard_id: int) -> str:

@@ -109,16 +109,24 @@ def messages_to_conversation(messages: list[dict[str, str]]) -> list[dict[str, s
 
 
 def conversation_to_messages(conversation: list[dict[str, str]], where: str = "conversation") -> list[dict[str, str]]:
+    """Turns as published, in either schema (`from`/`value` with human/gpt, or `role`/`content` with
+    user/assistant; ETO's ICL files even mix `role`/`from` with `content`), as OpenAI-style messages."""
     roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
     out = []
     for i, turn in enumerate(conversation):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise ValueError(f"{where}: turn {i} needs 'from' and 'value' fields, got {turn!r:.80}")
-        if turn["from"] not in roles:
-            raise ValueError(f"{where}: turn {i} has unknown role {turn['from']!r}")
-        if not isinstance(turn["value"], str):
-            raise ValueError(f"{where}: turn {i}: 'value' must be text, got {turn['value']!r:.60}")
-        out.append({"role": roles[turn["from"]], "content": turn["value"]})
+        if not isinstance(turn, dict):
+            raise ValueError(f"{where}: turn {i} must be an object with 'from'/'value' or 'role'/'content', "
+                             f"got {turn!r:.80}")
+        role_field = next((f for f in ("from", "role") if f in turn), None)
+        text_field = next((f for f in ("value", "content") if f in turn), None)
+        if role_field is None or text_field is None:
+            missing = "'from' (or 'role')" if role_field is None else "'value' (or 'content')"
+            raise ValueError(f"{where}: turn {i} has no field {missing}")
+        if turn[role_field] not in roles:
+            raise ValueError(f"{where}: turn {i} field {role_field!r} has unknown role {turn[role_field]!r}")
+        if not isinstance(turn[text_field], str):
+            raise ValueError(f"{where}: turn {i} field {text_field!r} must be text")
+        out.append({"role": roles[turn[role_field]], "content": turn[text_field]})
     return out
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from eval_agent.cli import count, input_file
 from eval_agent.envs import Task, add_task_family_arg, get_task_family
-from eval_agent.expert_data import check_task_family, load_expert_data
+from eval_agent.expert_data import check_task_family, load_expert_data, task_of, task_tail
 from eval_agent.layout import RunDir
 from eval_agent.runner import MAX_STEPS, add_model_args
 from eval_agent.store import BadRecord
@@ -70,13 +70,6 @@ class ExpertTask:
         return [s.text for s in self.expert.steps]
 
 
-def task_tail(key: str) -> str:
-    """`<task dir>/<trial dir>` of an ALFWorld key or published `game_file` (the original matched on
-    absolute-path slices: docs/fidelity.md, B4); other keys are used whole."""
-    parts = key.strip("/").split("/")
-    return "/".join(parts[-2:]) if len(parts) >= 3 and parts[-3] in ("train", "valid_seen", "valid_unseen") else key
-
-
 def load_expert_tasks(args: argparse.Namespace) -> tuple[list[ExpertTask], int]:
     """Expert trajectories (first `--limit`) matched to the split's tasks, in file order, and the
     number without a task (skipped and counted). A malformed file raises naming file, line, field."""
@@ -91,7 +84,7 @@ def load_expert_tasks(args: argparse.Namespace) -> tuple[list[ExpertTask], int]:
     out, unmatched, seen = [], 0, {}
     for traj in trajs:
         key = traj.meta["key"]
-        task = by_tail.get(task_tail(traj.meta.get("game_file", key))) or by_tail.get(task_tail(key))
+        task = task_of(traj, by_tail)
         if task is None:
             unmatched += 1
             log.warning("expert trajectory %r matches no %s/%s task: skipped", key, args.task_family, args.split)

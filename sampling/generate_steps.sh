@@ -13,7 +13,7 @@ EXPERT_DATA=${EXPERT_DATA:-}               # expert trajectories (ours or publis
 SAMPLE_LIMIT=${SAMPLE_LIMIT:-${LIMIT:-}}   # first N expert trajectories only; empty = all (LIMIT: the older name)
 source sampling/sampling_vars.sh           # KIND MODEL NUM_SHARDS SHARD_ID
 source scripts/episode_vars.sh             # SPLIT DATA_ROOT MAX_STEPS CONCURRENCY
-source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM MAX_NEW_TOKENS
+source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM ICL_FROM MAX_NEW_TOKENS
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
 opt --expert_data "$EXPERT_DATA"

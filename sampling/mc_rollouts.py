@@ -27,6 +27,7 @@ from eval_agent.run_card import write_run_card
 from eval_agent.records import Rollout, StepRecord, read_step_records, rollout_key
 from eval_agent.runner import Episode, ModelPolicy, run_episodes
 from eval_agent.store import BadRecord, JsonlStore
+from eval_agent.tracking import log_summary
 from sampling.expert_tasks import add_sampling_args, check_shards, kinds, log, resolve_run_paths, shard_of
 
 CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
@@ -142,10 +143,12 @@ def roll_out(args: argparse.Namespace, run: RunDir, sources: dict[str, Path]) ->
         expected = len(records) * args.n
         summary[kind] = {"records_in": len(records), "rollouts_expected": expected, "skipped_done": expected - copied - len(jobs),
                          "copied_from_done_records": copied, "rolled_out": len(store) - before - copied,
+                         "success_rate": sum(r["success"] for r in store.records.values()) / max(1, len(store)),
                          "seconds": round(time.perf_counter() - t0, 1), "out": str(path)}
         log.info("rollouts_%s: %d step records x %d = %d rollouts: %d done before, %d copied from finished records, "
                  "%d rolled out now in %.1fs -> %s", kind, len(records), args.n, expected, summary[kind]["skipped_done"],
                  copied, summary[kind]["rolled_out"], summary[kind]["seconds"], path)
+    log_summary(run.root, "mc", summary, run.mc)
     return summary
 
 

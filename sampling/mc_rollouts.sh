@@ -15,7 +15,7 @@ TOP_P=${TOP_P:-}
 MC_SEED=${MC_SEED:-}                       # seeds the sampler
 source sampling/sampling_vars.sh           # KIND MODEL NUM_SHARDS SHARD_ID
 source scripts/episode_vars.sh             # SPLIT DATA_ROOT MAX_STEPS CONCURRENCY
-source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM MAX_NEW_TOKENS
+source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM ICL_FROM MAX_NEW_TOKENS
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
 opt --n "$N"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from eval_agent.envs.base import Task
+from eval_agent.expert_data import virtualhome_thought
 from eval_agent.envs.virtualhome import (NOTHING_HAPPENS, TASK_FILES, VirtualHomeEnv, program_line_to_words,
                                          read_task_file, shipped_data_dir)
 from eval_agent.trajectory import Step, Trajectory
@@ -89,15 +90,6 @@ def derive_goal(env: VirtualHomeEnv, initial: dict[str, Any], touched: set[int])
             "revised_add_edges": as_dicts(edges(final) - edges(initial))}
 
 
-def thought(task: str, action: str, i: int, n: int) -> str:
-    act = action[0].lower() + action[1:]
-    if i == 0:
-        return f"My task is to {task[0].lower() + task[1:]}. First, I {act}."
-    if i == n - 1:
-        return f"Finally, I {act}, which should complete the task."
-    return f"Next, I {act}."
-
-
 def replay(env: VirtualHomeEnv, row: dict[str, Any], graph_file: str
            ) -> tuple[str, list[str], list[bool], dict[str, Any]]:
     """Say the program's lines to the env from the initial state: (task text, observations, whether the
@@ -153,7 +145,7 @@ def build(out: Path, limit: int | None = None) -> dict[str, Any]:
             continue
         row["new_program_lines"] = program[:n]
         row["action_list"] = [program_line_to_words(line) for line in program[:n]]
-        steps = [Step.expert(thought(task, a, i, n), a, o)
+        steps = [Step.expert(virtualhome_thought(task, a, i, n), a, o)
                  for i, (a, o) in enumerate(zip(row["action_list"], observations))]
         traj = Trajectory(task_text=text, steps=steps, success=True, reward=1.0,
                           termination="success", meta={"key": key, "task_type": task})

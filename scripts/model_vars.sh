@@ -4,7 +4,8 @@ BACKEND=${BACKEND:-}                  # hf (in-process transformers) | openai (v
 ENDPOINTS=${ENDPOINTS:-}              # openai backend: file with one base URL per line (else $OPENAI_BASE_URL)
 CHAT_FORMAT=${CHAT_FORMAT:-}          # template | llama-2; empty = what the model folder records, else template
 ICL_NUM=${ICL_NUM:-}                  # in-context examples in the prompt (the original: 1)
-INSTRUCTION_FROM=${INSTRUCTION_FROM:-}  # published-format expert file whose instruction to prompt with
+INSTRUCTION_FROM=${INSTRUCTION_FROM:-}  # the instruction: a published *_inst.txt or an expert file (its first row's)
+ICL_FROM=${ICL_FROM:-}                # the in-context example: a published *_icl.json or an expert file (its first row)
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-}    # tokens per reply
 
 opt --backend "$BACKEND"
@@ -12,4 +13,5 @@ opt --endpoints "$ENDPOINTS"
 opt --chat_format "$CHAT_FORMAT"
 opt --icl_num "$ICL_NUM"
 opt --instruction_from "$INSTRUCTION_FROM"
+opt --icl_from "$ICL_FROM"
 opt --max_new_tokens "$MAX_NEW_TOKENS"

@@ -6,12 +6,13 @@
 #   opt_bool  --flag "$VAR"   adds `--flag True` / `--flag False` when VAR is 1 / 0 (Trainer arguments)
 # Every script collects its flags in the array `args`.
 
+PYTHON=${PYTHON:-.venv/bin/python}
+TASK_FAMILY=${TASK_FAMILY:-${TASK:-alfworld}}   # alfworld | virtualhome (TASK: the older name)
+
 # shellcheck source=scripts/presets.sh
 source "$(dirname "${BASH_SOURCE[0]}")/presets.sh"
 apply_preset "${PRESET:-}"
 
-PYTHON=${PYTHON:-.venv/bin/python}
-TASK_FAMILY=${TASK_FAMILY:-${TASK:-alfworld}}   # alfworld | virtualhome (TASK: the older name)
 RUN_DIR=${RUN_DIR:-outputs/${TASK_FAMILY}}      # the run directory every stage reads and writes (eval_agent/layout.py)
 args=()
 

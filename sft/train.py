@@ -24,8 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoTokenizer, HfArgumentParser, Trainer
 
 from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
 from eval_agent.cli import UserError, at_least, input_file, model_folder, run_main
@@ -37,8 +36,9 @@ from eval_agent.layout import RunDir, card_dir
 from eval_agent.run_card import write_run_card
 from eval_agent.smollm2 import default_model_dir
 from eval_agent.trajectory import Trajectory
-from eval_agent.training import (PadCollator, configure_training_args, encode_conversation, finished_training,
-                                 output_dir_from_run_dir, pad_token_id, sft_messages, train_and_save)
+from eval_agent.training import (PadCollator, StageTrainingArguments, check_master_weights, configure_training_args,
+                                 encode_conversation, finished_training, load_for_training, output_dir_from_run_dir,
+                                 pad_token_id, save_dtype, sft_messages, train_and_save)
 
 log = logging.getLogger("sft.train")
 CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
@@ -58,14 +58,16 @@ class SFTArguments:
                                                       "or 1", "aliases": ["--icl"]})
     model_max_length: int = field(default=4096, metadata={"help": "tokens per example; longer ones lose whole trailing turns"})
     global_batch_size: int = field(default=16, metadata={"help": "examples per optimizer step over all processes"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU that has it, else fp32) | bf16 "
+                                                             "| fp32; weights and optimizer stay fp32"})
+    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved model: auto (bf16 after bf16 training) | bf16 | fp32"})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. flash_attention_2; default: transformers' choice"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh whatever settings made the output folder "
                                                              "(moved aside as <folder>.old)"})
 
 
 @dataclass
-class SFTTrainingArguments(TrainingArguments):
+class SFTTrainingArguments(StageTrainingArguments):
     """The paper's SFT recipe as defaults (the original's sft/my_sft.sh): 3 epochs, lr 2e-5, cosine with 3% warmup,
     2 rows per device, a checkpoint each epoch (the last kept: a rerun resumes from it)."""
 
@@ -125,11 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     resolve_paths(args)
     trajs = check_inputs(args, targs)
-    targs = configure_training_args(targs, args.global_batch_size, args.precision)
+    targs = configure_training_args(targs, args.global_batch_size, args.precision, stage="sft")
+    dtype = save_dtype(args.save_dtype, targs)
     out = Path(targs.output_dir)
     fmt_name = resolve_chat_format(args.model_name_or_path, args.chat_format)
     with training_guard(targs, {out: fingerprint_of(args, targs, fmt_name)}, args.overwrite):
-        return finished_training(out) or train(args, targs, fmt_name, trajs)
+        return finished_training(out) or train(args, targs, fmt_name, trajs, dtype)
 
 
 def check_inputs(args: SFTArguments, targs: TrainingArguments) -> list[Trajectory]:
@@ -152,7 +155,7 @@ def fingerprint_of(args: SFTArguments, targs: TrainingArguments, chat_format: st
                        {"model": identity(args.model_name_or_path), "data": identity(args.data)})
 
 
-def train(args: SFTArguments, targs: TrainingArguments, fmt_name: str, trajs: list[Trajectory]) -> dict:
+def train(args: SFTArguments, targs: TrainingArguments, fmt_name: str, trajs: list[Trajectory], dtype) -> dict:
     out = Path(targs.output_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     chat_format = ChatFormat(fmt_name, tokenizer if fmt_name == "template" else None)
@@ -163,14 +166,12 @@ def train(args: SFTArguments, targs: TrainingArguments, fmt_name: str, trajs: li
              args.data, stats["rows_in"], stats["rows_out"], stats["truncated"], stats["skipped_too_long"],
              stats["tokens"], stats["trained_tokens"])
 
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path, dtype=torch.bfloat16 if targs.bf16 else torch.float32,
-        attn_implementation=args.attn_implementation,
-    )
-    model.config.use_cache = False  # no generation while training; activation checkpointing needs it off
+    model = load_for_training(args.model_name_or_path, args.attn_implementation)
+    check_master_weights(model, targs)
     trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=PadCollator(pad_token_id(tokenizer)),
                       processing_class=tokenizer)
-    return train_and_save(trainer, tokenizer, fmt_name, {**stats, "global_batch_size": args.global_batch_size}, log)
+    return train_and_save(trainer, tokenizer, fmt_name, {**stats, "global_batch_size": args.global_batch_size}, log,
+                          dtype)
 
 if __name__ == "__main__":
     run_main(main)

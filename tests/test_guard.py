@@ -80,13 +80,15 @@ def test_pipeline_mode_moves_changed_results_aside_and_fingerprint_mode_does_not
     with pytest.raises(SystemExit) as done:
         evaluate(common + ["--limit", "1"])
     printed = json.loads(capsys.readouterr().out)
-    assert done.value.code == 0 and printed["settings"]["limit"] == 1 and printed["output"] == str(out)
+    assert done.value.code == 0 and printed["selection"]["limit"] == 1 and printed["output"] == str(out)
     assert not out.exists() and not lock_path(out).exists()
     monkeypatch.delenv("STECA_FINGERPRINT")
     evaluate(common + ["--limit", "1"])
+    # the task limit only selects which results are summed up: the first task's result is kept
+    assert evaluate(common + ["--limit", "2"])["run"]["episodes"] == 1
     monkeypatch.setenv("STECA_ON_CHANGE", "move_aside")  # what the pipeline sets
-    assert evaluate(common + ["--limit", "2"])["run"]["episodes"] == 2
-    assert len(list((tmp_path / "eval.old" / "tasks").iterdir())) == 1
+    assert evaluate(common + ["--limit", "2", "--max_steps", "30"])["run"]["episodes"] == 2
+    assert len(list((tmp_path / "eval.old" / "tasks").iterdir())) == 2
 
 
 def test_step_records_of_another_model_are_refused_expert_ones_do_not_depend_on_it(tmp_path, vh_expert, tiny_model_dir):
@@ -159,6 +161,9 @@ def test_markers_carry_the_fingerprints(tmp_path, monkeypatch, capsys):
     assert "n: 2 -> 3" in capsys.readouterr().err
     assert status(fingerprint("sampling.mc_rollouts", 1, {"n": 2}, {"steps": {"path": "/a/steps.jsonl", "sha256": "2"}})) == 1
     assert "steps: /a/steps.jsonl changed" in capsys.readouterr().err
+    selected = fingerprint("sampling.mc_rollouts", 1, {"n": 2}, {"steps": {"path": "/a/steps.jsonl", "sha256": "1"}},
+                           selection={"limit": 2})
+    assert status(selected) == 1 and "limit: null -> 2" in capsys.readouterr().err  # resumable, still a rerun
 
 
 # ---- one writer per output ------------------------------------------------------------------------------
@@ -270,7 +275,7 @@ def test_training_rows_with_an_integer_for_text_or_none_at_all(tmp_path):
     with pytest.raises(BadRecord, match=r"train.jsonl: line 1: field 'key' must be text, got 3"):
         load_rows(path)
     path.write_text(json.dumps({**row, "chosen": [turn("gpt", 12)]}) + "\n")
-    with pytest.raises(BadRecord, match=r"train.jsonl: line 1: field 'chosen': turn 0: 'value' must be text"):
+    with pytest.raises(BadRecord, match=r"train.jsonl: line 1: field 'chosen': turn 0 field 'value' must be text"):
         load_rows(path)
     (tmp_path / "rft.json").write_text("[]")
     with pytest.raises(BadRecord, match=rf"^no rows in {tmp_path / 'rft.json'}$"):

@@ -1,11 +1,16 @@
 """The whole pipeline (scripts/run_pipeline.sh) end to end for both environments with the tiny model:
-killed in the middle of the ALFWorld Monte-Carlo stage, rerun, and every stage's outputs checked; then rerun
-with another N, which reruns exactly the stages N affects."""
+ALFWorld in-process (BACKEND=hf) killed in the middle of its Monte-Carlo stage, VirtualHome through real
+server processes the pipeline starts and stops per stage (BACKEND=serve_hf) stopped by a signal in the
+middle of its Monte-Carlo stage; both rerun, every stage's outputs checked, and no server outlives its stage.
+Then VirtualHome again with another N, which reruns exactly the stages N affects."""
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 from eval_agent.layout import report_dir, run_dir_of
@@ -33,28 +38,102 @@ def keys(path: Path) -> list[str]:
     return [json.loads(line)["key"] for line in path.read_text().splitlines()]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def kill_when(proc: subprocess.Popen, path: Path, sig: int, group: bool) -> None:
+    """Signal the pipeline once the first Monte-Carlo rollout is written, i.e. in the middle of that stage."""
+    deadline = time.monotonic() + 600
+    while lines(path) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the pipeline ended before the rollouts began:\n{proc.stdout.read()[-3000:]}"
+    (os.killpg if group else os.kill)(proc.pid, sig)
+
+
+SERVER_LINE = re.compile(r"^== virtualhome: server for (\w+) (starting|stopped) \(pid (\d+)", re.M)
+
+
+def check_servers_per_stage(out: str) -> list[int]:
+    """Every server started is stopped before the next stage starts; none is up while a model trains."""
+    up: dict[str, int] = {}
+    for line in out.splitlines():
+        m = SERVER_LINE.match(line)
+        if m:
+            label, what, pid = m[1], m[2], int(m[3])
+            if what == "starting":
+                assert not up, f"{label} started while {up} still up"
+                up[label] = pid
+            else:
+                assert up.pop(label) == pid
+        elif re.match(r"^== virtualhome: \w+ \(", line):  # a stage begins
+            assert not up, f"{line!r} began while {up} was up"
+    assert not up
+    return [int(m[3]) for m in SERVER_LINE.finditer(out)]
+
+
 def test_pipeline_both_envs_killed_and_resumed(tmp_path, tiny_model_dir):
     root = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
-    env.update(SMALL, TASK_FAMILY="both", RUN_ROOT=str(root), BASE_MODEL=str(tiny_model_dir), OMP_NUM_THREADS="1")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "REFLECT_API_KEY")}
+    env.update(SMALL, RUN_ROOT=str(root), BASE_MODEL=str(tiny_model_dir), OMP_NUM_THREADS="1")
+    alf = dict(env, TASK_FAMILY="alfworld")
+    port = free_port()
+    vh = dict(env, TASK_FAMILY="virtualhome", BACKEND="serve_hf", SERVE_PORT=str(port), SERVE_TIMEOUT="300")
 
-    # 1. kill the whole process group once the ALFWorld rollouts have started to come in
-    first = pipeline(env)
-    rollouts = run_dir_of(root, "alfworld").rollouts("expert")
-    deadline = time.monotonic() + 600
-    while lines(rollouts) < 1 and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert first.poll() is None, f"the pipeline ended before the rollouts began:\n{first.stdout.read()[-3000:]}"
-    os.killpg(first.pid, signal.SIGKILL)
+    # 1. ALFWorld in-process: kill the whole process group once its rollouts have started to come in
+    first = pipeline(alf)
+    kill_when(first, run_dir_of(root, "alfworld").rollouts("expert"), signal.SIGKILL, group=True)
     first.wait()
     assert not run_dir_of(root, "alfworld").marker("mc").exists()
-
-    # 2. the rerun skips the completed stages and finishes everything
-    second = pipeline(env)
+    # the rerun skips the completed stages and finishes everything
+    second = pipeline(alf)
     out, _ = second.communicate(timeout=1200)
     assert second.returncode == 0, out[-4000:]
     for stage in ("expert_data", "sft", "steps"):
         assert f"alfworld: {stage}: done, skipped" in out
+    assert "server for" not in out  # BACKEND=hf starts none
+
+    # 2. VirtualHome through serve_hf processes: SIGTERM to the pipeline alone in the MC stage stops the
+    # stage and its server (the trap), nothing of it left running
+    vh_run = run_dir_of(root, "virtualhome")
+    third = pipeline(vh)
+    kill_when(third, vh_run.rollouts("expert"), signal.SIGTERM, group=False)
+    killed_out, _ = third.communicate(timeout=300)
+    assert third.returncode == 143, killed_out[-3000:]
+    assert "server for sft stopped" in killed_out
+    for pid in check_servers_per_stage(killed_out):
+        assert not alive(pid)
+    assert not answers(port) and not vh_run.marker("mc").exists()
+    written = lines(vh_run.rollouts("expert"))
+    time.sleep(1)
+    assert lines(vh_run.rollouts("expert")) == written  # the stage itself stopped too
+    fourth = pipeline(vh)
+    out, _ = fourth.communicate(timeout=1200)
+    assert fourth.returncode == 0, out[-4000:]
+    assert "virtualhome: steps: done, skipped" in out
+    labels = [m[1] for m in SERVER_LINE.finditer(out) if m[2] == "starting"]
+    assert labels == ["sft", "sft", "base", "sft", "steca"]  # mc, data collection (self reflection), eval x3
+    for pid in check_servers_per_stage(out):
+        assert not alive(pid)
+    assert not answers(port)
 
     for family in ("alfworld", "virtualhome"):
         run = run_dir_of(root, family)
@@ -81,28 +160,28 @@ def test_pipeline_both_envs_killed_and_resumed(tmp_path, tiny_model_dir):
             for split in ("seen", "unseen"):
                 s = json.loads(run.eval_summary(label, split).read_text())
                 assert (s["env"], s["num_tasks"]) == (family, 1) and 0.0 <= s["success_rate"] <= 1.0
-    table = (report_dir(root) / "report.md").read_text()
+    table = (report_dir(root) / "report.md").read_text()  # the last run's: VirtualHome
     assert all(f"{name} (ours)" in table for name in ("Base model", "SFT", "STeCa"))
     assert (report_dir(root) / "report.png").read_bytes()[:4] == b"\x89PNG"
 
     # 3. another N: expert data, SFT and step records are kept; MC and data collection rerun, their old results
     # moved aside; reinforced training and its evaluations rerun exactly when the training set came out otherwise
     # (inputs are known by content); the base and SFT evaluations are the same runs and are skipped
-    run = run_dir_of(root, "virtualhome")  # the faster engine
-    records = len(read_step_records(run.steps("expert")))
-    third = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=REPO, env={**env, "TASK_FAMILY": "virtualhome",
-                           "N": str(N + 1)}, capture_output=True, text=True, timeout=1200)
-    out = third.stdout + third.stderr
-    assert third.returncode == 0, out[-4000:]
-    train_changed = run.train_set.read_text() != (run.root / "data_collection.old" / "train.jsonl").read_text()
+    records = len(read_step_records(vh_run.steps("expert")))
+    fifth = pipeline(dict(vh, N=str(N + 1)))
+    out, _ = fifth.communicate(timeout=1200)
+    assert fifth.returncode == 0, out[-4000:]
+    train_changed = vh_run.train_set.read_text() != (vh_run.root / "data_collection.old" / "train.jsonl").read_text()
     rerun = ("mc", "data_collection") + (("steca", "eval") if train_changed else ())
     for stage in STAGES:
         assert (f"virtualhome: {stage}: done, skipped" in out) == (stage not in rerun), stage
         assert (f"== {stage}: changed since it completed" in out) == (stage in rerun), stage
     assert "rollouts_expert.jsonl: n: 2 -> 3" in out
-    assert len(keys(run.rollouts("expert"))) == (N + 1) * records
-    assert len(keys(run.rollouts("expert").with_name("rollouts_expert.jsonl.old"))) == N * records
-    assert json.loads(run.collection_summary.read_text())["inputs"]["rollouts"]["expert"] == (N + 1) * records
-    assert run.steca_model.with_name("model.old").is_dir() == train_changed
-    assert run.evaluation("steca", "seen").with_name("seen.old").is_dir() == train_changed
-    assert not run.evaluation("sft", "seen").with_name("seen.old").exists()
+    for pid in check_servers_per_stage(out):
+        assert not alive(pid)
+    assert len(keys(vh_run.rollouts("expert"))) == (N + 1) * records
+    assert len(keys(vh_run.rollouts("expert").with_name("rollouts_expert.jsonl.old"))) == N * records
+    assert json.loads(vh_run.collection_summary.read_text())["inputs"]["rollouts"]["expert"] == (N + 1) * records
+    assert vh_run.steca_model.with_name("model.old").is_dir() == train_changed
+    assert vh_run.evaluation("steca", "seen").with_name("seen.old").is_dir() == train_changed
+    assert not vh_run.evaluation("sft", "seen").with_name("seen.old").exists()

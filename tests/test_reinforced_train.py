@@ -132,7 +132,7 @@ GOOD = calibration_row("c0", 1.0)
         ({**GOOD, "chosen": GOOD["chosen"][1:]}, False, "field 'chosen': turn 0 should be assistant"),
         ({**GOOD, "prompt": GOOD["prompt"][1:]}, False, "field 'prompt': turn 0 should be user"),
         ({**GOOD, "prompt": GOOD["prompt"][:4]}, False, "field 'prompt' must end with a human turn"),
-        ({**GOOD, "chosen": [{"from": "gpt"}]}, False, "field 'chosen': turn 0 needs 'from' and 'value'"),
+        ({**GOOD, "chosen": [{"from": "gpt"}]}, False, "field 'chosen': turn 0 has no field 'value'"),
         ({**GOOD, "chosen": [turn("gpt", " ")]}, False, "field 'chosen': turn 0 is empty"),
         ({k: v for k, v in GOOD.items() if k != "rejected"}, True, "missing field 'rejected'"),
     ],

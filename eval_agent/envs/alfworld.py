@@ -47,6 +47,9 @@ _PUT = re.compile(r"^put (?P<obj>.+?) in/on (?P<recep>.+)$")
 _MOVE = re.compile(r"^move (?P<obj>.+?) to (?P<recep>.+)$")
 _MOVED = re.compile(r"^You move the (?P<obj>.+?) to the (?P<recep>.+?)\.")
 _ARRIVAL = re.compile(r"^You arrive at [^.]*\.\s*")
+# The engine's answer to a command it does not accept: exactly the commands outside the state's
+# admissible commands (tests/test_alfworld_env.py checks the two agree).
+NOTHING_HAPPENS = "Nothing happens."
 
 
 def find_data_root(root: str | Path | None = None) -> Path:
@@ -185,7 +188,9 @@ class AlfWorldEnv:
         won = bool(self._state["won"])
         if self.expert:
             self._follow_expert(to_published(command))
-        return StepResult(clean_observation(self._state["feedback"]), done=bool(done), success=won, reward=float(won))
+        feedback = self._state["feedback"]
+        return StepResult(clean_observation(feedback), done=bool(done), success=won, reward=float(won),
+                          valid=feedback.strip() != NOTHING_HAPPENS)
 
     def _follow_expert(self, last_command: str) -> None:
         """Advance the handcoded expert by one step; it reads commands in the wheel's syntax."""

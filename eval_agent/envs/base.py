@@ -28,6 +28,7 @@ class StepResult:
     done: bool
     success: bool
     reward: float = 0.0
+    valid: bool = True  # the environment accepted the action (False: it refused it, e.g. "Nothing happens.")
 
 
 class Env(Protocol):
@@ -37,7 +38,7 @@ class Env(Protocol):
         """Load `task` in its initial state; return the first user message (observation + goal)."""
 
     def step(self, action: str) -> StepResult:
-        """Execute one action text (already parsed from the reply)."""
+        """Execute one action text (already parsed from the reply); `valid` says whether it was accepted."""
 
     def expert_action(self) -> str | None:
         """The built-in expert's next action in the current state (None when it has none)."""

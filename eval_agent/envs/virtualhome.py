@@ -465,7 +465,7 @@ class VirtualHomeEnv:
         else:
             observation = NOTHING_HAPPENS if self.feedback == "original" else f"{NOTHING_HAPPENS} {reason}"
         done = self.goal.met(view)
-        return StepResult(observation, done=done, success=done, reward=float(done))
+        return StepResult(observation, done=done, success=done, reward=float(done), valid=reason is None)
 
     def expert_action(self) -> str | None:
         """The next line of the task's ground-truth program, in words (None once it is used up)."""
