@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from eval.step_accuracy import chosen_steps, main as step_accuracy, normalize_action, parse_args
+from eval.step_accuracy import chosen_steps, fingerprint_of, main as step_accuracy, normalize_action, parse_args
+from eval_agent.cli import UserError
 from eval_agent.envs import get_task_family
 from eval_agent.expert_data import AS_TRAINING_DATA, load_expert_data
 from eval_agent.guard import FingerprintMismatch
 from eval_agent.layout import RunDir
 from eval_agent.llm import Completion
 from eval_agent.runner import ExpertPolicy, run_episodes
+from eval_agent.store import write_json
 from eval_agent.stats import wilson_interval
 from eval_agent.trajectory import Trajectory, format_reply
 
@@ -149,7 +151,7 @@ def test_tasks_the_expert_loses_are_listed_not_scored(tmp_path):
     lost = family.load_tasks("unseen", data_root=tmp_path)[1].key
     assert summary["expert_won"] == 1 and summary["expert_failed"] == [lost] and summary["steps"] == 2
     assert {r["task_key"] for r in records(out)} == {family.load_tasks("unseen", data_root=tmp_path)[0].key}
-    with pytest.raises(SystemExit, match="unknown VirtualHome split"):
+    with pytest.raises(UserError, match="unknown VirtualHome split"):
         step_accuracy(["--task_family", "virtualhome", "--split", "dev", "--out", str(out)])
 
 
@@ -184,11 +186,11 @@ def test_bad_input(tmp_path):
     with pytest.raises(SystemExit):
         step_accuracy(["--task_family", "alfworld", "--out", str(tmp_path), "--env_args", "[1]"])
     out = tmp_path / "broken"
-    out.mkdir()
+    argv = ["--task_family", "alfworld", "--split", "seen", "--limit", "1", "--out", str(out)]
+    write_json(out / "fingerprint.json", fingerprint_of(parse_args(argv, scripted=True)))  # this run's own
     (out / "steps.jsonl").write_text('{"key": "a"}\nnot json\n')
     with pytest.raises(SystemExit, match=r"steps.jsonl:2: not valid JSON.*--overwrite"):
-        step_accuracy(["--task_family", "alfworld", "--split", "seen", "--limit", "1", "--out", str(out)],
-                      policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
+        step_accuracy(argv, policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
 
 
 
