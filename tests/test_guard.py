@@ -214,6 +214,7 @@ def test_a_lock_of_another_host_is_never_taken_over(tmp_path):
     ("sampling.generate_steps", ["--limit", "0"], "argument --limit: must be >= 1"),
     ("sft.make_expert_data", ["--limit", "-1"], "argument --limit: must be >= 1"),
     ("data_collection.build", ["--n", "0"], "argument --n: must be >= 1"),
+    ("eval.step_accuracy", ["--steps_per_task", "0"], "argument --steps_per_task: must be >= 1"),
 ])
 def test_values_out_of_range_are_refused(tmp_path, capsys, module, args, message):
     main = __import__(module, fromlist=["main"]).main
