@@ -186,7 +186,7 @@ def expert_trajectories(tasks: list[Task], args: argparse.Namespace, out: Path) 
         rec = {k: v for k, v in store.records[task.key].items() if k != "key"}
         try:
             out_trajs[task.key] = Trajectory.from_dict(rec)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise SystemExit(f"error: {store.path}: record {task.key!r} is not a trajectory ({e}); "
                              "pass --overwrite to play the expert again") from None
     return out_trajs
