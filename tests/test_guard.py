@@ -293,11 +293,6 @@ def test_user_errors_end_in_one_line(tmp_path, vh_expert, tiny_model_dir):
                                     "BASE_MODEL": str(tiny_model_dir), "OUT": str(tmp_path / "sft" / "model")})
     one_line_error(sft, "is a virtualhome task", "TASK_FAMILY=virtualhome")
     assert not (tmp_path / "sft").exists()
-    empty = tmp_path / "train.jsonl"
-    empty.write_text("")
-    steca = run_script("Reinforced_train/steca_train.sh", {"MODEL": str(tiny_model_dir), "TRAIN_SET": str(empty),
-                                                           "OUT": str(tmp_path / "steca" / "model")})
-    one_line_error(steca, f"training set is empty: {empty}")
     # the VirtualHome loader on a malformed task file
     vh_data = tmp_path / "vh"
     vh_data.mkdir()
