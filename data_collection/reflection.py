@@ -243,7 +243,7 @@ class ChatModel:
                 raise self._unavailable(f"HTTP 404: {e.message}") from None
             return Reply(text="", finish_reason="error", refused=f"refused ({e.status}): {e.message}"[:300])
         except BackendUnavailable as e:
-            raise self._unavailable(str(e).removeprefix(f"chat endpoint {self.url}: ")) from None
+            raise self._unavailable(str(e)) from None
         return Reply(text=text, finish_reason=finish_reason, prompt_tokens=usage.get("prompt_tokens", 0),
                      completion_tokens=usage.get("completion_tokens", 0))
 

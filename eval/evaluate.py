@@ -20,7 +20,8 @@ from typing import Any
 from eval_agent.envs import add_task_family_arg, get_task_family
 from eval_agent.llm import BackendUnavailable
 from eval_agent.run_card import write_run_card
-from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, add_model_args, run_episodes
+from eval_agent.async_runner import run_for_policy
+from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, add_model_args
 from eval_agent.store import write_json
 from eval_agent.trajectory import Trajectory
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--env_args", type=json.loads, default={},
                    help='JSON object of environment options, e.g. \'{"task_text": "original"}\' (ALFWorld)')
     p.add_argument("--limit", type=int, help="first N tasks of the split only")
-    p.add_argument("--concurrency", type=int, default=16, help="episodes advanced together")
+    p.add_argument("--concurrency", type=int, help="episodes in flight (default: 16 in-process, 1024 over HTTP)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="ignore existing result files and rerun every task")
     args = p.parse_args(argv)
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     try:
         make_env = partial(family.make_env, expert=args.policy == "expert", **args.env_args)
-        stats = run_episodes(todo, policy, make_env, save, max_steps=args.max_steps, concurrency=args.concurrency)
+        stats = run_for_policy(todo, policy, make_env, save, max_steps=args.max_steps, concurrency=args.concurrency,
+                               env_workers=args.env_workers)
     except BackendUnavailable as e:
         raise SystemExit(f"error: {e}") from None
     trajs = [Trajectory.from_dict(json.loads(result_path(out, t.key).read_text())) for t in tasks]

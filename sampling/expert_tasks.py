@@ -30,7 +30,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_shards", type=int, default=1)
     p.add_argument("--shard_id", type=int, default=0)
     p.add_argument("--limit", type=int, help="first N expert trajectories only (before sharding)")
-    p.add_argument("--concurrency", type=int, default=16, help="episodes advanced together")
+    p.add_argument("--concurrency", type=int, help="episodes in flight (default: 16 in-process, 1024 over HTTP)")
     p.add_argument("--run_dir", required=True, help="outputs go to RUN_DIR/sampling/")
     p.add_argument("--overwrite", action="store_true", help="start fresh output files (old ones are moved aside)")
 

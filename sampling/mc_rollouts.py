@@ -3,9 +3,11 @@
 For each step record, N rollouts with the policy at temperature 1: the record's prefix (expert
 replies 0..t-1 and its own step-t reply) is replayed in the environment, then the policy samples
 until the episode ends or `--max_steps` (the replayed prefix counts, as in the original). The N
-rollouts of a record are queued together (a server's prefix cache serves them) and all live
-episodes advance together. Rollouts are `eval_agent.records.Rollout`s, keyed `<record key>|s<i>`,
-in RUN_DIR/sampling/mc/rollouts_<kind>[.shard<i>of<n>].jsonl.
+rollouts of a record are queued together, and over HTTP they go to one replica (its prefix cache
+serves them), each request seeded from the run's `--seed` and the rollout key (the rollout's seed is
+recorded), so a server that honours per-request seeds gives the same rollouts again. Rollouts are
+`eval_agent.records.Rollout`s, keyed `<record key>|s<i>`, in
+RUN_DIR/sampling/mc/rollouts_<kind>[.shard<i>of<n>].jsonl.
 
 A record whose episode had already ended at step t (done) gets its outcome copied N times with
 `from_record=True` and no agent step: the original took one extra agent step there (D8).
@@ -27,7 +29,8 @@ from eval_agent.envs import Task, get_task_family
 from eval_agent.llm import BackendUnavailable, GenerationConfig
 from eval_agent.run_card import write_run_card
 from eval_agent.records import Rollout, StepRecord, read_step_records, rollout_key
-from eval_agent.runner import Episode, run_episodes
+from eval_agent.async_runner import run_for_policy
+from eval_agent.runner import Episode, derive_seed
 from eval_agent.store import BadRecord, JsonlStore
 from sampling.expert_tasks import (add_common_args, build_policy, check_shards, kinds, log, mc_dir, out_path, shard_of,
                              steps_dir)
@@ -40,16 +43,20 @@ def copied_rollout(rec: StepRecord, sample: int) -> Rollout:
                    termination=rec.step_termination, actions=[], from_record=True, error=rec.error)
 
 
-def rollout_jobs(records: list[StepRecord], tasks: dict[str, Task], n: int, done: Container[str]) -> list[tuple[Task, list[str]]]:
+def rollout_jobs(records: list[StepRecord], tasks: dict[str, Task], n: int, done: Container[str],
+                 seed: int | None = None) -> list[tuple[Task, list[str]]]:
     """(task, prefix) for every missing rollout, the N samples of a record next to each other. The
-    task copy carries the rollout's identity in its meta (the episode's `traj.meta`)."""
+    task copy carries the rollout's identity in its meta (the episode's `traj.meta`), the record as
+    its `route_key` (its N rollouts go to one replica) and, with `seed`, the rollout's own seed."""
     jobs = []
     for rec in records:
         for i in range(n):
             key = rollout_key(rec.key, i)
             if key not in done:
-                meta = {**tasks[rec.task_key].meta, "rollout": {"key": key, "record_key": rec.key, "t": rec.t,
-                                                                "kind": rec.kind, "sample": i}}
+                meta = {**tasks[rec.task_key].meta, "route_key": rec.key,
+                        "rollout": {"key": key, "record_key": rec.key, "t": rec.t, "kind": rec.kind, "sample": i}}
+                if seed is not None:
+                    meta["seed"] = derive_seed(seed, key)
                 jobs.append((replace(tasks[rec.task_key], meta=meta), rec.rollout_prefix()))
     return jobs
 
@@ -59,7 +66,7 @@ def to_rollout(ep: Episode) -> Rollout:
     return Rollout(key=r["key"], record_key=r["record_key"], task_key=ep.task.key, t=r["t"], kind=r["kind"],
                    sample=r["sample"], success=traj.success, reward=traj.reward, steps=len(traj.steps) - len(ep.prefix),
                    termination=traj.termination, actions=traj.actions[len(ep.prefix):], from_record=False,
-                   error=traj.meta.get("error"))
+                   error=traj.meta.get("error"), seed=ep.task.meta.get("seed"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -68,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--n", type=int, default=5, help="rollouts per step record (the paper: 5)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="seeds the in-process sampler once (a server seeds its own)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the run's seed: seeds the in-process sampler once; over HTTP each rollout's requests carry "
+                        "seeds derived from it and the rollout key (recorded in the rollout)")
     p.add_argument("--steps", help="step records to roll out (default: this kind's and shard's generate_steps output)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -82,8 +91,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     family = get_task_family(args.task_family)
     tasks = {t.key: t for t in family.load_tasks(args.split, data_root=args.data_root)}
-    # No per-request seed: N identical prompts with one seed would give N identical samples on a server.
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    request_seed = args.seed if args.backend == "openai" else None  # the in-process sampler has one stream
     policy = None
     write_run_card(mc_dir(args.run_dir), "sampling.mc_rollouts", vars(args))
     summary: dict[str, Any] = {}
@@ -107,13 +116,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if rollout_key(rec.key, i) not in store:
                     store.append(copied_rollout(rec, i).to_dict())
         copied = len(store) - before
-        jobs = rollout_jobs([r for r in records if not r.done], tasks, args.n, store)
+        jobs = rollout_jobs([r for r in records if not r.done], tasks, args.n, store, request_seed)
         if jobs:
             policy = policy or build_policy(args, gen)
             try:
-                run_episodes(jobs, policy, partial(family.make_env, **args.env_args),
-                             lambda ep: store.append(to_rollout(ep).to_dict()),
-                             max_steps=args.max_steps, concurrency=args.concurrency)
+                run_for_policy(jobs, policy, partial(family.make_env, **args.env_args),
+                               lambda ep: store.append(to_rollout(ep).to_dict()),
+                               max_steps=args.max_steps, concurrency=args.concurrency, env_workers=args.env_workers)
             except BackendUnavailable as e:
                 raise SystemExit(f"error: {e}") from None
         expected = len(records) * args.n

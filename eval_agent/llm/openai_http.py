@@ -60,7 +60,11 @@ ROUTINGS = ("sticky", "least_busy")
 
 
 class BadReply(RuntimeError):
-    """A 200 answer that is not a valid reply; retried like a server error."""
+    """A 200 answer that is not a valid reply (`endpoint X answered ...`); retried like a server error."""
+
+    def __init__(self, url: str, detail: str):
+        super().__init__(f"endpoint {url} {detail}")
+        self.detail = detail
 
 
 class Refused(RuntimeError):
@@ -142,14 +146,14 @@ def _reply(url: str, body: bytes, want: int | None) -> tuple[list[dict[str, Any]
     try:
         data = json.loads(body)
     except ValueError:
-        raise BadReply(f"endpoint {url} answered {_snippet(body)}, not JSON") from None
+        raise BadReply(url, f"answered {_snippet(body)}, not JSON") from None
     if not isinstance(data, dict):
-        raise BadReply(f"endpoint {url} answered {_snippet(body)}, not a JSON object")
+        raise BadReply(url, f"answered {_snippet(body)}, not a JSON object")
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
-        raise BadReply(f"endpoint {url} answered without choices: {_snippet(body)}")
+        raise BadReply(url, f"answered without choices: {_snippet(body)}")
     if want is not None and len(choices) != want:
-        raise BadReply(f"endpoint {url} answered {len(choices)} choices for {want} asked: {_snippet(body)}")
+        raise BadReply(url, f"answered {len(choices)} choices for {want} asked: {_snippet(body)}")
     usage = data.get("usage")
     usage = {k: v for k, v in usage.items() if isinstance(v, int)} if isinstance(usage, dict) else {}
     return sorted(choices, key=lambda c: c["index"] if isinstance(c.get("index"), int) else 0), usage
@@ -159,7 +163,7 @@ def completion_choices(url: str, body: bytes, want: int) -> tuple[list[tuple[str
     """(text, finish_reason) of each choice of a /completions reply, and its completion-token count."""
     choices, usage = _reply(url, body, want)
     if not all(isinstance(c.get("text"), str) for c in choices):
-        raise BadReply(f"endpoint {url} answered a choice without text: {_snippet(body)}")
+        raise BadReply(url, f"answered a choice without text: {_snippet(body)}")
     return [(c["text"], c.get("finish_reason") or "stop") for c in choices], usage.get("completion_tokens", 0)
 
 
@@ -168,7 +172,7 @@ def chat_choice(url: str, body: bytes) -> tuple[str, str, dict[str, int]]:
     choices, usage = _reply(url, body, None)
     message = choices[0].get("message")
     if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-        raise BadReply(f"endpoint {url} answered a choice without message.content: {_snippet(body)}")
+        raise BadReply(url, f"answered a choice without message.content: {_snippet(body)}")
     return message["content"], choices[0].get("finish_reason") or "stop", usage
 
 
@@ -361,14 +365,21 @@ class HTTPClient:
                     self.stats.bad_replies += isinstance(e, BadReply)
                     self._failed(ep, getattr(e, "retry_after", None))
                     if attempt < self.retry.retries:
-                        log.warning("%s %s: %s; retry %d/%d", self.what, ep.url, self.scrub(_describe(e)), attempt + 1,
-                                    self.retry.retries)
+                        log.warning("%s; retry %d/%d", self._happened(ep, e), attempt + 1, self.retry.retries)
                 finally:
                     ep.inflight -= 1
             self.stats.failed += 1
+            others = [u for u in tried if u != previous.url]
+            also = f" (also tried {', '.join(others)})" if others else ""
             hint = f"; {HOW_TO_START}" if isinstance(last, httpx.TransportError) and self.what == "endpoint" else ""
-            raise BackendUnavailable(f"{self.what} {', '.join(tried)}: request failed {self.retry.retries + 1} times, "
-                                     f"last: {self.scrub(_describe(last))}{hint}")
+            raise BackendUnavailable(f"request failed {self.retry.retries + 1} times{also}; last: "
+                                     f"{self._happened(previous, last)}{hint}")
+
+    def _happened(self, ep: Endpoint, e: Exception | None) -> str:
+        """What went wrong at `ep`, naming it: `endpoint X answered ...`, `endpoint X: HTTP 503: ...`."""
+        if isinstance(e, BadReply):
+            return f"{self.what} {ep.url} {e.detail}"
+        return f"{self.what} {ep.url}: {self.scrub(_describe(e))}"
 
 
 def _describe(e: Exception | None) -> str:
