@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
-from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
@@ -205,13 +204,16 @@ def run_episodes(
 
     `concurrency` episodes are live at once; each round is one `policy.act` call over all of them.
     `on_finish` receives each finished episode (write it out there: that is what makes stages
-    resumable).
+    resumable). Tasks are taken from `tasks` as slots free up.
     """
-    queue = deque(t if isinstance(t, tuple) else (t, []) for t in tasks)
+    if total is None and hasattr(tasks, "__len__"):
+        total = len(tasks)  # type: ignore[arg-type]
+    pending = (t if isinstance(t, tuple) else (t, []) for t in tasks)
+    more = True
     stats, t0 = RunStats(), time.perf_counter()
     free_envs: list[Env] = []
     live: list[Episode] = []
-    bar = tqdm(total=total if total is not None else len(queue), disable=not progress, desc="episodes", unit="ep")
+    bar = tqdm(total=total, disable=not progress, desc="episodes", unit="ep")
 
     def finish(ep: Episode) -> None:
         on_finish(ep)
@@ -221,9 +223,13 @@ def run_episodes(
         bar.update(1)
 
     try:
-        while queue or live:
-            while queue and len(live) < concurrency:
-                task, prefix = queue.popleft()
+        while more or live:
+            while more and len(live) < concurrency:
+                job = next(pending, None)
+                if job is None:
+                    more = False
+                    break
+                task, prefix = job
                 ep = start_episode(task, free_envs.pop() if free_envs else make_env(), prefix, max_steps)
                 if ep.finished:
                     finish(ep)
