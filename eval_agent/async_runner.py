@@ -351,6 +351,8 @@ def run_episodes_async(tasks: Iterable[tuple[Task, list[str]] | Task], policy: A
     jobs = (t if isinstance(t, tuple) else (t, []) for t in tasks)
     if total is None and hasattr(tasks, "__len__"):
         total = len(tasks)  # type: ignore[arg-type]
+    if total == 0:
+        return RunStats()  # nothing to do: no workers, no server needed
     return asyncio.run(_run(jobs, policy, make_env, on_finish, max_steps, concurrency,
                             env_workers or default_env_workers(), total, progress))
 

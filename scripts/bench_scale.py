@@ -675,8 +675,8 @@ def vllm_runs(args: argparse.Namespace, rows: list[dict[str, Any]], tasks: dict)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replicas", type=int, default=8, help="simulated GPU replicas")
-    p.add_argument("--max_batch", type=int, default=16,
-                   help="sequences a simulated replica runs at once (the cost model's default is 64; 16 keeps the "
+    p.add_argument("--max_batch", type=int, default=24,
+                   help="sequences a simulated replica runs at once (the cost model's default is 64; 24 keeps the "
                         "episodes a 2-core machine must hold in flight, K x B, within what it can start quickly)")
     p.add_argument("--fleet_calls_per_s", type=float, default=6.0,
                    help="the simulated fleet's capacity: its GPUs slow down to this (what 2 cores' environments feed)")
@@ -684,9 +684,9 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, help="asynchronous runner's episodes in flight (default 1.25 x K x B)")
     p.add_argument("--round_concurrency", type=int, default=16, help="today's runner: episodes per round")
     p.add_argument("--env_workers", type=int, help="default: the CPU cores")
-    p.add_argument("--seconds_round", type=float, default=150.0)
-    p.add_argument("--seconds_async", type=float, default=300.0)
-    p.add_argument("--seconds_lb", type=float, default=150.0)
+    p.add_argument("--seconds_round", type=float, default=120.0)
+    p.add_argument("--seconds_async", type=float, default=330.0)
+    p.add_argument("--seconds_lb", type=float, default=200.0)
     p.add_argument("--split", default="train")
     p.add_argument("--data_root", help="ALFWorld data (default: the generated games)")
     p.add_argument("--cache_dir", default=str(REPO / "outputs" / "bench_scale"), help="expert trajectories' cache")

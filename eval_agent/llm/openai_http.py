@@ -5,9 +5,9 @@ evaluation, chat (GPT-4o or any compatible endpoint) for reflection. One retry p
   choice without text) are retried with capped exponential backoff, `Retry-After` honoured; other 4xx are not
   (the caller decides: a prompt over the context, a refused prompt, a wrong key or model name);
 - with several endpoints, `sticky` routing sends every request of one route key (an episode, the N rollouts of a
-  step record) to the same healthy endpoint, so its prefix cache serves them (rendezvous hashing: when an endpoint
-  fails, only its keys move, spread over the others, and come back once it answers again); `least_busy` sends
-  each request to the endpoint with the fewest in flight;
+  step record) to the same healthy endpoint, so its prefix cache serves them: a new key goes to the first endpoint
+  of its rendezvous order that is not overloaded, and stays there; when that endpoint fails, its keys move, spread
+  over the others; `least_busy` sends each request to the endpoint with the fewest in flight;
 - a failing endpoint is skipped for a cool-down that grows while it keeps failing; a request's retry goes at
   once to the next endpoint of its key, or waits for the first one to come back.
 
@@ -28,11 +28,13 @@ import email.utils
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,8 @@ MAX_REQUESTS = 1024
 # "The decoder prompt (length N) is longer than the maximum model length of M" (engine).
 _OVERFLOW = re.compile(r"maximum context length|maximum model length|context_length_exceeded", re.I)
 ROUTINGS = ("sticky", "least_busy")
+LOAD_SLACK = 1.25  # sticky routing gives a new key to a replica with at most 25% more requests in flight than the mean
+KEY_MEMORY = 1 << 16  # route keys whose replica is remembered (the most recent)
 
 
 class BadReply(RuntimeError):
@@ -258,6 +262,7 @@ class HTTPClient:
         self._thread: LoopThread | None = None
         self._next = 0
         self._rng = random.Random()
+        self._assigned: OrderedDict[str, int] = OrderedDict()  # sticky: route key -> endpoint index (recent keys)
 
     # ---- synchronous use --------------------------------------------------------------------------
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
@@ -310,14 +315,33 @@ class HTTPClient:
         return sorted(range(n), key=lambda i: (self.endpoints[i].inflight, (i - start) % n))
 
     def _pick(self, route_key: str | None) -> tuple[Endpoint, float]:
-        """The first healthy endpoint in the key's order, or the one that comes back first and the wait."""
-        order = [self.endpoints[i] for i in self._order(route_key)]
+        """The endpoint for a request, and how long to wait for it (0 unless every endpoint is down).
+
+        Sticky: the endpoint the key was given, while it is healthy; else (a new key, or its endpoint failed) the
+        first healthy one in the key's rendezvous order whose requests in flight are within LOAD_SLACK of the
+        mean, so that keys arriving in groups (the N rollouts of a record) do not pile up on one replica while
+        another has free batch slots. Least busy: the first healthy one in `_order`.
+        """
         now = time.monotonic()
-        for ep in order:
+        sticky = self.routing == "sticky" and route_key is not None
+        if sticky and route_key in self._assigned:
+            ep = self.endpoints[self._assigned[route_key]]
             if ep.down_until <= now:
+                self._assigned.move_to_end(route_key)
                 return ep, 0.0
-        ep = min(order, key=lambda e: e.down_until)
-        return ep, ep.down_until - now
+        order = [self.endpoints[i] for i in self._order(route_key)]
+        healthy = [ep for ep in order if ep.down_until <= now]
+        if not healthy:
+            ep = min(order, key=lambda e: e.down_until)
+            return ep, ep.down_until - now
+        ep = healthy[0]
+        if sticky:
+            bound = math.ceil(LOAD_SLACK * (sum(e.inflight for e in healthy) + 1) / len(healthy))
+            ep = next((e for e in healthy if e.inflight < bound), ep)
+            self._assigned[route_key] = self.endpoints.index(ep)
+            if len(self._assigned) > KEY_MEMORY:
+                self._assigned.popitem(last=False)
+        return ep, 0.0
 
     def _failed(self, ep: Endpoint, retry_after: float | None) -> None:
         ep.failures += 1
