@@ -678,10 +678,10 @@ def main() -> None:
     p.add_argument("--max_batch", type=int, default=24,
                    help="sequences a simulated replica runs at once (the cost model's default is 64; 24 keeps the "
                         "episodes a 2-core machine must hold in flight, K x B, within what it can start quickly)")
-    p.add_argument("--fleet_calls_per_s", type=float, default=6.0,
+    p.add_argument("--fleet_calls_per_s", type=float, default=4.5,
                    help="the simulated fleet's capacity: its GPUs slow down to this (what 2 cores' environments feed)")
     p.add_argument("--n", type=int, default=5, help="rollouts per step record")
-    p.add_argument("--concurrency", type=int, help="asynchronous runner's episodes in flight (default 1.25 x K x B)")
+    p.add_argument("--concurrency", type=int, help="asynchronous runner's episodes in flight (default 1.1 x K x B)")
     p.add_argument("--round_concurrency", type=int, default=16, help="today's runner: episodes per round")
     p.add_argument("--env_workers", type=int, help="default: the CPU cores")
     p.add_argument("--seconds_round", type=float, default=120.0)
@@ -693,6 +693,8 @@ def main() -> None:
     p.add_argument("--tokenizer", default=str(REPO / "models" / "SmolLM2-135M-Instruct"),
                    help="chat template of the prompts (and the model vLLM serves with --vllm_cpu)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", default="round,async,async_lb",
+                   help="which simulated-fleet runs (comma-separated; the projection needs round and async)")
     p.add_argument("--vllm_cpu", action="store_true", help="also run both runners against vLLM serving on this CPU")
     p.add_argument("--vllm_seconds", type=float, default=120.0)
     p.add_argument("--vllm_concurrency", type=int, default=64)
@@ -738,7 +740,7 @@ def main() -> None:
     cost = replace(CostModel(), max_batch=args.max_batch)
     real_capacity = args.replicas * cost.replica_calls_per_s(sum(reply_tokens) / len(reply_tokens), new_tokens)
     scale = real_capacity / args.fleet_calls_per_s
-    args.concurrency = args.concurrency or math.ceil(1.25 * args.replicas * args.max_batch)
+    args.concurrency = args.concurrency or math.ceil(1.1 * args.replicas * args.max_batch)
     jobs = rollout_jobs(rows, tasks, args.n, args.seed)
     print(f"{len(rows)} expert trajectories ({sum(len(r['steps']) for r in rows)} steps), {len(jobs)} rollout jobs; "
           f"{args.replicas} simulated replicas x {args.max_batch} sequences, time scale {scale:.1f} "
@@ -754,20 +756,37 @@ def main() -> None:
             runs = [("round", {"routing": "least_busy", "max_requests": 64}),
                     ("async", {"routing": "sticky", "max_requests": args.concurrency}),
                     ("async_lb", {"routing": "least_busy", "max_requests": args.concurrency})]
-            for name, options in runs:
+            for name, options in (run for run in runs if run[0] in args.runs.split(",")):
                 print(f"run {name} ({options['routing']} routing) ...", file=sys.stderr)
                 results[name] = measure(name, args, urls, jobs, options, cost, scale)
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                   for k, v in asdict(results[name]).items()}), file=sys.stderr)
+    report: dict[str, Any] = {"runs": {k: asdict(v) for k, v in results.items()}, "time_scale": scale}
+    if "round" in results and "async" in results:
+        report.update(projection(results, args, cost, scale, cpt, reply_tokens, new_tokens))
+    if args.vllm_cpu:
+        report["vllm_cpu"] = vllm_runs(args, rows, tasks)
+    report["seconds"] = round(time.monotonic() - t_start)
+    print_report(report, args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if "projection" in report:
+        print(f"fleet_capacity_used={results['async'].steady_capacity_used:.3f} "
+              f"speedup_vs_round_runner={report['speedup_vs_round_runner']:.1f}")
+
+
+def projection(results: dict[str, RunResult], args: argparse.Namespace, cost: CostModel, scale: float, cpt: float,
+               reply_tokens: list[int], new_tokens: float) -> dict[str, Any]:
+    """The speed-up, and the paper preset's MC hours on 8 GPUs projected from the runs' figures."""
     a, r = results["async"], results["round"]
     speedup = a.steady_calls_per_s / r.steady_calls_per_s
 
+    gpu = CostModel()  # the projection runs at full speed, 64 sequences a replica
     # today's round at full GPU speed (the dilated fleet hides how long the main process steps environments)
     env_per_call = a.env_cpu_s_per_call
-    today_round = round_seconds(CostModel(), reply_tokens, r.uncached_tokens_per_call, r.env_cpu_s_per_call)
+    today_round = round_seconds(gpu, reply_tokens, r.uncached_tokens_per_call, r.env_cpu_s_per_call)
     check = round_seconds(cost, reply_tokens, r.uncached_tokens_per_call, r.env_cpu_s_per_call, scale=scale,
                           per_round=args.round_concurrency, replicas=args.replicas)
-    gpu = CostModel()
     vh_replies, vh_new, vh_env = vh_calls_profile(cpt)
     vh_reply = sum(vh_replies) / len(vh_replies)
     vh_today = round_seconds(gpu, vh_replies, vh_new * r.uncached_tokens_per_call / new_tokens, vh_env)
@@ -787,15 +806,9 @@ def main() -> None:
                      "virtualhome_tokens_per_call": [round(vh_reply, 1), round(vh_new, 1)],
                      "today": "rounds of 16: the slowest reply at 2 sequences per replica plus 16 environment steps "
                               "in turn; the same formula at this run's time scale predicts "
-                              f"{args.round_concurrency / check:.2f} calls/s for the measured {r.calls_per_s:.2f}"}}
-    report = {"runs": {k: asdict(v) for k, v in results.items()}, "speedup_vs_round_runner": speedup,
-              "time_scale": scale, "projection": projection, "seconds": round(time.monotonic() - t_start)}
-    if args.vllm_cpu:
-        report["vllm_cpu"] = vllm_runs(args, rows, tasks)
-    print_report(report, args)
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"fleet_capacity_used={a.steady_capacity_used:.3f} speedup_vs_round_runner={speedup:.1f}")
+                              f"{args.round_concurrency / check:.2f} calls/s for the measured "
+                              f"{r.steady_calls_per_s:.2f}"}}
+    return {"speedup_vs_round_runner": speedup, "projection": projection}
 
 
 def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
@@ -818,9 +831,13 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"\n{'':34}" + "".join(f"{n:>10}" for n in runs))
     for label, key, f in rows:
         print(f"{label:34}" + "".join(f"{f.format(runs[n][key]):>10}" for n in runs))
+    print(f"time scale {report['time_scale']:.1f}, {args.replicas} replicas x {args.max_batch} sequences")
+    if "vllm_cpu" in report:
+        print("\nvLLM on this CPU (SmolLM2-135M, one replica): " + json.dumps(report["vllm_cpu"]))
+    if "projection" not in report:
+        return
     print(f"speed-up of the asynchronous runner over today's (calls/s after ramp-up): "
-          f"{report['speedup_vs_round_runner']:.1f}x (time scale {report['time_scale']:.1f}, {args.replicas} replicas "
-          f"x {args.max_batch} sequences)")
+          f"{report['speedup_vs_round_runner']:.1f}x")
     for family in ("alfworld", "virtualhome"):
         pr = report["projection"][family]
         print(f"\n{family}: {pr['step_records']:,} step records, {pr['rollouts']:,} rollouts; 8 replicas at "
@@ -832,8 +849,6 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
                   f"with 16 cores {x['hours_with_16_cores']} h, with 128 cores {x['hours_with_128_cores']} h; "
                   f"today {x['today_hours']} h")
     print("\nprojection rests on: " + json.dumps(report["projection"]["rests_on"], indent=1))
-    if "vllm_cpu" in report:
-        print("\nvLLM on this CPU (SmolLM2-135M, one replica): " + json.dumps(report["vllm_cpu"]))
 
 
 if __name__ == "__main__":

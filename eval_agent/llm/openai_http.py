@@ -317,27 +317,28 @@ class HTTPClient:
     def _pick(self, route_key: str | None) -> tuple[Endpoint, float]:
         """The endpoint for a request, and how long to wait for it (0 unless every endpoint is down).
 
-        Sticky: the endpoint the key was given, while it is healthy; else (a new key, or its endpoint failed) the
-        first healthy one in the key's rendezvous order whose requests in flight are within LOAD_SLACK of the
-        mean, so that keys arriving in groups (the N rollouts of a record) do not pile up on one replica while
-        another has free batch slots. Least busy: the first healthy one in `_order`.
+        Sticky: the endpoint the key was given, while it is healthy and not overloaded (more requests in flight
+        than LOAD_SLACK times the mean); else (a new key, a failed or overloaded endpoint) the first healthy one in
+        the key's rendezvous order within that bound, which the key keeps from then on. Keys arriving in groups
+        (the N rollouts of a record) and episodes ending unevenly would otherwise leave requests queued on one
+        replica while another has free batch slots. Least busy: the first healthy one in `_order`.
         """
         now = time.monotonic()
         sticky = self.routing == "sticky" and route_key is not None
+        healthy = [ep for ep in self.endpoints if ep.down_until <= now]
+        bound = math.ceil(LOAD_SLACK * (sum(e.inflight for e in healthy) + 1) / max(1, len(healthy)))
         if sticky and route_key in self._assigned:
             ep = self.endpoints[self._assigned[route_key]]
-            if ep.down_until <= now:
+            if ep.down_until <= now and ep.inflight < bound:
                 self._assigned.move_to_end(route_key)
                 return ep, 0.0
         order = [self.endpoints[i] for i in self._order(route_key)]
-        healthy = [ep for ep in order if ep.down_until <= now]
         if not healthy:
             ep = min(order, key=lambda e: e.down_until)
             return ep, ep.down_until - now
-        ep = healthy[0]
+        ep = next(e for e in order if e.down_until <= now)
         if sticky:
-            bound = math.ceil(LOAD_SLACK * (sum(e.inflight for e in healthy) + 1) / len(healthy))
-            ep = next((e for e in healthy if e.inflight < bound), ep)
+            ep = next((e for e in order if e.down_until <= now and e.inflight < bound), ep)
             self._assigned[route_key] = self.endpoints.index(ep)
             if len(self._assigned) > KEY_MEMORY:
                 self._assigned.popitem(last=False)
