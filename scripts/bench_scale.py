@@ -470,6 +470,7 @@ class RunResult:
     steady_slots_busy: float  # running sequences / (K x B), after the ramp-up
     steady_queued: float  # requests waiting at the replicas (all batch slots busy), after the ramp-up
     hit_rate: float  # prompt tokens the replicas' prefix caches held
+    hit_rate_early: float  # ... over the first --seconds_lb of the run (the same phase in every run)
     out_tokens_per_call: float
     uncached_tokens_per_call: float
     env_cpu_s_per_call: float  # the environment pool's CPU (the main process's for today's runner) / calls
@@ -477,6 +478,10 @@ class RunResult:
     main_cpu_use: float
     fleet_cpu_use: float  # the simulated replicas' processes, all together
     load_1min: float  # the machine's load average at the end (other jobs slow everything here)
+
+
+def hit_rate(first: dict[str, float], last: dict[str, float]) -> float:
+    return (last["cached_tokens"] - first["cached_tokens"]) / max(last["prompt_tokens"] - first["prompt_tokens"], 1)
 
 
 def measure(name: str, args: argparse.Namespace, urls: list[str], jobs: list, policy_options: dict[str, Any],
@@ -528,7 +533,8 @@ def measure(name: str, args: argparse.Namespace, urls: list[str], jobs: list, po
         env_steps_per_s=(calls + feed.replayed) / window, capacity_calls_per_s=capacity,
         capacity_used=calls / window / capacity, steady_capacity_used=steady_calls / steady_s / capacity,
         steady_slots_busy=mean("running") / (len(urls) * cost.max_batch), steady_queued=mean("waiting"),
-        hit_rate=d["cached_tokens"] / max(d["prompt_tokens"], 1), out_tokens_per_call=out_tokens,
+        hit_rate=hit_rate(first, last), out_tokens_per_call=out_tokens,
+        hit_rate_early=hit_rate(first, monitor.at(min(end, feed.t0 + args.seconds_lb))),
         uncached_tokens_per_call=uncached, env_cpu_s_per_call=env_cpu / steady_calls,
         env_pool_cpu_use=env_cpu / steady_s / (workers if asynchronous else 1), main_cpu_use=d["main_cpu_s"] / window,
         fleet_cpu_use=d["cpu_s"] / window, load_1min=os.getloadavg()[0])
@@ -675,8 +681,8 @@ def vllm_runs(args: argparse.Namespace, rows: list[dict[str, Any]], tasks: dict)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replicas", type=int, default=8, help="simulated GPU replicas")
-    p.add_argument("--max_batch", type=int, default=24,
-                   help="sequences a simulated replica runs at once (the cost model's default is 64; 24 keeps the "
+    p.add_argument("--max_batch", type=int, default=32,
+                   help="sequences a simulated replica runs at once (the cost model's default is 64; 32 keeps the "
                         "episodes a 2-core machine must hold in flight, K x B, within what it can start quickly)")
     p.add_argument("--fleet_calls_per_s", type=float, default=4.5,
                    help="the simulated fleet's capacity: its GPUs slow down to this (what 2 cores' environments feed)")
@@ -685,8 +691,9 @@ def main() -> None:
     p.add_argument("--round_concurrency", type=int, default=16, help="today's runner: episodes per round")
     p.add_argument("--env_workers", type=int, help="default: the CPU cores")
     p.add_argument("--seconds_round", type=float, default=120.0)
-    p.add_argument("--seconds_async", type=float, default=330.0)
-    p.add_argument("--seconds_lb", type=float, default=200.0)
+    p.add_argument("--seconds_async", type=float, default=360.0)
+    p.add_argument("--seconds_lb", type=float, default=180.0,
+                   help="least-busy run; the routings' hit rates are compared over this many first seconds")
     p.add_argument("--split", default="train")
     p.add_argument("--data_root", help="ALFWorld data (default: the generated games)")
     p.add_argument("--cache_dir", default=str(REPO / "outputs" / "bench_scale"), help="expert trajectories' cache")
@@ -821,6 +828,7 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
             ("batch slots busy (after ramp-up)", "steady_slots_busy", "{:.1%}"),
             ("requests queued at replicas", "steady_queued", "{:.1f}"),
             ("prefix-cache hit rate", "hit_rate", "{:.1%}"),
+            (f"  ... over the first {args.seconds_lb:.0f} s", "hit_rate_early", "{:.1%}"),
             ("uncached prompt tokens/call", "uncached_tokens_per_call", "{:.0f}"),
             ("env CPU-s per call", "env_cpu_s_per_call", "{:.3f}"),
             ("env pool CPU use (per worker)", "env_pool_cpu_use", "{:.1%}"),

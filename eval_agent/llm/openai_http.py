@@ -59,7 +59,7 @@ MAX_REQUESTS = 1024
 # "The decoder prompt (length N) is longer than the maximum model length of M" (engine).
 _OVERFLOW = re.compile(r"maximum context length|maximum model length|context_length_exceeded", re.I)
 ROUTINGS = ("sticky", "least_busy")
-LOAD_SLACK = 1.25  # sticky routing gives a new key to a replica with at most 25% more requests in flight than the mean
+LOAD_SLACK = 1.1  # sticky routing keeps a key on a replica with at most 10% more requests in flight than the mean
 KEY_MEMORY = 1 << 16  # route keys whose replica is remembered (the most recent)
 
 
