@@ -349,8 +349,8 @@ class TimeUp(Exception):
 class Feed:
     """Rollout jobs for one run: the records' N rollouts in the MC stage's order, again with new keys when they
     run out, for `seconds` from the first one; then the policy's next call raises TimeUp, which stops the runner
-    (its episodes in flight are dropped) and the figures come from that window. Notes when the first `fill` jobs
-    were handed out (the fleet's ramp-up) and counts the expert steps the started episodes replay."""
+    (its episodes in flight are dropped) and the figures come from that window. Counts the expert steps the
+    started episodes replay."""
 
     def __init__(self, jobs: list, seconds: float, fill: int):
         self.jobs, self.seconds, self.fill = jobs, seconds, fill
@@ -374,28 +374,33 @@ class Feed:
                     task = replace(task, meta={**task.meta, "route_key": f"{task.meta['route_key']}#{cycle}"})
                 self.started += 1
                 self.replayed += len(prefix)
-                if self.started == self.fill:
-                    self.filled_at = time.monotonic()
                 yield task, prefix
 
 
 class Timed:
-    """A policy whose calls raise TimeUp once the feed's time is over."""
+    """A policy whose calls raise TimeUp once the feed's time is over; it notes the end of the ramp-up, when the
+    first `fill` episodes have all asked the fleet (after their resets and prefix replays)."""
 
     def __init__(self, policy: Any, feed: Feed):
         self.policy, self.feed = policy, feed
         self.asynchronous = policy.asynchronous
+        self.asked: set[int] = set()
 
-    def _check_time(self) -> None:
-        if time.monotonic() >= self.feed.deadline:
+    def _check_time(self, episodes: list) -> None:
+        now = time.monotonic()
+        if now >= self.feed.deadline:
             raise TimeUp
+        if not self.feed.filled_at:
+            self.asked.update(id(ep) for ep in episodes)
+            if len(self.asked) >= self.feed.fill:
+                self.feed.filled_at = now
 
     def act(self, episodes: list) -> list:
-        self._check_time()
+        self._check_time(episodes)
         return self.policy.act(episodes)
 
     async def act_one(self, episode: Any) -> Any:
-        self._check_time()
+        self._check_time([episode])
         return await self.policy.act_one(episode)
 
     async def check(self) -> None:
@@ -460,7 +465,7 @@ def rollout_jobs(rows: list[dict[str, Any]], tasks: dict, n: int, seed: int) -> 
 class RunResult:
     name: str
     window_s: float  # from the first job to the end of the feed
-    fill_s: float | None  # until the fleet first held `concurrency` (at most K x B) requests: the ramp-up
+    fill_s: float | None  # the ramp-up: until the first `concurrency` episodes had all asked the fleet
     calls_per_s: float  # model calls over the window
     steady_calls_per_s: float  # ... after the ramp-up (the regime of a stage that runs for hours)
     env_steps_per_s: float  # agent steps plus the expert steps replayed before them, over the window
@@ -517,9 +522,7 @@ def measure(name: str, args: argparse.Namespace, urls: list[str], jobs: list, po
     calls = d["calls"]
     out_tokens, uncached = d["output_tokens"] / calls, (d["prompt_tokens"] - d["cached_tokens"]) / calls
     capacity = len(urls) * cost.replica_calls_per_s(out_tokens, uncached) / scale
-    full = 0.95 * min(concurrency, len(urls) * cost.max_batch)
-    fill_at = next((t for t, x in monitor.samples if feed.t0 <= t <= end and x["running"] + x["waiting"] >= full),
-                   None)
+    fill_at = feed.filled_at or None
     steady = [x for t, x in monitor.samples if fill_at is not None and fill_at <= t <= end]
     s0 = monitor.at(fill_at) if fill_at is not None else first
     steady_s = end - (fill_at if fill_at is not None else feed.t0)
@@ -681,18 +684,18 @@ def vllm_runs(args: argparse.Namespace, rows: list[dict[str, Any]], tasks: dict)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replicas", type=int, default=8, help="simulated GPU replicas")
-    p.add_argument("--max_batch", type=int, default=32,
-                   help="sequences a simulated replica runs at once (the cost model's default is 64; 32 keeps the "
+    p.add_argument("--max_batch", type=int, default=28,
+                   help="sequences a simulated replica runs at once (the cost model's default is 64; 28 keeps the "
                         "episodes a 2-core machine must hold in flight, K x B, within what it can start quickly)")
-    p.add_argument("--fleet_calls_per_s", type=float, default=4.5,
+    p.add_argument("--fleet_calls_per_s", type=float, default=4.0,
                    help="the simulated fleet's capacity: its GPUs slow down to this (what 2 cores' environments feed)")
     p.add_argument("--n", type=int, default=5, help="rollouts per step record")
     p.add_argument("--concurrency", type=int, help="asynchronous runner's episodes in flight (default 1.1 x K x B)")
     p.add_argument("--round_concurrency", type=int, default=16, help="today's runner: episodes per round")
     p.add_argument("--env_workers", type=int, help="default: the CPU cores")
-    p.add_argument("--seconds_round", type=float, default=120.0)
-    p.add_argument("--seconds_async", type=float, default=360.0)
-    p.add_argument("--seconds_lb", type=float, default=180.0,
+    p.add_argument("--seconds_round", type=float, default=100.0)
+    p.add_argument("--seconds_async", type=float, default=400.0)
+    p.add_argument("--seconds_lb", type=float, default=150.0,
                    help="least-busy run; the routings' hit rates are compared over this many first seconds")
     p.add_argument("--split", default="train")
     p.add_argument("--data_root", help="ALFWorld data (default: the generated games)")

@@ -122,6 +122,20 @@ def test_retry_after_is_honoured(fresh):
     assert waited >= 1.0 and quick < 0.5
 
 
+def test_chat_requests_honour_retry_after_too(fresh):
+    client = HTTPClient([fresh.url], retry=RetryPolicy(retries=2, backoff_s=0.01, max_backoff_s=5.0),
+                        what="chat endpoint")
+    payload = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        fresh.control(script=[{"status": 429, "body": "{}", "headers": {"Retry-After": "1"}},
+                              {"status": 503, "body": "{}"}])
+        t0 = time.monotonic()
+        text, _, _ = client.run(client.post("/chat/completions", payload, chat_choice))[0]
+        assert time.monotonic() - t0 >= 1.0 and text.endswith("count 1") and fresh.posts() == 3
+    finally:
+        client.close()
+
+
 def test_retry_after_formats_and_backoff_cap():
     assert parse_retry_after("2") == 2.0 and parse_retry_after("0.5") == 0.5 and parse_retry_after(None) is None
     later = email.utils.formatdate(1_000_030, usegmt=True)
