@@ -6,7 +6,8 @@ in-process backend, whose one batched call is the round, not for a fleet of serv
 - Environments live in `env_workers` processes (default: the CPU cores): resets, prefix replays and steps run
   there, in parallel with each other and with the requests. An episode stays on one worker (its environment is
   there); a worker reuses an idle environment that last played the same task (ALFWorld then skips reloading the
-  game), and episodes of one task go to the same worker while the load allows.
+  game), episodes of one task go to the same worker while the load allows, and a worker steps the episodes
+  waiting for a step before it starts new ones.
 - `concurrency` episodes are in flight; the HTTP client bounds the requests. Step semantics are the round
   runner's (`start_episode` and `apply_reply` run in the workers). Each finished episode goes to `on_finish` in
   the main process, as with the round runner, so resume, sharding and merge keep their guarantees.
@@ -25,6 +26,7 @@ import queue
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Iterable, Protocol
@@ -95,19 +97,24 @@ def _idle_env(idle: dict[str, list[Env]], task_key: str) -> Env | None:
 
 
 def _worker_main(commands: Connection, results: Connection, make_env: Callable[[], Env], max_steps: int) -> None:
-    """Run commands (request id, op, episode id, argument) until told to stop or the parent is gone."""
+    """Run commands (request id, op, episode id, argument) until told to stop or the parent is gone. Steps go
+    before starts: an episode waiting for its step keeps a server slot idle, a new episode has none yet."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us in order
     live: dict[int, Episode] = {}
     idle: dict[str, list[Env]] = {}
+    starts: deque = deque()
+    others: deque = deque()
     try:
         while True:
             try:
-                message = commands.recv()
+                while not (starts or others) or commands.poll():  # wait when idle, else take what has arrived
+                    message = commands.recv()
+                    if message is None:
+                        return
+                    (starts if message[1] == "start" else others).append(message)
             except (EOFError, OSError):  # the parent exited (even killed): nothing left to do
-                break
-            if message is None:
-                break
-            rid, op, eid, arg = message
+                return
+            rid, op, eid, arg = (others or starts).popleft()
             try:
                 if op == "release":
                     ep = live.pop(eid)

@@ -693,9 +693,9 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, help="asynchronous runner's episodes in flight (default 1.1 x K x B)")
     p.add_argument("--round_concurrency", type=int, default=16, help="today's runner: episodes per round")
     p.add_argument("--env_workers", type=int, help="default: the CPU cores")
-    p.add_argument("--seconds_round", type=float, default=100.0)
+    p.add_argument("--seconds_round", type=float, default=150.0)
     p.add_argument("--seconds_async", type=float, default=400.0)
-    p.add_argument("--seconds_lb", type=float, default=150.0,
+    p.add_argument("--seconds_lb", type=float, default=120.0,
                    help="least-busy run; the routings' hit rates are compared over this many first seconds")
     p.add_argument("--split", default="train")
     p.add_argument("--data_root", help="ALFWorld data (default: the generated games)")
@@ -758,19 +758,20 @@ def main() -> None:
           file=sys.stderr)
 
     results: dict[str, RunResult] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    runs = [("round", {"routing": "least_busy", "max_requests": 64}),
+            ("async", {"routing": "sticky", "max_requests": args.concurrency}),
+            ("async_lb", {"routing": "least_busy", "max_requests": args.concurrency})]
+    runs = [run for run in runs if run[0] in args.runs.split(",")]
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         experts_file = Path(tmp) / "experts.jsonl"
         experts_file.write_text("".join(json.dumps({"task_text": r["task_text"],
                                                     "replies": [s["text"] for s in r["steps"]]}) + "\n" for r in rows))
-        with fleet(args.replicas, experts_file, cost, scale, turn_marker, cpt) as urls:
-            runs = [("round", {"routing": "least_busy", "max_requests": 64}),
-                    ("async", {"routing": "sticky", "max_requests": args.concurrency}),
-                    ("async_lb", {"routing": "least_busy", "max_requests": args.concurrency})]
-            for name, options in (run for run in runs if run[0] in args.runs.split(",")):
-                print(f"run {name} ({options['routing']} routing) ...", file=sys.stderr)
-                results[name] = measure(name, args, urls, jobs, options, cost, scale)
-                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                  for k, v in asdict(results[name]).items()}), file=sys.stderr)
+        urls = stack.enter_context(fleet(args.replicas, experts_file, cost, scale, turn_marker, cpt)) if runs else []
+        for name, options in runs:
+            print(f"run {name} ({options['routing']} routing) ...", file=sys.stderr)
+            results[name] = measure(name, args, urls, jobs, options, cost, scale)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                              for k, v in asdict(results[name]).items()}), file=sys.stderr)
     report: dict[str, Any] = {"runs": {k: asdict(v) for k, v in results.items()}, "time_scale": scale}
     if "round" in results and "async" in results:
         report.update(projection(results, args, cost, scale, cpt, reply_tokens, new_tokens))
