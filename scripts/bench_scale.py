@@ -384,16 +384,18 @@ class Timed:
     def __init__(self, policy: Any, feed: Feed):
         self.policy, self.feed = policy, feed
         self.asynchronous = policy.asynchronous
-        self.asked: set[int] = set()
+        self.asked = 0  # episodes that have asked at least once
 
     def _check_time(self, episodes: list) -> None:
         now = time.monotonic()
         if now >= self.feed.deadline:
             raise TimeUp
-        if not self.feed.filled_at:
-            self.asked.update(id(ep) for ep in episodes)
-            if len(self.asked) >= self.feed.fill:
-                self.feed.filled_at = now
+        for ep in episodes:
+            if not getattr(ep, "asked", False):
+                ep.asked = True
+                self.asked += 1
+        if not self.feed.filled_at and self.asked >= self.feed.fill:
+            self.feed.filled_at = now
 
     def act(self, episodes: list) -> list:
         self._check_time(episodes)
