@@ -1,17 +1,10 @@
 """Weighted training rows for reinforced training: reading, checking and tokenizing them.
 
-Two on-disk formats, both read as is:
-- ours: RUN_DIR/data_collection/train.jsonl, one row a line with a stable `key`;
-- the published one: `final_data_rft_train.json`, a JSON list of {id, prompt, chosen, rejected, deviation, reward}.
-`prompt`, `chosen` and `rejected` are `{"from": "human"|"gpt", "value"}` turn lists; `prompt` starts with the
-instruction and ends with a human turn (for a calibration row: the deviated action and its observation),
-`chosen` and `rejected` start with a gpt turn; `reward` is the row's weight.
-
-Tokenizing renders `prompt + chosen` (and `prompt + rejected` when a reference term is trained) with the
-shared chat format (`eval_agent.training.encode_conversation`): only the assistant turns of the continuation
-are labelled, each with its end-of-turn marker, so the prompt (its "OK" and the deviated action included)
-and the human turns inside the continuation get no loss. A continuation longer than the length budget
-loses whole trailing turns; a row where not one of its turns fits is skipped and counted.
+Reads ours (RUN_DIR/data_collection/train.jsonl) and the published `final_data_rft_train.json` as is:
+`prompt`, `chosen` and `rejected` are `{"from", "value"}` turn lists, `reward` the row's weight. Tokenizing
+renders `prompt + chosen` (and `prompt + rejected` for a reference term) with the shared chat format and labels
+only the assistant turns of the continuation; an over-long continuation loses whole trailing turns, and a row
+where not one turn fits is skipped and counted.
 """
 from __future__ import annotations
 
@@ -79,6 +72,9 @@ def parse_row(row: Any, where: str, need_rejected: bool) -> WeightedRow:
     weight = row["reward"]
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise BadRecord(f"{where}: field 'reward' must be a finite number >= 0, got {weight!r}")
+    if not isinstance(row.get("key", ""), str) or isinstance(row.get("id"), (dict, list, bool)):
+        name = "key" if "key" in row else "id"
+        raise BadRecord(f"{where}: field {name!r} must be text, got {row[name]!r:.60}")
     return WeightedRow(
         key=str(row.get("key", row.get("id", where))),
         prompt=prompt,
@@ -90,8 +86,12 @@ def parse_row(row: Any, where: str, need_rejected: bool) -> WeightedRow:
 
 def load_rows(path: str | Path, need_rejected: bool = False) -> list[WeightedRow]:
     """Every row of a training file (ours or the published format), in file order; a bad row raises
-    `BadRecord` naming the file, the row (JSON list, 0-based) or line (JSONL) and the field."""
-    return [parse_row(row, where, need_rejected) for where, row in read_rows(path)]
+    `BadRecord` naming the file, the row (JSON list, 0-based) or line (JSONL) and the field; so does a file
+    without rows."""
+    rows = [parse_row(row, where, need_rejected) for where, row in read_rows(path)]
+    if not rows:
+        raise BadRecord(f"no rows in {path}")
+    return rows
 
 
 def encode_continuation(prompt: list[dict[str, str]], continuation: list[dict[str, str]], chat_format: ChatFormat,

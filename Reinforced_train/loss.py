@@ -1,17 +1,11 @@
 """The STeCa reinforced-training loss and the batches it reads.
 
-The original (`dpo_with_sft_loss`, sigmoid DPO plus the chosen NLL, weighted by the row's `reward`):
-
     loss_i = w_i * ( -log sigma(beta * [(pi_c - pi_r) - (ref_c - ref_r)])  -  pi_c )      L = mean_i loss_i
 
-where pi_c, pi_r, ref_c, ref_r are log-probabilities *summed* over the assistant tokens of the chosen and
-rejected continuations under the policy and the frozen reference (the SFT model). The paper trains with
-beta = 0, where the first term is the constant log 2: the gradient is that of a weight-scaled,
-sequence-summed NLL of `chosen` given the prompt. So with no reference model (our beta = 0 path) the
-constant is dropped, no reference is loaded and no rejected forward runs; the logged loss is then the
-original's minus log 2 * mean(w), the gradient the same. With a reference model (beta > 0, or the
-original's scheme at beta = 0 as `scripts/bench_train.py` measures it) the term is computed as written.
-`token_mean` divides each row's NLL by its number of trained tokens (the SFT-style per-token mean, see D6);
+pi_c, pi_r, ref_c, ref_r are log-probabilities summed over the assistant tokens of the chosen and rejected
+continuations under the policy and the frozen reference (the original's `dpo_with_sft_loss`). At beta = 0 (the
+paper) the first term is the constant log 2: without a reference model it is dropped, so no reference is loaded
+and no rejected forward runs, with the same gradient. `token_mean` divides each row's NLL by its trained tokens;
 the preference term always uses sums, as DPO does.
 """
 from __future__ import annotations

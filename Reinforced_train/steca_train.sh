@@ -1,47 +1,46 @@
 #!/usr/bin/env bash
-# Stage 4: STeCa reinforced training of the SFT model on the weighted training set. Edit the values below or
-# override them from the environment, e.g.  MODEL=outputs/alfworld/sft/model NPROC=5 bash Reinforced_train/steca_train.sh
-# The defaults are the paper's (lr 3e-6, 1 epoch, global batch 15, constant schedule with 10% warmup, beta 0,
-# 4096 tokens). BATCH must be a multiple of MICRO_BATCH x NPROC (the paper: 1 x 5 GPUs x 3 accumulation steps).
+# Stage 4: STeCa reinforced training of the run's SFT model on its weighted training set, into
+# RUN_DIR/steca/model (eval_agent/layout.py). The defaults are the paper's (lr 3e-6, 1 epoch, global batch
+# 15, constant schedule with 10% warmup, beta 0, 4096 tokens); RFT_BATCH must be a multiple of
+# RFT_MICRO_BATCH x NPROC (the paper: 1 x 5 GPUs x 3 accumulation steps). docs/reinforced_train.md lists
+# every variable with its default, e.g.
+#   RFT_LR=1e-5 NPROC=5 bash Reinforced_train/steca_train.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/stage_lib.sh                    # PRESET, PYTHON, TASK_FAMILY, RUN_DIR
 
-TASK=${TASK:-alfworld}                    # alfworld | virtualhome (only names the default folders)
-MODEL=${MODEL:-outputs/${TASK}/sft/model} # the SFT folder: the policy's start (and the reference when BETA > 0)
-DATA=${DATA:-outputs/${TASK}/data_collection/train.jsonl}  # or a published final_data_rft_train.json
-CHAT_FORMAT=${CHAT_FORMAT:-}              # empty = the format MODEL records (steca_chat_format.json), else template
-LR=${LR:-3e-6}
-EPOCHS=${EPOCHS:-1}
-BATCH=${BATCH:-15}                        # global batch; gradient accumulation = BATCH / (MICRO_BATCH x processes)
-MICRO_BATCH=${MICRO_BATCH:-1}             # per device
-SCHEDULER=${SCHEDULER:-constant_with_warmup}
-WARMUP=${WARMUP:-0.1}                     # fraction of the steps
-WEIGHT_DECAY=${WEIGHT_DECAY:-0}
-BETA=${BETA:-0}                           # DPO term weight; 0 = weighted NLL of chosen, no reference model loaded
-REF_MODEL=${REF_MODEL:-}                  # frozen reference for BETA > 0; empty = MODEL
-NLL=${NLL:-sum}                           # sum (the original: log-probs summed per sequence) | mean (per token)
-MAX_LEN=${MAX_LEN:-4096}                  # longer sequences lose whole trailing turns
-PRECISION=${PRECISION:-auto}              # auto = bf16 on a GPU that has it (+ tf32), else fp32 | bf16 | fp32
-GRAD_CKPT=${GRAD_CKPT:-1}                 # activation (gradient) checkpointing
-ATTN=${ATTN:-}                            # e.g. flash_attention_2 on GPUs; empty = transformers' default
-SAVE=${SAVE:-epoch}                       # checkpoint every epoch (a rerun resumes from the last) | no
-SEED=${SEED:-42}
-NPROC=${NPROC:-1}                         # processes (GPUs, or CPU processes over gloo)
-DIST_CONFIG=${DIST_CONFIG:-}              # accelerate config shared with SFT: sft/configs/fsdp.yaml | sft/configs/ds_zero3.yaml
-OUT=${OUT:-outputs/${TASK}/steca/model}   # the model folder; the run card goes to its parent
-PYTHON=${PYTHON:-.venv/bin/python}
+MODEL=${MODEL:-}                               # the SFT model (policy start, reference when BETA > 0); empty = the run's
+TRAIN_SET=${TRAIN_SET:-${DATA:-}}              # our train.jsonl or a published final_data_rft_train.json; empty = the run's
+CHAT_FORMAT=${CHAT_FORMAT:-}                   # empty = the format MODEL records, else template
+RFT_LR=${RFT_LR:-${LR:-}}                      # learning rate
+RFT_EPOCHS=${RFT_EPOCHS:-${EPOCHS:-}}
+RFT_BATCH=${RFT_BATCH:-${BATCH:-}}             # global batch; accumulation = RFT_BATCH / (RFT_MICRO_BATCH x processes)
+RFT_MICRO_BATCH=${RFT_MICRO_BATCH:-${MICRO_BATCH:-}}  # rows per device and step
+RFT_SCHEDULER=${RFT_SCHEDULER:-${SCHEDULER:-}}
+RFT_WARMUP=${RFT_WARMUP:-${WARMUP:-}}          # warmup, a fraction of the steps
+RFT_WEIGHT_DECAY=${RFT_WEIGHT_DECAY:-${WEIGHT_DECAY:-}}
+RFT_MAX_LEN=${RFT_MAX_LEN:-${MAX_LEN:-}}       # tokens per sequence; longer ones lose whole trailing turns
+BETA=${BETA:-}                                 # DPO term weight; 0 = weighted NLL of chosen, no reference model
+REF_MODEL=${REF_MODEL:-}                       # frozen reference for BETA > 0; empty = MODEL
+NLL=${NLL:-}                                   # sum (the original: summed per row) | mean (per token)
+OUT=${OUT:-}                                   # the model folder; empty = the run's; the run card goes to its parent
 
-args=(--model_name_or_path "$MODEL" --data "$DATA" --beta "$BETA" --nll_reduction "$NLL"
-      --learning_rate "$LR" --num_train_epochs "$EPOCHS" --global_batch_size "$BATCH"
-      --per_device_train_batch_size "$MICRO_BATCH" --lr_scheduler_type "$SCHEDULER" --warmup_steps "$WARMUP"
-      --weight_decay "$WEIGHT_DECAY" --model_max_length "$MAX_LEN" --precision "$PRECISION"
-      --save_strategy "$SAVE" --save_total_limit 1 --logging_steps 1 --seed "$SEED" --report_to none
-      --output_dir "$OUT")
-[ -n "$CHAT_FORMAT" ] && args+=(--chat_format "$CHAT_FORMAT")
-[ -n "$REF_MODEL" ] && args+=(--ref_model "$REF_MODEL")
-[ "$GRAD_CKPT" = 1 ] && args+=(--activation_checkpointing)
-[ -n "$ATTN" ] && args+=(--attn_implementation "$ATTN")
+args+=(--run_dir "$RUN_DIR")
+opt --model_name_or_path "$MODEL"
+opt --data "$TRAIN_SET"
+opt --chat_format "$CHAT_FORMAT"
+opt --learning_rate "$RFT_LR"
+opt --num_train_epochs "$RFT_EPOCHS"
+opt --global_batch_size "$RFT_BATCH"
+opt --per_device_train_batch_size "$RFT_MICRO_BATCH"
+opt --lr_scheduler_type "$RFT_SCHEDULER"
+opt --warmup_steps "$RFT_WARMUP"
+opt --weight_decay "$RFT_WEIGHT_DECAY"
+opt --model_max_length "$RFT_MAX_LEN"
+opt --beta "$BETA"
+opt --ref_model "$REF_MODEL"
+opt --nll_reduction "$NLL"
+opt --output_dir "$OUT"
 
-source scripts/train_launch.sh
+source scripts/train_launch.sh                 # PRECISION GRAD_CKPT ATTN SAVE SEED NPROC DIST_CONFIG
 launch_training Reinforced_train.train "${args[@]}" "$@"
-echo "model: $OUT (summary: $OUT/train_summary.json)"

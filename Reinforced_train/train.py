@@ -7,15 +7,15 @@ sequence-summed NLL of the chosen assistant turns given the prompt, with no refe
 rejected forward; with --beta > 0 the original's sigmoid-DPO term against the frozen SFT model
 (--ref_model, default the policy's folder) is added.
 
-Runs as one process, under `torchrun` (DDP; gloo on CPU) or `accelerate launch` with an FSDP or
-DeepSpeed config (sft/configs; beta > 0 under DeepSpeed is refused). Gradient accumulation follows
+Inputs and output default to the run directory's (--run_dir; eval_agent/layout.py); the recipe's
+defaults are the paper's (`SteCaTrainingArguments`). Runs as one process, under `torchrun` (DDP; gloo on
+CPU) or `accelerate launch` with an FSDP or DeepSpeed config (sft/configs; beta > 0 under DeepSpeed is refused). Gradient accumulation follows
 from --global_batch_size. A rerun with the same --output_dir resumes from its last checkpoint.
 
 Writes into --output_dir: the model and tokenizer, `steca_chat_format.json`, `train_summary.json`,
 and the run card `config.json` into the parent folder (RUN_DIR/steca/).
 
-    python -m Reinforced_train.train --model_name_or_path outputs/alfworld/sft/model \\
-        --data outputs/alfworld/data_collection/train.jsonl --output_dir outputs/alfworld/steca/model
+    python -m Reinforced_train.train --run_dir outputs/alfworld
 """
 from __future__ import annotations
 
@@ -25,29 +25,68 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
 from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
+from eval_agent.cli import at_least, input_file, model_folder, run_main
+from eval_agent.guard import fingerprint, identity, require_output, settings_of, training_guard, training_settings
+from eval_agent.layout import RunDir, card_dir
 from eval_agent.run_card import write_run_card
-from eval_agent.training import configure_training_args, pad_token_id, train_and_save
+from eval_agent.training import (StageTrainingArguments, check_master_weights, configure_training_args,
+                                 finished_training, load_for_training, output_dir_from_run_dir, pad_token_id,
+                                 save_dtype, train_and_save)
 from Reinforced_train.data import encode_rows, load_rows
 from Reinforced_train.loss import WeightedCollator, steca_loss
 
 log = logging.getLogger("Reinforced_train.train")
+CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
 
 
 @dataclass
 class SteCaArguments:
-    model_name_or_path: str = field(metadata={"help": "the SFT model folder (HF format): the policy's start"})
-    data: str = field(metadata={"help": "weighted rows: our train.jsonl or the published final_data_rft_train.json"})
+    run_dir: str | None = field(default=None, metadata={"help": "the run directory: reads its SFT model and training "
+                                                                 "set, writes its STeCa model (eval_agent/layout.py)"})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "the SFT model folder (HF format): the "
+                                                                           "policy's start; default: the run's"})
+    data: str | None = field(default=None, metadata={"help": "weighted rows: our train.jsonl or the published "
+                                                             "final_data_rft_train.json; default: the run's"})
     beta: float = field(default=0.0, metadata={"help": "weight of the DPO term; 0 (the paper): no reference model"})
     ref_model: str | None = field(default=None, metadata={"help": "frozen reference for beta > 0; default: the SFT folder"})
     nll_reduction: str = field(default="sum", metadata={"help": "sum (the original: log-probs summed per row) | mean (per token)"})
     chat_format: str | None = field(default=None, metadata={"help": f"{FORMATS}; default: what the model folder records"})
     model_max_length: int = field(default=4096, metadata={"help": "tokens per sequence; longer ones lose whole trailing turns"})
     global_batch_size: int = field(default=15, metadata={"help": "rows per optimizer step over all processes"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU that has it, else fp32) | bf16 "
+                                                             "| fp32; weights and optimizer stay fp32"})
+    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved model: auto (bf16 after bf16 training) | bf16 | fp32"})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. flash_attention_2; default: transformers' choice"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh whatever settings made the output folder "
+                                                             "(moved aside as <folder>.old)"})
+
+
+@dataclass
+class SteCaTrainingArguments(StageTrainingArguments):
+    """The paper's reinforced-training recipe as defaults (the original's Reinforced_train/steca_train.sh): one
+    epoch, lr 3e-6, constant schedule after 10% warmup, one row per device, a checkpoint each epoch."""
+
+    learning_rate: float = 3e-6
+    num_train_epochs: float = 1
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_steps: float = 0.1
+    per_device_train_batch_size: int = 1
+    activation_checkpointing: bool | None = True
+    save_strategy: str = "epoch"
+    save_total_limit: int | None = 1
+    logging_steps: float = 1
+
+
+def resolve_paths(args: SteCaArguments) -> None:
+    """Inputs from the run directory where no flag names them (the output: `output_dir_from_run_dir`)."""
+    if not args.run_dir and not (args.model_name_or_path and args.data):
+        raise SystemExit("error: pass --run_dir, or --model_name_or_path and --data")
+    run = RunDir(args.run_dir) if args.run_dir else None
+    args.model_name_or_path = args.model_name_or_path or str(run.sft_model)
+    args.data = args.data or str(run.train_set)
 
 
 class SteCaTrainer(Trainer):
@@ -107,44 +146,71 @@ def configure(args: SteCaArguments, targs: TrainingArguments) -> TrainingArgumen
         raise SystemExit(f"error: --nll_reduction must be sum or mean, got {args.nll_reduction!r}")
     if args.beta < 0:
         raise SystemExit(f"error: --beta must be >= 0, got {args.beta}")
-    targs = configure_training_args(targs, args.global_batch_size, args.precision)
+    targs = configure_training_args(targs, args.global_batch_size, args.precision, stage="steca")
     # Trainer would drop the columns the model's forward does not take (the weights, the rejected rows)
     return dataclasses.replace(targs, remove_unused_columns=False)
 
 
-def load_model(path: str, targs: TrainingArguments, attn_implementation: str | None):
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.bfloat16 if targs.bf16 else torch.float32, attn_implementation=attn_implementation)
-    model.config.use_cache = False  # no generation while training; activation checkpointing needs it off
-    return model
-
-
 def build_trainer(args: SteCaArguments, targs: TrainingArguments, examples: list[dict], tokenizer) -> SteCaTrainer:
-    model = load_model(args.model_name_or_path, targs, args.attn_implementation)
-    ref_model = load_model(args.ref_model or args.model_name_or_path, targs, args.attn_implementation) if args.beta else None
+    model = load_for_training(args.model_name_or_path, args.attn_implementation)
+    check_master_weights(model, targs)
+    ref_model = None
+    if args.beta:  # frozen: in bf16 when the compute is, half the memory of an fp32 copy
+        ref_model = load_for_training(args.ref_model or args.model_name_or_path, args.attn_implementation,
+                                      torch.bfloat16 if targs.bf16 else torch.float32)
     pad_id = pad_token_id(tokenizer)
     return SteCaTrainer(model=model, args=targs, train_dataset=examples, data_collator=WeightedCollator(pad_id),
                         processing_class=tokenizer, beta=args.beta, ref_model=ref_model,
                         token_mean=args.nll_reduction == "mean", pad_id=pad_id)
 
 
+def build_parser() -> HfArgumentParser:
+    """The command line; its defaults are the stage's (docs/ lists them)."""
+    return HfArgumentParser((SteCaArguments, SteCaTrainingArguments))
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((SteCaArguments, TrainingArguments))
-    args, targs = parser.parse_args_into_dataclasses(args=argv)
+    parser = build_parser()
+    args, targs = parser.parse_args_into_dataclasses(args=output_dir_from_run_dir(argv, lambda run: run.steca_model))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    resolve_paths(args)
+    check_inputs(args)
     targs = configure(args, targs)
     out = Path(targs.output_dir)
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     fmt_name = resolve_chat_format(args.model_name_or_path, args.chat_format)
+    with training_guard(targs, {out: fingerprint_of(args, targs, fmt_name)}, args.overwrite):
+        return finished_training(out) or train(args, targs, fmt_name)
+
+
+def check_inputs(args: SteCaArguments) -> None:
+    model_folder(args.model_name_or_path, "SFT model")
+    if args.beta and args.ref_model:
+        model_folder(args.ref_model, "reference model")
+    input_file(args.data, "training set")
+    for name in ("global_batch_size", "model_max_length"):
+        at_least(name, getattr(args, name), 1)
+
+
+def fingerprint_of(args: SteCaArguments, targs: TrainingArguments, chat_format: str) -> dict:
+    """The recipe, the chat format, the SFT model, the training set and the reference model of beta > 0."""
+    settings = settings_of(dataclasses.asdict(args), drop={"model_name_or_path", "data", "ref_model", "precision",
+                                                           "attn_implementation"})
+    inputs = {"model": identity(args.model_name_or_path), "data": identity(args.data),
+              "ref_model": identity(args.ref_model or args.model_name_or_path) if args.beta else None}
+    return fingerprint("reinforced_train", CODE_VERSION,
+                       {**settings, **training_settings(targs), "chat_format": chat_format}, inputs)
+
+
+def train(args: SteCaArguments, targs: TrainingArguments, fmt_name: str) -> dict:
+    out = Path(targs.output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     chat_format = ChatFormat(fmt_name, tokenizer if fmt_name == "template" else None)
     rows = load_rows(args.data, need_rejected=args.beta > 0)
     examples, stats = encode_rows(rows, chat_format, tokenizer, args.model_max_length, with_rejected=args.beta > 0,
                                   progress=targs.process_index == 0)
-    if not examples:
-        raise SystemExit(f"error: no training row fits in {args.model_max_length} tokens ({args.data})")
+    require_output(len(examples), f"no training row fits in {args.model_max_length} tokens ({args.data})")
     if targs.process_index == 0:
-        write_run_card(out.parent, "reinforced_train", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
+        write_run_card(card_dir(out), "reinforced_train", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
     log.info("%s: %d rows in, %d used (%d truncated, %d skipped: too long), %d tokens, %d trained, weights %.4g..%.4g",
              args.data, stats["rows_in"], stats["rows_out"], stats["truncated"], stats["skipped_too_long"],
              stats["tokens"], stats["trained_tokens"], stats["weight_min"], stats["weight_max"])
@@ -152,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = build_trainer(args, targs, examples, tokenizer)
     extra = {"beta": args.beta, "reference_model": (args.ref_model or args.model_name_or_path) if args.beta else None,
              "nll_reduction": args.nll_reduction, "global_batch_size": args.global_batch_size}
-    return train_and_save(trainer, tokenizer, fmt_name, {**stats, **extra}, log)
+    return train_and_save(trainer, tokenizer, fmt_name, {**stats, **extra}, log, save_dtype(args.save_dtype, targs))
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

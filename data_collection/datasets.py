@@ -1,21 +1,10 @@
 """The training rows: calibration (D_c), expert sub-trajectories (D_s: `expert_sub` suffixes and
-`expert_full` whole trajectories) and explored successes (D_e), their nDTW weights, and the
-published export.
+`expert_full` whole trajectories) and explored successes (D_e), their nDTW weights, and the published export.
 
-Every row is built from structured trajectories (never by slicing chat lists, B5) into the
-published `from`/`value` turns, values stripped as the original's `template_change` did:
-
-    prompt   = instruction, "OK", task, expert steps 0..t-1 with their observations (+ for D_c the
-               deviated step t and its real observation)
-    chosen   = the trained continuation, from a `gpt` turn to the last answer (no final observation)
-    rejected = the compared continuation (also ending with an answer)
-
-The expert's steps and observations are the expert data's own (the trajectories SFT trained on);
-after a deviation the expert suffix keeps its original observations, as in the original (D3).
-A row whose `chosen` has an empty turn (a policy reply of nothing, or only whitespace, in an explored
-success) is dropped and counted: it would train the model to say nothing. Empty policy replies in
-`prompt` (a deviated step) and `rejected` are kept as what the policy did; the original dropped every
-`step_pm` row with an empty turn anywhere, which with a weak policy drops most rows.
+Rows are built from structured trajectories into the published `from`/`value` turns: `prompt` (instruction,
+"OK", task, expert steps 0..t-1, and for D_c the deviated step with its real observation), `chosen` (the
+trained continuation, ending with an answer) and `rejected` (the compared one). A row whose `chosen` has an
+empty turn is dropped and counted: it would train the model to say nothing.
 """
 from __future__ import annotations
 

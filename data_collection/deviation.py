@@ -1,19 +1,10 @@
 """Deviation detection: is the policy's explored step t a deviated action?
 
-Faithful to the original's `data_cali_*.py` by default. An explored step t (expert steps 0..t-1
-replayed, then the policy's greedy step) is deviated when all of these hold:
-- reward_not_higher: r(explored t) <= r(expert t-1) + delta  (`strict`: <, the paper's Eq. 5 form);
-- continuation_failed: the greedy continuation after it failed;
-- action_differs: its action is not the expert's action at t;
-- dissimilar: cos(embedding of its action, of the expert action) < sim_threshold (0.95);
-- has_continuation: the policy took at least one more step after it (the original skipped the
-  record otherwise: the `rejected` side of the pair would be empty).
-Steps t < min_step (2, as the original) are not considered.
-
-A reply without `Action:` (action None) is a different action from the expert's with similarity 0
-(it can deviate; the original crashed on it, B12). A record that cannot be judged is skipped with a
-reason, never a crash: the episode ended before step t (no_step), an environment error, a missing
-expert action, or a missing Monte-Carlo value (for t = 0 the expert value "at t-1" does not exist).
+Deviated when every criterion holds (each is recorded): reward_not_higher (r(explored t) <= r(expert t-1) +
+delta; `strict`: <), continuation_failed, action_differs, dissimilar (action similarity below sim_threshold) and
+has_continuation (else the pair's `rejected` side is empty); steps t < min_step are not considered. A reply
+without `Action:` is a different action with similarity 0. A record that cannot be judged is skipped with its
+reason, never a crash.
 """
 from __future__ import annotations
 

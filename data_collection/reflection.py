@@ -1,24 +1,12 @@
 """Reflection: the thought that leads from a deviated step back to the expert's action (STeCa §3.2).
 
-The reflecting model sees the interaction history up to the deviated step and the observation it got,
-is told that this last step was not optimal and what the ground-truth next action is, and writes the
-thought that leads to that action. Only the thought is generated; the action is the expert's (an
-oracle, as in the paper). Two backends:
-- `chat`: an OpenAI-compatible chat endpoint (GPT-4o in the paper); key and base URL come only from
-  the environment (OPENAI_API_KEY, OPENAI_BASE_URL) and are never logged or written;
-- `self`: the SFT policy itself through eval_agent.llm (the paper's self-generation variant, Table 3),
-  the request rendered with the model's own chat format and generated in batches.
-
-Differences from the original (data_cali_*.py, which used the GPT-4o replies nearly raw):
-- the history is sent as chat turns, and the request follows the last observation in the same user
-  turn: no `Human:`/`Gpt:` transcript, whose role names the replies echoed;
-- a reply is cleaned into exactly `Thought: <one line>\\nAction: <expert action>`: text before
-  `Thought:` (a role prefix, a preamble) is dropped, a thought over several lines is joined, the
-  reply's own `Action:` is replaced by the ground truth (as the original does) and anything after it
-  dropped; a reply with no thought is invalid, asked again, then counted;
-- raw replies are cached on disk per (backend, model, prompt, generation settings, attempt), so a
-  rerun or a resumed run costs nothing for what was answered, and a change of the cleaning rules
-  needs no new calls; requests run concurrently with exponential backoff; tokens and cost are summed.
+The reflecting model sees the history up to the deviated step and its observation, is told that the step was
+not optimal and what the ground-truth next action is, and writes the thought; the action stays the expert's.
+Backends: `chat`, an OpenAI-compatible chat endpoint (GPT-4o in the paper; key and URL only from the
+environment: REFLECT_API_KEY / REFLECT_BASE_URL, else OPENAI_*; never logged), or `self`, the SFT policy
+through eval_agent.llm (the paper's self-generation variant). Replies are cleaned into one `Thought:` line and the expert's `Action:`, invalid ones asked again, and
+every raw reply is cached on disk, so a rerun asks nothing. `--reflect_prompt original` sends the published
+code's `Human:`/`Gpt:` transcript and request instead of chat turns. docs/data_collection.md has the details.
 """
 from __future__ import annotations
 
@@ -27,7 +15,6 @@ import concurrent.futures
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +23,11 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import httpx
 from tqdm import tqdm
 
+from eval_agent.cli import check_policy_model, count, natural, non_negative
+from eval_agent.guard import weights_fingerprint
 from eval_agent.llm import DEFAULT_STOP, BackendUnavailable, GenerationConfig
 from eval_agent.llm.openai_http import HTTPClient, Refused, RetryPolicy, chat_choice
+from eval_agent.llm.reflect_endpoint import reflection_endpoint
 from eval_agent.store import JsonlStore
 from eval_agent.trajectory import format_reply
 
@@ -56,8 +46,17 @@ REQUEST = (
     "Thought: <your thought>\n"
     "Action: {action}"
 )
+# `--reflect_prompt original`: the published code's request (data_cali_*.py), verbatim, appended to the
+# history rendered as a `Human: ...` / `Gpt: ...` transcript and sent as one user message.
+ORIGINAL_REQUEST = (
+    "\n\nAbove is the interaction history. However, the last step is not optimal and may lead to a wrong direction. "
+    "The next step ground truth action is: {action}. Please provide the thought which would lead the agent to generate "
+    "the ground truth action and be aware of the last non-optimal action. The thought should follow the format of the "
+    "interaction history."
+)
+PROMPT_STYLES = ("ours", "original")
 DEFAULT_CHAT_MODEL = "gpt-4o"
-OPENAI_URL = "https://api.openai.com/v1"  # the chat endpoint when OPENAI_BASE_URL is not set
+OPENAI_URL = "https://api.openai.com/v1"  # the chat endpoint when no base URL is set
 # USD per 1M (input, output) tokens, OpenAI's list prices (cached-input discounts ignored).
 PRICES_PER_1M = {"gpt-4o": (2.50, 10.00), "gpt-4o-mini": (0.15, 0.60)}
 
@@ -85,8 +84,15 @@ class Reflection:
 
 # ---- prompt and reply cleaning ----------------------------------------------------------------------
 
-def reflection_messages(req: ReflectionRequest) -> list[dict[str, str]]:
-    """The chat sent to the reflecting model: the history, the request appended to its last (observation) turn."""
+def transcript(history: list[dict[str, str]]) -> str:
+    """The original's `convert_to_text`: `Human: <turn>` / `Gpt: <turn>` (values stripped), blank lines between."""
+    speaker = {"user": "Human", "assistant": "Gpt"}
+    return "\n\n".join(f"{speaker[m['role']]}: {m['content'].strip()}" for m in history)
+
+
+def reflection_messages(req: ReflectionRequest, style: str = "ours") -> list[dict[str, str]]:
+    """The chat sent to the reflecting model: the history as chat turns with the request appended to its last
+    (observation) turn (`ours`), or the original's one user message: transcript + its request (`original`)."""
     where = f"reflection request {req.key!r}"
     action = (req.expert_action or "").strip()
     if not action or "\n" in action:
@@ -97,6 +103,10 @@ def reflection_messages(req: ReflectionRequest) -> list[dict[str, str]]:
     for i, m in enumerate(history):
         if m.get("role") != ("user" if i % 2 == 0 else "assistant") or not isinstance(m.get("content"), str):
             raise ValueError(f"{where}: turn {i} must be a {'user' if i % 2 == 0 else 'assistant'} turn with text")
+    if style == "original":
+        return [{"role": "user", "content": transcript(history) + ORIGINAL_REQUEST.format(action=action)}]
+    if style != "ours":
+        raise ValueError(f"reflection prompt style must be one of {PROMPT_STYLES}, got {style!r}")
     last = {"role": "user", "content": history[-1]["content"].rstrip() + "\n\n" + REQUEST.format(action=action)}
     return [dict(m) for m in history[:-1]] + [last]
 
@@ -187,11 +197,11 @@ class ChatModel:
 
     def __init__(self, model: str, settings: dict[str, Any], concurrency: int = 8, timeout: float = 120.0,
                  http_retries: int = 6):
-        key = os.environ.get("OPENAI_API_KEY")
-        base_url = os.environ.get("OPENAI_BASE_URL") or None
+        key, base_url = reflection_endpoint()
         if not key and not base_url:
-            raise SystemExit("error: the chat reflection backend needs OPENAI_API_KEY (and OPENAI_BASE_URL for an "
-                             "endpoint other than OpenAI's) in the environment; or use --reflect_backend self")
+            raise SystemExit("error: the chat reflection backend needs REFLECT_API_KEY (or OPENAI_API_KEY; and "
+                             "REFLECT_BASE_URL for an endpoint other than OpenAI's) in the environment; or use "
+                             "--reflect_backend self")
         self.url = (base_url or OPENAI_URL).rstrip("/")
         self.client = HTTPClient([self.url], api_key=key, timeout=timeout, max_requests=concurrency,
                                  retry=RetryPolicy(retries=http_retries), what="chat endpoint")
@@ -216,8 +226,8 @@ class ChatModel:
 
     def _unavailable(self, why: str) -> BackendUnavailable:
         """A clear error naming the endpoint; the key is never part of it (the client scrubs it from messages)."""
-        return BackendUnavailable(f"chat endpoint {self.url} (model {self.model!r}): {why}; set OPENAI_BASE_URL / "
-                                  f"OPENAI_API_KEY, or use --reflect_backend self")
+        return BackendUnavailable(f"chat endpoint {self.url} (model {self.model!r}): {why}; set REFLECT_BASE_URL / "
+                                  f"REFLECT_API_KEY, or use --reflect_backend self")
 
     def _check(self) -> None:
         """Fail fast when the endpoint is down or refuses the key (a missing /models route is fine)."""
@@ -226,7 +236,7 @@ class ChatModel:
         except httpx.TransportError as e:
             raise self._unavailable(f"cannot connect ({type(e).__name__})") from None
         if response.status_code in (401, 403):
-            raise self._unavailable(f"it rejected OPENAI_API_KEY ({response.status_code})")
+            raise self._unavailable(f"it rejected the key ({response.status_code}; REFLECT_API_KEY, else OPENAI_API_KEY)")
 
     async def _ask(self, messages: list[dict[str, str]], attempt: int) -> Reply:
         payload: dict[str, Any] = dict(model=self.model, messages=messages, temperature=self.settings["temperature"],
@@ -238,7 +248,7 @@ class ChatModel:
             (text, finish_reason, usage), _ = await self.client.post("/chat/completions", payload, chat_choice)
         except Refused as e:
             if e.status in (401, 403):
-                raise self._unavailable(f"it rejected OPENAI_API_KEY ({e.status})") from None
+                raise self._unavailable(f"it rejected the key ({e.status}; REFLECT_API_KEY, else OPENAI_API_KEY)") from None
             if e.status == 404:  # every other request would fail the same way
                 raise self._unavailable(f"HTTP 404: {e.message}") from None
             return Reply(text="", finish_reason="error", refused=f"refused ({e.status}): {e.message}"[:300])
@@ -246,15 +256,6 @@ class ChatModel:
             raise self._unavailable(str(e)) from None
         return Reply(text=text, finish_reason=finish_reason, prompt_tokens=usage.get("prompt_tokens", 0),
                      completion_tokens=usage.get("completion_tokens", 0))
-
-
-def weights_fingerprint(model: str) -> str | None:
-    """Name, size and modification time of a local model folder's weight files; None for a served name."""
-    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in Path(model).glob(pattern))
-    if not files:
-        return None
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
 class SelfModel:
@@ -289,9 +290,10 @@ class SelfModel:
 class Reflector:
     """Reflections for many requests: cached, retried while invalid, counted."""
 
-    def __init__(self, model: ReflectionModel, cache_path: str | Path, retries: int = 2):
+    def __init__(self, model: ReflectionModel, cache_path: str | Path, retries: int = 2, prompt_style: str = "ours"):
         self.model = model
         self.retries = retries
+        self.prompt_style = prompt_style
         self.cache = JsonlStore(cache_path)
         self.stats = {"requests": 0, "ok": 0, "invalid": 0, "retries": 0, "calls": 0, "cache_hits": 0,
                       "refused": 0, "actions_replaced": 0, "prompt_tokens": 0, "completion_tokens": 0}
@@ -303,7 +305,7 @@ class Reflector:
 
     def reflect(self, requests: list[ReflectionRequest]) -> list[Reflection]:
         """One reflection per request, in order; attempt k+1 only for the requests still invalid after k."""
-        prompts = [self.model.prompt_text(reflection_messages(r)) for r in requests]
+        prompts = [self.model.prompt_text(reflection_messages(r, self.prompt_style)) for r in requests]
         attempts = [0] * len(requests)
         tokens = [[0, 0] for _ in requests]
         called = [False] * len(requests)
@@ -396,29 +398,37 @@ def add_reflection_args(p: argparse.ArgumentParser) -> None:
     """Reflection options; `self` uses add_model_args' --model/--backend/--endpoints/--chat_format (and --task)."""
     g = p.add_argument_group("reflection")
     g.add_argument("--reflect_backend", choices=("auto", "chat", "self"), default="auto",
-                   help="chat: an OpenAI-compatible endpoint (OPENAI_API_KEY, OPENAI_BASE_URL); self: the policy "
-                        "given by --model (the paper's self-generation); auto: chat when OPENAI_API_KEY is set")
+                   help="chat: an OpenAI-compatible endpoint (REFLECT_API_KEY, REFLECT_BASE_URL, else OPENAI_*); self: "
+                        "the policy given by --model (the paper's self-generation); auto: chat when a key is set")
+    g.add_argument("--reflect_prompt", choices=PROMPT_STYLES, default="ours",
+                   help="ours: the history as chat turns, the request in the last one; original: the published "
+                        "code's Human:/Gpt: transcript and request as one user message")
     g.add_argument("--reflect_model",
                    help=f"chat: the model name (default {DEFAULT_CHAT_MODEL}); self: default --model")
     g.add_argument("--reflect_cache",
                    help="raw-reply cache, JSONL (default: RUN_DIR/data_collection/reflection_cache.jsonl)")
-    g.add_argument("--reflect_concurrency", type=int, default=8,
+    g.add_argument("--reflect_concurrency", type=count, default=8,
                    help="chat: requests in flight; self: prompts per generate call")
-    g.add_argument("--reflect_retries", type=int, default=2, help="times an invalid reply is asked again")
-    g.add_argument("--reflect_temperature", type=float, default=1.0, help="the original: the API default, 1.0")
-    g.add_argument("--reflect_max_tokens", type=int, default=256)
+    g.add_argument("--reflect_retries", type=natural, default=2, help="times an invalid reply is asked again")
+    g.add_argument("--reflect_temperature", type=non_negative, default=1.0, help="the original: the API default, 1.0")
+    g.add_argument("--reflect_max_tokens", type=count, default=256)
     g.add_argument("--reflect_seed", type=int, default=0, help="sampling seed (+ the attempt number on retries)")
     g.add_argument("--reflect_timeout", type=float, default=120.0, help="chat: seconds per request")
     g.add_argument("--reflect_http_retries", type=int, default=6,
                    help="chat: retries with exponential backoff on connection errors, 429, 5xx and malformed answers")
 
 
+def reflect_backend(args: argparse.Namespace) -> str:
+    """chat or self: what --reflect_backend auto means here (chat when the reflection endpoint has a key)."""
+    if args.reflect_backend == "auto":
+        return "chat" if reflection_endpoint()[0] else "self"
+    return args.reflect_backend
+
+
 def reflector_from_args(args: argparse.Namespace, cache_path: Path) -> Reflector:
     settings = {"temperature": args.reflect_temperature, "max_tokens": args.reflect_max_tokens,
                 "seed": args.reflect_seed}
-    kind = args.reflect_backend
-    if kind == "auto":
-        kind = "chat" if os.environ.get("OPENAI_API_KEY") else "self"
+    kind = reflect_backend(args)
     model: ReflectionModel
     if kind == "chat":
         model = ChatModel(args.reflect_model or DEFAULT_CHAT_MODEL, settings, concurrency=args.reflect_concurrency,
@@ -428,10 +438,12 @@ def reflector_from_args(args: argparse.Namespace, cache_path: Path) -> Reflector
 
         name = args.reflect_model or args.model
         if not name:
-            raise SystemExit("error: self reflection needs --model (the SFT policy), or set OPENAI_API_KEY for chat")
+            raise SystemExit("error: self reflection needs --model (the SFT policy), or set REFLECT_API_KEY for chat")
         if not getattr(args, "task_family", None):
             raise SystemExit("error: self reflection needs --task_family (the policy's task family)")
+        check_policy_model(argparse.Namespace(**{**vars(args), "model": name}))
         policy = ModelPolicy.build(args.task_family, name, GenerationConfig(), backend=args.backend, endpoints=args.endpoints,
                                    chat_format=args.chat_format, tokenizer=args.tokenizer)
         model = SelfModel(policy, settings, batch=args.reflect_concurrency)
-    return Reflector(model, Path(args.reflect_cache or cache_path), retries=args.reflect_retries)
+    return Reflector(model, Path(args.reflect_cache or cache_path), retries=args.reflect_retries,
+                     prompt_style=args.reflect_prompt)

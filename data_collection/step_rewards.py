@@ -1,6 +1,7 @@
-"""Step rewards: per step record (task, step t, kind), the mean success of its Monte-Carlo rollouts
-and how many there were. A record without rollouts has no reward (None: a counted skip wherever it
-is needed, never a crash, B12); one with fewer or more than the expected N is reported."""
+"""Step rewards: per step record (task, step t, kind), the mean success of its Monte-Carlo rollouts and how
+many there were. A record without rollouts has no reward (None: a counted skip wherever it is needed); one
+with fewer or more than the expected N is reported.
+"""
 from __future__ import annotations
 
 from collections import Counter

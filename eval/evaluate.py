@@ -1,10 +1,14 @@
 """Stage 5: evaluate a policy on a task split. One result file per task, then `summary.json`.
 
+Output: RUN_DIR/eval/<label>/<split>/ (eval_agent/layout.py), or --out. The label names the model:
+`base` (default: the embedded SmolLM2), `sft` and `steca` (default: the run directory's SFT / STeCa model),
+`expert` for --policy expert, or any name with --model.
+
 Resumable: tasks whose result file exists are skipped; the summary is rebuilt from the result
 files of the selected tasks, so each task counts once however often the stage was interrupted.
 
-    python -m eval.evaluate --task alfworld --split seen --policy expert --out outputs/eval/expert
-    python -m eval.evaluate --task alfworld --split unseen --policy model --model models/SmolLM2-135M-Instruct
+    python -m eval.evaluate --task_family alfworld --split seen --policy expert --run_dir outputs/alfworld
+    python -m eval.evaluate --task_family alfworld --split unseen --label sft --run_dir outputs/alfworld
 """
 from __future__ import annotations
 
@@ -17,15 +21,21 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from eval_agent.async_runner import run_for_policy
+from eval_agent.cli import check_policy_model, count, non_negative, run_main
 from eval_agent.envs import add_task_family_arg, get_task_family
+from eval_agent.guard import RunGuard, fingerprint, model_arg_names, policy_fingerprint, settings_of
+from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.llm import BackendUnavailable
 from eval_agent.run_card import write_run_card
-from eval_agent.async_runner import run_for_policy
+from eval_agent.smollm2 import default_model_dir
 from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, add_model_args
 from eval_agent.store import write_json
+from eval_agent.tracking import find_run_dir, log_summary
 from eval_agent.trajectory import Trajectory
 
 log = logging.getLogger("eval")
+CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
 
 
 def result_path(out: Path, key: str) -> Path:
@@ -56,6 +66,31 @@ def summarize(task_name: str, split: str, trajs: list[Trajectory]) -> dict[str, 
     }
 
 
+def model_of_label(args: argparse.Namespace) -> str:
+    """The model `--label` names when --model is not given: base (--base_model, else the embedded SmolLM2),
+    sft and steca (the run directory's models)."""
+    run = RunDir(args.run_dir) if args.run_dir else None
+    run_models = {"sft": run.sft_model, "steca": run.steca_model} if run else {}
+    if args.label == "base":
+        return args.base_model or str(default_model_dir())
+    if args.label in run_models:
+        return str(run_models[args.label])
+    raise SystemExit(f"error: --label {args.label!r} names no model of the run: pass --model "
+                     f"(labels with a default model: base, sft, steca with --run_dir)")
+
+
+def resolve_output(args: argparse.Namespace) -> Path:
+    """The output folder, and the model the label names when --model is not given."""
+    args.label = args.label or ("expert" if args.policy == "expert" else "base")
+    if args.policy == "model" and not args.model:
+        args.model = model_of_label(args)
+    if args.out:
+        return Path(args.out)
+    if not args.run_dir:
+        raise SystemExit("error: pass --run_dir (results go to RUN_DIR/eval/<label>/<split>/) or --out")
+    return RunDir(args.run_dir).evaluation(args.label, args.split)
+
+
 def build_policy(args: argparse.Namespace):
     if args.policy == "expert":
         return ExpertPolicy(), {}
@@ -66,28 +101,54 @@ def build_policy(args: argparse.Namespace):
     return policy, {"chat_format": policy.chat_format.name}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the stage's (docs/ lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_family_arg(p)
     p.add_argument("--split", default="seen", help="train | seen | unseen")
     p.add_argument("--policy", choices=("model", "expert"), default="model")
     add_model_args(p)
-    p.add_argument("--max_steps", type=int, default=MAX_STEPS)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as the paper evaluates")
+    p.add_argument("--max_steps", type=count, default=MAX_STEPS)
+    p.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy, as the paper evaluates")
     p.add_argument("--data_root", help="task data folder (default: the task family's own lookup)")
     p.add_argument("--env_args", type=json.loads, default={},
                    help='JSON object of environment options, e.g. \'{"task_text": "original"}\' (ALFWorld)')
-    p.add_argument("--limit", type=int, help="first N tasks of the split only")
-    p.add_argument("--concurrency", type=int, help="episodes in flight (default: 16 in-process, 1024 over HTTP)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true", help="ignore existing result files and rerun every task")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    p.add_argument("--limit", type=count, help="first N tasks of the split only (default: all)")
+    p.add_argument("--concurrency", type=count, help="episodes in flight (default: 16 in-process, 1024 over HTTP)")
+    p.add_argument("--run_dir", help="the run directory: results go to RUN_DIR/eval/<label>/<split>/")
+    p.add_argument("--label", help="what is evaluated: base | sft | steca (the run's models) | any name with --model "
+                                   "(default: expert for --policy expert, else base)")
+    p.add_argument("--base_model", help="the model --label base names (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", help="the output folder (default: from --run_dir and --label)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rerun every task, whatever settings made the old results (moved aside as <out>.old)")
+    return p
 
-    out = Path(args.out)
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = resolve_output(args)
+    if args.policy == "model":
+        check_policy_model(args)
+    with RunGuard({out: fingerprint_of(args)}, folder=True, overwrite=args.overwrite):
+        return evaluate(args, out)
+
+
+def fingerprint_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The policy (the model's settings and identity, or the built-in expert), decoding, steps and tasks; the
+    task limit only selects: each task's result file is the same whichever tasks are chosen."""
+    settings = settings_of(args, drop=model_arg_names() | {"base_model", "data_root", "limit"})
+    policy_settings, policy_inputs = policy_fingerprint(args) if args.policy == "model" else ({}, {})
+    return fingerprint("eval", CODE_VERSION, {**settings, **policy_settings},
+                       {"tasks": get_task_family(args.task_family).data_identity(args.split, args.data_root),
+                        **policy_inputs}, selection={"limit": args.limit})
+
+
+def evaluate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     family = get_task_family(args.task_family)
     tasks = family.load_tasks(args.split, data_root=args.data_root, limit=args.limit)
-    todo = [t for t in tasks if args.overwrite or not result_path(out, t.key).exists()]
+    todo = [t for t in tasks if not result_path(out, t.key).exists()]
     log.info("%s/%s: %d tasks, %d already done, %d to run", args.task_family, args.split, len(tasks), len(tasks) - len(todo), len(todo))
 
     policy, extra = build_policy(args)
@@ -106,7 +167,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for t, traj in zip(tasks, trajs):
         traj.meta.setdefault("task_type", t.meta.get("task_type", "unknown"))
     summary = {**summarize(args.task_family, args.split, trajs), "run": asdict(stats), "run_card": card}
-    write_json(out / "summary.json", summary)
+    write_json(out / EVAL_SUMMARY, summary)
+    log_summary(find_run_dir(out), f"eval/{out.parent.name}/{out.name}", {k: v for k, v in summary.items()
+                                                                         if k != "run_card"}, out)
     log.info(
         "%s/%s: success %.3f, avg reward %.3f, avg steps %.1f over %d tasks (%d run now in %.1fs)",
         args.task_family, args.split, summary["success_rate"], summary["avg_reward"], summary["avg_steps"],
@@ -116,4 +179,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,32 +1,27 @@
 #!/usr/bin/env bash
-# Stage 5: evaluate a policy on a split. Edit the values below or override them from the
-# environment, e.g.  TASK=alfworld SPLIT=unseen POLICY=expert bash eval/evaluate.sh
+# Stage 5: evaluate a model (or the built-in expert) on a split, into RUN_DIR/eval/<LABEL>/<SPLIT>/
+# (eval_agent/layout.py). LABEL names the model: base (the base model), sft and steca (the run's models),
+# or any name with MODEL. docs/eval.md lists every variable with its default, e.g.
+#   TASK_FAMILY=alfworld SPLIT=unseen LABEL=sft bash eval/evaluate.sh
+#   TASK_FAMILY=alfworld SPLIT=unseen POLICY=expert bash eval/evaluate.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/stage_lib.sh                # PRESET, PYTHON, TASK_FAMILY, RUN_DIR
 
-TASK=${TASK:-alfworld}              # alfworld | virtualhome
-SPLIT=${SPLIT:-seen}                # train | seen | unseen
-POLICY=${POLICY:-model}             # model | expert (the built-in expert: the sanity baseline)
-MODEL=${MODEL:-models/SmolLM2-135M-Instruct}
-BACKEND=${BACKEND:-hf}              # hf (in-process transformers) | openai (vLLM or any compatible server)
-ENDPOINTS=${ENDPOINTS:-}            # openai backend: file with one base URL per line (else $OPENAI_BASE_URL)
-CHAT_FORMAT=${CHAT_FORMAT:-}        # template | llama-2; empty = what the model folder records, else template
-MAX_STEPS=${MAX_STEPS:-40}
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-512}
-ICL_NUM=${ICL_NUM:-1}
-LIMIT=${LIMIT:-}                    # first N tasks only; empty = the whole split
-CONCURRENCY=${CONCURRENCY:-16}
-DATA_ROOT=${DATA_ROOT:-}
-OUT=${OUT:-outputs/eval/${TASK}-${SPLIT}-${POLICY}}
-PYTHON=${PYTHON:-.venv/bin/python}
+POLICY=${POLICY:-}                         # model | expert (the built-in expert: the sanity baseline)
+LABEL=${LABEL:-}                           # base | sft | steca | any name with MODEL
+MODEL=${MODEL:-}                           # the model; empty = the one LABEL names
+BASE_MODEL=${BASE_MODEL:-}                 # the model LABEL=base names; empty = the embedded SmolLM2
+EVAL_LIMIT=${EVAL_LIMIT:-${LIMIT:-}}       # first N tasks only; empty = the whole split (LIMIT: the older name)
+OUT=${OUT:-}                               # the output folder; empty = RUN_DIR/eval/<LABEL>/<SPLIT>
+source scripts/episode_vars.sh             # SPLIT DATA_ROOT MAX_STEPS CONCURRENCY
+source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM ICL_FROM MAX_NEW_TOKENS
 
-args=(--task "$TASK" --split "$SPLIT" --policy "$POLICY" --model "$MODEL" --backend "$BACKEND"
-      --max_steps "$MAX_STEPS" --max_new_tokens "$MAX_NEW_TOKENS" --icl_num "$ICL_NUM"
-      --concurrency "$CONCURRENCY" --out "$OUT")
-[ -n "$ENDPOINTS" ] && args+=(--endpoints "$ENDPOINTS")
-[ -n "$CHAT_FORMAT" ] && args+=(--chat_format "$CHAT_FORMAT")
-[ -n "$LIMIT" ] && args+=(--limit "$LIMIT")
-[ -n "$DATA_ROOT" ] && args+=(--data_root "$DATA_ROOT")
-
-"$PYTHON" -m eval.evaluate "${args[@]}" "$@"
-echo "summary: $OUT/summary.json"
+args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
+opt --policy "$POLICY"
+opt --label "$LABEL"
+opt --model "$MODEL"
+opt --base_model "$BASE_MODEL"
+opt --limit "$EVAL_LIMIT"
+opt --out "$OUT"
+exec "$PYTHON" -m eval.evaluate "${args[@]}" "$@"

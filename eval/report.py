@@ -1,6 +1,8 @@
 """Stage 5 report: the paper's Table 1 layout (VirtualHome seen / unseen, ALFWorld seen / unseen, Average)
 built from evaluation summaries, our rows above the paper's published rows (eval/paper_results.py), as
-Markdown, LaTeX, a PNG bar chart and report.json (every number with the file it came from).
+Markdown, LaTeX, a PNG bar chart and report.json (every number with the file it came from). Below it, the
+signals that move at small scale and their plain-language reading (eval/signals.py, docs/metrics.md):
+success counts, step accuracy and valid actions with Wilson 95% intervals, and the data-collection figures.
 
     python -m eval.report --run alfworld=outputs/alfworld --run virtualhome=outputs/virtualhome --out outputs/report
     python -m eval.report --summary base=outputs/eval/alfworld-unseen-smollm2-base --out outputs/report
@@ -10,6 +12,8 @@ Inputs:
   RUN_DIR has no eval/ folder); with ENV, every summary found must be of that environment.
 - `--summary LABEL=PATH` adds one summary (a summary.json or the folder holding it); its environment and
   split are read from the file.
+- step accuracy: RUN_DIR/eval/<label>/<split>/step_accuracy/summary.json of each `--run`, and
+  `--step_accuracy LABEL=PATH`; data collection: RUN_DIR/data_collection/summary.json of each `--run`.
 The labels base, sft and steca are shown as "Base model (ours)", "SFT (ours)", "STeCa (ours)", others as
 given. Our rows' backbone is `--backbone`, else the model name the `base` summaries record.
 
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from eval.paper_results import COLUMNS, PAPER_ROWS
+from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.store import write_atomic, write_json
 
 log = logging.getLogger("report")
@@ -119,22 +124,24 @@ def discover(run: str) -> tuple[str | None, list[tuple[str, Path]], list[dict[st
     if env and env not in ENV_TITLES:
         raise SystemExit(f"error: --run {run}: unknown environment {env!r}; choose from {sorted(ENV_TITLES)}")
     root = Path(folder)
-    evals = root / "eval" if (root / "eval").is_dir() else root
+    evals = RunDir(root).eval if RunDir(root).eval.is_dir() else root
     if not evals.is_dir():
         raise SystemExit(f"error: --run {run}: {root} is not a folder")
     found, skipped = [], []
     for label_dir in sorted(p for p in evals.iterdir() if p.is_dir()):
-        summaries = sorted(label_dir.glob("*/summary.json"))
+        summaries = sorted(label_dir.glob(f"*/{EVAL_SUMMARY}"))
         if not summaries:
             hint = " (it holds a summary.json itself: pass it as --summary LABEL=DIR)" \
-                if (label_dir / "summary.json").is_file() else ""
+                if (label_dir / EVAL_SUMMARY).is_file() else ""
             skipped.append({"path": str(label_dir), "reason": f"no <split>/summary.json{hint}"})
         for path in summaries:
             if path.parent.name in SPLIT_NAMES:
                 found.append((label_dir.name, path))
             else:
                 skipped.append({"path": str(path), "reason": f"split {path.parent.name!r} is not a column"})
-    if not found:
+    from eval.signals import step_accuracy_summaries
+
+    if not found and not step_accuracy_summaries(root) and not RunDir(root).collection_summary.is_file():
         raise SystemExit(f"error: --run {run}: no <label>/<split>/summary.json under {evals}")
     return env or None, found, skipped
 
@@ -165,7 +172,7 @@ def collect(runs: list[str], summaries: list[str], metric: str) -> tuple[list[Ce
         label, sep, where = spec.partition("=")
         if not sep or not label or not where:
             raise SystemExit(f"error: --summary {spec}: expected LABEL=PATH")
-        path = Path(where) / "summary.json" if Path(where).is_dir() else Path(where)
+        path = Path(where) / EVAL_SUMMARY if Path(where).is_dir() else Path(where)
         if not path.is_file():
             raise SystemExit(f"error: --summary {spec}: {path} not found")
         add(read_summary(path, label, metric))
@@ -182,10 +189,13 @@ def label_order(label: str) -> tuple[int, str]:
     return (order.index(label) if label in order else len(order), label)
 
 
+def default_backbone(cells: list[Cell]) -> str:
+    """The model name the `base` summaries record."""
+    return ", ".join(sorted({Path(c.model).name for c in cells if c.label == "base" and c.model})) or MISSING
+
+
 def our_rows(cells: list[Cell], backbone: str | None) -> list[Row]:
-    if backbone is None:
-        names = sorted({Path(c.model).name for c in cells if c.label == "base" and c.model})
-        backbone = ", ".join(names) or MISSING
+    backbone = backbone or default_backbone(cells)
     by_key = {(c.label, c.env, c.split): c for c in cells}
     rows = []
     for label in sorted({c.label for c in cells}, key=label_order):
@@ -309,24 +319,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--backbone", help="our rows' base model name (default: the model the base summaries record)")
     p.add_argument("--paper_tables", nargs="*", metavar="N",
                    help="which of the paper's tables to show rows of (default: all transcribed; none: no paper rows)")
-    p.add_argument("--out", required=True, help="folder for report.md, report.tex, report.png, report.json")
+    p.add_argument("--step_accuracy", action="append", default=[], metavar="LABEL=PATH",
+                   help="one eval.step_accuracy summary.json or its folder (repeatable; --run finds them itself)")
+    p.add_argument("--out", required=True,
+                   help="folder for report.md, report.tex, report.png, signals.png, reading.md, report.json")
+    p.add_argument("--reading", action="store_true", help="also print the plain-language reading of the signals")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from eval import signals
 
     cells, skipped = collect(args.run, args.summary, args.metric)
     for s in skipped:
         log.warning("skipped %s: %s", s["path"], s["reason"])
     rows = our_rows(cells, args.backbone) + paper_rows(args.paper_tables)
+    small, collections = signals.collect(cells, args.run, args.step_accuracy)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "report.md", to_markdown(rows, cells, args.metric, skipped))
-    write_atomic(out / "report.tex", to_latex(rows, args.metric))
     plot(rows, args.metric, out / "report.png")
+    figures = [str(out / "report.png")]
+    if signals.plot(small, out / "signals.png"):
+        figures.append(str(out / "signals.png"))
+    figures += [p for c in collections for p in c.plots]
+    backbone = args.backbone or default_backbone(cells)
+    reading = signals.reading(small, collections, signals.base_models(small) if backbone == MISSING else backbone,
+                              figures)
+    write_atomic(out / "report.md", "\n".join([to_markdown(rows, cells, args.metric, skipped),
+                                               signals.to_markdown(small, collections), reading]))
+    write_atomic(out / "report.tex", to_latex(rows, args.metric) + "\n" + signals.to_latex(small, collections))
+    write_atomic(out / "reading.md", reading)
     report = {"metric": args.metric, "scale": 100, "columns": [f"{env}/{split}" for env, split in COLUMNS],
               "caption": caption(args.metric, rows), "rows": [asdict(r) for r in rows],
-              "cells": [asdict(c) for c in cells], "skipped": skipped}
+              "cells": [asdict(c) for c in cells], "skipped": skipped,
+              "signals": signals.to_json(small, collections, reading)}
     write_json(out / "report.json", report)
-    log.info("%d summaries, %d skipped -> %s/report.{md,tex,png,json}", len(cells), len(skipped), out)
+    log.info("%d summaries, %d skipped -> %s/report.{md,tex,png,json}, signals.png, reading.md", len(cells),
+             len(skipped), out)
+    if args.reading:
+        print(reading, end="")
     return report
 
 

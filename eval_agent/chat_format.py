@@ -1,22 +1,18 @@
-"""One chat-format renderer for training and inference.
+"""One chat-format renderer for training and inference, so a model is prompted exactly as it was trained.
 
-`ChatFormat.render(messages)` gives the prompt string the model is prompted with;
-`ChatFormat.render_with_spans(messages)` gives the same string for a whole conversation plus the
-character spans of every assistant turn (its text and end-of-turn marker). Training tokenizes the
-string once and masks by those spans (offset mapping), so the loss mask follows from the renderer
-by construction, never from token-length arithmetic.
-
-Formats, chosen by configuration (never guessed from a model name):
-- `template`: the tokenizer's own chat template (e.g. SmolLM2's ChatML);
-- `llama-2`: FastChat's `llama-2` conversation template with an empty system message, byte for
-  byte what the published Llama-2-7B-Chat STeCa checkpoints were trained with, plus the leading
-  `<s>` that FastChat's tokenizer call added: every backend tokenizes the rendered text without
-  adding special tokens, so the text carries its BOS itself (as it does between turns).
+`ChatFormat.render(messages)` gives the prompt string; `render_with_spans(messages)` gives the same string plus
+the character spans of every assistant turn (text and end-of-turn marker), from which training masks the loss
+through the tokenizer's offset mapping, never by token-length arithmetic. Formats, chosen by configuration and
+never guessed from a model name: `template` (the tokenizer's chat template) or `llama-2` (FastChat's template
+byte for byte, the published checkpoints' format, with its leading `<s>`: every backend tokenizes the rendered
+text without adding special tokens).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from eval_agent.cli import UserError
 
 FORMATS = ("template", "llama-2")
 FORMAT_FILE = "steca_chat_format.json"  # written into model folders by the training stages
@@ -27,7 +23,7 @@ class ChatFormat:
         if name not in FORMATS:
             raise ValueError(f"unknown chat format {name!r}; choose from {FORMATS}")
         if name == "template" and (tokenizer is None or not getattr(tokenizer, "chat_template", None)):
-            raise ValueError("chat format 'template' needs a tokenizer with a chat template; use --chat_format llama-2")
+            raise UserError("chat format 'template' needs a tokenizer with a chat template; use --chat_format llama-2")
         self.name = name
         self.tokenizer = tokenizer
 
@@ -87,7 +83,7 @@ def resolve_chat_format(model_dir: str | Path, requested: str | None) -> str:
     """
     recorded = recorded_chat_format(model_dir)
     if recorded and requested and requested != recorded:
-        raise ValueError(
+        raise UserError(
             f"{model_dir} was trained with chat format {recorded!r} ({FORMAT_FILE}); refusing {requested!r}"
         )
     return recorded or requested or "template"

@@ -1,9 +1,11 @@
-"""What this machine has for the pipeline: library versions (also of the separate vLLM environment
-scripts/serve_vllm.sh uses), data found and counted (ALFWorld games per split, VirtualHome tasks per
+"""What this machine has for the pipeline: library versions (also of the separate vLLM environments
+scripts/serve_vllm.sh uses: their python, vllm, torch and transformers), the GPU side (NVIDIA driver, torch's
+CUDA build and whether it can use the GPUs, and if not torch's reason, each GPU's memory and bf16), data found and counted (ALFWorld games per split, VirtualHome tasks per
 split, looked up as the stages do), GPUs, vLLM endpoints reachable and what they serve (from
 --endpoints or $OPENAI_BASE_URL, as the stages take them), whether an API key is set (never its value).
 
     python -m eval_agent.doctor [--endpoints FILE] [--alfworld_data DIR] [--vh_data DIR]
+    python -m eval_agent.doctor --preflight     # the pipeline's pre-flight check, with the same variables
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from eval_agent.llm.openai_http import resolve_base_urls
 from eval_agent.run_card import git_commit, library_versions
 
 REPO = Path(__file__).resolve().parent.parent
-VLLM_CPU_PYTHON = REPO / ".venv-vllm-cpu" / "bin" / "python"  # scripts/setup.sh --vllm-cpu
+VLLM_PYTHONS = (REPO / ".venv-vllm" / "bin" / "python",  # scripts/setup.sh --gpu
+                REPO / ".venv-vllm-cpu" / "bin" / "python")  # scripts/setup.sh --vllm-cpu
 
 
 def _count_games(root: Path) -> dict[str, int]:
@@ -50,27 +53,63 @@ def _virtualhome_data(root: str | None) -> dict[str, Any]:
     return out
 
 
-def _gpus() -> list[str]:
+def _nvidia_driver() -> str | None:
+    try:
+        res = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout.strip() else None
+
+
+def _gpu() -> dict[str, Any]:
+    """The driver, torch's CUDA build, whether torch can use the GPUs (else its reason), and each GPU."""
     try:
         import torch
 
-        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except Exception as e:  # a broken CUDA install is something to report, not to crash on
-        return [f"error: {e}"]
+        from eval_agent.training import cuda_problem, gpu_expected
+    except Exception as e:  # a broken torch install is something to report, not to crash on
+        return {"error": f"{type(e).__name__}: {e}"}
+    problem = cuda_problem()
+    devices = []
+    for i in range(torch.cuda.device_count() if problem is None else 0):
+        props = torch.cuda.get_device_properties(i)
+        devices.append({"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+                        "compute_capability": f"{props.major}.{props.minor}",
+                        "bf16": props.major >= 8})
+    return {"nvidia_driver": _nvidia_driver(), "driver_expected": gpu_expected(), "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda, "cuda_usable": problem is None, "cuda_problem": problem,
+            "devices": devices}
 
 
-def _vllm_server_env() -> dict[str, Any]:
-    """The python scripts/serve_vllm.sh would run vLLM with ($VLLM_PY, else the CPU environment) and its vLLM."""
-    python = os.environ.get("VLLM_PY") or (str(VLLM_CPU_PYTHON) if VLLM_CPU_PYTHON.exists() else None)
-    if python is None:
-        return {"python": None, "vllm": "no VLLM_PY set and no .venv-vllm-cpu (scripts/setup.sh --vllm-cpu)"}
-    code = ("import importlib.metadata as m\nfor name in ('vllm', 'vllm-cpu'):\n    try:\n"
-            "        print(name, m.version(name)); break\n    except m.PackageNotFoundError: pass")
+_ENV_VERSIONS = """import importlib.metadata as m, platform
+print("python", platform.python_version())
+for name in ("vllm", "vllm-cpu", "torch", "transformers"):
     try:
-        res = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return {"python": python, "vllm": f"error: {e}"}
-    return {"python": python, "vllm": res.stdout.strip() or "not installed"}
+        print(name, m.version(name))
+    except m.PackageNotFoundError:
+        pass"""
+
+
+def _vllm_server_envs() -> dict[str, Any]:
+    """The vLLM environments scripts/serve_vllm.sh can run ($VLLM_PY, .venv-vllm on GPUs, .venv-vllm-cpu on
+    CPUs) and what each holds."""
+    pythons = [os.environ["VLLM_PY"]] if os.environ.get("VLLM_PY") else []
+    pythons += [str(p) for p in VLLM_PYTHONS if p.exists()]
+    if not pythons:
+        return {"none": "no VLLM_PY set, no .venv-vllm (scripts/setup.sh --gpu), no .venv-vllm-cpu (--vllm-cpu)"}
+    out: dict[str, Any] = {}
+    for python in dict.fromkeys(pythons):
+        try:
+            res = subprocess.run([python, "-c", _ENV_VERSIONS], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            out[python] = {"error": str(e)}
+            continue
+        found = dict(line.split(" ", 1) for line in res.stdout.splitlines() if " " in line)
+        out[python] = found if res.returncode == 0 else {"error": res.stderr.strip()[-300:]}
+        if res.returncode == 0 and not ({"vllm", "vllm-cpu"} & found.keys()):
+            found["vllm"] = "not installed"
+    return out
 
 
 def _get_json(url: str, timeout: float = 3) -> Any:
@@ -108,12 +147,13 @@ def report(endpoints: str | None = None, alfworld_data: str | None = None, vh_da
     return {
         "git_commit": git_commit(),
         "versions": library_versions(),
-        "vllm_server_env": _vllm_server_env(),
+        "vllm_server_envs": _vllm_server_envs(),
         "alfworld_data": _alfworld_data(alfworld_data),
         "virtualhome_data": _virtualhome_data(vh_data),
-        "gpus": _gpus(),
+        "gpu": _gpu(),
         "endpoints": _endpoints(endpoints),
         "OPENAI_API_KEY": "set" if os.environ.get("OPENAI_API_KEY") else "not set",
+        "REFLECT_API_KEY": "set" if os.environ.get("REFLECT_API_KEY") else "not set",
     }
 
 
@@ -122,7 +162,13 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--endpoints", help="file with one base URL per line, as the stages take it (else $OPENAI_BASE_URL)")
     p.add_argument("--alfworld_data", help="default: $ALFWORLD_DATA, else data/alfworld")
     p.add_argument("--vh_data", help="default: $VH_DATA, else data/virtualhome")
+    p.add_argument("--preflight", action="store_true",
+                   help="run the pipeline's pre-flight check instead (eval_agent/preflight.py; TASK_FAMILY, PRESET, ...)")
     args = p.parse_args(argv)
+    if args.preflight:
+        from eval_agent.preflight import main as preflight
+
+        return preflight([]).text("doctor")
     text = json.dumps(report(args.endpoints, args.alfworld_data, args.vh_data), indent=2)
     key = os.environ.get("OPENAI_API_KEY")
     if key:  # an error message that quoted it would still not show it

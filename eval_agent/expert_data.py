@@ -1,15 +1,7 @@
-"""Expert trajectories for training: reading the published SFT files and our own JSONL, writing the
-published format back, and the templated thoughts of ALFWorld expert runs.
-
-Two on-disk formats, both read by `load_expert_data`:
-- ours: JSONL, one `Trajectory.to_dict()` plus a stable `key` per line (what `sft.make_expert_data`
-  writes; resumable);
-- the published one (`alfworld_sft.json`): a JSON list (or JSONL) of
-  `{"id", "game_file", "conversations": [{"from": "human"|"gpt", "value"}...]}` whose first turns are
-  the instruction and "OK". The instruction is kept in `meta["instruction"]` so training prompts with
-  the words the data was written for.
-
-A bad row is an error naming the file and row (and the turn or field), never a crash deep inside.
+"""Expert trajectories for training: reading our JSONL (`Trajectory.to_dict()` + `key` a line) and the published
+`alfworld_sft.json` format (a JSON list or JSONL of `{"id", "game_file", "conversations"}`, whose instruction
+is kept in `meta["instruction"]` so training prompts with the data's own words), writing the published format
+back, and the templated thoughts of expert runs (ALFWorld, VirtualHome). A bad row is an error naming the file, row and field.
 """
 from __future__ import annotations
 
@@ -18,13 +10,30 @@ import re
 from pathlib import Path
 from typing import Any
 
+from eval_agent.cli import UserError
+from eval_agent.envs import task_family_of
 from eval_agent.store import BadRecord, read_rows
 from eval_agent.trajectory import Step, Trajectory, trajectory_from_conversation
 
 
 def load_expert_data(path: str | Path) -> list[Trajectory]:
-    """Every trajectory of an expert file, in file order, with `meta["key"]` set."""
-    return [_trajectory(row, where) for where, row in read_rows(path)]
+    """Every trajectory of an expert file, in file order, with `meta["key"]` set; a file without one is an error."""
+    trajs = [_trajectory(row, where) for where, row in read_rows(path)]
+    if not trajs:
+        raise BadRecord(f"no rows in {path}")
+    return trajs
+
+
+def check_task_family(trajs: list[Trajectory], task_family: str, path: str | Path) -> None:
+    """The expert data must be of `task_family`: VirtualHome rows trained under the ALFWorld instruction (or
+    replayed in the wrong environment) would be a silent wrong result. Rows whose task text reads like no
+    family's (data of another source) pass."""
+    for traj in trajs:
+        found = task_family_of(traj.task_text)
+        if found is not None and found != task_family:
+            raise UserError(f"{path}: trajectory {traj.meta.get('key')!r} is a {found} task "
+                            f"({traj.task_text[:40]!r}...), but the task family is {task_family}: set "
+                            f"TASK_FAMILY={found} (--task_family {found}), or pass {task_family} expert data")
 
 
 def _trajectory(row: Any, where: str) -> Trajectory:
@@ -48,9 +57,13 @@ def _trajectory(row: Any, where: str) -> Trajectory:
     for name in ("key", "task_text", "steps"):
         if name not in row and not (name == "task_text" and "task" in row):
             raise BadRecord(f"{where}: missing field {name!r} (neither a trajectory nor a published row)")
+    if not isinstance(row["key"], str):
+        raise BadRecord(f"{where}: field 'key' must be text, got {row['key']!r:.60}")
     record = {k: v for k, v in row.items() if k != "key"}
     try:
         traj = Trajectory.from_dict(record)
+    except ValueError as e:
+        raise BadRecord(f"{where}: {e}") from None
     except TypeError as e:
         raise BadRecord(f"{where}: not a trajectory ({e})") from None
     for i, step in enumerate(traj.steps):
@@ -60,6 +73,19 @@ def _trajectory(row: Any, where: str) -> Trajectory:
         raise BadRecord(f"{where}: empty task or no steps")
     traj.meta = {**traj.meta, "key": row["key"]}
     return traj
+
+
+def task_tail(key: str) -> str:
+    """`<task dir>/<trial dir>` of an ALFWorld key or published `game_file` (the original matched on
+    absolute-path slices, B4); other keys are used whole."""
+    parts = key.strip("/").split("/")
+    return "/".join(parts[-2:]) if len(parts) >= 3 and parts[-3] in ("train", "valid_seen", "valid_unseen") else key
+
+
+def task_of(traj: Trajectory, by_tail: dict[str, Any]) -> Any:
+    """The task (from `{task_tail(task.key): task}`) an expert trajectory plays, or None."""
+    key = traj.meta["key"]
+    return by_tail.get(task_tail(traj.meta.get("game_file", key))) or by_tail.get(task_tail(key))
 
 
 def to_published(trajs: list[Trajectory], instruction: str, id_prefix: str) -> list[dict[str, Any]]:
@@ -165,3 +191,32 @@ def alfworld_expert_trajectory(traj: Trajectory, key: str) -> Trajectory:
         success=traj.success, reward=traj.reward, termination=traj.termination,
         meta={**traj.meta, "key": key},
     )
+
+
+# ---- VirtualHome: templated thoughts for the expert program's lines --------------------------------------
+
+
+def virtualhome_thought(task: str, action: str, i: int, n: int) -> str:
+    """The thought of step i of an n-step program for task name `task` (scripts/make_vh_tasks.py's training data)."""
+    act = action[0].lower() + action[1:]
+    if i == 0:
+        return f"My task is to {task[0].lower() + task[1:]}. First, I {act}."
+    if i == n - 1:
+        return f"Finally, I {act}, which should complete the task."
+    return f"Next, I {act}."
+
+
+def virtualhome_expert_trajectory(traj: Trajectory, key: str) -> Trajectory:
+    """An expert run (the task's program played through the runner) with the training data's thoughts."""
+    task, n = traj.meta["task"], len(traj.steps)
+    return Trajectory(
+        task_text=traj.task_text,
+        steps=[Step.expert(virtualhome_thought(task, s.action, i, n), s.action, s.observation)
+               for i, s in enumerate(traj.steps)],
+        success=traj.success, reward=traj.reward, termination=traj.termination,
+        meta={**traj.meta, "key": key},
+    )
+
+
+# The built-in expert's run of a task, as each family's training data shows expert trajectories.
+AS_TRAINING_DATA = {"alfworld": alfworld_expert_trajectory, "virtualhome": virtualhome_expert_trajectory}

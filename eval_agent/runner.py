@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Protocol
 
 from tqdm import tqdm
 
-from eval_agent.chat_format import ChatFormat, resolve_chat_format
+from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
+from eval_agent.cli import count
 from eval_agent.envs.base import Env, Task
 from eval_agent.llm import Completion, GenerationConfig, LLMBackend, make_backend
 from eval_agent.llm.openai_http import MAX_REQUESTS
@@ -68,7 +69,8 @@ class ModelPolicy:
     @classmethod
     def build(cls, task_family: str, model: str, generation: GenerationConfig, backend: str = "hf",
               endpoints: str | None = None, chat_format: str | None = None, tokenizer: str | None = None,
-              icl_num: int = 1, instruction: str | None = None, **backend_options) -> "ModelPolicy":
+              icl_num: int = 1, instruction: str | None = None, icl_example: Trajectory | None = None,
+              **backend_options) -> "ModelPolicy":
         """The policy every stage prompts a model with: the chat format the model folder records
         (else `chat_format`, else the tokenizer's template) and the task family's prompt."""
         fmt = resolve_chat_format(model, chat_format) if Path(model).is_dir() else (chat_format or "template")
@@ -79,21 +81,19 @@ class ModelPolicy:
             tok = AutoTokenizer.from_pretrained(tokenizer or model)
         if backend == "openai" and endpoints:
             backend_options["endpoints_file"] = endpoints
-        prompts = PromptBuilder.for_task(task_family, icl_num=icl_num, instruction=instruction)
+        prompts = PromptBuilder.for_task(task_family, icl_num=icl_num, instruction=instruction, icl_example=icl_example)
         return cls(make_backend(backend, model, **backend_options), ChatFormat(fmt, tok), prompts, generation)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, generation: GenerationConfig) -> "ModelPolicy":
         """`build` from the arguments `add_model_args` defines (plus `--task_family`)."""
-        from eval_agent.prompts import instruction_from_data
-
         if not args.model:
             raise SystemExit("error: --model is required for a model policy")
-        instruction = instruction_from_data(args.instruction_from) if args.instruction_from else None
+        instruction, icl_example = published_prompt(args)
         options = {"max_requests": args.max_requests} if args.backend == "openai" else {}
         return cls.build(args.task_family, args.model, generation, backend=args.backend, endpoints=args.endpoints,
                          chat_format=args.chat_format, tokenizer=args.tokenizer, icl_num=args.icl_num,
-                         instruction=instruction, **options)
+                         instruction=instruction, icl_example=icl_example, **options)
 
     def prompt(self, episode: Episode) -> str:
         return self.chat_format.render(self.prompts.messages(episode.traj))
@@ -263,12 +263,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder when --model is a served name (default: --model)")
     p.add_argument("--backend", choices=("hf", "openai"), default="hf")
     p.add_argument("--endpoints", help="openai backend: file with one base URL per line (else $OPENAI_BASE_URL)")
-    p.add_argument("--chat_format", choices=("template", "llama-2"),
+    p.add_argument("--chat_format", choices=FORMATS,
                    help="default: what the model folder records, else template")
-    p.add_argument("--icl_num", type=int, default=1, help="in-context examples in the prompt (the original: 1)")
-    p.add_argument("--instruction_from", help="published-format expert file whose instruction to prompt with")
-    p.add_argument("--max_new_tokens", type=int, default=512)
-    p.add_argument("--max_requests", type=int, default=MAX_REQUESTS,
+    p.add_argument("--icl_num", type=int, choices=(0, 1), default=1, help="in-context examples in the prompt (the original: 1)")
+    p.add_argument("--instruction_from",
+                   help="the instruction to prompt with: a published *_inst.txt, or an expert file (its first row's)")
+    p.add_argument("--icl_from", help="the in-context example: a published *_icl.json (ETO/STeCa), or an expert file "
+                                      "(its first trajectory)")
+    p.add_argument("--max_new_tokens", type=count, default=512)
+    p.add_argument("--max_requests", type=count, default=MAX_REQUESTS,
                    help="openai backend: requests in flight over all endpoints (default sized for 8 replicas)")
-    p.add_argument("--env_workers", type=int,
+    p.add_argument("--env_workers", type=count,
                    help="openai backend: processes stepping the environments (default: the CPU cores)")
+
+
+def published_prompt(args: argparse.Namespace) -> tuple[str | None, Trajectory | None]:
+    """The instruction and in-context example `--instruction_from` / `--icl_from` name (None: the task
+    family's own); a file that cannot be read is a one-line error naming it."""
+    from eval_agent.prompts import icl_from, instruction_from
+
+    try:
+        instruction = instruction_from(args.instruction_from) if args.instruction_from else None
+        icl_example = icl_from(args.icl_from) if getattr(args, "icl_from", None) else None
+    except (OSError, ValueError) as e:  # also BadRecord: the message names file, row and field
+        raise SystemExit(f"error: {e}") from None
+    return instruction, icl_example

@@ -47,21 +47,44 @@ def convert_smollm2(out_dir: str | Path) -> Path:
     return out
 
 
-def make_tiny_model(tokenizer_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
-    """A 2-layer, 64-wide Llama with SmolLM2's real tokenizer and chat template."""
+# Llama-architecture shapes for randomly initialised models with SmolLM2's tokenizer (49,152 tokens, tied
+# embeddings): `tiny` for tests, the others for the GPU smoke test and bench_train.py (7b: Llama-2-7B's body).
+LLAMA_SIZES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "0.5b": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
+                 num_key_value_heads=4),  # 0.48B, head_dim 128 (vLLM's attention kernels take it)
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=16,
+               num_key_value_heads=4),  # 1.0B
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=26, num_attention_heads=24,
+               num_key_value_heads=8),  # 2.8B
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32),  # 6.7B
+}
+
+
+def random_llama(tokenizer, size: str = "tiny", seed: int = 0):
+    """A randomly initialised fp32 Llama of `size` whose special tokens are `tokenizer`'s (eos: <|im_end|>)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    if size not in LLAMA_SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {sorted(LLAMA_SIZES)}")
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad, **LLAMA_SIZES[size])
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+    return model
+
+
+def make_tiny_model(tokenizer_dir: str | Path, out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """A randomly initialised Llama (2 layers, 64 wide by default) with SmolLM2's real tokenizer and chat template."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or eos,
-    )
-    model = LlamaForCausalLM(config)
     out = Path(out_dir)
-    model.save_pretrained(out)
+    random_llama(tokenizer, size, seed).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

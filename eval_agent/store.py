@@ -10,8 +10,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from eval_agent.cli import UserError
 
-class BadRecord(ValueError):
+
+class BadRecord(UserError):
     """A line that is not a JSON object with a `key`; the message names file and line."""
 
 
@@ -42,11 +44,9 @@ def read_jsonl(path: str | Path, required: Iterable[str] = ("key",)) -> Iterator
 class JsonlStore:
     """Append-only keyed records in one JSONL file."""
 
-    def __init__(self, path: str | Path, overwrite: bool = False):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite and self.path.exists():
-            self.path.replace(free_name(self.path.with_suffix(self.path.suffix + ".old")))
         self.torn_lines = self._cut_torn_tail()
         self.records: dict[str, dict[str, Any]] = {}
         if self.path.exists():
@@ -81,13 +81,18 @@ class JsonlStore:
         self.records[record["key"]] = record
 
 
-def free_name(path: Path) -> Path:
-    """`path`, or `path` with 2, 3, ... appended: a file moved aside never replaces an older one."""
+def move_aside(*paths: Path) -> list[Path]:
+    """Rename the existing ones of `paths` (files or folders) to `<name>.old`, or `.old2`, `.old3`, ...: one
+    number free for all of them, so results and what belongs to them stay together and an older copy is never
+    replaced. Returns the new names."""
     n = 1
-    while path.exists():
+    while any(p.with_name(f"{p.name}.old{n if n > 1 else ''}").exists() for p in paths):
         n += 1
-        path = path.with_name(f"{path.name.rstrip('0123456789')}{n}")
-    return path
+    moved = []
+    for p in paths:
+        if p.exists():
+            moved.append(p.rename(p.with_name(f"{p.name}.old{n if n > 1 else ''}")))
+    return moved
 
 
 def write_atomic(path: str | Path, text: str) -> None:

@@ -9,6 +9,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 OBS_PREFIX = "Observation: "
+# The types a stored trajectory's fields must have (ints where text belongs would fail deep inside, or train).
+_TYPES: dict[str, tuple[type, ...]] = {"task_text": (str,), "steps": (list,), "success": (bool,),
+                                       "reward": (int, float), "termination": (str, type(None)), "meta": (dict,)}
+_STEP_TYPES: dict[str, tuple[type, ...]] = {"text": (str,), "thought": (str,), "action": (str, type(None)),
+                                            "observation": (str,)}
+
+
+def _check_types(d: dict[str, Any], types: dict[str, tuple[type, ...]], prefix: str = "") -> None:
+    for name, allowed in types.items():
+        if name in d and (not isinstance(d[name], allowed) or (bool not in allowed and isinstance(d[name], bool))):
+            kinds = " or ".join("text" if t is str else "null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"field {prefix + name!r} must be {kinds}, got {d[name]!r:.60}")
 
 
 @dataclass
@@ -57,8 +69,14 @@ class Trajectory:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Trajectory":
-        """From `to_dict` output; files written before the field was named `task_text` say `task`."""
+        """From `to_dict` output; files written before the field was named `task_text` say `task`. A field of
+        the wrong type is a ValueError naming it (the caller adds file and line)."""
         d = {("task_text" if k == "task" else k): v for k, v in d.items()}
+        _check_types(d, _TYPES)
+        for i, step in enumerate(d.get("steps", [])):
+            if not isinstance(step, dict):
+                raise ValueError(f"field 'steps' item {i} must be an object, got {step!r:.60}")
+            _check_types(step, _STEP_TYPES, f"steps[{i}].")
         return cls(**{**d, "steps": [Step(**s) for s in d.get("steps", [])]})
 
     # ---- chat views -------------------------------------------------------------------------
@@ -91,14 +109,24 @@ def messages_to_conversation(messages: list[dict[str, str]]) -> list[dict[str, s
 
 
 def conversation_to_messages(conversation: list[dict[str, str]], where: str = "conversation") -> list[dict[str, str]]:
+    """Turns as published, in either schema (`from`/`value` with human/gpt, or `role`/`content` with
+    user/assistant; ETO's ICL files even mix `role`/`from` with `content`), as OpenAI-style messages."""
     roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
     out = []
     for i, turn in enumerate(conversation):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise ValueError(f"{where}: turn {i} needs 'from' and 'value' fields, got {turn!r:.80}")
-        if turn["from"] not in roles:
-            raise ValueError(f"{where}: turn {i} has unknown role {turn['from']!r}")
-        out.append({"role": roles[turn["from"]], "content": turn["value"]})
+        if not isinstance(turn, dict):
+            raise ValueError(f"{where}: turn {i} must be an object with 'from'/'value' or 'role'/'content', "
+                             f"got {turn!r:.80}")
+        role_field = next((f for f in ("from", "role") if f in turn), None)
+        text_field = next((f for f in ("value", "content") if f in turn), None)
+        if role_field is None or text_field is None:
+            missing = "'from' (or 'role')" if role_field is None else "'value' (or 'content')"
+            raise ValueError(f"{where}: turn {i} has no field {missing}")
+        if turn[role_field] not in roles:
+            raise ValueError(f"{where}: turn {i} field {role_field!r} has unknown role {turn[role_field]!r}")
+        if not isinstance(turn[text_field], str):
+            raise ValueError(f"{where}: turn {i} field {text_field!r} must be text")
+        out.append({"role": roles[turn[role_field]], "content": turn[text_field]})
     return out
 
 

@@ -1,15 +1,11 @@
 """Stage 2a: expert and explored step records.
 
-For every expert trajectory and every step t: replay the expert's steps 0..t-1 in the real
-environment, then take step t, either the expert's own reply (kind `expert`: no model needed; the
-record stops after step t, as the original ALFWorld expert records did) or the SFT policy's greedy
-reply (kind `explore`: continued greedily to the end of the episode, whose success is recorded).
-Records are `eval_agent.records.StepRecord`s in RUN_DIR/sampling/steps_<kind>[.shard<i>of<n>].jsonl.
+For every expert trajectory and step t: replay the expert's steps 0..t-1 in a fresh environment, then take
+step t, the expert's own (kind `expert`) or the SFT policy's greedy one, continued greedily to the end of the
+episode (kind `explore`). Writes `eval_agent.records.StepRecord`s to RUN_DIR/sampling/ (eval_agent/layout.py);
+resumable, each record fsynced as it is written. docs/sampling.md has the details.
 
-Resumable: keys already written are skipped; each record is fsynced as it is written.
-
-    python -m sampling.generate_steps --task alfworld --kind both --expert_data outputs/alfworld/sft/expert_train.jsonl \\
-        --model outputs/alfworld/sft/model --run_dir outputs/alfworld
+    python -m sampling.generate_steps --task_family alfworld --kind both --run_dir outputs/alfworld
 """
 from __future__ import annotations
 
@@ -18,19 +14,25 @@ import logging
 import time
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from eval_agent.async_runner import run_for_policy
+from eval_agent.cli import check_policy_model, input_file, run_main
 from eval_agent.envs import get_task_family
+from eval_agent.guard import RunGuard, fingerprint, identity, model_arg_names, policy_fingerprint, require_output, settings_of
+from eval_agent.layout import RunDir
 from eval_agent.llm import BackendUnavailable, GenerationConfig
 from eval_agent.run_card import write_run_card
 from eval_agent.records import StepRecord, step_key
-from eval_agent.async_runner import run_for_policy
-from eval_agent.runner import Episode, start_episode
+from eval_agent.runner import Episode, ModelPolicy, start_episode
 from eval_agent.store import JsonlStore
-from sampling.expert_tasks import (ExpertTask, add_common_args, build_policy, check_shards, in_shard, kinds,
-                             load_expert_tasks, log, out_path, steps_dir)
+from sampling.expert_tasks import (ExpertTask, add_sampling_args, check_shards, in_shard, kinds, load_expert_tasks, log,
+                                   resolve_run_paths)
+
+CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
 
 
 def step_record(x: ExpertTask, t: int, kind: str, ep: Episode) -> StepRecord:
@@ -65,7 +67,7 @@ def explore_records(todo: list[tuple[ExpertTask, int]], args: argparse.Namespace
     """Expert prefix, then the greedy policy from step t to the end; all episodes advance together (over HTTP,
     the episodes of one task go to one replica, whose prefix cache holds their common expert prefix)."""
     by_task = {x.task.key: x for x, _ in todo}
-    policy = build_policy(args, GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0))
+    policy = ModelPolicy.from_args(args, GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0))
 
     def save(ep: Episode) -> None:
         store.append(step_record(by_task[ep.task.key], len(ep.prefix), "explore", ep).to_dict())
@@ -76,22 +78,53 @@ def explore_records(todo: list[tuple[ExpertTask, int]], args: argparse.Namespace
     return {"chat_format": policy.chat_format.name, "generated_tokens": stats.generated_tokens}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def fingerprints(args: argparse.Namespace, run: RunDir) -> dict[Path, dict[str, Any]]:
+    """One per output file: expert records depend on the expert data and the tasks only, explored ones on the
+    policy too."""
+    settings = settings_of(args, drop=model_arg_names() | {"kind", "expert_data", "data_root"})
+    inputs = {"expert_data": identity(args.expert_data),
+              "tasks": get_task_family(args.task_family).data_identity(args.split, args.data_root)}
+    out = {}
+    for kind in kinds(args.kind):
+        policy_settings, policy_inputs = policy_fingerprint(args) if kind == "explore" else ({}, {})
+        out[run.steps(kind, args.num_shards, args.shard_id)] = fingerprint(
+            "sampling.generate_steps", CODE_VERSION, {**settings, **policy_settings, "kind": kind},
+            {**inputs, **policy_inputs})
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the stage's (docs/ lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    p.add_argument("--expert_data", required=True, help="expert trajectories (JSONL of Trajectory.to_dict + key, or published)")
-    args = p.parse_args(argv)
+    add_sampling_args(p)
+    p.add_argument("--expert_data", help="expert trajectories (JSONL of Trajectory.to_dict + key, or published); "
+                                         "default: the run directory's")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_shards(args)
+    run = resolve_run_paths(args)
+    input_file(args.expert_data, "expert data")
+    if args.kind != "expert":
+        check_policy_model(args)
+    with RunGuard(fingerprints(args, run), folder=False, overwrite=args.overwrite):
+        return generate(args, run)
 
+
+def generate(args: argparse.Namespace, run: RunDir) -> dict[str, Any]:
     items, unmatched = load_expert_tasks(args)
+    require_output(len(items), f"none of the {unmatched} expert trajectories of {args.expert_data} matches a task of "
+                               f"{args.task_family}/{args.split}: pass the --split / --data_root they were made on")
     mine = in_shard(items, args)
-    write_run_card(steps_dir(args.run_dir), "sampling.generate_steps", vars(args))
+    write_run_card(run.sampling, "sampling.generate_steps", vars(args))
     summary: dict[str, Any] = {}
     for kind in kinds(args.kind):
         t0 = time.perf_counter()
-        path = out_path(steps_dir(args.run_dir), f"steps_{kind}", args.num_shards, args.shard_id)
-        store = JsonlStore(path, overwrite=args.overwrite)
+        path = run.steps(kind, args.num_shards, args.shard_id)
+        store = JsonlStore(path)
         expected = [(x, t) for x in mine for t in range(len(x.expert.steps))]
         todo = [(x, t) for x, t in expected if step_key(x.task.key, t, kind) not in store]
         try:
@@ -111,4 +144,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

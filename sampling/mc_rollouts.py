@@ -1,18 +1,14 @@
-"""Stage 2b: Monte-Carlo rollouts of step records (the step reward is their mean success).
+"""Stage 2b: Monte-Carlo rollouts of step records; a record's step reward is their mean success.
 
-For each step record, N rollouts with the policy at temperature 1: the record's prefix (expert
-replies 0..t-1 and its own step-t reply) is replayed in the environment, then the policy samples
-until the episode ends or `--max_steps` (the replayed prefix counts, as in the original). The N
-rollouts of a record are queued together, and over HTTP they go to one replica (its prefix cache
-serves them), each request seeded from the run's `--seed` and the rollout key (the rollout's seed is
-recorded), so a server that honours per-request seeds gives the same rollouts again. Rollouts are
-`eval_agent.records.Rollout`s, keyed `<record key>|s<i>`, in
-RUN_DIR/sampling/mc/rollouts_<kind>[.shard<i>of<n>].jsonl.
+For each step record, N rollouts at temperature 1 after its step t (the replayed prefix counts toward
+`--max_steps`, as in the original), a record's N queued together so a prefix cache serves them: over HTTP they go
+to one replica, and each request carries a seed derived from `--seed` and the rollout key (recorded in the
+rollout), so a server that honours per-request seeds gives the same rollouts again. A record whose episode
+already ended at step t gets its outcome copied N times (`from_record=True`). Writes
+`eval_agent.records.Rollout`s to RUN_DIR/sampling/mc/; resumable. docs/sampling.md and docs/rollouts.md have the
+details.
 
-A record whose episode had already ended at step t (done) gets its outcome copied N times with
-`from_record=True` and no agent step: the original took one extra agent step there (D8).
-
-    python -m sampling.mc_rollouts --task alfworld --kind both --model outputs/alfworld/sft/model --run_dir outputs/alfworld
+    python -m sampling.mc_rollouts --task_family alfworld --kind both --run_dir outputs/alfworld
 """
 from __future__ import annotations
 
@@ -25,15 +21,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Container
 
+from eval_agent.async_runner import run_for_policy
+from eval_agent.cli import check_policy_model, count, input_file, non_negative, probability, run_main
 from eval_agent.envs import Task, get_task_family
+from eval_agent.guard import RunGuard, fingerprint, identity, model_arg_names, policy_fingerprint, require_output, settings_of
+from eval_agent.layout import RunDir
 from eval_agent.llm import BackendUnavailable, GenerationConfig
 from eval_agent.run_card import write_run_card
 from eval_agent.records import Rollout, StepRecord, read_step_records, rollout_key
-from eval_agent.async_runner import run_for_policy
-from eval_agent.runner import Episode, derive_seed
+from eval_agent.runner import Episode, ModelPolicy, derive_seed
 from eval_agent.store import BadRecord, JsonlStore
-from sampling.expert_tasks import (add_common_args, build_policy, check_shards, kinds, log, mc_dir, out_path, shard_of,
-                             steps_dir)
+from eval_agent.tracking import log_summary
+from sampling.expert_tasks import add_sampling_args, check_shards, kinds, log, resolve_run_paths, shard_of
+
+CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
 
 
 def copied_rollout(rec: StepRecord, sample: int) -> Rollout:
@@ -69,22 +70,45 @@ def to_rollout(ep: Episode) -> Rollout:
                    error=traj.meta.get("error"), seed=ep.task.meta.get("seed"))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the stage's (docs/ lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    p.add_argument("--n", type=int, default=5, help="rollouts per step record (the paper: 5)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=1.0)
+    add_sampling_args(p)
+    p.add_argument("--n", type=count, default=5, help="rollouts per step record (the paper: 5)")
+    p.add_argument("--temperature", type=non_negative, default=1.0)
+    p.add_argument("--top_p", type=probability, default=1.0)
     p.add_argument("--seed", type=int, default=0,
                    help="the run's seed: seeds the in-process sampler once; over HTTP each rollout's requests carry "
                         "seeds derived from it and the rollout key (recorded in the rollout)")
     p.add_argument("--steps", help="step records to roll out (default: this kind's and shard's generate_steps output)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_shards(args)
+    run = resolve_run_paths(args)
     if args.steps and args.kind == "both":
         raise SystemExit("error: --steps names one file: choose --kind expert or explore")
+    sources = {kind: input_file(args.steps or run.steps(kind, args.num_shards, args.shard_id), f"{kind} step records")
+               for kind in kinds(args.kind)}
+    check_policy_model(args)
+    with RunGuard(fingerprints(args, run, sources), folder=False, overwrite=args.overwrite):
+        return roll_out(args, run, sources)
 
+
+def fingerprints(args: argparse.Namespace, run: RunDir, sources: dict[str, Path]) -> dict[Path, dict[str, Any]]:
+    """One per output file: the sampling settings, the policy, and the step records rolled out."""
+    settings = settings_of(args, drop=model_arg_names() | {"kind", "steps", "data_root"})
+    policy_settings, policy_inputs = policy_fingerprint(args)
+    tasks = get_task_family(args.task_family).data_identity(args.split, args.data_root)
+    return {run.rollouts(kind, args.num_shards, args.shard_id): fingerprint(
+        "sampling.mc_rollouts", CODE_VERSION, {**settings, **policy_settings, "kind": kind},
+        {"steps": identity(source), "tasks": tasks, **policy_inputs}) for kind, source in sources.items()}
+
+
+def roll_out(args: argparse.Namespace, run: RunDir, sources: dict[str, Path]) -> dict[str, Any]:
     import torch
 
     random.seed(args.seed)
@@ -94,22 +118,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     request_seed = args.seed if args.backend == "openai" else None  # the in-process sampler has one stream
     policy = None
-    write_run_card(mc_dir(args.run_dir), "sampling.mc_rollouts", vars(args))
+    write_run_card(run.mc, "sampling.mc_rollouts", vars(args))
     summary: dict[str, Any] = {}
     for kind in kinds(args.kind):
         t0 = time.perf_counter()
-        source = Path(args.steps or out_path(steps_dir(args.run_dir), f"steps_{kind}", args.num_shards, args.shard_id))
+        source = sources[kind]
         try:
             records = read_step_records(source)
         except (BadRecord, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}") from None
         records = [r for r in records if shard_of(r.task_key, args.num_shards) == args.shard_id]
+        require_output(len(records), f"{source} has no step record of shard {args.shard_id}/{args.num_shards}")
         unknown = sorted({r.task_key for r in records} - tasks.keys())
         if unknown:
             raise SystemExit(f"error: {source}: {len(unknown)} tasks are not in {args.task_family}/{args.split} "
                              f"(e.g. {unknown[0]!r}); pass the --split / --data_root the step records were made on")
-        path = out_path(mc_dir(args.run_dir), f"rollouts_{kind}", args.num_shards, args.shard_id)
-        store = JsonlStore(path, overwrite=args.overwrite)
+        path = run.rollouts(kind, args.num_shards, args.shard_id)
+        store = JsonlStore(path)
         before = len(store)
         for rec in (r for r in records if r.done):
             for i in range(args.n):
@@ -118,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         copied = len(store) - before
         jobs = rollout_jobs([r for r in records if not r.done], tasks, args.n, store, request_seed)
         if jobs:
-            policy = policy or build_policy(args, gen)
+            policy = policy or ModelPolicy.from_args(args, gen)
             try:
                 run_for_policy(jobs, policy, partial(family.make_env, **args.env_args),
                                lambda ep: store.append(to_rollout(ep).to_dict()),
@@ -128,12 +153,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         expected = len(records) * args.n
         summary[kind] = {"records_in": len(records), "rollouts_expected": expected, "skipped_done": expected - copied - len(jobs),
                          "copied_from_done_records": copied, "rolled_out": len(store) - before - copied,
+                         "success_rate": sum(r["success"] for r in store.records.values()) / max(1, len(store)),
                          "seconds": round(time.perf_counter() - t0, 1), "out": str(path)}
         log.info("rollouts_%s: %d step records x %d = %d rollouts: %d done before, %d copied from finished records, "
                  "%d rolled out now in %.1fs -> %s", kind, len(records), args.n, expected, summary[kind]["skipped_done"],
                  copied, summary[kind]["rolled_out"], summary[kind]["seconds"], path)
+    log_summary(run.root, "mc", summary, run.mc)
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

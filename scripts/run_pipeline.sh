@@ -1,90 +1,103 @@
 #!/usr/bin/env bash
-# The whole STeCa pipeline, stage by stage, for one or both environments:
-#   expert data -> SFT -> step records -> Monte-Carlo rollouts -> data collection (step rewards, deviations,
-#   reflections, D_c / D_e / D_s with nDTW weights) -> reinforced training -> evaluation of the base, SFT and
-#   STeCa models on seen and unseen -> the results table (python -m eval.report).
-# Everything of one environment lives in RUN_ROOT/<task>/ (the stage folders of DESIGN.md §5); the table in
-# RUN_ROOT/report/. A completed stage leaves RUN_ROOT/<task>/pipeline/<stage>.done and is skipped on a rerun
-# (delete the marker to redo it); an interrupted stage is rerun and resumes (every stage appends and skips
-# what it has). Edit the values below or override them from the environment, e.g.
-#   TASK=both PRESET=tiny bash scripts/run_pipeline.sh
-#   TASK=alfworld PRESET=paper BASE_MODEL=meta-llama/Llama-2-7b-chat-hf CHAT_FORMAT=llama-2 \
-#     BACKEND=openai ENDPOINTS=outputs/vllm/endpoints.txt NPROC=8 bash scripts/run_pipeline.sh
+# The whole STeCa pipeline for one or both task families: each stage script in order, each family in its own
+# run directory RUN_ROOT/<family> (eval_agent/layout.py), then the results table in RUN_ROOT/report.
+# First a pre-flight check (eval_agent/preflight.py) lists every problem it can see in seconds (data counts,
+# models, batch vs processes, GPUs, endpoints, disk) and stops the run before any stage; PREFLIGHT=0 skips it.
+# With BACKEND=vllm (or serve_hf on CPUs without vLLM) the pipeline starts the model server each stage
+# prompts and stops it after the stage (scripts/serve_lib.sh): the SFT model for step records, MC rollouts
+# and self-reflection, then the base, SFT and STeCa models in turn for evaluation; none runs while a model
+# trains. A completed stage leaves a marker in RUN_DIR/pipeline/ with the fingerprints of its settings and
+# inputs, and is skipped on a rerun with the same ones; a changed setting (BASE_MODEL, N, ...) reruns the stages
+# it affects, their old results moved aside; an interrupted stage is rerun and resumes (docs/reliability.md).
+# Stage variables (docs/) pass through, and PRESET fills in the ones not set (scripts/presets.sh), e.g.
+#   TASK_FAMILY=both PRESET=tiny bash scripts/run_pipeline.sh
+#   TASK_FAMILY=alfworld PRESET=paper BASE_MODEL=meta-llama/Llama-2-7b-chat-hf CHAT_FORMAT=llama-2 \
+#     BACKEND=vllm NPROC=8 RFT_BATCH=16 DIST_CONFIG=sft/configs/fsdp.yaml bash scripts/run_pipeline.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TASK=${TASK:-alfworld}                    # alfworld | virtualhome | both
-PRESET=${PRESET:-tiny}                    # tiny: SmolLM2-135M, small counts, a 2-core CPU | paper: the paper's values
-RUN_ROOT=${RUN_ROOT:-outputs/pipeline-${PRESET}}
-BASE_MODEL=${BASE_MODEL:-models/SmolLM2-135M-Instruct}
-CHAT_FORMAT=${CHAT_FORMAT:-}              # template | llama-2; empty = the tokenizer's template (recorded by SFT)
-BACKEND=${BACKEND:-hf}                    # sampling and evaluation: hf (in-process) | openai (vLLM servers)
-ENDPOINTS=${ENDPOINTS:-}                  # openai backend: file with one base URL per line (scripts/serve_vllm.sh)
-REFLECT_BACKEND=${REFLECT_BACKEND:-auto}  # auto: a chat endpoint when OPENAI_API_KEY is set, else the SFT model itself
-NPROC=${NPROC:-1}                         # training processes (GPUs, or CPU processes over gloo)
-DIST_CONFIG=${DIST_CONFIG:-}              # accelerate config for training, e.g. sft/configs/fsdp.yaml
+PRESET=${PRESET:-tiny}                            # tiny | paper (scripts/presets.sh)
+FAMILIES=${TASK_FAMILY:-${TASK:-alfworld}}        # alfworld | virtualhome | both (TASK: the older name)
+RUN_ROOT=${RUN_ROOT:-outputs/pipeline-${PRESET}}  # one run directory per family below it, and the report
 PYTHON=${PYTHON:-.venv/bin/python}
+PREFLIGHT=${PREFLIGHT:-1}                         # 0: skip the pre-flight check
+EXPERT_SOURCE=${EXPERT_SOURCE:-${EXPERT_DATA:-}}  # an expert file to train on: imported into each run (expert_data)
+export PRESET PYTHON EXPERT_SOURCE
+export STECA_ON_CHANGE=move_aside  # a stage moves results of other settings aside instead of refusing them
+unset SPLIT LABEL POLICY MODEL OUT EXPERT_DATA  # the pipeline sets these per stage; every stage reads the run's expert data
 
-# The presets: each value below applies only when it is not set already (an override always wins).
-case "$PRESET" in
-  tiny)    # minutes per stage on 2 CPU cores; the numbers measure that the pipeline runs, not the paper
-    : "${SFT_LIMIT:=16}" "${SFT_EPOCHS:=2}" "${SFT_LR:=1e-4}" "${SFT_BATCH:=4}"
-    : "${SAMPLE_LIMIT:=2}" "${N:=2}" "${MAX_STEPS:=12}" "${MAX_NEW_TOKENS:=40}" "${ICL_NUM:=1}"
-    : "${RFT_LR:=1e-5}" "${RFT_BATCH:=4}" "${EVAL_LIMIT:=3}" ;;
-  paper)   # the paper's values (Llama-2-7B-Chat on GPUs): every task, N=5, 40 steps, 512 new tokens
-    : "${SFT_LIMIT:=}" "${SFT_EPOCHS:=3}" "${SFT_LR:=2e-5}" "${SFT_BATCH:=16}"
-    : "${SAMPLE_LIMIT:=}" "${N:=5}" "${MAX_STEPS:=40}" "${MAX_NEW_TOKENS:=512}" "${ICL_NUM:=1}"
-    : "${RFT_LR:=3e-6}" "${RFT_BATCH:=15}" "${EVAL_LIMIT:=}" ;;
-  *) echo "error: PRESET must be tiny or paper, got '$PRESET'" >&2; exit 2 ;;
+case "$FAMILIES" in
+  both) families=(alfworld virtualhome) ;;
+  alfworld|virtualhome) families=("$FAMILIES") ;;
+  *) echo "error: TASK_FAMILY must be alfworld, virtualhome or both, got '$FAMILIES'" >&2; exit 2 ;;
 esac
-: "${MICRO_BATCH:=1}" "${CONCURRENCY:=16}"
+TASK_FAMILY=$FAMILIES
+source scripts/presets.sh
+apply_preset "$PRESET"
+BASE_MODEL=${BASE_MODEL:-$("$PYTHON" -c 'from eval_agent.smollm2 import default_model_dir; print(default_model_dir())')}
+export BASE_MODEL
+source scripts/serve_lib.sh
+trap 'stop_all' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
-case "$TASK" in
-  both) tasks=(alfworld virtualhome) ;;
-  alfworld|virtualhome) tasks=("$TASK") ;;
-  *) echo "error: TASK must be alfworld, virtualhome or both, got '$TASK'" >&2; exit 2 ;;
-esac
+if [ "$PREFLIGHT" != 0 ]; then
+  "$PYTHON" -m eval_agent.preflight --task_family "$FAMILIES" --run_root "$RUN_ROOT"
+fi
 
-stage() {  # stage <name> <command...>: run it unless its marker says it completed
-  local marker="$RUN_DIR/pipeline/$1.done"; shift
-  if [ -f "$marker" ]; then echo "== $task: $(basename "$marker" .done): done, skipped"; return; fi
-  echo "== $task: $(basename "$marker" .done) ($(date +%H:%M:%S))"
-  local t0=$SECONDS
-  "$@"
-  mkdir -p "$(dirname "$marker")"
-  echo "$((SECONDS - t0)) s" > "$marker"
+layout() { "$PYTHON" -m eval_agent.layout "$@"; }
+
+fingerprints() {  # the fingerprints of the run a stage command would do (eval_agent/guard.py): no work, no server
+  if serving; then STECA_FINGERPRINT=1 BACKEND= "$@"; else STECA_FINGERPRINT=1 "$@"; fi
 }
 
-evaluate_all() {  # the base, SFT and STeCa models on both test splits, into RUN_DIR/eval/<label>/<split>
-  local label model split
+stage() {  # stage <name> [--serve base|sft|steca] <command...>: run it unless its marker says it completed with
+           # the settings and inputs it would run with now
+  local name=$1 serve= marker fingerprint; shift
+  if [ "$1" = --serve ]; then serve=$2; shift 2; fi
+  marker=$(layout --run_dir "$RUN_DIR" marker "$name")
+  fingerprint=$(fingerprints "$@")
+  if "$PYTHON" -m eval_agent.guard marker-status "$marker" <<< "$fingerprint"; then
+    echo "== $TASK_FAMILY: $name: done, skipped"; return
+  fi
+  echo "== $TASK_FAMILY: $name ($(date +%H:%M:%S))"
+  local t0=$SECONDS
+  if declare -F "$1" > /dev/null; then "$@"; else with_server "$serve" "$@"; fi
+  "$PYTHON" -m eval_agent.guard marker-write "$marker" --seconds $((SECONDS - t0)) <<< "$fingerprint"
+}
+
+evaluate_all() {  # the base, SFT and STeCa models on both test splits (success, step accuracy), one server per model
+  local label split
   for label in base sft steca; do
-    case $label in base) model=$BASE_MODEL ;; sft) model=$RUN_DIR/sft/model ;; steca) model=$RUN_DIR/steca/model ;; esac
+    start_server "$label"
     for split in seen unseen; do
-      TASK=$task SPLIT=$split POLICY=model MODEL=$model LIMIT=$EVAL_LIMIT OUT=$RUN_DIR/eval/$label/$split \
-        bash eval/evaluate.sh
+      LABEL=$label SPLIT=$split served bash eval/evaluate.sh
+      LABEL=$label SPLIT=$split served bash eval/step_accuracy.sh
     done
+    stop_server
   done
 }
 
-export BACKEND ENDPOINTS CHAT_FORMAT PYTHON MAX_STEPS MAX_NEW_TOKENS ICL_NUM CONCURRENCY NPROC DIST_CONFIG MICRO_BATCH
+reflection_server() {  # the model data collection prompts: the SFT model, unless reflection is by a chat endpoint
+  local backend=${REFLECT_BACKEND:-auto}
+  if [ "$backend" = auto ] && [ -n "${REFLECT_API_KEY:-${OPENAI_API_KEY:-}}" ]; then backend=chat; fi
+  [ "$backend" = chat ] || echo sft
+}
+
 start=$SECONDS
 report_args=()
-for task in "${tasks[@]}"; do
-  RUN_DIR=$RUN_ROOT/$task
-  export TASK=$task RUN_DIR
-  expert=$RUN_DIR/sft/expert_train.jsonl
-  stage expert_data env LIMIT="$SFT_LIMIT" OUT="$expert" bash sft/make_expert_data.sh
-  stage sft env MODEL="$BASE_MODEL" DATA="$expert" OUT="$RUN_DIR/sft/model" EPOCHS="$SFT_EPOCHS" LR="$SFT_LR" \
-    BATCH="$SFT_BATCH" bash sft/sft.sh
-  stage steps env MODEL="$RUN_DIR/sft/model" EXPERT_DATA="$expert" LIMIT="$SAMPLE_LIMIT" \
-    bash sampling/generate_steps.sh --icl_num "$ICL_NUM"
-  stage mc env MODEL="$RUN_DIR/sft/model" N="$N" bash sampling/mc_rollouts.sh --icl_num "$ICL_NUM"
-  stage data_collection env MODEL="$RUN_DIR/sft/model" EXPERT_DATA="$expert" N="$N" \
-    REFLECT_BACKEND="$REFLECT_BACKEND" bash data_collection/build_dataset.sh
-  stage steca env MODEL="$RUN_DIR/sft/model" DATA="$RUN_DIR/data_collection/train.jsonl" OUT="$RUN_DIR/steca/model" \
-    LR="$RFT_LR" BATCH="$RFT_BATCH" bash Reinforced_train/steca_train.sh
-  stage eval evaluate_all
-  report_args+=(--run "$task=$RUN_DIR")
+for family in "${families[@]}"; do
+  RUN_DIR=$(layout --run_root "$RUN_ROOT" --task_family "$family")
+  export TASK_FAMILY=$family RUN_DIR
+  stage expert_data     bash sft/make_expert_data.sh
+  stage sft             bash sft/sft.sh
+  stage steps           --serve sft bash sampling/generate_steps.sh
+  stage mc              --serve sft bash sampling/mc_rollouts.sh
+  stage data_collection --serve "$(reflection_server)" bash data_collection/build_dataset.sh
+  stage steca           bash Reinforced_train/steca_train.sh
+  stage eval            evaluate_all
+  report_args+=(--run "$family=$RUN_DIR")
 done
-"$PYTHON" -m eval.report "${report_args[@]}" --out "$RUN_ROOT/report"
-echo "pipeline ($PRESET, ${tasks[*]}) finished in $((SECONDS - start)) s: $RUN_ROOT/report/report.md"
+report=$(layout --run_root "$RUN_ROOT")
+"$PYTHON" -m eval.report "${report_args[@]}" --out "$report" --reading
+echo "pipeline ($PRESET, ${families[*]}) finished in $((SECONDS - start)) s: $report/report.md"

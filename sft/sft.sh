@@ -1,43 +1,40 @@
 #!/usr/bin/env bash
-# Stage 1: SFT warm-up on expert trajectories. Edit the values below or override them from the
-# environment, e.g.  DATA=outputs/alfworld/sft/expert_train.jsonl NPROC=4 bash sft/sft.sh
-# The defaults are the paper's (3 epochs, global batch 16, lr 2e-5, cosine, warmup 0.03, 4096 tokens).
+# Stage 1: SFT warm-up on expert trajectories, into RUN_DIR/sft/model (eval_agent/layout.py). The defaults
+# are the paper's (3 epochs, global batch 16, lr 2e-5, cosine, warmup 0.03, 4096 tokens); set a variable to
+# override one (docs/sft.md lists every one with its default), e.g.
+#   SFT_LR=1e-4 NPROC=4 bash sft/sft.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/stage_lib.sh                    # PRESET, PYTHON, TASK_FAMILY, RUN_DIR
 
-TASK=${TASK:-alfworld}                    # alfworld | virtualhome (instruction and ICL example)
-MODEL=${MODEL:-models/SmolLM2-135M-Instruct}
-DATA=${DATA:-outputs/${TASK}/sft/expert_train.jsonl}   # sft/make_expert_data.sh output, or a published *_sft.json
-CHAT_FORMAT=${CHAT_FORMAT:-}              # template | llama-2 (the published Llama-2-7B-Chat runs); empty = template
-ICL=${ICL:-0}                             # 1: train with the one-shot example in the prompt (the original: 0)
-LR=${LR:-2e-5}
-EPOCHS=${EPOCHS:-3}
-BATCH=${BATCH:-16}                        # global batch; gradient accumulation = BATCH / (MICRO_BATCH x processes)
-MICRO_BATCH=${MICRO_BATCH:-2}             # per device
-SCHEDULER=${SCHEDULER:-cosine}
-WARMUP=${WARMUP:-0.03}                    # fraction of the steps
-WEIGHT_DECAY=${WEIGHT_DECAY:-0}
-MAX_LEN=${MAX_LEN:-4096}                  # longer conversations lose whole trailing turns
-PRECISION=${PRECISION:-auto}              # auto = bf16 on a GPU that has it (+ tf32), else fp32 | bf16 | fp32
-GRAD_CKPT=${GRAD_CKPT:-1}                 # activation (gradient) checkpointing
-ATTN=${ATTN:-}                            # e.g. flash_attention_2 on GPUs; empty = transformers' default
-SAVE=${SAVE:-epoch}                       # checkpoint every epoch (a rerun resumes from the last) | no
-SEED=${SEED:-42}
-NPROC=${NPROC:-1}                         # processes (GPUs, or CPU processes over gloo)
-DIST_CONFIG=${DIST_CONFIG:-}              # accelerate config, e.g. sft/configs/fsdp.yaml or sft/configs/ds_zero3.yaml
-OUT=${OUT:-outputs/${TASK}/sft/model}     # the model folder; the run card goes to its parent
-PYTHON=${PYTHON:-.venv/bin/python}
+BASE_MODEL=${BASE_MODEL:-${MODEL:-}}           # base model folder; empty = the embedded SmolLM2-135M-Instruct
+EXPERT_DATA=${EXPERT_DATA:-${DATA:-}}          # expert trajectories (ours or a published *_sft.json); empty = the run's
+CHAT_FORMAT=${CHAT_FORMAT:-}                   # template | llama-2; empty = what the model folder records, else template
+SFT_ICL_NUM=${SFT_ICL_NUM:-${ICL:-}}           # in-context examples in the training prompts (the original: 0)
+SFT_LR=${SFT_LR:-${LR:-}}                      # learning rate
+SFT_EPOCHS=${SFT_EPOCHS:-${EPOCHS:-}}
+SFT_BATCH=${SFT_BATCH:-${BATCH:-}}             # global batch; accumulation = SFT_BATCH / (SFT_MICRO_BATCH x processes)
+SFT_MICRO_BATCH=${SFT_MICRO_BATCH:-${MICRO_BATCH:-}}  # rows per device and step
+SFT_SCHEDULER=${SFT_SCHEDULER:-${SCHEDULER:-}}
+SFT_WARMUP=${SFT_WARMUP:-${WARMUP:-}}          # warmup, a fraction of the steps
+SFT_WEIGHT_DECAY=${SFT_WEIGHT_DECAY:-${WEIGHT_DECAY:-}}
+SFT_MAX_LEN=${SFT_MAX_LEN:-${MAX_LEN:-}}       # tokens per row; longer ones lose whole trailing turns
+OUT=${OUT:-}                                   # the model folder; empty = the run's; the run card goes to its parent
 
-args=(--model_name_or_path "$MODEL" --data "$DATA" --task "$TASK" --icl "$ICL"
-      --learning_rate "$LR" --num_train_epochs "$EPOCHS" --global_batch_size "$BATCH"
-      --per_device_train_batch_size "$MICRO_BATCH" --lr_scheduler_type "$SCHEDULER" --warmup_steps "$WARMUP"
-      --weight_decay "$WEIGHT_DECAY" --model_max_length "$MAX_LEN" --precision "$PRECISION"
-      --save_strategy "$SAVE" --save_total_limit 1 --logging_steps 1 --seed "$SEED" --report_to none
-      --output_dir "$OUT")
-[ -n "$CHAT_FORMAT" ] && args+=(--chat_format "$CHAT_FORMAT")
-[ "$GRAD_CKPT" = 1 ] && args+=(--activation_checkpointing)
-[ -n "$ATTN" ] && args+=(--attn_implementation "$ATTN")
+args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
+opt --model_name_or_path "$BASE_MODEL"
+opt --data "$EXPERT_DATA"
+opt --chat_format "$CHAT_FORMAT"
+opt --icl_num "$SFT_ICL_NUM"
+opt --learning_rate "$SFT_LR"
+opt --num_train_epochs "$SFT_EPOCHS"
+opt --global_batch_size "$SFT_BATCH"
+opt --per_device_train_batch_size "$SFT_MICRO_BATCH"
+opt --lr_scheduler_type "$SFT_SCHEDULER"
+opt --warmup_steps "$SFT_WARMUP"
+opt --weight_decay "$SFT_WEIGHT_DECAY"
+opt --model_max_length "$SFT_MAX_LEN"
+opt --output_dir "$OUT"
 
-source scripts/train_launch.sh
+source scripts/train_launch.sh                 # PRECISION GRAD_CKPT ATTN SAVE SEED NPROC DIST_CONFIG
 launch_training sft.train "${args[@]}" "$@"
-echo "model: $OUT (summary: $OUT/train_summary.json)"

@@ -1,21 +1,21 @@
 """Stage 1: supervised fine-tuning (warm-up) on expert trajectories with the Hugging Face Trainer.
 
 Each trajectory becomes the conversation the model is prompted with at inference (instruction, "OK",
-[the in-context example with --icl 1], task, steps), rendered by the shared chat format; the loss
+[the in-context example with --icl_num 1], task, steps), rendered by the shared chat format; the loss
 covers the assistant turns only ("OK" and the trajectory's steps, each with its end-of-turn marker),
 masked from the renderer's spans (`eval_agent.training`). Conversations longer than
 --model_max_length lose whole trailing turns; rows where not one step fits are skipped; both counted.
 
-Runs as one process, under `torchrun` (DDP; gloo on CPU) or under `accelerate launch` with an FSDP or
-DeepSpeed config (sft/configs). Gradient accumulation follows from --global_batch_size. A rerun with
+Inputs and output default to the run directory's (--run_dir; eval_agent/layout.py); the recipe's
+defaults are the paper's (`SFTTrainingArguments`). Runs as one process, under `torchrun` (DDP; gloo on
+CPU) or under `accelerate launch` with an FSDP or DeepSpeed config (sft/configs). Gradient accumulation follows from --global_batch_size. A rerun with
 the same --output_dir resumes from its last checkpoint.
 
 Writes into --output_dir: the model and tokenizer, `steca_chat_format.json` (later stages read the
 format from there), `train_summary.json` (rows, tokens, time, tokens/s, the loss log), and the
 run card `config.json` into the parent folder (the stage folder, e.g. RUN_DIR/sft/).
 
-    python -m sft.train --model_name_or_path models/SmolLM2-135M-Instruct --data expert.jsonl \\
-        --output_dir outputs/alfworld/sft/model
+    python -m sft.train --run_dir outputs/alfworld --model_name_or_path models/SmolLM2-135M-Instruct
 """
 from __future__ import annotations
 
@@ -24,40 +24,80 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoTokenizer, HfArgumentParser, Trainer
 
 from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
+from eval_agent.cli import UserError, at_least, input_file, model_folder, run_main
 from eval_agent.envs import REGISTRY, get_task_family
-from eval_agent.expert_data import load_expert_data
+from eval_agent.expert_data import check_task_family, load_expert_data
+from eval_agent.guard import fingerprint, identity, settings_of, training_guard, training_settings
 from eval_agent.prompts import PromptBuilder
+from eval_agent.layout import RunDir, card_dir
 from eval_agent.run_card import write_run_card
-from eval_agent.training import (PadCollator, configure_training_args, encode_conversation, pad_token_id,
-                                 sft_messages, train_and_save)
+from eval_agent.smollm2 import default_model_dir
+from eval_agent.trajectory import Trajectory
+from eval_agent.training import (PadCollator, StageTrainingArguments, check_master_weights, configure_training_args,
+                                 encode_conversation, finished_training, load_for_training, output_dir_from_run_dir,
+                                 pad_token_id, save_dtype, sft_messages, train_and_save)
 
 log = logging.getLogger("sft.train")
+CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
 
 
 @dataclass
 class SFTArguments:
-    model_name_or_path: str = field(metadata={"help": "base model folder (HF format)"})
-    data: str = field(metadata={"help": "expert trajectories: our JSONL or the published alfworld_sft.json format"})
-    task_family: str = field(default="alfworld", metadata={"help": f"instruction and ICL example of: {sorted(REGISTRY)}",
-                                                           "aliases": ["--task"]})
+    task_family: str = field(metadata={"help": f"instruction and ICL example of: {sorted(REGISTRY)}", "aliases": ["--task"]})
+    run_dir: str | None = field(default=None, metadata={"help": "the run directory: reads its expert data, writes its "
+                                                                 "SFT model (eval_agent/layout.py)"})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "base model folder (HF format); default: "
+                                                                           "the embedded SmolLM2-135M-Instruct"})
+    data: str | None = field(default=None, metadata={"help": "expert trajectories: our JSONL or the published "
+                                                             "alfworld_sft.json format; default: the run's"})
     chat_format: str | None = field(default=None, metadata={"help": f"{FORMATS}; default: what the model folder records, else template"})
-    icl: int = field(default=0, metadata={"help": "1: put the one-shot example into training prompts (the original trains without)"})
+    icl_num: int = field(default=0, metadata={"help": "in-context examples in the training prompts: 0 (the original) "
+                                                      "or 1", "aliases": ["--icl"]})
     model_max_length: int = field(default=4096, metadata={"help": "tokens per example; longer ones lose whole trailing turns"})
     global_batch_size: int = field(default=16, metadata={"help": "examples per optimizer step over all processes"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU that has it, else fp32) | bf16 "
+                                                             "| fp32; weights and optimizer stay fp32"})
+    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved model: auto (bf16 after bf16 training) | bf16 | fp32"})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. flash_attention_2; default: transformers' choice"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh whatever settings made the output folder "
+                                                             "(moved aside as <folder>.old)"})
 
 
-def encode_dataset(args: SFTArguments, tokenizer, chat_format: ChatFormat) -> tuple[list[dict], dict]:
+@dataclass
+class SFTTrainingArguments(StageTrainingArguments):
+    """The paper's SFT recipe as defaults (the original's sft/my_sft.sh): 3 epochs, lr 2e-5, cosine with 3% warmup,
+    2 rows per device, a checkpoint each epoch (the last kept: a rerun resumes from it)."""
+
+    learning_rate: float = 2e-5
+    num_train_epochs: float = 3
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.03
+    per_device_train_batch_size: int = 2
+    activation_checkpointing: bool | None = True
+    save_strategy: str = "epoch"
+    save_total_limit: int | None = 1
+    logging_steps: float = 1
+
+
+def resolve_paths(args: SFTArguments) -> None:
+    """Inputs from the run directory where no flag names them (the output: `output_dir_from_run_dir`)."""
+    if not args.run_dir and not args.data:
+        raise SystemExit("error: pass --run_dir, or --data")
+    run = RunDir(args.run_dir) if args.run_dir else None
+    args.model_name_or_path = args.model_name_or_path or str(default_model_dir())
+    args.data = args.data or str(run.expert_data())
+
+
+def encode_dataset(args: SFTArguments, trajs: list[Trajectory], tokenizer, chat_format: ChatFormat
+                   ) -> tuple[list[dict], dict]:
     """Tokenized training rows and the counts for the summary."""
     family = get_task_family(args.task_family)
-    base = PromptBuilder.for_task(args.task_family, icl_num=args.icl)
+    base = PromptBuilder.for_task(args.task_family, icl_num=args.icl_num)
     rows, stats = [], {"rows_in": 0, "truncated": 0, "skipped_too_long": 0, "tokens": 0, "trained_tokens": 0}
-    for traj in load_expert_data(args.data):
+    for traj in trajs:
         stats["rows_in"] += 1
         prompts = dataclasses.replace(base, instruction=traj.meta.get("instruction") or family.INSTRUCTION)
         messages, trained = sft_messages(prompts, traj)
@@ -76,31 +116,62 @@ def encode_dataset(args: SFTArguments, tokenizer, chat_format: ChatFormat) -> tu
     return rows, stats
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((SFTArguments, TrainingArguments))
-    args, targs = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    targs = configure_training_args(targs, args.global_batch_size, args.precision)
-    out = Path(targs.output_dir)
+def build_parser() -> HfArgumentParser:
+    """The command line; its defaults are the stage's (docs/ lists them)."""
+    return HfArgumentParser((SFTArguments, SFTTrainingArguments))
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args, targs = parser.parse_args_into_dataclasses(args=output_dir_from_run_dir(argv, lambda run: run.sft_model))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    resolve_paths(args)
+    trajs = check_inputs(args, targs)
+    targs = configure_training_args(targs, args.global_batch_size, args.precision, stage="sft")
+    dtype = save_dtype(args.save_dtype, targs)
+    out = Path(targs.output_dir)
     fmt_name = resolve_chat_format(args.model_name_or_path, args.chat_format)
+    with training_guard(targs, {out: fingerprint_of(args, targs, fmt_name)}, args.overwrite):
+        return finished_training(out) or train(args, targs, fmt_name, trajs, dtype)
+
+
+def check_inputs(args: SFTArguments, targs: TrainingArguments) -> list[Trajectory]:
+    """The settings, the base model folder, and the expert data (read here: its rows must be of the task family)."""
+    model_folder(args.model_name_or_path, "base model")
+    for name in ("global_batch_size", "model_max_length"):
+        at_least(name, getattr(args, name), 1)
+    at_least("learning_rate", targs.learning_rate, 0)
+    if not (targs.num_train_epochs > 0 or targs.max_steps > 0):
+        raise UserError(f"--num_train_epochs must be > 0, got {targs.num_train_epochs}")
+    trajs = load_expert_data(input_file(args.data, "expert data"))
+    check_task_family(trajs, args.task_family, args.data)
+    return trajs
+
+
+def fingerprint_of(args: SFTArguments, targs: TrainingArguments, chat_format: str) -> dict:
+    """The recipe, the chat format and the base model and expert data it trains on."""
+    settings = settings_of(dataclasses.asdict(args), drop={"model_name_or_path", "data", "precision", "attn_implementation"})
+    return fingerprint("sft.train", CODE_VERSION, {**settings, **training_settings(targs), "chat_format": chat_format},
+                       {"model": identity(args.model_name_or_path), "data": identity(args.data)})
+
+
+def train(args: SFTArguments, targs: TrainingArguments, fmt_name: str, trajs: list[Trajectory], dtype) -> dict:
+    out = Path(targs.output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     chat_format = ChatFormat(fmt_name, tokenizer if fmt_name == "template" else None)
-    rows, stats = encode_dataset(args, tokenizer, chat_format)
+    rows, stats = encode_dataset(args, trajs, tokenizer, chat_format)
     if targs.process_index == 0:
-        write_run_card(out.parent, "sft", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
+        write_run_card(card_dir(out), "sft", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
     log.info("%s: %d rows in, %d used (%d truncated, %d skipped: too long), %d tokens, %d trained",
              args.data, stats["rows_in"], stats["rows_out"], stats["truncated"], stats["skipped_too_long"],
              stats["tokens"], stats["trained_tokens"])
 
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path, dtype=torch.bfloat16 if targs.bf16 else torch.float32,
-        attn_implementation=args.attn_implementation,
-    )
-    model.config.use_cache = False  # no generation while training; activation checkpointing needs it off
+    model = load_for_training(args.model_name_or_path, args.attn_implementation)
+    check_master_weights(model, targs)
     trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=PadCollator(pad_token_id(tokenizer)),
                       processing_class=tokenizer)
-    return train_and_save(trainer, tokenizer, fmt_name, {**stats, "global_batch_size": args.global_batch_size}, log)
+    return train_and_save(trainer, tokenizer, fmt_name, {**stats, "global_batch_size": args.global_batch_size}, log,
+                          dtype)
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -73,6 +73,31 @@ def test_published_put_syntax_and_invalid_actions_on_a_move_grammar_game():
     env.close()
 
 
+
+def test_valid_means_admissible():
+    """`valid` (the engine did not answer "Nothing happens.") agrees with the state's admissible commands,
+    on a walk that mixes admissible commands with made-up, misspelt and out-of-place ones."""
+    import random
+
+    rng = random.Random(0)
+    made_up = ["fly to the moon", "take unicorn 1 from desk 1", "go to desk 99", "open sofa 1", "put it down",
+               "heat apple 1 with fridge 1", "use", "go to", "examine", "clean cup 1 with sinkbasin 1"]
+    env = AlfWorldEnv(expert=True)  # admissible commands are requested with the expert's state
+    checked = {True: 0, False: 0}
+    for task in load_tasks("seen")[:2]:
+        env.reset(task)
+        for _ in range(20):
+            admissible = [to_published(c) for c in env._state["admissible_commands"]]
+            action = rng.choice(admissible) if rng.random() < 0.6 else rng.choice(made_up)
+            result = env.step(action)
+            assert result.valid == (action in admissible), action
+            assert result.valid == (result.observation != "Nothing happens."), action
+            checked[result.valid] += 1
+            if result.done:
+                break
+    env.close()
+    assert min(checked.values()) >= 5, checked
+
 def test_task_text_original_joins_with_one_newline():
     task = load_tasks("unseen", limit=1)[0]
     env = AlfWorldEnv(task_text="original")

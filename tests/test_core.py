@@ -57,7 +57,7 @@ def test_conversation_round_trip():
         ([{"from": "gpt", "value": "x"}], "task turn"),
         ([{"from": "human", "value": "t"}, {"from": "human", "value": "u"}], "turn 1 should be assistant"),
         ([{"from": "human", "value": "t"}, {"from": "gpt", "value": "  "}], "turn 1 is empty"),
-        ([{"from": "human"}], "needs 'from' and 'value'"),
+        ([{"from": "human"}], "turn 0 has no field 'value'"),
         ([{"from": "system", "value": "x"}], "unknown role"),
     ],
 )

@@ -20,6 +20,7 @@ from eval_agent.records import Rollout, StepRecord, read_step_records, rollout_k
 from eval_agent.runner import ExpertPolicy, run_episodes
 from eval_agent.store import read_jsonl
 from eval_agent.trajectory import Step, Trajectory
+from eval_agent.layout import RunDir
 from sampling.generate_steps import main as generate_steps
 from sampling.mc_rollouts import main as mc_rollouts
 
@@ -144,8 +145,8 @@ def fixture_run(run_dir: Path) -> dict:
         records["explore"].append(rec)
         mc[rec.key] = value
     for kind in ("expert", "explore"):
-        write_jsonl(run_dir / "sampling" / f"steps_{kind}.jsonl", [r.to_dict() for r in records[kind]])
-        write_jsonl(run_dir / "sampling" / "mc" / f"rollouts_{kind}.jsonl",
+        write_jsonl(RunDir(run_dir).steps(kind), [r.to_dict() for r in records[kind]])
+        write_jsonl(RunDir(run_dir).rollouts(kind),
                     [ro.to_dict() for r in records[kind] for ro in rollouts_for(r, mc[r.key], N)])
     return {"expert": expert, "a": ka, "b": kb, "c": kc}
 
@@ -337,7 +338,7 @@ def test_fixture_run_end_to_end_with_self_reflection(tmp_path, tiny_model_dir):
     reflect = ["--reflect_backend", "self", "--model", str(tiny_model_dir), "--reflect_retries", "0",
                "--reflect_max_tokens", "8"]
     summary = build(fixture_args(tmp_path, *reflect), embeddings=toy())
-    out = tmp_path / "data_collection"
+    out = RunDir(tmp_path).data_collection
 
     rewards = {r["key"]: r for r in read(out / "step_rewards.jsonl")}
     assert len(rewards) == 15 + 8 and rewards[step_key(kb, 2, "explore")]["mc_reward"] == 0.0
@@ -427,18 +428,19 @@ def corrupt(path: Path, lineno: int, change) -> None:
 
 
 @pytest.mark.parametrize("file,change,message", [
-    ("steps_explore.jsonl", lambda r: r.pop("success"), r":2: missing field 'success'"),
-    ("steps_explore.jsonl", lambda r: r.update(t="2"), r":2: field 't' must be int, got '2'"),
-    ("steps_explore.jsonl", lambda r: r.update(kind="expert"), r":2: field 'kind' is 'expert' in the explore file"),
-    ("steps_explore.jsonl", lambda r: r["step"].pop("action"), r":2: field 'step' needs exactly"),
-    ("steps_explore.jsonl", lambda r: r["trajectory"]["steps"][0].pop("text"), r":2: field 'trajectory' needs 'steps'"),
-    ("mc/rollouts_expert.jsonl", lambda r: r.update(success="yes"), r":2: field 'success' must be bool"),
-    ("steps_expert.jsonl", lambda r: r.update(expert_key="nope"), r"replays expert trajectory 'nope'"),
-    ("steps_expert.jsonl", lambda r: r.update(prefix=["x"]), r"its replayed prefix differs"),
+    (("steps", "explore"), lambda r: r.pop("success"), r":2: missing field 'success'"),
+    (("steps", "explore"), lambda r: r.update(t="2"), r":2: field 't' must be int, got '2'"),
+    (("steps", "explore"), lambda r: r.update(kind="expert"), r":2: field 'kind' is 'expert' in the explore file"),
+    (("steps", "explore"), lambda r: r["step"].pop("action"), r":2: field 'step' needs exactly"),
+    (("steps", "explore"), lambda r: r["trajectory"]["steps"][0].pop("text"), r":2: field 'trajectory' needs 'steps'"),
+    (("rollouts", "expert"), lambda r: r.update(success="yes"), r":2: field 'success' must be bool"),
+    (("steps", "expert"), lambda r: r.update(expert_key="nope"), r"replays expert trajectory 'nope'"),
+    (("steps", "expert"), lambda r: r.update(prefix=["x"]), r"its replayed prefix differs"),
 ])
 def test_bad_input_rows_name_file_line_and_field(tmp_path, file, change, message):
     fixture_run(tmp_path)
-    path = tmp_path / "sampling" / file
+    what, kind = file
+    path = getattr(RunDir(tmp_path), what)(kind)
     corrupt(path, 2, change)
     with pytest.raises(SystemExit, match=rf"error: {path}.*{message}"):
         build(fixture_args(tmp_path), embeddings=toy())
@@ -446,7 +448,7 @@ def test_bad_input_rows_name_file_line_and_field(tmp_path, file, change, message
 
 def test_missing_sampling_file_says_what_to_run(tmp_path):
     fixture_run(tmp_path)
-    (tmp_path / "sampling" / "mc" / "rollouts_explore.jsonl").unlink()
+    (RunDir(tmp_path).rollouts("explore")).unlink()
     with pytest.raises(SystemExit, match=r"rollouts_explore.jsonl missing: run the sampling stage first"):
         build(fixture_args(tmp_path), embeddings=toy())
 
@@ -470,9 +472,9 @@ def test_stage_on_a_real_tiny_alfworld_sampling_run(tmp_path, tiny_model_dir):
     args = ["--task", "alfworld", "--run_dir", str(tmp_path), "--expert_data", str(expert_file), "--n", "2",
             "--reflect_backend", "self", "--model", str(tiny_model_dir), "--reflect_retries", "0", "--reflect_max_tokens", "8"]
     summary = build(args)
-    out = tmp_path / "data_collection"
-    explore = read_step_records(tmp_path / "sampling" / "steps_explore.jsonl")
-    expert = read_step_records(tmp_path / "sampling" / "steps_expert.jsonl")
+    out = RunDir(tmp_path).data_collection
+    explore = read_step_records(RunDir(tmp_path).steps("explore"))
+    expert = read_step_records(RunDir(tmp_path).steps("expert"))
     assert len(read(out / "step_rewards.jsonl")) == len(explore) + len(expert)
     assert all(r["mc_samples"] == 2 for r in read(out / "step_rewards.jsonl"))
     devs = read(out / "deviations.jsonl")

@@ -40,7 +40,9 @@ def test_doctor_counts_data_and_never_prints_the_key(tmp_path):
             counted = report["virtualhome_data"][split]
             assert counted["tasks"] + counted["without_scene_graph"] == lines > 0
     assert report["endpoints"]["http://127.0.0.1:9/v1"]["status"].startswith("unreachable")
-    assert set(report["versions"]) >= {"torch", "transformers", "vllm", "alfworld"} and isinstance(report["gpus"], list)
+    assert set(report["versions"]) >= {"torch", "transformers", "vllm", "alfworld"}
+    gpu = report["gpu"]
+    assert gpu["torch"] and isinstance(gpu["devices"], list) and gpu["cuda_usable"] == (gpu["cuda_problem"] is None)
 
     report, output = doctor("--alfworld_data", str(tmp_path / "none"), OPENAI_API_KEY="", OPENAI_BASE_URL="")
     assert report["OPENAI_API_KEY"] == "not set" and report["endpoints"].startswith("none configured")

@@ -1,19 +1,26 @@
 """The whole pipeline (scripts/run_pipeline.sh) end to end for both environments with the tiny model:
-killed in the middle of the ALFWorld Monte-Carlo stage, rerun, and every stage's outputs checked."""
+ALFWorld in-process (BACKEND=hf) killed in the middle of its Monte-Carlo stage, VirtualHome through real
+server processes the pipeline starts and stops per stage (BACKEND=serve_hf) stopped by a signal in the
+middle of its Monte-Carlo stage; both rerun, every stage's outputs checked, and no server outlives its stage.
+Then VirtualHome again with another N, which reruns exactly the stages N affects."""
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
+from eval_agent.layout import report_dir, run_dir_of
 from eval_agent.records import read_rollouts, read_step_records
 from eval_agent.store import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("expert_data", "sft", "steps", "mc", "data_collection", "steca", "eval")
 N = 2
-SMALL = {"PRESET": "tiny", "SFT_LIMIT": "2", "SFT_EPOCHS": "1", "SFT_BATCH": "2", "SAMPLE_LIMIT": "1", "N": str(N),
+SMALL = {"PRESET": "tiny", "EXPERT_LIMIT": "2", "SFT_EPOCHS": "1", "SFT_BATCH": "2", "SAMPLE_LIMIT": "1", "N": str(N),
          "MAX_STEPS": "5", "MAX_NEW_TOKENS": "8", "RFT_BATCH": "2", "EVAL_LIMIT": "1", "CONCURRENCY": "4",
          "REFLECT_BACKEND": "self", "GRAD_CKPT": "0"}
 
@@ -31,52 +38,150 @@ def keys(path: Path) -> list[str]:
     return [json.loads(line)["key"] for line in path.read_text().splitlines()]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def kill_when(proc: subprocess.Popen, path: Path, sig: int, group: bool) -> None:
+    """Signal the pipeline once the first Monte-Carlo rollout is written, i.e. in the middle of that stage."""
+    deadline = time.monotonic() + 600
+    while lines(path) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the pipeline ended before the rollouts began:\n{proc.stdout.read()[-3000:]}"
+    (os.killpg if group else os.kill)(proc.pid, sig)
+
+
+SERVER_LINE = re.compile(r"^== virtualhome: server for (\w+) (starting|stopped) \(pid (\d+)", re.M)
+
+
+def check_servers_per_stage(out: str) -> list[int]:
+    """Every server started is stopped before the next stage starts; none is up while a model trains."""
+    up: dict[str, int] = {}
+    for line in out.splitlines():
+        m = SERVER_LINE.match(line)
+        if m:
+            label, what, pid = m[1], m[2], int(m[3])
+            if what == "starting":
+                assert not up, f"{label} started while {up} still up"
+                up[label] = pid
+            else:
+                assert up.pop(label) == pid
+        elif re.match(r"^== virtualhome: \w+ \(", line):  # a stage begins
+            assert not up, f"{line!r} began while {up} was up"
+    assert not up
+    return [int(m[3]) for m in SERVER_LINE.finditer(out)]
+
+
 def test_pipeline_both_envs_killed_and_resumed(tmp_path, tiny_model_dir):
     root = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
-    env.update(SMALL, TASK="both", RUN_ROOT=str(root), BASE_MODEL=str(tiny_model_dir), OMP_NUM_THREADS="1")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "REFLECT_API_KEY")}
+    env.update(SMALL, RUN_ROOT=str(root), BASE_MODEL=str(tiny_model_dir), OMP_NUM_THREADS="1")
+    alf = dict(env, TASK_FAMILY="alfworld")
+    port = free_port()
+    vh = dict(env, TASK_FAMILY="virtualhome", BACKEND="serve_hf", SERVE_PORT=str(port), SERVE_TIMEOUT="300")
 
-    # 1. kill the whole process group once the ALFWorld rollouts have started to come in
-    first = pipeline(env)
-    rollouts = root / "alfworld" / "sampling" / "mc" / "rollouts_expert.jsonl"
-    deadline = time.monotonic() + 600
-    while lines(rollouts) < 1 and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert first.poll() is None, f"the pipeline ended before the rollouts began:\n{first.stdout.read()[-3000:]}"
-    os.killpg(first.pid, signal.SIGKILL)
+    # 1. ALFWorld in-process: kill the whole process group once its rollouts have started to come in
+    first = pipeline(alf)
+    kill_when(first, run_dir_of(root, "alfworld").rollouts("expert"), signal.SIGKILL, group=True)
     first.wait()
-    assert not (root / "alfworld" / "pipeline" / "mc.done").exists()
-
-    # 2. the rerun skips the completed stages and finishes everything
-    second = pipeline(env)
+    assert not run_dir_of(root, "alfworld").marker("mc").exists()
+    # the rerun skips the completed stages and finishes everything
+    second = pipeline(alf)
     out, _ = second.communicate(timeout=1200)
     assert second.returncode == 0, out[-4000:]
     for stage in ("expert_data", "sft", "steps"):
         assert f"alfworld: {stage}: done, skipped" in out
+    assert "server for" not in out  # BACKEND=hf starts none
 
-    for task in ("alfworld", "virtualhome"):
-        run = root / task
-        assert all((run / "pipeline" / f"{s}.done").is_file() for s in STAGES), task
-        assert lines(run / "sft" / "expert_train.jsonl") == 2
-        assert json.loads((run / "sft" / "model" / "train_summary.json").read_text())["rows_out"] == 2
+    # 2. VirtualHome through serve_hf processes: SIGTERM to the pipeline alone in the MC stage stops the
+    # stage and its server (the trap), nothing of it left running
+    vh_run = run_dir_of(root, "virtualhome")
+    third = pipeline(vh)
+    kill_when(third, vh_run.rollouts("expert"), signal.SIGTERM, group=False)
+    killed_out, _ = third.communicate(timeout=300)
+    assert third.returncode == 143, killed_out[-3000:]
+    assert "server for sft stopped" in killed_out
+    for pid in check_servers_per_stage(killed_out):
+        assert not alive(pid)
+    assert not answers(port) and not vh_run.marker("mc").exists()
+    written = lines(vh_run.rollouts("expert"))
+    time.sleep(1)
+    assert lines(vh_run.rollouts("expert")) == written  # the stage itself stopped too
+    fourth = pipeline(vh)
+    out, _ = fourth.communicate(timeout=1200)
+    assert fourth.returncode == 0, out[-4000:]
+    assert "virtualhome: steps: done, skipped" in out
+    labels = [m[1] for m in SERVER_LINE.finditer(out) if m[2] == "starting"]
+    assert labels == ["sft", "sft", "base", "sft", "steca"]  # mc, data collection (self reflection), eval x3
+    for pid in check_servers_per_stage(out):
+        assert not alive(pid)
+    assert not answers(port)
+
+    for family in ("alfworld", "virtualhome"):
+        run = run_dir_of(root, family)
+        assert all(run.marker(s).is_file() for s in STAGES), family
+        assert lines(run.expert_data()) == 2
+        assert json.loads((run.sft_model / "train_summary.json").read_text())["rows_out"] == 2
         for kind in ("expert", "explore"):
-            records = read_step_records(run / "sampling" / f"steps_{kind}.jsonl")
+            records = read_step_records(run.steps(kind))
             assert records and len({r.task_key for r in records}) == 1  # SAMPLE_LIMIT=1
-            path = run / "sampling" / "mc" / f"rollouts_{kind}.jsonl"
-            assert len(keys(path)) == len(set(keys(path))) == N * len(records), (task, kind)
+            path = run.rollouts(kind)
+            assert len(keys(path)) == len(set(keys(path))) == N * len(records), (family, kind)
             assert {r.record_key for r in read_rollouts(path)} == {r.key for r in records}
-        summary = json.loads((run / "data_collection" / "summary.json").read_text())
-        train = list(read_jsonl(run / "data_collection" / "train.jsonl"))
+        summary = json.loads(run.collection_summary.read_text())
+        train = list(read_jsonl(run.train_set))
         assert train and all(r["chosen"][0]["from"] == "gpt" and r["reward"] > 0 for r in train)
-        published = json.loads((run / "data_collection" / "final_data_rft_train.json").read_text())
+        published = json.loads((run.data_collection / "final_data_rft_train.json").read_text())
         assert len(published) == len(train) and set(published[0]) >= {"id", "prompt", "chosen", "rejected", "reward"}
         assert summary["train"]["rows"] == len(train) == sum(v["kept"] for v in summary["sets"].values())
         assert summary["inputs"]["rollouts"] == {k: N * v for k, v in summary["inputs"]["step_records"].items()}
-        assert (run / "steca" / "model" / "steca_chat_format.json").is_file()
+        assert (run.steca_model / "steca_chat_format.json").is_file()
+        assert json.loads((run.sft / "config.json").read_text())["stage"] == "sft"  # run cards beside the models
+        assert json.loads((run.steca / "config.json").read_text())["stage"] == "reinforced_train"
         for label in ("base", "sft", "steca"):
             for split in ("seen", "unseen"):
-                s = json.loads((run / "eval" / label / split / "summary.json").read_text())
-                assert (s["env"], s["num_tasks"]) == (task, 1) and 0.0 <= s["success_rate"] <= 1.0
-    table = (root / "report" / "report.md").read_text()
+                s = json.loads(run.eval_summary(label, split).read_text())
+                assert (s["env"], s["num_tasks"]) == (family, 1) and 0.0 <= s["success_rate"] <= 1.0
+    table = (report_dir(root) / "report.md").read_text()  # the last run's: VirtualHome
     assert all(f"{name} (ours)" in table for name in ("Base model", "SFT", "STeCa"))
-    assert (root / "report" / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert (report_dir(root) / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+    # 3. another N: expert data, SFT and step records are kept; MC and data collection rerun, their old results
+    # moved aside; reinforced training and its evaluations rerun exactly when the training set came out otherwise
+    # (inputs are known by content); the base and SFT evaluations are the same runs and are skipped
+    records = len(read_step_records(vh_run.steps("expert")))
+    fifth = pipeline(dict(vh, N=str(N + 1)))
+    out, _ = fifth.communicate(timeout=1200)
+    assert fifth.returncode == 0, out[-4000:]
+    train_changed = vh_run.train_set.read_text() != (vh_run.root / "data_collection.old" / "train.jsonl").read_text()
+    rerun = ("mc", "data_collection") + (("steca", "eval") if train_changed else ())
+    for stage in STAGES:
+        assert (f"virtualhome: {stage}: done, skipped" in out) == (stage not in rerun), stage
+        assert (f"== {stage}: changed since it completed" in out) == (stage in rerun), stage
+    assert "rollouts_expert.jsonl: n: 2 -> 3" in out
+    for pid in check_servers_per_stage(out):
+        assert not alive(pid)
+    assert len(keys(vh_run.rollouts("expert"))) == (N + 1) * records
+    assert len(keys(vh_run.rollouts("expert").with_name("rollouts_expert.jsonl.old"))) == N * records
+    assert json.loads(vh_run.collection_summary.read_text())["inputs"]["rollouts"]["expert"] == (N + 1) * records
+    assert vh_run.steca_model.with_name("model.old").is_dir() == train_changed
+    assert vh_run.evaluation("steca", "seen").with_name("seen.old").is_dir() == train_changed
+    assert not vh_run.evaluation("sft", "seen").with_name("seen.old").exists()

@@ -50,6 +50,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def chat_env(monkeypatch):
     """Point the chat backend at `url` with a recognisable key (it must never show up in errors)."""
     def point(url: str, key: str | None = "sk-test-SECRET") -> None:
+        monkeypatch.delenv("REFLECT_API_KEY", raising=False)
+        monkeypatch.delenv("REFLECT_BASE_URL", raising=False)
         monkeypatch.setenv("OPENAI_BASE_URL", url)
         if key is None:
             monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -316,13 +318,14 @@ def test_rejected_key_is_a_clear_error_without_the_key(tmp_path, scripted, chat_
     server = scripted(script=[401])
     chat_env(server.url)
     reflector = chat_reflector(tmp_path)  # the probe (GET) passes on this server; the POST gets the 401
-    with pytest.raises(BackendUnavailable, match="rejected OPENAI_API_KEY") as err:
+    with pytest.raises(BackendUnavailable, match="rejected the key") as err:
         reflector.reflect([request()])
     assert "SECRET" not in str(err.value)
 
 
 def test_backend_choice(tmp_path, monkeypatch, chat_env):
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    for name in ("REFLECT_API_KEY", "REFLECT_BASE_URL", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(SystemExit, match="self reflection needs --model"):
         reflector_from_args(parse([]), tmp_path / "c.jsonl")
@@ -390,7 +393,7 @@ def test_self_backend_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def test_weights_fingerprint_changes_with_the_weights(tmp_path):
-    from data_collection.reflection import weights_fingerprint
+    from eval_agent.guard import weights_fingerprint
 
     assert weights_fingerprint("gpt-4o") is None  # a served name, no folder
     (tmp_path / "model.safetensors").write_bytes(b"12")

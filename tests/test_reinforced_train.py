@@ -18,6 +18,7 @@ from eval_agent.chat_format import ChatFormat, resolve_chat_format
 from eval_agent.smollm2 import make_tiny_model
 from eval_agent.store import BadRecord
 from eval_agent.training import IGNORE
+from eval_agent.layout import RunDir
 from tests.helpers import trained_runs
 from Reinforced_train.data import encode_rows, load_rows
 from Reinforced_train.loss import WeightedCollator, steca_loss
@@ -131,7 +132,7 @@ GOOD = calibration_row("c0", 1.0)
         ({**GOOD, "chosen": GOOD["chosen"][1:]}, False, "field 'chosen': turn 0 should be assistant"),
         ({**GOOD, "prompt": GOOD["prompt"][1:]}, False, "field 'prompt': turn 0 should be user"),
         ({**GOOD, "prompt": GOOD["prompt"][:4]}, False, "field 'prompt' must end with a human turn"),
-        ({**GOOD, "chosen": [{"from": "gpt"}]}, False, "field 'chosen': turn 0 needs 'from' and 'value'"),
+        ({**GOOD, "chosen": [{"from": "gpt"}]}, False, "field 'chosen': turn 0 has no field 'value'"),
         ({**GOOD, "chosen": [turn("gpt", " ")]}, False, "field 'chosen': turn 0 is empty"),
         ({k: v for k, v in GOOD.items() if k != "rejected"}, True, "missing field 'rejected'"),
     ],
@@ -257,7 +258,7 @@ def test_published_file_trains_on_two_processes_and_resumes(tmp_path, tiny_model
     data = tmp_path / "final_data_rft_train.json"
     data.write_text(json.dumps(published([calibration_row(f"c{i}", 1.0 + 0.01 * i) for i in range(3)]
                                          + [explored_row("e0", 0.99)])))
-    out = tmp_path / "steca" / "model"
+    out = RunDir(tmp_path).steca_model
     env = {"MODEL": str(tiny_model_dir), "DATA": str(data), "OUT": str(out), "NPROC": "2", "BATCH": "2",
            "MICRO_BATCH": "1", "LR": "1e-3", "MAX_LEN": "1024", "PRECISION": "fp32"}
     summary = steca_train(env)
@@ -274,6 +275,8 @@ def test_published_file_trains_on_two_processes_and_resumes(tmp_path, tiny_model
     trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     assert any(not torch.equal(trained[k], start[k]) for k in start)
+    assert steca_train({**env, "NPROC": "1"}) == summary  # finished: not trained or saved again
+    (out / "train_summary.json").rename(tmp_path / "train_summary.json")  # as if killed before the summary
     resumed = steca_train({**env, "NPROC": "1"})  # same global batch on one process: nothing left to train
     assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["optimizer_steps"] == 2
 
@@ -282,10 +285,10 @@ def test_beta_above_zero_trains_against_the_reference(tmp_path, tiny_model_dir):
     from Reinforced_train.train import main
 
     data = write_jsonl(tmp_path / "train.jsonl", [calibration_row("c0", 1.0), explored_row("e0", 0.5)])
-    out = tmp_path / "steca" / "model"
+    out = RunDir(tmp_path).steca_model
     summary = main(["--model_name_or_path", str(tiny_model_dir), "--data", str(data), "--beta", "0.1",
                     "--global_batch_size", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
-                    "--precision", "fp32", "--save_strategy", "no", "--logging_steps", "1", "--report_to", "none",
+                    "--precision", "fp32", "--warmup_steps", "0", "--save_strategy", "no", "--logging_steps", "1", "--report_to", "none",
                     "--num_train_epochs", "2", "--output_dir", str(out)])
     assert summary["reference_model"] == str(tiny_model_dir) and summary["optimizer_steps"] == 2
     logged = [h for h in summary["log_history"] if "loss" in h]

@@ -11,6 +11,7 @@ from PIL import Image
 from eval.evaluate import main as evaluate
 from eval.paper_results import COLUMNS, PAPER_ROWS
 from eval.report import main as report
+from eval_agent.layout import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_MD = REPO.parent / "shared" / "reference" / "paper.md"
@@ -53,15 +54,15 @@ def table_row(markdown: str, method: str) -> list[str]:
 def two_runs(tmp_path, real_summaries) -> tuple[Path, Path]:
     """outputs/alfworld and outputs/virtualhome as the pipeline lays them out: eval/<label>/<split>/."""
     alf, vh = tmp_path / "alfworld", tmp_path / "virtualhome"
-    shutil.copytree(real_summaries["alfworld"], alf / "eval" / "base" / "seen")  # the real one, unchanged
+    shutil.copytree(real_summaries["alfworld"], RunDir(alf).evaluation("base", "seen"))  # the real one, unchanged
     base = "models/SmolLM2-135M-Instruct"
-    place(real_summaries["alfworld"], alf / "eval" / "base" / "unseen", "unseen", 0.25, model=base)
-    place(real_summaries["alfworld"], alf / "eval" / "sft" / "seen", "seen", 0.5, model="outputs/alfworld/sft/model")
-    place(real_summaries["alfworld"], alf / "eval" / "steca" / "seen", "seen", 0.75, model="x/steca/model")
-    place(real_summaries["alfworld"], alf / "eval" / "steca" / "unseen", "unseen", 0.625, model="x/steca/model")
-    place(real_summaries["virtualhome"], vh / "eval" / "base" / "seen", "seen", 0.1, model=base)
-    place(real_summaries["virtualhome"], vh / "eval" / "steca" / "seen", "seen", 0.5, model="y/steca/model")
-    shutil.copytree(real_summaries["virtualhome"], vh / "eval" / "steca" / "unseen")  # real: 100
+    place(real_summaries["alfworld"], RunDir(alf).evaluation("base", "unseen"), "unseen", 0.25, model=base)
+    place(real_summaries["alfworld"], RunDir(alf).evaluation("sft", "seen"), "seen", 0.5, model="outputs/alfworld/sft/model")
+    place(real_summaries["alfworld"], RunDir(alf).evaluation("steca", "seen"), "seen", 0.75, model="x/steca/model")
+    place(real_summaries["alfworld"], RunDir(alf).evaluation("steca", "unseen"), "unseen", 0.625, model="x/steca/model")
+    place(real_summaries["virtualhome"], RunDir(vh).evaluation("base", "seen"), "seen", 0.1, model=base)
+    place(real_summaries["virtualhome"], RunDir(vh).evaluation("steca", "seen"), "seen", 0.5, model="y/steca/model")
+    shutil.copytree(real_summaries["virtualhome"], RunDir(vh).evaluation("steca", "unseen"))  # real: 100
     return alf, vh
 
 
@@ -98,7 +99,7 @@ def test_tables_chart_and_sources(tmp_path, two_runs):
     cells = {(c["label"], c["env"], c["split"]): c for c in saved["cells"]}
     assert len(cells) == 8
     real = cells[("base", "alfworld", "seen")]
-    assert real["summary"] == str(alf / "eval" / "base" / "seen" / "summary.json")
+    assert real["summary"] == str(RunDir(alf).eval_summary("base", "seen"))
     assert real["config"].endswith("config.json") and real["policy"] == "expert" and real["model"] is None
     assert real["num_tasks"] == 1 and real["value"] == 100.0
     assert cells[("sft", "alfworld", "seen")]["model"] == "outputs/alfworld/sft/model"
@@ -125,10 +126,10 @@ def test_summary_flag_metric_and_no_paper_rows(tmp_path, real_summaries):
 
 def test_skipped_folders_are_counted(tmp_path, real_summaries):
     run = tmp_path / "alfworld"
-    shutil.copytree(real_summaries["alfworld"], run / "eval" / "sft" / "seen")
-    (run / "eval" / "steca").mkdir()  # evaluation not run yet
-    shutil.copytree(real_summaries["alfworld"], run / "eval" / "flat")  # summary.json without a split folder
-    place(real_summaries["alfworld"], run / "eval" / "sft" / "train", "train", 1.0)
+    shutil.copytree(real_summaries["alfworld"], RunDir(run).evaluation("sft", "seen"))
+    (RunDir(run).eval / "steca").mkdir()  # evaluation not run yet
+    shutil.copytree(real_summaries["alfworld"], RunDir(run).eval / "flat")  # summary.json without a split folder
+    place(real_summaries["alfworld"], RunDir(run).evaluation("sft", "train"), "train", 1.0)
     out = tmp_path / "report"
     rep = report(["--run", f"alfworld={run}", "--out", str(out)])
     reasons = {Path(s["path"]).name: s["reason"] for s in rep["skipped"]}
@@ -140,7 +141,7 @@ def test_skipped_folders_are_counted(tmp_path, real_summaries):
 
 def test_bad_input_names_the_file(tmp_path, real_summaries):
     run = tmp_path / "run"
-    bad = place(real_summaries["alfworld"], run / "eval" / "sft" / "seen", "seen", 0.5)
+    bad = place(real_summaries["alfworld"], RunDir(run).evaluation("sft", "seen"), "seen", 0.5)
     summary = json.loads(bad.read_text())
     del summary["avg_reward"]
     bad.write_text(json.dumps(summary))

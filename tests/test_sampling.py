@@ -16,7 +16,8 @@ from eval_agent.envs.alfworld import AlfWorldEnv, load_tasks
 from eval_agent.records import read_rollouts, read_step_records, rollout_key
 from eval_agent.runner import ExpertPolicy, run_episodes
 from eval_agent.store import read_jsonl
-from sampling.expert_tasks import out_path, shard_of
+from eval_agent.layout import RunDir
+from sampling.expert_tasks import shard_of
 from sampling.generate_steps import main as generate_steps
 from sampling.mc_rollouts import main as mc_rollouts
 from sampling.merge import main as merge
@@ -54,13 +55,13 @@ def test_expert_records_reproduce_alfworld_expert(tmp_path):
 
     summary = generate_steps(["--task", "alfworld", "--kind", "expert", "--expert_data", str(expert), "--run_dir", str(tmp_path)])
     assert summary["expert"]["written"] == sum(len(t.steps) for t in trajs.values())
-    for rec in read_step_records(tmp_path / "sampling" / "steps_expert.jsonl"):
+    for rec in read_step_records(RunDir(tmp_path).steps("expert")):
         step = trajs[rec.task_key].steps[rec.t]
         assert (rec.step["action"], rec.step["observation"]) == (step.action, step.observation), rec.key
         assert rec.prefix == [s.text for s in trajs[rec.task_key].steps[: rec.t]]
         last = rec.t == len(trajs[rec.task_key].steps) - 1
         assert rec.done == last and rec.step_success == last and rec.trajectory is None
-    assert (tmp_path / "sampling" / "config.json").is_file()
+    assert (RunDir(tmp_path).sampling / "config.json").is_file()
     # rerun: nothing left to do
     assert generate_steps(["--task", "alfworld", "--kind", "expert", "--expert_data", str(expert),
                            "--run_dir", str(tmp_path)])["expert"]["written"] == 0
@@ -68,11 +69,11 @@ def test_expert_records_reproduce_alfworld_expert(tmp_path):
 
 def test_mc_killed_midway_resumes_every_key_once(tmp_path, vh_expert, tiny_model_dir):
     generate_steps(vh_args(vh_expert, tmp_path, "--kind", "expert"))
-    records = read_step_records(tmp_path / "sampling" / "steps_expert.jsonl")
+    records = read_step_records(RunDir(tmp_path).steps("expert"))
     n = 3
     cmd = [sys.executable, "-m", "sampling.mc_rollouts", "--task", "virtualhome", "--kind", "expert", "--n", str(n),
            "--model", str(tiny_model_dir), "--run_dir", str(tmp_path), *FAST, "--concurrency", "2"]
-    out = tmp_path / "sampling" / "mc" / "rollouts_expert.jsonl"
+    out = RunDir(tmp_path).rollouts("expert")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     copied = sum(r.done for r in records) * n  # written first, before any model call
@@ -101,8 +102,8 @@ def test_shards_partition_keys_and_merge_checks_completeness(tmp_path, vh_expert
     for i in range(shards):
         generate_steps(vh_args(vh_expert, tmp_path, "--kind", "expert", "--num_shards", str(shards), "--shard_id", str(i)))
     generate_steps(vh_args(vh_expert, tmp_path / "whole", "--kind", "expert"))
-    whole = set(keys_of(tmp_path / "whole" / "sampling" / "steps_expert.jsonl"))
-    parts = [keys_of(out_path(tmp_path / "sampling", "steps_expert", shards, i)) for i in range(shards)]
+    whole = set(keys_of(RunDir(tmp_path / "whole").steps("expert")))
+    parts = [keys_of(RunDir(tmp_path).steps("expert", shards, i)) for i in range(shards)]
     assert set().union(*parts) == whole and sum(map(len, parts)) == len(whole)
     for i, part in enumerate(parts):  # a task and all its steps go to one shard
         assert all(shard_of(k.split("|")[0], shards) == i for k in part)
@@ -110,9 +111,9 @@ def test_shards_partition_keys_and_merge_checks_completeness(tmp_path, vh_expert
     margs = ["--what", "steps", "--kind", "expert", "--num_shards", str(shards), "--task", "virtualhome",
              "--expert_data", str(vh_expert), "--run_dir", str(tmp_path)]
     assert merge(margs)["expert"]["records"] == len(whole)
-    assert set(keys_of(tmp_path / "sampling" / "steps_expert.jsonl")) == whole
+    assert set(keys_of(RunDir(tmp_path).steps("expert"))) == whole
 
-    victim = next(out_path(tmp_path / "sampling", "steps_expert", shards, i) for i in range(shards) if parts[i])
+    victim = next(RunDir(tmp_path).steps("expert", shards, i) for i in range(shards) if parts[i])
     lines = victim.read_text().splitlines(keepends=True)
     victim.write_text("".join(lines[1:]))
     with pytest.raises(SystemExit, match=r"1 missing \(e\.g\. "):
@@ -149,13 +150,13 @@ def test_crash_in_one_episode_is_recorded_and_the_stage_carries_on(tmp_path, vh_
     monkeypatch.setattr(vh, "make_env", lambda **kw: BrokenEnv(real_make_env(**kw), first["key"], first["steps"][1]["action"]))
     summary = generate_steps(vh_args(vh_expert, tmp_path, "--kind", "both", "--model", str(tiny_model_dir), *FAST))
     for kind in ("expert", "explore"):
-        records = read_step_records(tmp_path / "sampling" / f"steps_{kind}.jsonl")
+        records = read_step_records(RunDir(tmp_path).steps(kind))
         assert len(records) == summary[kind]["records_expected"] == summary[kind]["written"]
         broken = [r for r in records if r.task_key == first["key"] and r.t >= (1 if kind == "expert" else 2)]
         assert broken and all(r.done and r.termination == "env_error" and "engine crashed" in r.error for r in broken)
         assert all(r.error is None for r in records if r.task_key != first["key"])
     # the random tiny model writes no `Action:`: an invalid step, recorded with the original's observation
-    explore = read_step_records(tmp_path / "sampling" / "steps_explore.jsonl")
+    explore = read_step_records(RunDir(tmp_path).steps("explore"))
     assert any(r.step and r.step["action"] is None and r.step["observation"].startswith("Error Input") for r in explore)
     for r in explore:  # the greedy episode starts with the replayed expert prefix
         if r.error is None:
@@ -163,11 +164,11 @@ def test_crash_in_one_episode_is_recorded_and_the_stage_carries_on(tmp_path, vh_
     # rollouts of records an error ended are copied, not rolled out, and the stage goes on
     mc = mc_rollouts(["--task", "virtualhome", "--kind", "explore", "--n", "2", "--model", str(tiny_model_dir),
                       "--run_dir", str(tmp_path), *FAST])
-    assert mc["explore"]["rollouts_expected"] == 2 * len(explore) == len(keys_of(tmp_path / "sampling" / "mc" / "rollouts_explore.jsonl"))
+    assert mc["explore"]["rollouts_expected"] == 2 * len(explore) == len(keys_of(RunDir(tmp_path).rollouts("explore")))
     assert mc["explore"]["copied_from_done_records"] >= 2
 
 
-def test_bad_expert_file_names_file_line_and_field(tmp_path, vh_expert):
+def test_bad_expert_file_names_file_line_and_field(tmp_path, vh_expert, tiny_model_dir):
     good = vh_expert.read_text().splitlines()
     missing = tmp_path / "missing.jsonl"
     row = json.loads(good[1])
@@ -182,8 +183,9 @@ def test_bad_expert_file_names_file_line_and_field(tmp_path, vh_expert):
     # a step-record file missing a field, read by the MC stage
     steps = tmp_path / "steps.jsonl"
     generate_steps(vh_args(vh_expert, tmp_path, "--kind", "expert", "--limit", "1"))
-    rec = next(read_jsonl(tmp_path / "sampling" / "steps_expert.jsonl"))
+    rec = next(read_jsonl(RunDir(tmp_path).steps("expert")))
     del rec["prefix"]
     steps.write_text(json.dumps(rec) + "\n")
     with pytest.raises(SystemExit, match=rf"{steps}:1: missing field 'prefix'"):
-        mc_rollouts(["--task", "virtualhome", "--kind", "expert", "--steps", str(steps), "--run_dir", str(tmp_path)])
+        mc_rollouts(["--task", "virtualhome", "--kind", "expert", "--steps", str(steps), "--run_dir", str(tmp_path),
+                     "--model", str(tiny_model_dir)])

@@ -126,6 +126,15 @@ def test_grounding_and_execution_failures_say_why(env, groceries):
     assert default.step("grab unicorn").observation == "Nothing happens."
 
 
+
+def test_valid_means_the_simulator_executed_it(env, groceries):
+    env.reset(groceries)
+    for action in ("grab unicorn", "dance wildly", "grab", "open freezer"):  # refused: nothing changed
+        result = env.step(action)
+        assert not result.valid and result.observation.startswith("Nothing happens."), action
+    for action in ("Walk to dining room", "Walk to food food", "Grab food food"):
+        assert env.step(action).valid, action
+
 def test_two_argument_actions_ground_both_objects(env, groceries):
     env.reset(groceries)
     for action in ("Walk to dining room", "Walk to food food", "Grab food food", "Find freezer", "Open freezer"):

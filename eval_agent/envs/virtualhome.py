@@ -1,26 +1,16 @@
-"""VirtualHome on the pure-Python evolving-graph simulator (PyPI virtualhome 2.3.0, no Unity), with the
-scene graphs and programs PyPI virtualhome-eval 0.1.1 ships (scene 1) or the official download.
+"""VirtualHome on the pure-Python evolving-graph simulator (PyPI virtualhome 2.3.0, no Unity), with the scene
+graphs and programs PyPI virtualhome-eval 0.1.1 ships (scene 1) or the official download.
 
-A task is one row in the STeCa test-file format (`task`, `description`, `path`, `new_program_lines`,
-`revised_graph`, `object_id_dict`); its initial scene graph is found by the tail of `path`
-(`TrimmedTestScene<K>_graph/<results_dir>/<file>.txt`) under a graph root. What the original
-(`envs/virtualhome_env.py`, original-code.md §2.7) does is kept: the action templates, the grounding order
-(ground-truth ids, then objects near the last object or the agent, then a random object of the class),
-the observation's content (same-class objects elsewhere in the house included), `Nothing happens.` for a
-failed action, the success check on `revised_graph`, the task text `The task is X(desc).`.
-What it got wrong is fixed (B10, B11):
-- `reset` restores the initial graph, the name→id map and the last object every time;
-- `release X` parses (its template had no placeholder), names are never rewritten digit by digit;
-- the random grounding is seeded per task and class name, never the global `random`;
-- the observation is sorted (the original's order followed the per-process string hash), states in the
-  simulator's declaration order, and an INSIDE cycle cannot hang the visibility walk;
-- `feedback="reason"` shows why an action failed (the original discarded every reason).
-Two bugs of virtualhome 2.3.0 itself are repaired at import (`_WalkFind`, `_current_char_node`): without
-them FIND of a distant object crashes and a character that starts seated never walks, and the expert
-programs of the test sets fail.
+A task is one row of the STeCa test-file format (`task`, `description`, `path`, `new_program_lines`,
+`revised_graph`, `object_id_dict`); its initial scene graph is found by the tail of `path`. The original's
+action templates, grounding order, observation content, `Nothing happens.` for a failed action, success check
+and task text are kept; every `reset` restores the initial graph, grounding is seeded and observations are
+sorted, so an episode is the same in every process (docs/fidelity.md, B10 and B11). Two bugs of virtualhome
+2.3.0 itself are repaired at import (`_WalkFind`, `_current_char_node`): the test sets' expert programs need both.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -34,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eval_agent.cli import UserError
 from eval_agent.envs.base import StepResult, Task
+from eval_agent.store import BadRecord
 from eval_agent.trajectory import Step, Trajectory
 
 log = logging.getLogger(__name__)
@@ -224,31 +216,31 @@ def read_task_file(file: str | Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e})") from None
+            raise BadRecord(f"{where}: not valid JSON ({e})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: a row must be a JSON object")
+            raise BadRecord(f"{where}: a row must be a JSON object")
         for field, kind in _FIELDS.items():
             if not isinstance(row.get(field), kind):
-                raise ValueError(f"{where}: field {field!r} is missing or not a {kind.__name__}")
+                raise BadRecord(f"{where}: field {field!r} is missing or not a {kind.__name__}")
         try:
             row["key"] = path_tail(row["path"])
         except ValueError as e:
-            raise ValueError(f"{where}: field 'path': {e}") from None
+            raise BadRecord(f"{where}: field 'path': {e}") from None
         for i, line in enumerate(row["new_program_lines"]):
             try:
                 parse_program_line(line)
             except (TypeError, AttributeError, ValueError):
-                raise ValueError(f"{where}: field 'new_program_lines' item {i}: cannot parse {line!r}") from None
+                raise BadRecord(f"{where}: field 'new_program_lines' item {i}: cannot parse {line!r}") from None
         for field in _GOAL_FIELDS:
             items = row["revised_graph"].get(field)
             if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
-                raise ValueError(f"{where}: field 'revised_graph.{field}' is missing or not a list of objects")
+                raise BadRecord(f"{where}: field 'revised_graph.{field}' is missing or not a list of objects")
         for x in row["revised_graph"]["revised_nodes"] + row["revised_graph"]["revised_add_edges"]:
             if not {"from_id", "relation_type", "to_id"} <= x.keys() or x["relation_type"] not in RELATIONS:
-                raise ValueError(f"{where}: field 'revised_graph' has a bad edge {x} (from_id, relation_type in "
+                raise BadRecord(f"{where}: field 'revised_graph' has a bad edge {x} (from_id, relation_type in "
                                  f"{RELATIONS}, to_id)")
         if not all(isinstance(k, str) and isinstance(v, int) for k, v in row["object_id_dict"].items()):
-            raise ValueError(f"{where}: field 'object_id_dict' must map names to integer node ids")
+            raise BadRecord(f"{where}: field 'object_id_dict' must map names to integer node ids")
         row["source"] = where
         rows.append(row)
     return rows
@@ -268,7 +260,7 @@ def graph_roots(root: Path) -> list[Path]:
 
 def task_file(split: str, root: Path) -> Path:
     if split not in TASK_FILES:
-        raise ValueError(f"unknown VirtualHome split {split!r}; choose from {sorted(TASK_FILES)}")
+        raise UserError(f"unknown VirtualHome split {split!r}; choose from {sorted(TASK_FILES)}")
     file = root / TASK_FILES[split]
     if file.is_file():
         return file
@@ -294,6 +286,13 @@ def read_split(split: str, data_root: str | Path | None = None) -> tuple[list[Ta
                     id=row.get("id"), source=row["source"])
         tasks.append(Task(key=row["key"], env="virtualhome", split=split, meta=meta))
     return tasks, missing
+
+
+def data_identity(split: str, data_root: str | Path | None = None) -> dict[str, Any]:
+    """What the tasks of a split are, for a stage's fingerprint: the task file's content."""
+    root = find_data_root(data_root)
+    file = task_file(split, root)
+    return {"path": str(root.resolve()), "tasks": hashlib.sha256(file.read_bytes()).hexdigest()[:16]}
 
 
 def load_tasks(split: str, data_root: str | Path | None = None, limit: int | None = None) -> list[Task]:
@@ -466,7 +465,7 @@ class VirtualHomeEnv:
         else:
             observation = NOTHING_HAPPENS if self.feedback == "original" else f"{NOTHING_HAPPENS} {reason}"
         done = self.goal.met(view)
-        return StepResult(observation, done=done, success=done, reward=float(done))
+        return StepResult(observation, done=done, success=done, reward=float(done), valid=reason is None)
 
     def expert_action(self) -> str | None:
         """The next line of the task's ground-truth program, in words (None once it is used up)."""

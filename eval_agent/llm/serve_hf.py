@@ -100,9 +100,11 @@ def chat_complete(backend: HFBackend, name: str, lock: threading.Lock, chat_form
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # open keep-alive connections do not hold up shutdown
 
-    def __init__(self, address: tuple[str, int], backend: HFBackend, name: str, chat_format: str = "template"):
+    def __init__(self, address: tuple[str, int], backend: HFBackend, name: str, chat_format: str = "template",
+                 log_requests: str | None = None):
         super().__init__(address, Handler)
         self.backend, self.name, self.lock, self.chat_format = backend, name, threading.Lock(), chat_format
+        self.log_requests = log_requests  # JSONL of every generation request: what exactly the model was asked
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -141,6 +143,9 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError as e:
             return self._send(*_error(400, f"invalid JSON: {e}"))
         s = self.server
+        if s.log_requests:
+            with s.lock, open(s.log_requests, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"path": path, **req}, ensure_ascii=False) + "\n")
         try:
             if path == "/v1/completions":
                 self._send(*complete(s.backend, s.name, s.lock, req))
@@ -151,7 +156,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(*_error(500, f"{type(e).__name__}: {e}", "InternalServerError"))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF model folder")
     p.add_argument("--host", default="127.0.0.1")
@@ -162,11 +167,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chat_format", choices=FORMATS,
                    help="how /v1/chat/completions renders messages (default: what the model folder records, "
                         "else template)")
-    args = p.parse_args(argv)
+    p.add_argument("--log_requests", help="append every generation request (prompt and settings) to this JSONL file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     backend = HFBackend(args.model, max_context=args.max_context, batch_size=args.batch_size)
     name = args.served_model_name or args.model
-    server = Server((args.host, args.port), backend, name, resolve_chat_format(args.model, args.chat_format))
+    server = Server((args.host, args.port), backend, name, resolve_chat_format(args.model, args.chat_format),
+                    log_requests=args.log_requests)
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # leaves serve_forever in the main thread

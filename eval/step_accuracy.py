@@ -1,0 +1,323 @@
+"""Step accuracy: on the expert trajectories of a test split, how often the model's greedy step, given the
+expert's steps before it, is the expert's step, and how often the environment accepts it. Success needs a
+whole episode right; one step at a time moves long before success does, so it shows what SFT and STeCa
+training changed in a small model (docs/metrics.md).
+
+1. The built-in expert plays every task of the split through the episode runner (ALFWorld: alfworld's
+   handcoded expert; VirtualHome: the task's program), written as the training data writes expert
+   trajectories (templated thoughts; ALFWorld's no-op look / inventory left out). Played once, kept.
+2. For each chosen step t of a won expert run: replay expert steps 0..t-1 in the real environment, ask the
+   model for one greedy reply (a one-step budget), and record
+   - valid: the environment accepted the action (`StepResult.valid`);
+   - match: the action is the expert's action at t (compared as `normalize_action` writes both: case,
+     spacing, `_`) and valid; a named but refused one counts as `refused_match`, not as a match.
+   A reply without `Action:` is none of these.
+   Skipped and counted, never scored: the replay did not reproduce the expert's observations, the
+   environment failed, or the prompt did not fit the model's context.
+
+Outputs, in RUN_DIR/eval/<label>/<split>/step_accuracy/ (or --out):
+    expert.jsonl   one expert trajectory per task          steps.jsonl   one record per (task, t)
+    summary.json   counts, shares and Wilson 95% intervals, overall and per task type; config.json (run card)
+
+Resumable: expert runs and step records already written are kept and skipped; the summary is rebuilt from
+the records of the selected tasks and steps. A rerun with other settings (model, split, prompt, ...) is
+refused, naming the difference (another task limit or steps per task is no other setting: it selects);
+--overwrite moves the old files aside and starts fresh.
+
+    python -m eval.step_accuracy --task_family alfworld --split unseen --run_dir outputs/alfworld --label sft \\
+        --limit 3 --steps_per_task 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm import tqdm
+
+from eval.evaluate import model_of_label
+from eval_agent.cli import check_policy_model, count, run_main
+from eval_agent.envs import Env, StepResult, Task, add_task_family_arg, get_task_family
+from eval_agent.expert_data import AS_TRAINING_DATA
+from eval_agent.guard import RunGuard, fingerprint, model_arg_names, policy_fingerprint, settings_of
+from eval_agent.layout import EVAL_SUMMARY, RunDir
+from eval_agent.llm import BackendUnavailable, GenerationConfig
+from eval_agent.run_card import write_run_card
+from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, Policy, RunStats, add_model_args, run_episodes
+from eval_agent.stats import format_share, wilson_interval
+from eval_agent.store import BadRecord, JsonlStore, write_json
+from eval_agent.trajectory import Trajectory
+
+log = logging.getLogger("eval.step_accuracy")
+
+CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
+
+
+def normalize_action(action: str) -> str:
+    """How two action texts are compared: case-folded, `_` read as a space (VirtualHome takes both), runs of
+    whitespace as one space. A match also needs the environment to accept the action (`step_record`)."""
+    return " ".join(action.replace("_", " ").lower().split())
+
+
+def chosen_steps(length: int, per_task: int | None) -> list[int]:
+    """All steps of a `length`-step trajectory, or `per_task` of them evenly spaced from the first to the
+    last (so a small budget still sees the end of a task, where its placing and heating steps are)."""
+    if per_task is None or per_task >= length:
+        return list(range(length))
+    if per_task <= 1:
+        return [0] if per_task == 1 else []
+    return sorted({round(i * (length - 1) / (per_task - 1)) for i in range(per_task)})
+
+
+class Recording:
+    """An environment that keeps whether each step since the last reset was accepted (the trajectory keeps
+    only what the agent saw), and outlives a runner call: `run_episodes` closes its environments when it
+    returns, and a new ALFWorld engine costs about a second, so `close` gives it back to `pool` instead."""
+
+    def __init__(self, env: Env, pool: list["Recording"]):
+        self.env, self.pool, self.valid = env, pool, []
+        self.name = env.name
+
+    def reset(self, task: Task) -> str:
+        self.valid = []
+        return self.env.reset(task)
+
+    def step(self, action: str) -> StepResult:
+        result = self.env.step(action)
+        self.valid.append(result.valid)
+        return result
+
+    def expert_action(self) -> str | None:
+        return self.env.expert_action()
+
+    def close(self) -> None:
+        self.pool.append(self)
+
+
+def step_record(task: Task, expert: Trajectory, ep: Episode) -> dict[str, Any]:
+    """The record of the model's step t = len(prefix) in `ep`, or why there is none."""
+    t, steps = len(ep.prefix), ep.traj.steps
+    record: dict[str, Any] = {
+        "key": f"{task.key}|t{t}", "task_key": task.key, "task_type": task.meta.get("task_type", "unknown"), "t": t,
+        "length": len(expert.steps), "expert_action": expert.steps[t].action, "reply": None, "action": None,
+        "observation": None, "match": None, "valid": None, "refused_match": None, "skip": None,
+        "error": ep.traj.meta.get("error"),
+    }
+    replayed = [s.observation for s in steps[:t]]
+    if replayed != [s.observation for s in expert.steps[:len(replayed)]]:
+        record["skip"] = "replay_differs"  # the environment did not reproduce the expert's run
+    elif len(steps) <= t:
+        record["skip"] = {"context_overflow": "context_overflow", "env_error": "env_error"}.get(
+            ep.traj.termination, "prefix_ended")
+    elif ep.traj.termination == "env_error":
+        record["skip"] = "env_error"
+    else:
+        step = steps[t]
+        named = step.action is not None and normalize_action(step.action) == normalize_action(record["expert_action"])
+        valid = step.action is not None and ep.env.valid[-1]
+        # an action the environment refused did not happen, so it was not the expert's step, however it reads
+        # (ALFWorld refuses "Go to sofa 1", VirtualHome takes "walk to bedroom" for "Walk to bedroom")
+        record.update(reply=step.text, action=step.action, observation=step.observation, match=named and valid,
+                      valid=valid, refused_match=named and not valid)
+    return record
+
+
+def counts(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Step accuracy and the valid-action share of scored records, as counts, shares and 95% intervals."""
+    n = len(records)
+    match, valid = sum(r["match"] for r in records), sum(r["valid"] for r in records)
+    return {
+        "steps": n, "match": match, "valid": valid, "no_action": sum(r["action"] is None for r in records),
+        "refused_match": sum(r["refused_match"] for r in records),
+        "step_accuracy": match / n if n else None, "step_accuracy_ci": wilson_interval(match, n) if n else None,
+        "valid_share": valid / n if n else None, "valid_share_ci": wilson_interval(valid, n) if n else None,
+    }
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    scored = [r for r in records if r["skip"] is None]
+    by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in scored:
+        by_type[r["task_type"]].append(r)
+    return {**counts(scored), "skipped": dict(Counter(r["skip"] for r in records if r["skip"])),
+            "per_task_type": {k: counts(v) for k, v in sorted(by_type.items())}}
+
+
+def open_store(path: Path) -> JsonlStore:
+    try:
+        return JsonlStore(path)
+    except BadRecord as e:
+        raise SystemExit(f"error: {e}; pass --overwrite to start fresh (the old files are moved aside)") from None
+
+
+def fingerprint_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The model's settings and identity, the expert's budget, the tasks; the task limit and the steps per task
+    only select: each record is the same whichever are chosen."""
+    settings = settings_of(args, drop=model_arg_names() | {"base_model", "data_root", "limit", "steps_per_task"})
+    policy_settings, policy_inputs = policy_fingerprint(args) if args.model else ({}, {})
+    return fingerprint("eval.step_accuracy", CODE_VERSION, {**settings, **policy_settings},
+                       {"tasks": get_task_family(args.task_family).data_identity(args.split, args.data_root),
+                        **policy_inputs}, selection={"limit": args.limit, "steps_per_task": args.steps_per_task})
+
+
+def expert_trajectories(tasks: list[Task], args: argparse.Namespace, out: Path) -> dict[str, Trajectory]:
+    """The expert's run of every task, played once and kept in expert.jsonl."""
+    family = get_task_family(args.task_family)
+    store = open_store(out / "expert.jsonl")
+    as_data = AS_TRAINING_DATA[args.task_family]
+    todo = [t for t in tasks if t.key not in store]
+
+    def keep(ep: Episode) -> None:  # a lost run is kept as it went (it is listed, never replayed)
+        traj = as_data(ep.traj, ep.task.key) if ep.traj.success else ep.traj
+        store.append({"key": ep.task.key, **traj.to_dict()})
+
+    if todo:
+        log.info("the expert plays %d of %d tasks", len(todo), len(tasks))
+        run_episodes(todo, ExpertPolicy(), partial(family.make_env, expert=True, **args.env_args), keep,
+                     max_steps=args.expert_max_steps, concurrency=args.concurrency, progress=False)
+    out_trajs = {}
+    for task in tasks:
+        rec = {k: v for k, v in store.records[task.key].items() if k != "key"}
+        try:
+            out_trajs[task.key] = Trajectory.from_dict(rec)
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"error: {store.path}: record {task.key!r} is not a trajectory ({e}); "
+                             "pass --overwrite to play the expert again") from None
+    return out_trajs
+
+
+def model_steps(todo: list[tuple[Task, Trajectory, int]], policy: Policy, make_env: Callable[[], Env],
+                store: JsonlStore, concurrency: int) -> RunStats:
+    """Expert prefix, then one model step, for every (task, t) of `todo`. One runner call per t, so each has
+    the one-step budget t + 1; ascending t, so a prompt extends the one before it (the prefix cache's case)."""
+    by_t: dict[int, list[tuple[Task, Trajectory]]] = defaultdict(list)
+    for task, expert, t in todo:
+        by_t[t].append((task, expert))
+    total = RunStats()
+    bar = tqdm(total=len(todo), desc="model steps", unit="step")
+    try:
+        for t, items in sorted(by_t.items()):
+            experts = {task.key: expert for task, expert in items}
+
+            def save(ep: Episode) -> None:
+                store.append(step_record(ep.task, experts[ep.task.key], ep))
+                bar.update(1)
+
+            stats = run_episodes([(task, [s.text for s in expert.steps[:t]]) for task, expert in items], policy,
+                                 make_env, save, max_steps=t + 1, concurrency=concurrency, progress=False)
+            for name in ("episodes", "env_steps", "generate_calls", "generated_tokens", "seconds"):
+                setattr(total, name, getattr(total, name) + getattr(stats, name))
+    finally:
+        bar.close()
+    return total
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the stage's (docs/eval.md lists them)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_task_family_arg(p)
+    p.add_argument("--split", default="seen", help="seen | unseen (a test split; train works too)")
+    add_model_args(p)
+    p.add_argument("--run_dir", help="outputs go to RUN_DIR/eval/<label>/<split>/step_accuracy/")
+    p.add_argument("--label", help="the model, as evaluation names it: base | sft | steca (the run's models) | any "
+                                   "name with --model (default: base)")
+    p.add_argument("--base_model", help="the model --label base names (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", help="output folder (default: from --run_dir and --label)")
+    p.add_argument("--limit", type=count, help="first N tasks of the split only (default: all)")
+    p.add_argument("--steps_per_task", type=count, help="N steps of each expert trajectory, evenly spaced (default: all)")
+    p.add_argument("--expert_max_steps", type=count, default=MAX_STEPS,
+                   help="the expert's episode budget (not the evaluation's MAX_STEPS: a small budget there must not "
+                        "cut the expert trajectories short)")
+    p.add_argument("--data_root", help="task data folder (default: the task family's own lookup)")
+    p.add_argument("--env_args", type=json.loads, default={}, help="JSON object of environment options")
+    p.add_argument("--concurrency", type=count, default=16, help="episodes advanced together")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh whatever settings made the old results (moved aside as <out>.old)")
+    return p
+
+
+def parse_args(argv: list[str] | None, scripted: bool = False) -> argparse.Namespace:
+    """The arguments, with the model the label names (none needed for a scripted policy)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    args.label = args.label or "base"
+    if args.out is None and not args.run_dir:
+        p.error("give --run_dir (outputs go to RUN_DIR/eval/<label>/<split>/step_accuracy/) or --out")
+    if not isinstance(args.env_args, dict):
+        p.error("--env_args must be a JSON object")
+    if not args.model and not scripted:
+        args.model = model_of_label(args)
+    return args
+
+
+def main(argv: list[str] | None = None, policy: Policy | None = None) -> dict[str, Any]:
+    """Run the stage; `policy` replaces the model policy of the arguments (tests script one)."""
+    args = parse_args(argv, scripted=policy is not None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(args.out) if args.out else RunDir(args.run_dir).step_accuracy(args.label, args.split)
+    if policy is None:
+        check_policy_model(args)
+    with RunGuard({out: fingerprint_of(args)}, folder=True, overwrite=args.overwrite):
+        return measure(args, out, policy)
+
+
+def measure(args: argparse.Namespace, out: Path, policy: Policy | None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    family = get_task_family(args.task_family)
+    try:
+        tasks = family.load_tasks(args.split, data_root=args.data_root, limit=args.limit)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    store = open_store(out / "steps.jsonl")
+    experts = expert_trajectories(tasks, args, out)
+    won = [t for t in tasks if experts[t.key].success]
+    failed = [t.key for t in tasks if not experts[t.key].success]
+    selected = [(t, experts[t.key], i) for t in won for i in chosen_steps(len(experts[t.key].steps), args.steps_per_task)]
+    todo = [x for x in selected if f"{x[0].key}|t{x[2]}" not in store]
+    log.info("%s/%s: %d tasks (%d won by the expert), %d steps selected, %d done before, %d to run", args.task_family,
+             args.split, len(tasks), len(won), len(selected), len(selected) - len(todo), len(todo))
+
+    extra: dict[str, Any] = {}
+    if policy is None and todo:  # nothing to ask: the model is not even loaded
+        policy = ModelPolicy.from_args(args, GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0))
+        extra["resolved_chat_format"] = policy.chat_format.name
+    card = write_run_card(out, "eval.step_accuracy", {**vars(args), **extra})
+    pool: list[Recording] = []
+    made: list[Recording] = []
+
+    def make_env() -> Recording:
+        if not pool:
+            made.append(Recording(family.make_env(**args.env_args), pool))
+            return made[-1]
+        return pool.pop()
+
+    try:
+        stats = model_steps(todo, policy, make_env, store, args.concurrency) if todo else RunStats()
+    except BackendUnavailable as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        for env in made:
+            env.env.close()
+
+    records = [store.records[f"{t.key}|t{i}"] for t, _, i in selected]
+    summary = {"env": args.task_family, "split": args.split, "label": args.label, "model": args.model,
+               "tasks": len(tasks), "expert_won": len(won), "expert_failed": failed,
+               **summarize(records), "run": asdict(stats), "seconds": round(time.perf_counter() - t0, 1),
+               "run_card": card}
+    write_json(out / EVAL_SUMMARY, summary)
+    log.info("%s/%s%s: step accuracy %s, valid actions %s over %d steps (%d skipped) of %d tasks -> %s",
+             args.task_family, args.split, f" ({args.label})" if args.label else "",
+             format_share(summary["match"], summary["steps"]), format_share(summary["valid"], summary["steps"]),
+             summary["steps"],
+             sum(summary["skipped"].values()), len(won), out)
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)

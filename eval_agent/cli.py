@@ -1,0 +1,124 @@
+"""What every stage's command line shares: the one-line report of a user error, and the checks of values
+and inputs a stage runs before it starts any work.
+
+A user error (a bad value, a missing or malformed input) ends a stage with one line on stderr naming the
+file, line and field or the setting, and exit code 2; a real bug still shows its traceback. Set
+`STECA_DEBUG=1` to see the traceback of a user error too.
+
+    if __name__ == "__main__":
+        run_main(main)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+DEBUG_ENV = "STECA_DEBUG"
+USER_ERROR_EXIT = 2
+# A file that names a tokenizer: one of them must be in a model folder the stage loads.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class UserError(ValueError):
+    """A problem with the user's settings or input files; the message says what and where."""
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a stage's `main`: a user error becomes one line and exit code 2 (the traceback with STECA_DEBUG=1)."""
+    from eval_agent.llm import BackendUnavailable
+
+    try:
+        main()
+    except SystemExit as e:
+        if isinstance(e.code, str):  # raise SystemExit("error: ...")
+            print(e.code, file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT)
+        raise
+    except (UserError, FileNotFoundError, BackendUnavailable) as e:
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+
+
+# ---- argparse types: a bad value is refused before anything runs ----------------------------------------
+
+def count(text: str) -> int:
+    """An integer >= 1 (tasks, samples, steps, episodes in flight); leave the flag out for "all"."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value} (leave it unset for the default)")
+    return value
+
+
+def natural(text: str) -> int:
+    """An integer >= 0 (retries, a first step)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def at_least(name: str, value: float, low: float) -> None:
+    """For settings parsed elsewhere (the training stages' dataclasses)."""
+    if not value >= low:
+        raise UserError(f"--{name} must be >= {low:g}, got {value}")
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------
+
+def input_file(path: str | Path, what: str) -> Path:
+    """`path`, which must be a non-empty file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    if path.stat().st_size == 0 or not path.read_bytes()[:65536].strip():
+        raise UserError(f"{what} is empty: {path}")
+    return path
+
+
+def is_hub_id(name: str) -> bool:
+    """`org/name` that is no local path: a model on the Hugging Face Hub (when its first part is no local
+    folder: `models/foo` with a `models/` folder here means a local model folder that is missing)."""
+    return bool(_HUB_ID.match(name)) and not Path(name).exists() and not Path(name.split("/")[0]).is_dir()
+
+
+def model_folder(name: str, what: str = "model") -> str:
+    """A model to load with transformers: a folder with a tokenizer, or a Hugging Face Hub id."""
+    path = Path(name)
+    if path.is_dir():
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise UserError(f"{what} folder {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): "
+                            "save the tokenizer into it, or pass a complete model folder")
+        return name
+    if not is_hub_id(name):
+        raise UserError(f"{what} folder not found: {name}")
+    return name
+
+
+def check_policy_model(args: argparse.Namespace) -> None:
+    """The model of a policy stage (`eval_agent.runner.add_model_args`): a folder for the in-process backend;
+    over HTTP `--model` is the served name, and only a --tokenizer folder is checked."""
+    if args.backend == "hf":
+        model_folder(args.model)
+    if args.tokenizer:
+        model_folder(args.tokenizer, "tokenizer")

@@ -1,0 +1,29 @@
+# Presets: named sets of values for the stage variables (docs/pipeline.md). A preset fills in only what is
+# not set already, so any variable set by the user wins. Stage scripts and the pipeline apply PRESET.
+#   paper  the paper's values: every stage's own defaults (Llama-2-7B-Chat on GPUs), the original's
+#          bert-base-uncased [CLS] embedder, and for one task family (TASK_FAMILY) the published inputs found
+#          beside its data (eval_agent/published.py): expert data, instruction and one-shot example
+#   tiny   SmolLM2-135M on a 2-core CPU: small counts; shows that every stage runs, not the paper's numbers
+apply_preset() {
+  case "$1" in
+    '') ;;
+    paper)
+      : "${EMBEDDER:=bert-cls}"
+      export EMBEDDER
+      case "${TASK_FAMILY:-${TASK:-}}" in
+        alfworld|virtualhome)
+          local line name
+          while IFS= read -r line; do
+            name=${line%%=*}
+            [ -n "$line" ] && [ -z "${!name:-}" ] && eval "export $line"  # NAME=path, quoted by the Python side
+          done < <("${PYTHON:-.venv/bin/python}" -m eval_agent.published --task_family "${TASK_FAMILY:-$TASK}") ;;
+      esac ;;
+    tiny)
+      : "${EXPERT_LIMIT:=${SFT_LIMIT:-16}}" "${SFT_EPOCHS:=2}" "${SFT_LR:=1e-4}" "${SFT_BATCH:=4}" "${SFT_MICRO_BATCH:=1}"
+      : "${SAMPLE_LIMIT:=2}" "${N:=2}" "${MAX_STEPS:=12}" "${MAX_NEW_TOKENS:=40}"
+      : "${RFT_LR:=1e-5}" "${RFT_BATCH:=4}" "${EVAL_LIMIT:=3}" "${STEPS_PER_TASK:=4}" "${GRAD_CKPT:=0}"
+      export EXPERT_LIMIT SFT_EPOCHS SFT_LR SFT_BATCH SFT_MICRO_BATCH SAMPLE_LIMIT N MAX_STEPS MAX_NEW_TOKENS \
+        RFT_LR RFT_BATCH EVAL_LIMIT STEPS_PER_TASK GRAD_CKPT ;;
+    *) echo "error: PRESET must be tiny or paper, got '$1'" >&2; exit 2 ;;
+  esac
+}

