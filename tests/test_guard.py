@@ -174,7 +174,8 @@ def test_a_second_writer_fails_at_once_and_a_killed_writers_lock_is_taken_over(t
            "expert", "--limit", "12", "--concurrency", "1", "--out", str(out)]
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not lock_path(out).exists() and first.poll() is None and time.monotonic() < deadline:
+    while first.poll() is None and time.monotonic() < deadline and not (
+            lock_path(out).exists() and lock_path(out).stat().st_size):  # the lock names its holder
         time.sleep(0.01)
     os.kill(first.pid, signal.SIGSTOP)  # holds its lock while the second one starts
     try:
