@@ -165,7 +165,7 @@ def test_step_rewards_mean_count_and_missing():
     rolls += [rolls[0]]  # a key written twice counts once
     rolls += rollouts_for(expert_record("other", expert, 0), 1.0, 1)  # a record not in the step file
     rewards, stats = step_rewards(recs, rolls, n=5)
-    assert [(rewards[r.key].mc_reward, rewards[r.key].mc_samples) for r in recs] == [(0.6, 5), (0.5, 2), (1.0, 6), (None, 0)]
+    assert [(rewards[r.key].reward, rewards[r.key].samples) for r in recs] == [(0.6, 5), (0.5, 2), (1.0, 6), (None, 0)]
     assert stats["missing_samples"] == 1 and stats["missing_examples"] == [recs[3].key]
     assert (stats["fewer_samples"], stats["more_samples"]) == (1, 1)
     assert (stats["duplicate_rollout_keys"], stats["rollouts_of_unknown_records"]) == (1, 1)
@@ -341,8 +341,8 @@ def test_fixture_run_end_to_end_with_self_reflection(tmp_path, tiny_model_dir):
     out = RunDir(tmp_path).data_collection
 
     rewards = {r["key"]: r for r in read(out / "step_rewards.jsonl")}
-    assert len(rewards) == 15 + 8 and rewards[step_key(kb, 2, "explore")]["mc_reward"] == 0.0
-    assert rewards[step_key(fx["a"], 3, "explore")] == {**rewards[step_key(fx["a"], 3, "explore")], "mc_reward": None, "mc_samples": 0}
+    assert len(rewards) == 15 + 8 and rewards[step_key(kb, 2, "explore")]["reward"] == 0.0
+    assert rewards[step_key(fx["a"], 3, "explore")] == {**rewards[step_key(fx["a"], 3, "explore")], "reward": None, "samples": 0}
     devs = {r["key"]: r for r in read(out / "deviations.jsonl")}
     assert len(devs) == 8 and [k for k, d in devs.items() if d["deviated"]] == [step_key(kb, 2, "explore"),
                                                                              step_key(fx["c"], 2, "explore")]
@@ -476,7 +476,7 @@ def test_stage_on_a_real_tiny_alfworld_sampling_run(tmp_path, tiny_model_dir):
     explore = read_step_records(RunDir(tmp_path).steps("explore"))
     expert = read_step_records(RunDir(tmp_path).steps("expert"))
     assert len(read(out / "step_rewards.jsonl")) == len(explore) + len(expert)
-    assert all(r["mc_samples"] == 2 for r in read(out / "step_rewards.jsonl"))
+    assert all(r["samples"] == 2 for r in read(out / "step_rewards.jsonl"))
     devs = read(out / "deviations.jsonl")
     assert len(devs) == len(explore) == summary["deviation"]["explored_steps"]
     judged = [d for d in devs if d["skip"] is None]
@@ -494,7 +494,7 @@ def test_stage_on_a_real_tiny_alfworld_sampling_run(tmp_path, tiny_model_dir):
     assert len(cal) == asked - refl["invalid_skipped"]
     # every candidate of a set is a row or a counted skip: t = 0, the greedy episode failed
     # (expert_full) or won (explored); t >= 2, expert MC(t) > explored MC(t) + 0.01 after a failure (expert_sub)
-    mc = {r["key"]: r["mc_reward"] for r in read(out / "step_rewards.jsonl")}
+    mc = {r["key"]: r["reward"] for r in read(out / "step_rewards.jsonl")}
     t0 = next(r for r in explore if r.t == 0)
     sub_candidates = sum(r.t >= 2 and not r.success and mc[step_key(r.task_key, r.t, "expert")] > mc[r.key] + 0.01
                          for r in explore)
