@@ -79,10 +79,17 @@ class RunDir:
         run = self._of(stage)
         return None if run is self else run.root
 
+    def _evaluation_run(self, label: str) -> "RunDir":
+        """The run whose evaluation of `label` this is: a variant's of the models it shares are the base run's,
+        unless the variant shares every training stage (it diverges at the evaluation itself)."""
+        if self.base is None or label not in MODEL_STAGE or "steca" in self.shares:
+            return self
+        return self._of(MODEL_STAGE[label])
+
     @property
     def eval_labels(self) -> list[str]:
         """The models whose evaluations are this run's own (a variant shares those of the models it shares)."""
-        return [label for label in LABELS if self.shared_with(MODEL_STAGE[label]) is None]
+        return [label for label in LABELS if self._evaluation_run(label) is self]
 
     # stage 1: expert data and SFT
     def expert_data(self, split: str = "train") -> Path:
@@ -140,8 +147,7 @@ class RunDir:
 
     def evaluation(self, label: str, split: str) -> Path:
         """A variant's evaluation of a model it shares (base and SFT, when it shares SFT) is the base run's."""
-        run = self._of(MODEL_STAGE[label]) if label in MODEL_STAGE else self
-        return run.eval / label / split
+        return self._evaluation_run(label).eval / label / split
 
     def eval_summary(self, label: str, split: str) -> Path:
         return self.evaluation(label, split) / EVAL_SUMMARY

@@ -92,9 +92,18 @@ GROUPS: dict[str, list[str]] = {
 GROUPS["all"] = [name for group in ("table1", "table2", "table3", "table6", "table7") for name in GROUPS[group]]
 
 
+# Variables that change only how models are evaluated: a variant that trains its own model shares the main run's
+# evaluations of the models it shares, so it must evaluate as the main run does (a variant of the evaluation
+# alone diverges at "eval" and evaluates every model itself).
+EVAL_ONLY = ("EVAL_LIMIT", "STEPS_PER_TASK")
+
+
 def check(v: Variant) -> None:
     if v.diverges_at not in STAGES:
         raise ValueError(f"variant {v.name!r}: diverges_at {v.diverges_at!r} is no stage of {STAGES}")
+    if v.diverges_at != "eval" and set(v.env) & set(EVAL_ONLY):
+        raise ValueError(f"variant {v.name!r} sets {sorted(set(v.env) & set(EVAL_ONLY))}, which only change the "
+                         f"evaluation: the evaluations it shares with the main run would be made otherwise")
     if not v.name or any(c in v.name for c in "/ ,="):
         raise ValueError(f"variant name {v.name!r}: no spaces, '/', ',' or '='")
 
@@ -124,7 +133,7 @@ def init(run_dir: str, v: Variant) -> RunDir:
     return RunDir(folder)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("names", help="the variants a VARIANT value names").add_argument("spec")
@@ -132,7 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     q = sub.add_parser("init", help="write RUN_DIR/variants/<name>/variant.json and print the folder")
     q.add_argument("--run_dir", required=True)
     q.add_argument("--name", required=True)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     if a.action == "names":
         print("\n".join(v.name for v in resolve(a.spec)))
     elif a.action == "env":
