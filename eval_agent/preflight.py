@@ -65,7 +65,7 @@ def env_int(env: Mapping[str, str], *names: str, default: int) -> int:
 def count_data(task_family: str, env: Mapping[str, str]) -> tuple[str, dict[str, int]]:
     """(data root, count per split) as the stages find them; raises FileNotFoundError when absent."""
     if task_family == "alfworld":
-        root = alfworld.find_data_root(env.get("ALFWORLD_DATA") or None)
+        root = alfworld.find_data_root(alfworld.user_data_root(env.get("ALFWORLD_DATA")))
         return str(root), {s: sum(1 for _ in (root / "json_2.1.1" / s).glob("*/*/game.tw-pddl"))
                            for s in OFFICIAL_COUNTS["alfworld"]}
     root = virtualhome.find_data_root(env.get("VH_DATA") or None)

@@ -52,12 +52,17 @@ _ARRIVAL = re.compile(r"^You arrive at [^.]*\.\s*")
 NOTHING_HAPPENS = "Nothing happens."
 
 
+def user_data_root(value: str | None) -> str | None:
+    """An $ALFWORLD_DATA value the user chose: importing alfworld sets it to its empty cache folder when the
+    user did not (and child processes inherit that)."""
+    if value and Path(value) == ALFWORLD_CACHE and not (ALFWORLD_CACHE / "json_2.1.1").is_dir():
+        return None
+    return value or None
+
+
 def find_data_root(root: str | Path | None = None) -> Path:
     """`root`, else $ALFWORLD_DATA, else the generated games in data/alfworld (scripts/setup.sh)."""
-    env = os.environ.get("ALFWORLD_DATA")
-    if env and Path(env) == ALFWORLD_CACHE and not (ALFWORLD_CACHE / "json_2.1.1").is_dir():
-        env = None  # importing alfworld sets it to its empty cache folder when the user did not
-    path = Path(root or env or REPO / "data" / "alfworld")
+    path = Path(root or user_data_root(os.environ.get("ALFWORLD_DATA")) or REPO / "data" / "alfworld")
     if not (path / "json_2.1.1").is_dir():
         raise FileNotFoundError(
             f"no json_2.1.1 folder under {path}: run scripts/setup.sh (generated games) or "
