@@ -129,7 +129,9 @@ evaluate_calibration() {  # the SFT and STeCa models from deviated and clean his
 }
 
 reflection_server() {  # the model data collection prompts: the SFT model, unless reflection is by a chat endpoint
+                       # or nothing is asked (no D_c in TRAIN_SETS and no LLM step rewards)
   local backend=${REFLECT_BACKEND:-auto}
+  if [ -n "${TRAIN_SETS:-}" ] && [[ ",$TRAIN_SETS," != *,calibration,* ]] && [ "${STEP_REWARD:-}" != llm ]; then return; fi
   if [ "$backend" = auto ] && [ -n "${REFLECT_API_KEY:-${OPENAI_API_KEY:-}}" ]; then backend=chat; fi
   [ "$backend" = chat ] || echo sft
 }
