@@ -16,18 +16,18 @@ import hashlib
 import json
 import logging
 import re
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-import openai
+import httpx
 from tqdm import tqdm
 
 from eval_agent.cli import check_policy_model, count, natural, non_negative
 from eval_agent.guard import weights_fingerprint
 from eval_agent.llm import DEFAULT_STOP, BackendUnavailable, GenerationConfig
+from eval_agent.llm.openai_http import HTTPClient, Refused, RetryPolicy, chat_choice
 from eval_agent.llm.reflect_endpoint import reflection_endpoint
 from eval_agent.store import JsonlStore
 from eval_agent.trajectory import format_reply
@@ -57,6 +57,7 @@ ORIGINAL_REQUEST = (
 )
 PROMPT_STYLES = ("ours", "original")
 DEFAULT_CHAT_MODEL = "gpt-4o"
+OPENAI_URL = "https://api.openai.com/v1"  # the chat endpoint when no base URL is set
 # USD per 1M (input, output) tokens, OpenAI's list prices (cached-input discounts ignored).
 PRICES_PER_1M = {"gpt-4o": (2.50, 10.00), "gpt-4o-mini": (0.15, 0.60)}
 
@@ -190,11 +191,10 @@ def _seed(settings: dict[str, Any], attempt: int) -> int | None:
 
 
 class ChatModel:
-    """An OpenAI-compatible chat endpoint, called from a thread pool with exponential backoff."""
+    """An OpenAI-compatible chat endpoint through the shared HTTP client (eval_agent.llm.openai_http: its retry
+    policy, Retry-After honoured, malformed answers retried); `concurrency` requests in flight."""
 
     name = "chat"
-    backoff_s = 1.0  # first retry delay; doubles per attempt, at most max_backoff_s
-    max_backoff_s = 60.0
 
     def __init__(self, model: str, settings: dict[str, Any], concurrency: int = 8, timeout: float = 120.0,
                  http_retries: int = 6):
@@ -203,10 +203,10 @@ class ChatModel:
             raise SystemExit("error: the chat reflection backend needs REFLECT_API_KEY (or OPENAI_API_KEY; and "
                              "REFLECT_BASE_URL for an endpoint other than OpenAI's) in the environment; or use "
                              "--reflect_backend self")
-        self.client = openai.OpenAI(api_key=key or "EMPTY", base_url=base_url, timeout=timeout, max_retries=0)
-        self.url = str(self.client.base_url).rstrip("/")
+        self.url = (base_url or OPENAI_URL).rstrip("/")
+        self.client = HTTPClient([self.url], api_key=key, timeout=timeout, max_requests=concurrency,
+                                 retry=RetryPolicy(retries=http_retries), what="chat endpoint")
         self.model, self.settings = model, settings
-        self.concurrency, self.http_retries = concurrency, http_retries
         self._checked = False
 
     def prompt_text(self, messages: list[dict[str, str]]) -> str:
@@ -216,64 +216,47 @@ class ChatModel:
         if not self._checked:
             self._check()
             self._checked = True
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(prompts)))) as pool:
-            futures = {pool.submit(self._ask, json.loads(p), attempt): i for i, p in enumerate(prompts)}
-            try:
-                for f in concurrent.futures.as_completed(futures):
-                    on_reply(futures[f], f.result())
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        futures = {self.client.submit(self._ask(json.loads(p), attempt)): i for i, p in enumerate(prompts)}
+        try:
+            for f in concurrent.futures.as_completed(futures):
+                on_reply(futures[f], f.result())
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
-    def _unavailable(self, e: Exception) -> BackendUnavailable:
-        """A clear error naming the endpoint; the key is never part of it (a 401 message may quote it)."""
-        if isinstance(e, openai.AuthenticationError):
-            why = "it rejected the key (401; REFLECT_API_KEY, else OPENAI_API_KEY)"
-        elif isinstance(e, openai.APIConnectionError):
-            why = f"cannot connect ({type(e).__name__})"
-        else:
-            why = f"{type(e).__name__}: {getattr(e, 'message', e)}"
+    def _unavailable(self, why: str) -> BackendUnavailable:
+        """A clear error naming the endpoint; the key is never part of it (the client scrubs it from messages)."""
         return BackendUnavailable(f"chat endpoint {self.url} (model {self.model!r}): {why}; set REFLECT_BASE_URL / "
                                   f"REFLECT_API_KEY, or use --reflect_backend self")
 
     def _check(self) -> None:
         """Fail fast when the endpoint is down or refuses the key (a missing /models route is fine)."""
         try:
-            self.client.models.list(timeout=min(self.client.timeout, 10.0))
-        except (openai.APIConnectionError, openai.AuthenticationError, openai.PermissionDeniedError) as e:
-            raise self._unavailable(e) from None
-        except openai.APIStatusError:
-            pass
+            response = self.client.run(self.client.get(self.url, "/models", timeout=10.0))
+        except httpx.TransportError as e:
+            raise self._unavailable(f"cannot connect ({type(e).__name__})") from None
+        if response.status_code in (401, 403):
+            raise self._unavailable(f"it rejected the key ({response.status_code}; REFLECT_API_KEY, else OPENAI_API_KEY)")
 
-    def _ask(self, messages: list[dict[str, str]], attempt: int) -> Reply:
-        kwargs: dict[str, Any] = dict(model=self.model, messages=messages, temperature=self.settings["temperature"],
-                                      max_tokens=self.settings["max_tokens"])
+    async def _ask(self, messages: list[dict[str, str]], attempt: int) -> Reply:
+        payload: dict[str, Any] = dict(model=self.model, messages=messages, temperature=self.settings["temperature"],
+                                       max_tokens=self.settings["max_tokens"])
         seed = _seed(self.settings, attempt)
         if seed is not None:
-            kwargs["seed"] = seed
-        for k in range(self.http_retries + 1):
-            try:
-                resp = self.client.chat.completions.create(**kwargs)
-                break
-            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as e:
-                if k == self.http_retries:
-                    raise self._unavailable(e) from None
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** k)
-                retry_after = getattr(getattr(e, "response", None), "headers", {}).get("retry-after", "")
-                if retry_after.replace(".", "", 1).isdigit():
-                    delay = min(self.max_backoff_s, max(delay, float(retry_after)))
-                log.warning("%s: %s; retry %d/%d in %.1f s", self.url, type(e).__name__, k + 1, self.http_retries,
-                            delay)
-                time.sleep(delay)
-            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                raise self._unavailable(e) from None  # every other request would fail the same way
-            except openai.APIStatusError as e:  # e.g. 400: this prompt is refused (too long, filtered)
-                return Reply(text="", finish_reason="error", refused=f"refused ({e.status_code}): {e.message}"[:300])
-        choice = resp.choices[0]
-        usage = resp.usage
-        return Reply(text=choice.message.content or "", finish_reason=choice.finish_reason or "stop",
-                     prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
-                     completion_tokens=(usage.completion_tokens or 0) if usage else 0)
+            payload["seed"] = seed
+        try:
+            (text, finish_reason, usage), _ = await self.client.post("/chat/completions", payload, chat_choice)
+        except Refused as e:
+            if e.status in (401, 403):
+                raise self._unavailable(f"it rejected the key ({e.status}; REFLECT_API_KEY, else OPENAI_API_KEY)") from None
+            if e.status == 404:  # every other request would fail the same way
+                raise self._unavailable(f"HTTP 404: {e.message}") from None
+            return Reply(text="", finish_reason="error", refused=f"refused ({e.status}): {e.message}"[:300])
+        except BackendUnavailable as e:
+            raise self._unavailable(str(e)) from None
+        return Reply(text=text, finish_reason=finish_reason, prompt_tokens=usage.get("prompt_tokens", 0),
+                     completion_tokens=usage.get("completion_tokens", 0))
 
 
 class SelfModel:
@@ -464,7 +447,7 @@ def add_reflection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reflect_seed", type=int, default=0, help="sampling seed (+ the attempt number on retries)")
     g.add_argument("--reflect_timeout", type=float, default=120.0, help="chat: seconds per request")
     g.add_argument("--reflect_http_retries", type=int, default=6,
-                   help="chat: retries with exponential backoff on 429/5xx/connection errors")
+                   help="chat: retries with exponential backoff on connection errors, 429, 5xx and malformed answers")
 
 
 def reflect_backend(args: argparse.Namespace) -> str:

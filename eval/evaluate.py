@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from eval_agent.async_runner import run_for_policy
 from eval_agent.cli import check_policy_model, count, non_negative, run_main
 from eval_agent.envs import add_task_family_arg, get_task_family
 from eval_agent.guard import RunGuard, fingerprint, model_arg_names, policy_fingerprint, settings_of
@@ -28,7 +29,7 @@ from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.llm import BackendUnavailable
 from eval_agent.run_card import write_run_card
 from eval_agent.smollm2 import default_model_dir
-from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, add_model_args, run_episodes
+from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, add_model_args
 from eval_agent.store import write_json
 from eval_agent.tracking import find_run_dir, log_summary
 from eval_agent.trajectory import Trajectory
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env_args", type=json.loads, default={},
                    help='JSON object of environment options, e.g. \'{"task_text": "original"}\' (ALFWorld)')
     p.add_argument("--limit", type=count, help="first N tasks of the split only (default: all)")
-    p.add_argument("--concurrency", type=count, default=16, help="episodes advanced together")
+    p.add_argument("--concurrency", type=count, help="episodes in flight (default: 16 in-process, 1024 over HTTP)")
     p.add_argument("--run_dir", help="the run directory: results go to RUN_DIR/eval/<label>/<split>/")
     p.add_argument("--label", help="what is evaluated: base | sft | steca (the run's models) | any name with --model "
                                    "(default: expert for --policy expert, else base)")
@@ -158,7 +159,8 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
     try:
         make_env = partial(family.make_env, expert=args.policy == "expert", **args.env_args)
-        stats = run_episodes(todo, policy, make_env, save, max_steps=args.max_steps, concurrency=args.concurrency)
+        stats = run_for_policy(todo, policy, make_env, save, max_steps=args.max_steps, concurrency=args.concurrency,
+                               env_workers=args.env_workers)
     except BackendUnavailable as e:
         raise SystemExit(f"error: {e}") from None
     trajs = [Trajectory.from_dict(json.loads(result_path(out, t.key).read_text())) for t in tasks]

@@ -48,8 +48,9 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 NOT_MODEL_FILES = {FINGERPRINT_FILE, "train_summary.json"}  # written beside a model, not part of it
 # Arguments that never change a stage's results: where it writes, how fast it runs, where the servers are.
 NOT_RESULTS = frozenset({"run_dir", "out", "output_dir", "overwrite", "concurrency", "num_shards", "shard_id",
-                         "backend", "endpoints", "export", "label", "embed_device", "embed_batch_size",
-                         "reflect_cache", "reflect_concurrency", "reflect_timeout", "reflect_http_retries"})
+                         "backend", "endpoints", "max_requests", "env_workers", "export", "label", "embed_device",
+                         "embed_batch_size", "reflect_cache", "reflect_concurrency", "reflect_timeout",
+                         "reflect_http_retries"})
 
 
 # ---- identities of inputs -------------------------------------------------------------------------------

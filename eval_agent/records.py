@@ -12,7 +12,7 @@ Keys are stable strings, so every stage can skip what is done and merge shards:
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -80,14 +80,17 @@ class Rollout:
     actions: list[str | None]  # the sampled actions after the prefix (None: a reply without `Action:`)
     from_record: bool  # the record had already ended at step t: its outcome copied, no agent step taken
     error: str | None
+    seed: int | None = None  # the seed its requests were derived from (over HTTP; None: the in-process sampler)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def _read(path: str | Path, cls: type) -> list[Any]:
+    """Records of `cls`; every field without a default is required (files written before a field existed still read)."""
     names = [f.name for f in fields(cls)]
-    return [cls(**{n: rec[n] for n in names}) for rec in read_jsonl(path, required=names)]
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    return [cls(**{n: rec[n] for n in names if n in rec}) for rec in read_jsonl(path, required=required)]
 
 
 def read_step_records(path: str | Path) -> list[StepRecord]:

@@ -1,6 +1,7 @@
 """The episode runner: many episodes advance together. Each round gathers the prompts of all live
-episodes into one batched generate call (or one burst of concurrent requests), then steps each
-environment. A finished episode's slot is refilled from the queue at once.
+episodes into one batched generate call, then steps each environment. A finished episode's slot is
+refilled from the queue at once. This suits the in-process backend (and the expert); a policy served
+over HTTP runs on the asynchronous runner (eval_agent.async_runner), with these step semantics.
 
 Step semantics follow the original (`envs/alfworld_env.py::step`): a reply without `Action:` is
 an invalid step that costs one of the `max_steps` (40) and gets the error observation; the budget
@@ -10,9 +11,9 @@ context overflow ends that one episode with its reason; the others carry on.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
@@ -22,18 +23,20 @@ from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
 from eval_agent.cli import count
 from eval_agent.envs.base import Env, Task
 from eval_agent.llm import Completion, GenerationConfig, LLMBackend, make_backend
+from eval_agent.llm.openai_http import MAX_REQUESTS
 from eval_agent.prompts import PromptBuilder
 from eval_agent.trajectory import Step, Trajectory, format_reply
 
 # The original's observation for a reply it could not parse (kept verbatim: models were trained on it).
 INVALID_OBSERVATION = "Error Input. Your input must contains 'Action: '"
 MAX_STEPS = 40
+CONCURRENCY = 16  # episodes per round: one batched generate call of the in-process backend
 
 
 @dataclass
 class Episode:
     task: Task
-    env: Env
+    env: Env | None  # None in the asynchronous runner's main process: the environment lives in a worker
     traj: Trajectory
     prefix: list[str] = field(default_factory=list)  # replies replayed before the policy acts
 
@@ -47,8 +50,18 @@ class Policy(Protocol):
         """One reply per episode, in order."""
 
 
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from `parts`, the same on every machine and Python (e.g. the run's seed and a rollout key)."""
+    return int.from_bytes(hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=4).digest(), "big") >> 1
+
+
 class ModelPolicy:
-    """Prompts an LLM backend with the rendered conversation of each episode."""
+    """Prompts an LLM backend with the rendered conversation of each episode.
+
+    Over HTTP (`asynchronous`) it also answers one episode at a time for the asynchronous runner: the task's
+    `meta["route_key"]` (default: its key) picks the replica, and a `meta["seed"]` makes each request carry
+    `derive_seed(seed, step index)`, so sampling repeats on a server that honours per-request seeds.
+    """
 
     def __init__(self, backend: LLMBackend, chat_format: ChatFormat, prompts: PromptBuilder, generation: GenerationConfig):
         self.backend, self.chat_format, self.prompts, self.generation = backend, chat_format, prompts, generation
@@ -77,9 +90,10 @@ class ModelPolicy:
         if not args.model:
             raise SystemExit("error: --model is required for a model policy")
         instruction, icl_example = published_prompt(args)
+        options = {"max_requests": args.max_requests} if args.backend == "openai" else {}
         return cls.build(args.task_family, args.model, generation, backend=args.backend, endpoints=args.endpoints,
                          chat_format=args.chat_format, tokenizer=args.tokenizer, icl_num=args.icl_num,
-                         instruction=instruction, icl_example=icl_example)
+                         instruction=instruction, icl_example=icl_example, **options)
 
     def prompt(self, episode: Episode) -> str:
         return self.chat_format.render(self.prompts.messages(episode.traj))
@@ -87,6 +101,23 @@ class ModelPolicy:
     def act(self, episodes: list[Episode]) -> list[Completion]:
         outs = self.backend.generate([self.prompt(ep) for ep in episodes], self.generation)
         return [o[0] for o in outs]
+
+    @property
+    def asynchronous(self) -> bool:
+        return hasattr(self.backend, "complete")
+
+    async def check(self) -> None:
+        await self.backend.check()
+
+    async def act_one(self, episode: Episode) -> Completion:
+        meta, config = episode.task.meta, self.generation
+        if meta.get("seed") is not None:
+            config = replace(config, seed=derive_seed(meta["seed"], len(episode.traj.steps)))
+        outs = await self.backend.complete(self.prompt(episode), config, route_key=meta.get("route_key", episode.task.key))
+        return outs[0]
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
 
 
 class ExpertPolicy:
@@ -105,9 +136,11 @@ class ExpertPolicy:
 class RunStats:
     episodes: int = 0
     env_steps: int = 0
-    generate_calls: int = 0
+    generate_calls: int = 0  # policy calls: one per round (round runner), one per request (asynchronous runner)
     generated_tokens: int = 0
     seconds: float = 0.0
+    failed: int = 0  # episodes whose requests failed (not written; the asynchronous runner)
+    env_cpu_s: float = 0.0  # CPU time of the environment workers (the asynchronous runner)
 
     def rates(self) -> dict[str, float]:
         """Throughput, as the benchmarks report it."""
@@ -163,7 +196,7 @@ def run_episodes(
     make_env: Callable[[], Env],
     on_finish: Callable[[Episode], None],
     max_steps: int = MAX_STEPS,
-    concurrency: int = 32,
+    concurrency: int = CONCURRENCY,
     total: int | None = None,
     progress: bool = True,
 ) -> RunStats:
@@ -171,25 +204,32 @@ def run_episodes(
 
     `concurrency` episodes are live at once; each round is one `policy.act` call over all of them.
     `on_finish` receives each finished episode (write it out there: that is what makes stages
-    resumable).
+    resumable). Tasks are taken from `tasks` as slots free up.
     """
-    queue = deque(t if isinstance(t, tuple) else (t, []) for t in tasks)
+    if total is None and hasattr(tasks, "__len__"):
+        total = len(tasks)  # type: ignore[arg-type]
+    pending = (t if isinstance(t, tuple) else (t, []) for t in tasks)
+    more = True
     stats, t0 = RunStats(), time.perf_counter()
     free_envs: list[Env] = []
     live: list[Episode] = []
-    bar = tqdm(total=total if total is not None else len(queue), disable=not progress, desc="episodes", unit="ep")
+    bar = tqdm(total=total, disable=not progress, desc="episodes", unit="ep")
 
     def finish(ep: Episode) -> None:
         on_finish(ep)
         free_envs.append(ep.env)
         stats.episodes += 1
-        stats.env_steps += len(ep.traj.steps) - len(ep.prefix)
+        stats.env_steps += max(0, len(ep.traj.steps) - len(ep.prefix))
         bar.update(1)
 
     try:
-        while queue or live:
-            while queue and len(live) < concurrency:
-                task, prefix = queue.popleft()
+        while more or live:
+            while more and len(live) < concurrency:
+                job = next(pending, None)
+                if job is None:
+                    more = False
+                    break
+                task, prefix = job
                 ep = start_episode(task, free_envs.pop() if free_envs else make_env(), prefix, max_steps)
                 if ep.finished:
                     finish(ep)
@@ -231,6 +271,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--icl_from", help="the in-context example: a published *_icl.json (ETO/STeCa), or an expert file "
                                       "(its first trajectory)")
     p.add_argument("--max_new_tokens", type=count, default=512)
+    p.add_argument("--max_requests", type=count, default=MAX_REQUESTS,
+                   help="openai backend: requests in flight over all endpoints (default sized for 8 replicas)")
+    p.add_argument("--env_workers", type=count,
+                   help="openai backend: processes stepping the environments (default: the CPU cores)")
 
 
 def published_prompt(args: argparse.Namespace) -> tuple[str | None, Trajectory | None]:

@@ -30,7 +30,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_shards", type=count, default=1)
     p.add_argument("--shard_id", type=int, default=0)
     p.add_argument("--limit", type=count, help="first N expert trajectories only, before sharding (default: all)")
-    p.add_argument("--concurrency", type=count, default=16, help="episodes advanced together")
+    p.add_argument("--concurrency", type=count, help="episodes in flight (default: 16 in-process, 1024 over HTTP)")
     p.add_argument("--run_dir", required=True, help="the run directory (eval_agent/layout.py): reads its SFT model, "
                                                      "writes its sampling/ folder")
     p.add_argument("--overwrite", action="store_true",

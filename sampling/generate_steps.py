@@ -19,6 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from eval_agent.async_runner import run_for_policy
 from eval_agent.cli import check_policy_model, input_file, run_main
 from eval_agent.envs import get_task_family
 from eval_agent.guard import RunGuard, fingerprint, identity, model_arg_names, policy_fingerprint, require_output, settings_of
@@ -26,7 +27,7 @@ from eval_agent.layout import RunDir
 from eval_agent.llm import BackendUnavailable, GenerationConfig
 from eval_agent.run_card import write_run_card
 from eval_agent.records import StepRecord, step_key
-from eval_agent.runner import Episode, ModelPolicy, run_episodes, start_episode
+from eval_agent.runner import Episode, ModelPolicy, start_episode
 from eval_agent.store import JsonlStore
 from sampling.expert_tasks import (ExpertTask, add_sampling_args, check_shards, in_shard, kinds, load_expert_tasks, log,
                                    resolve_run_paths)
@@ -63,7 +64,8 @@ def expert_records(todo: list[tuple[ExpertTask, int]], args: argparse.Namespace,
 
 
 def explore_records(todo: list[tuple[ExpertTask, int]], args: argparse.Namespace, store: JsonlStore) -> dict[str, Any]:
-    """Expert prefix, then the greedy policy from step t to the end; all episodes advance together."""
+    """Expert prefix, then the greedy policy from step t to the end; all episodes advance together (over HTTP,
+    the episodes of one task go to one replica, whose prefix cache holds their common expert prefix)."""
     by_task = {x.task.key: x for x, _ in todo}
     policy = ModelPolicy.from_args(args, GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0))
 
@@ -71,8 +73,8 @@ def explore_records(todo: list[tuple[ExpertTask, int]], args: argparse.Namespace
         store.append(step_record(by_task[ep.task.key], len(ep.prefix), "explore", ep).to_dict())
 
     make_env = partial(get_task_family(args.task_family).make_env, **args.env_args)
-    stats = run_episodes([(x.task, x.replies[:t]) for x, t in todo], policy, make_env, save,
-                         max_steps=args.max_steps, concurrency=args.concurrency)
+    stats = run_for_policy([(x.task, x.replies[:t]) for x, t in todo], policy, make_env, save,
+                           max_steps=args.max_steps, concurrency=args.concurrency, env_workers=args.env_workers)
     return {"chat_format": policy.chat_format.name, "generated_tokens": stats.generated_tokens}
 
 

@@ -1,9 +1,12 @@
 """Stage 2b: Monte-Carlo rollouts of step records; a record's step reward is their mean success.
 
 For each step record, N rollouts at temperature 1 after its step t (the replayed prefix counts toward
-`--max_steps`, as in the original), a record's N queued together so a prefix cache serves them. A record whose
-episode already ended at step t gets its outcome copied N times (`from_record=True`). Writes
-`eval_agent.records.Rollout`s to RUN_DIR/sampling/mc/; resumable. docs/sampling.md has the details.
+`--max_steps`, as in the original), a record's N queued together so a prefix cache serves them: over HTTP they go
+to one replica, and each request carries a seed derived from `--seed` and the rollout key (recorded in the
+rollout), so a server that honours per-request seeds gives the same rollouts again. A record whose episode
+already ended at step t gets its outcome copied N times (`from_record=True`). Writes
+`eval_agent.records.Rollout`s to RUN_DIR/sampling/mc/; resumable. docs/sampling.md and docs/rollouts.md have the
+details.
 
     python -m sampling.mc_rollouts --task_family alfworld --kind both --run_dir outputs/alfworld
 """
@@ -18,6 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Container
 
+from eval_agent.async_runner import run_for_policy
 from eval_agent.cli import check_policy_model, count, input_file, non_negative, probability, run_main
 from eval_agent.envs import Task, get_task_family
 from eval_agent.guard import RunGuard, fingerprint, identity, model_arg_names, policy_fingerprint, require_output, settings_of
@@ -25,7 +29,7 @@ from eval_agent.layout import RunDir
 from eval_agent.llm import BackendUnavailable, GenerationConfig
 from eval_agent.run_card import write_run_card
 from eval_agent.records import Rollout, StepRecord, read_step_records, rollout_key
-from eval_agent.runner import Episode, ModelPolicy, run_episodes
+from eval_agent.runner import Episode, ModelPolicy, derive_seed
 from eval_agent.store import BadRecord, JsonlStore
 from eval_agent.tracking import log_summary
 from sampling.expert_tasks import add_sampling_args, check_shards, kinds, log, resolve_run_paths, shard_of
@@ -40,16 +44,20 @@ def copied_rollout(rec: StepRecord, sample: int) -> Rollout:
                    termination=rec.step_termination, actions=[], from_record=True, error=rec.error)
 
 
-def rollout_jobs(records: list[StepRecord], tasks: dict[str, Task], n: int, done: Container[str]) -> list[tuple[Task, list[str]]]:
+def rollout_jobs(records: list[StepRecord], tasks: dict[str, Task], n: int, done: Container[str],
+                 seed: int | None = None) -> list[tuple[Task, list[str]]]:
     """(task, prefix) for every missing rollout, the N samples of a record next to each other. The
-    task copy carries the rollout's identity in its meta (the episode's `traj.meta`)."""
+    task copy carries the rollout's identity in its meta (the episode's `traj.meta`), the record as
+    its `route_key` (its N rollouts go to one replica) and, with `seed`, the rollout's own seed."""
     jobs = []
     for rec in records:
         for i in range(n):
             key = rollout_key(rec.key, i)
             if key not in done:
-                meta = {**tasks[rec.task_key].meta, "rollout": {"key": key, "record_key": rec.key, "t": rec.t,
-                                                                "kind": rec.kind, "sample": i}}
+                meta = {**tasks[rec.task_key].meta, "route_key": rec.key,
+                        "rollout": {"key": key, "record_key": rec.key, "t": rec.t, "kind": rec.kind, "sample": i}}
+                if seed is not None:
+                    meta["seed"] = derive_seed(seed, key)
                 jobs.append((replace(tasks[rec.task_key], meta=meta), rec.rollout_prefix()))
     return jobs
 
@@ -59,7 +67,7 @@ def to_rollout(ep: Episode) -> Rollout:
     return Rollout(key=r["key"], record_key=r["record_key"], task_key=ep.task.key, t=r["t"], kind=r["kind"],
                    sample=r["sample"], success=traj.success, reward=traj.reward, steps=len(traj.steps) - len(ep.prefix),
                    termination=traj.termination, actions=traj.actions[len(ep.prefix):], from_record=False,
-                   error=traj.meta.get("error"))
+                   error=traj.meta.get("error"), seed=ep.task.meta.get("seed"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=count, default=5, help="rollouts per step record (the paper: 5)")
     p.add_argument("--temperature", type=non_negative, default=1.0)
     p.add_argument("--top_p", type=probability, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="seeds the in-process sampler once (a server seeds its own)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the run's seed: seeds the in-process sampler once; over HTTP each rollout's requests carry "
+                        "seeds derived from it and the rollout key (recorded in the rollout)")
     p.add_argument("--steps", help="step records to roll out (default: this kind's and shard's generate_steps output)")
     return p
 
@@ -105,8 +115,8 @@ def roll_out(args: argparse.Namespace, run: RunDir, sources: dict[str, Path]) ->
     torch.manual_seed(args.seed)
     family = get_task_family(args.task_family)
     tasks = {t.key: t for t in family.load_tasks(args.split, data_root=args.data_root)}
-    # No per-request seed: N identical prompts with one seed would give N identical samples on a server.
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    request_seed = args.seed if args.backend == "openai" else None  # the in-process sampler has one stream
     policy = None
     write_run_card(run.mc, "sampling.mc_rollouts", vars(args))
     summary: dict[str, Any] = {}
@@ -131,13 +141,13 @@ def roll_out(args: argparse.Namespace, run: RunDir, sources: dict[str, Path]) ->
                 if rollout_key(rec.key, i) not in store:
                     store.append(copied_rollout(rec, i).to_dict())
         copied = len(store) - before
-        jobs = rollout_jobs([r for r in records if not r.done], tasks, args.n, store)
+        jobs = rollout_jobs([r for r in records if not r.done], tasks, args.n, store, request_seed)
         if jobs:
             policy = policy or ModelPolicy.from_args(args, gen)
             try:
-                run_episodes(jobs, policy, partial(family.make_env, **args.env_args),
-                             lambda ep: store.append(to_rollout(ep).to_dict()),
-                             max_steps=args.max_steps, concurrency=args.concurrency)
+                run_for_policy(jobs, policy, partial(family.make_env, **args.env_args),
+                               lambda ep: store.append(to_rollout(ep).to_dict()),
+                               max_steps=args.max_steps, concurrency=args.concurrency, env_workers=args.env_workers)
             except BackendUnavailable as e:
                 raise SystemExit(f"error: {e}") from None
         expected = len(records) * args.n

@@ -5,7 +5,7 @@ the same encoder, measured side by side in one run. Both must give the same devi
 Rows: a training file of the stage (train.jsonl, final_data_rft_train.json, ...) or, with
 --expert_data, pairs of consecutive expert trajectories (chosen = one, rejected = the next).
 
-    .venv/bin/python scripts/bench_ndtw.py --expert_data outputs/alfworld/sft/expert_train.jsonl --limit 20
+    .venv/bin/python scripts/bench_ndtw.py --expert_data outputs/alfworld/expert/train/trajectories.jsonl --limit 20
     .venv/bin/python scripts/bench_ndtw.py --rows outputs/alfworld/data_collection/train.jsonl
 """
 from __future__ import annotations

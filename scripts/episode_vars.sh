@@ -4,8 +4,10 @@ SPLIT=${SPLIT:-}                      # train | seen | unseen (sampling: the spl
 DATA_ROOT=${DATA_ROOT:-}              # task data folder; empty = $ALFWORLD_DATA / $VH_DATA, else data/<family>
 MAX_STEPS=${MAX_STEPS:-}              # episode budget, a replayed prefix included (as the original)
 CONCURRENCY=${CONCURRENCY:-}          # episodes in flight
+ENV_WORKERS=${ENV_WORKERS:-}          # openai backend: processes stepping the environments
 
 opt --split "$SPLIT"
 opt --data_root "$DATA_ROOT"
 opt --max_steps "$MAX_STEPS"
 opt --concurrency "$CONCURRENCY"
+opt --env_workers "$ENV_WORKERS"

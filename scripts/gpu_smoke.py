@@ -147,6 +147,8 @@ def check(out: Path, device: str, given_peak: float | None) -> dict:
             problems.append(f"{stage['name']}: saved {s['saved_dtype']}, expected {plan['saved_dtype']}")
         if stage.get("resumed") and not s["resumed_from"]:
             problems.append(f"{stage['name']}: did not resume")
+        elif stage.get("resumed") and s["resumed_from"].endswith(f"-{s['optimizer_steps']}"):
+            problems.append(f"{stage['name']}: resumed from its last checkpoint (nothing trained after the resume)")
         if s["chat_format"] != "llama-2":
             problems.append(f"{stage['name']}: chat format {s['chat_format']}")
         if stage.get("beta") and not any("margin" in h for h in s["log_history"]):

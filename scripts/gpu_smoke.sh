@@ -113,9 +113,9 @@ NPROC=1
 launcher() {  # the DIST_CONFIG of a launcher name
   case "$1" in fsdp) echo sft/configs/fsdp.yaml ;; zero3) echo sft/configs/ds_zero3.yaml ;; *) echo "" ;; esac
 }
-train() {  # train LAUNCHER MODULE ARGS...
+train() {  # train LAUNCHER MODULE ARGS...: in a subshell, since launch_training ends in exec
   local name=$1; shift
-  DIST_CONFIG=$(launcher "$name") launch_training "$@"
+  (DIST_CONFIG=$(launcher "$name") launch_training "$@")
 }
 common_train=(--per_device_train_batch_size "$MICRO" --model_max_length "$MAX_LEN" --precision "$PRECISION"
               --logging_steps 1 --save_strategy epoch --save_total_limit 1 --seed 0)
@@ -136,8 +136,13 @@ SFT=$(path "$RUN" sft_model)
 SFT_LAUNCHER=single; [ "$FSDP" = 1 ] && SFT_LAUNCHER=fsdp
 sft_args=(--task_family virtualhome --model_name_or_path "$BASE" --chat_format llama-2 --learning_rate 1e-4
           --global_batch_size "$BATCH" "${common_train[@]}")
-step sft_$SFT_LAUNCHER train "$SFT_LAUNCHER" sft.train "${sft_args[@]}" --run_dir "$RUN" --num_train_epochs 1
-step sft_resume train "$SFT_LAUNCHER" sft.train "${sft_args[@]}" --run_dir "$RUN" --num_train_epochs 2
+step sft_$SFT_LAUNCHER train "$SFT_LAUNCHER" sft.train "${sft_args[@]}" --run_dir "$RUN" --num_train_epochs 2 \
+  --save_total_limit 2
+# as if killed during its second epoch: its last checkpoint and summary set aside, the rerun resumes from the first
+mkdir -p "$OUT/set_aside"
+mv "$(ls -d "$SFT"/checkpoint-* | sort -t- -k2 -n | tail -n 1)" "$SFT/train_summary.json" "$OUT/set_aside/"
+step sft_resume train "$SFT_LAUNCHER" sft.train "${sft_args[@]}" --run_dir "$RUN" --num_train_epochs 2 \
+  --save_total_limit 2
 planned "{\"name\": \"sft_$SFT_LAUNCHER+resume\", \"launcher\": \"$SFT_LAUNCHER\", \"run\": \"run\", \"model\": \"sft_model\", \"resumed\": true, \"generate\": true}"
 if [ "$HAVE_DS" = 1 ]; then
   step sft_zero3 train zero3 sft.train "${sft_args[@]}" --run_dir "$OUT/zero3" --data "$EXPERT" --num_train_epochs 1

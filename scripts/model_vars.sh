@@ -7,6 +7,7 @@ ICL_NUM=${ICL_NUM:-}                  # in-context examples in the prompt (the o
 INSTRUCTION_FROM=${INSTRUCTION_FROM:-}  # the instruction: a published *_inst.txt or an expert file (its first row's)
 ICL_FROM=${ICL_FROM:-}                # the in-context example: a published *_icl.json or an expert file (its first row)
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-}    # tokens per reply
+MAX_REQUESTS=${MAX_REQUESTS:-}        # openai backend: requests in flight over all endpoints
 
 opt --backend "$BACKEND"
 opt --endpoints "$ENDPOINTS"
@@ -15,3 +16,4 @@ opt --icl_num "$ICL_NUM"
 opt --instruction_from "$INSTRUCTION_FROM"
 opt --icl_from "$ICL_FROM"
 opt --max_new_tokens "$MAX_NEW_TOKENS"
+opt --max_requests "$MAX_REQUESTS"

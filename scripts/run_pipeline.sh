@@ -183,4 +183,5 @@ for family in "${families[@]}"; do
 done
 report=$(layout --run_root "$RUN_ROOT")
 "$PYTHON" -m eval.report "${report_args[@]}" --out "$report" --reading
+"$PYTHON" -m eval.stage_times "${report_args[@]}" --out "$report"
 echo "pipeline ($PRESET, ${families[*]}${variants:+; variants: $(echo $variants)}) finished in $((SECONDS - start)) s: $report/report.md"

@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny random model (real SmolLM2 tokenizer) and serve_hf server processes."""
 from __future__ import annotations
 
+import json
 import os
 import queue
 import subprocess
@@ -51,6 +52,12 @@ def _stop(proc: subprocess.Popen) -> None:
 def start_server(model_dir: Path, log_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
     """Start serve_hf on a free port; return the process and its base URL once /health answers."""
     cmd = [sys.executable, "-m", "eval_agent.llm.serve_hf", "--model", str(model_dir), "--port", "0", *args]
+    return start_process(cmd, log_path, health="/health")
+
+
+def start_process(cmd: list[str], log_path: Path, health: str = "/v1/models") -> tuple[subprocess.Popen, str]:
+    """Start a server process that prints `serving ... URL` when it listens; return it and its base URL once
+    `health` (a path from the server root) answers 200."""
     with open(log_path, "wb") as log:  # stderr to a file: a full pipe would block the server
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
     lines: queue.Queue[str | None] = queue.Queue()
@@ -65,7 +72,7 @@ def start_server(model_dir: Path, log_path: Path, *args: str) -> tuple[subproces
 
     def fail(why: str) -> None:
         _stop(proc)
-        pytest.fail(f"serve_hf {why}; stderr tail:\n{log_path.read_text()[-3000:]}")
+        pytest.fail(f"{cmd[1:3]} {why}; stderr tail:\n{log_path.read_text()[-3000:]}")
 
     while True:
         try:
@@ -79,13 +86,13 @@ def start_server(model_dir: Path, log_path: Path, *args: str) -> tuple[subproces
             break
     while True:  # the socket listens before the ready line; this is one round trip in practice
         try:
-            with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=2) as r:
+            with urllib.request.urlopen(url.removesuffix("/v1") + health, timeout=2) as r:
                 if r.status == 200:
                     return proc, url
         except OSError:
             pass
         if time.monotonic() > deadline or proc.poll() is not None:
-            fail("never answered /health")
+            fail(f"never answered {health}")
         time.sleep(0.05)
 
 
@@ -108,3 +115,40 @@ def serve_hf(tmp_path_factory):
 def hf_server(serve_hf, tiny_model_dir) -> str:
     """Base URL (http://127.0.0.1:PORT/v1) of serve_hf over the tiny model, served as str(tiny_model_dir)."""
     return serve_hf(tiny_model_dir)
+
+
+class ScriptedServer:
+    """tests/scripted_server.py as its own process: `control(script=..., poison=..., text=...)` changes what it
+    answers, `posts()` counts the POSTs it answered."""
+
+    def __init__(self, proc: subprocess.Popen, url: str):
+        self.proc, self.url = proc, url
+        self.root = url.removesuffix("/v1")
+
+    def _call(self, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.root + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.loads(r.read())
+
+    def control(self, **settings) -> None:
+        self._call("/control", settings)
+
+    def posts(self) -> int:
+        return self._call("/stats")["posts"]
+
+
+@pytest.fixture(scope="session")
+def scripted_server(tmp_path_factory):
+    """Factory: `scripted_server(model="fake")` -> a ScriptedServer process; all stop at session end."""
+    procs: list[subprocess.Popen] = []
+
+    def start(model: str = "fake") -> ScriptedServer:
+        cmd = [sys.executable, str(REPO / "tests" / "scripted_server.py"), "--model", model]
+        proc, url = start_process(cmd, tmp_path_factory.mktemp("scripted") / "stderr.log")
+        procs.append(proc)
+        return ScriptedServer(proc, url)
+
+    yield start
+    for proc in procs:
+        _stop(proc)

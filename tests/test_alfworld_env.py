@@ -141,3 +141,26 @@ def test_expert_solves_official_sample_of_every_type(official_root):
         assert traj.success, key
         assert not any(s.observation.startswith("You arrive at") for s in traj.steps)
     assert any(s.action.startswith("put ") and " in/on " in s.action for t in trajs.values() for s in t.steps)
+
+
+def test_reset_to_the_loaded_game_starts_it_afresh_without_reloading():
+    """An environment that plays one game again (the N rollouts of a step) resets it without parsing it again,
+    and the episode is the one a fresh environment plays."""
+    first, other = load_tasks("train")[:2]
+    actions = ["go to countertop 1", "open fridge 1", "look"]
+
+    def play(env, task):
+        return [env.reset(task)] + [env.step(a).observation for a in actions]
+
+    fresh = AlfWorldEnv()
+    want = play(fresh, first)
+    fresh.close()
+    env = AlfWorldEnv()
+    loads = []
+    play(env, first)
+    real_load = env._env.load
+    env._env.load = lambda game: (loads.append(game), real_load(game))
+    assert play(env, first) == want and loads == []  # the same game: reset, no reload
+    play(env, other)
+    assert play(env, first) == want and loads == [other.meta["game_file"], first.meta["game_file"]]
+    env.close()

@@ -13,7 +13,7 @@ import pytest
 
 from eval_agent.llm import BackendUnavailable, GenerationConfig
 from eval_agent.llm.hf import HFBackend, PrefixCache
-from eval_agent.llm.openai_http import OpenAIBackend, resolve_base_urls
+from eval_agent.llm.openai_http import OpenAIBackend, RetryPolicy, resolve_base_urls
 
 GREEDY = GenerationConfig(max_new_tokens=12)
 
@@ -332,7 +332,7 @@ class FakeServer:
 
 def test_two_endpoints_both_used_results_in_prompt_order():
     a, b = FakeServer("a"), FakeServer("b")
-    backend = OpenAIBackend("fake", base_urls=[a.url, b.url], concurrency=4)
+    backend = OpenAIBackend("fake", base_urls=[a.url, b.url], max_requests=4)
     try:
         prompts = [f"p{i}" for i in range(12)]
         out = backend.generate(prompts, GenerationConfig(max_new_tokens=4, n=2, temperature=1.0))
@@ -353,8 +353,7 @@ def test_two_endpoints_both_used_results_in_prompt_order():
 
 def test_server_error_is_retried():
     flaky = FakeServer("f", fail=1)
-    backend = OpenAIBackend("fake", base_urls=[flaky.url], max_retries=2)
-    backend.backoff_s = 0.01
+    backend = OpenAIBackend("fake", base_urls=[flaky.url], retry=RetryPolicy(retries=2, backoff_s=0.01))
     try:
         assert texts(backend.generate(["x"], GREEDY)) == [["f|x|0"]]
         assert flaky.posts == 2
@@ -365,8 +364,7 @@ def test_server_error_is_retried():
 
 def test_server_error_that_persists_is_unavailable():
     broken = FakeServer("f", fail=10**6)
-    backend = OpenAIBackend("fake", base_urls=[broken.url], max_retries=2)
-    backend.backoff_s = 0.01
+    backend = OpenAIBackend("fake", base_urls=[broken.url], retry=RetryPolicy(retries=2, backoff_s=0.01))
     try:
         with pytest.raises(BackendUnavailable, match="failed 3 times"):
             backend.generate(["x"], GREEDY)

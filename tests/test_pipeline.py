@@ -138,6 +138,8 @@ def test_pipeline_both_envs_killed_and_resumed(tmp_path, tiny_model_dir):
     out, _ = fourth.communicate(timeout=1200)
     assert fourth.returncode == 0, out[-4000:]
     assert "virtualhome: steps: done, skipped" in out
+    times = out[out.index("## Stage times"):]  # the table the pipeline ends with: every stage of both runs timed
+    assert all(re.search(rf"\| {stage} \| \d+ s \| \d+ s \|", times) for stage in STAGES), times
     labels = [m[1] for m in SERVER_LINE.finditer(out) if m[2] == "starting"]
     assert labels == ["sft", "sft", "base", "sft", "steca"]  # mc, data collection (self reflection), eval x3
     for pid in check_servers_per_stage(out):

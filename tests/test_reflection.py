@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -209,7 +210,7 @@ def scripted():
 
 def chat_reflector(tmp_path: Path, *argv: str) -> Reflector:
     reflector = reflector_from_args(parse(["--reflect_backend", "chat", *argv]), tmp_path / "cache.jsonl")
-    reflector.model.backoff_s = 0.001
+    reflector.model.client.retry = replace(reflector.model.client.retry, backoff_s=0.001)
     return reflector
 
 
@@ -266,7 +267,7 @@ def test_cache_resumes_after_a_kill_and_a_torn_line(tmp_path, scripted, chat_env
     broken = scripted(fail_when="obs b")  # the endpoint dies on b: the stage stops, a's reply is kept
     chat_env(broken.url)
     reqs = [request("a", observation="obs a"), request("b", observation="obs b")]
-    with pytest.raises(BackendUnavailable, match="InternalServerError"):
+    with pytest.raises(BackendUnavailable, match="HTTP 503: scripted"):
         chat_reflector(tmp_path, "--reflect_http_retries", "1", "--reflect_concurrency", "1").reflect(reqs)
     cache = tmp_path / "cache.jsonl"
     assert len(cache.read_text().splitlines()) == 1

@@ -265,3 +265,18 @@ def test_variant_tables_table9_and_figure4(tmp_path, two_runs):
 def real_summaries_of(run: Path) -> Path:
     """A real evaluation summary folder of the run (the expert's, copied in by two_runs)."""
     return RunDir(run).evaluation("base", "seen")
+
+
+def test_stage_times_from_the_markers(tmp_path, capsys):
+    from eval.stage_times import main as stage_times
+
+    for name, times in (("a", {"sft": 61.4, "mc": 30}), ("b", {"sft": 20})):
+        run = RunDir(tmp_path / name)
+        run.pipeline.mkdir(parents=True)
+        for stage, seconds in times.items():
+            run.marker(stage).write_text(json.dumps({"fingerprints": [], "seconds": seconds}))
+    run.marker("eval").write_text("{not json")  # unreadable: left out, not an error
+    table = stage_times(["--run", f"a={tmp_path / 'a'}", "--run", f"b={tmp_path / 'b'}", "--out", str(tmp_path)])
+    assert "| sft | 61 s | 20 s |" in table and "| mc | 30 s | - |" in table and "| eval |" not in table
+    assert "| **total** | **91 s** | **20 s** |" in table and "111 s (1.9 min)" in table
+    assert (tmp_path / "stage_times.md").read_text() == table == capsys.readouterr().out

@@ -1,57 +1,14 @@
 """Episode-runner semantics on a tiny deterministic environment (a test double of the Env
 protocol; the real engines are exercised in their own test files)."""
-from eval_agent.envs.base import StepResult, Task
 from eval_agent.llm import Completion
 from eval_agent.runner import INVALID_OBSERVATION, ExpertPolicy, run_episodes
-
-
-class CounterEnv:
-    """Say `count <n>` for n = 1..goal in order; `explode` raises."""
-
-    name = "counter"
-
-    def reset(self, task):
-        self.goal, self.n = task.meta["goal"], 0
-        return f"Count to {self.goal}."
-
-    def step(self, action):
-        if action == "explode":
-            raise RuntimeError("engine crashed")
-        if action == f"count {self.n + 1}":
-            self.n += 1
-            return StepResult(f"You said {self.n}.", self.n == self.goal, self.n == self.goal, float(self.n == self.goal))
-        return StepResult("Nothing happens.", False, False)
-
-    def expert_action(self):
-        return f"count {self.n + 1}"
-
-    def close(self):
-        pass
-
-
-class ScriptedPolicy:
-    """Replies from a per-task script; records the batch size of every call."""
-
-    def __init__(self, scripts):
-        self.scripts, self.calls = scripts, []
-
-    def act(self, episodes):
-        self.calls.append(len(episodes))
-        out = []
-        for ep in episodes:
-            reply = self.scripts[ep.task.key][len(ep.traj.steps) - len(ep.prefix)]
-            out.append(reply if isinstance(reply, Completion) else Completion(text=reply, num_tokens=1))
-        return out
+from helpers import CounterEnv, ScriptedPolicy, counter_task as task
 
 
 def run(tasks, policy, **kw):
     done = {}
     stats = run_episodes(tasks, policy, CounterEnv, lambda ep: done.__setitem__(ep.task.key, ep.traj), progress=False, **kw)
     return done, stats
-
-
-def task(key, goal=2):
-    return Task(key=key, env="counter", split="test", meta={"goal": goal})
 
 
 def test_expert_policy_solves_and_batches():

@@ -160,6 +160,7 @@ class AlfWorldEnv:
         self._wrappers = [AlfredDemangler(), AlfredInfos]
         self._textworld = textworld
         self._env = None
+        self._game: str | None = None  # the game file loaded in the engine
         self._move_syntax: dict[str, bool] = {}
         self._state = None
         self._agent = None
@@ -168,11 +169,14 @@ class AlfWorldEnv:
     def reset(self, task: Task) -> str:
         game = task.meta["game_file"]
         if self._env is None:
-            self._env = self._textworld.start(game, request_infos=self._infos, wrappers=self._wrappers)
+            self._env = self._textworld.start(game, request_infos=self._infos, wrappers=self._wrappers)  # loads it
+        elif game != self._game:
+            self._env.load(game)
+        # The game loaded already resets to its initial state without being parsed again (the parse costs about
+        # half of a reset; the N rollouts of every step of a task reset its game again and again).
+        self._game = game
         if game not in self._move_syntax:
             self._move_syntax[game] = '"move {o} to {r}"' in json.loads(Path(game).read_text())["grammar"]
-        self._game = game
-        self._env.load(game)
         self._state = self._env.reset()
         if self.expert:
             from alfworld.agents.expert import HandCodedTWAgent
