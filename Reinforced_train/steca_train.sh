@@ -21,6 +21,7 @@ RFT_WARMUP=${RFT_WARMUP:-${WARMUP:-}}          # warmup, a fraction of the steps
 RFT_WEIGHT_DECAY=${RFT_WEIGHT_DECAY:-${WEIGHT_DECAY:-}}
 RFT_MAX_LEN=${RFT_MAX_LEN:-${MAX_LEN:-}}       # tokens per sequence; longer ones lose whole trailing turns
 BETA=${BETA:-}                                 # DPO term weight; 0 = weighted NLL of chosen, no reference model
+WEIGHTS=${WEIGHTS:-}                           # reward (each row's reward) | uniform (every row 1: plain NLL)
 REF_MODEL=${REF_MODEL:-}                       # frozen reference for BETA > 0; empty = MODEL
 NLL=${NLL:-}                                   # sum (the original: summed per row) | mean (per token)
 OUT=${OUT:-}                                   # the model folder; empty = the run's; the run card goes to its parent
@@ -38,6 +39,7 @@ opt --warmup_steps "$RFT_WARMUP"
 opt --weight_decay "$RFT_WEIGHT_DECAY"
 opt --model_max_length "$RFT_MAX_LEN"
 opt --beta "$BETA"
+opt --weights "$WEIGHTS"
 opt --ref_model "$REF_MODEL"
 opt --nll_reduction "$NLL"
 opt --output_dir "$OUT"

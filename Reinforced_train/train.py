@@ -51,6 +51,8 @@ class SteCaArguments:
     data: str | None = field(default=None, metadata={"help": "weighted rows: our train.jsonl or the published "
                                                              "final_data_rft_train.json; default: the run's"})
     beta: float = field(default=0.0, metadata={"help": "weight of the DPO term; 0 (the paper): no reference model"})
+    weights: str = field(default="reward", metadata={"help": "reward: each row weighs its `reward` (STeCa) | uniform: "
+                                                             "every row weighs 1, plain NLL (STeCa w/o RT, RFT)"})
     ref_model: str | None = field(default=None, metadata={"help": "frozen reference for beta > 0; default: the SFT folder"})
     nll_reduction: str = field(default="sum", metadata={"help": "sum (the original: log-probs summed per row) | mean (per token)"})
     chat_format: str | None = field(default=None, metadata={"help": f"{FORMATS}; default: what the model folder records"})
@@ -146,6 +148,8 @@ def configure(args: SteCaArguments, targs: TrainingArguments) -> TrainingArgumen
         raise SystemExit(f"error: --nll_reduction must be sum or mean, got {args.nll_reduction!r}")
     if args.beta < 0:
         raise SystemExit(f"error: --beta must be >= 0, got {args.beta}")
+    if args.weights not in ("reward", "uniform"):
+        raise SystemExit(f"error: --weights must be reward or uniform, got {args.weights!r}")
     targs = configure_training_args(targs, args.global_batch_size, args.precision, stage="steca")
     # Trainer would drop the columns the model's forward does not take (the weights, the rejected rows)
     return dataclasses.replace(targs, remove_unused_columns=False)
@@ -206,6 +210,8 @@ def train(args: SteCaArguments, targs: TrainingArguments, fmt_name: str) -> dict
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     chat_format = ChatFormat(fmt_name, tokenizer if fmt_name == "template" else None)
     rows = load_rows(args.data, need_rejected=args.beta > 0)
+    if args.weights == "uniform":
+        rows = [dataclasses.replace(row, weight=1.0) for row in rows]
     examples, stats = encode_rows(rows, chat_format, tokenizer, args.model_max_length, with_rejected=args.beta > 0,
                                   progress=targs.process_index == 0)
     require_output(len(examples), f"no training row fits in {args.model_max_length} tokens ({args.data})")
@@ -216,7 +222,7 @@ def train(args: SteCaArguments, targs: TrainingArguments, fmt_name: str) -> dict
              stats["tokens"], stats["trained_tokens"], stats["weight_min"], stats["weight_max"])
 
     trainer = build_trainer(args, targs, examples, tokenizer)
-    extra = {"beta": args.beta, "reference_model": (args.ref_model or args.model_name_or_path) if args.beta else None,
+    extra = {"beta": args.beta, "weights": args.weights, "reference_model": (args.ref_model or args.model_name_or_path) if args.beta else None,
              "nll_reduction": args.nll_reduction, "global_batch_size": args.global_batch_size}
     return train_and_save(trainer, tokenizer, fmt_name, {**stats, **extra}, log, save_dtype(args.save_dtype, targs))
 

@@ -2,12 +2,13 @@
 
 Reads RUN_DIR/sampling/ (sharded runs: `python -m sampling.merge` first) and the expert trajectories sampling
 replayed; writes RUN_DIR/data_collection/ (docs/data_collection.md describes each file):
-    step_rewards.jsonl, deviations.jsonl    the step rewards and every deviation verdict
+    step_rewards.jsonl, deviations.jsonl    the step rewards (Monte-Carlo, or --step_reward llm) and every verdict
     calibration.jsonl, expert_sub.jsonl, explored.jsonl    D_c, D_s, D_e
-    train.jsonl, final_data_rft_train.json    the kept rows weighted by nDTW, and their published export
+    train.jsonl, final_data_rft_train.json    the kept rows of --train_sets weighted by nDTW, and their export
     summary.json, config.json, plots/
-Rerunnable: reflections are cached on disk, the rest is recomputed and replaced atomically; a rerun with other
-settings moves the old folder aside first (data_collection.old), the reflection cache carried over.
+Rerunnable: reflections (and LLM step scores) are cached on disk, the rest is recomputed and replaced
+atomically; a rerun with other settings moves the old folder aside first (data_collection.old), the caches
+carried over. A variant of a run (eval_agent/variants.py) starts from its base run's caches.
 
     python -m data_collection.build --task_family alfworld --run_dir outputs/alfworld
 """
@@ -26,8 +27,9 @@ from data_collection import datasets, plots
 from data_collection.datasets import SETS
 from data_collection.deviation import CRITERIA, DeviationConfig, check_deviation
 from data_collection.embeddings import EMBEDDERS, ActionEmbeddings, make_embedder
-from data_collection.reflection import ReflectionRequest, add_reflection_args, reflect_backend, reflector_from_args
-from data_collection.step_rewards import step_rewards
+from data_collection.reflection import (ReflectionRequest, add_reflection_args, reflect_backend, reflection_model,
+                                       reflector_from_args)
+from data_collection.step_rewards import SCORE_SETTINGS, SOURCES, StepScorer, llm_step_rewards, step_rewards
 from eval_agent.cli import count, natural, non_negative, run_main
 from eval_agent.envs import add_task_family_arg, get_task_family
 from eval_agent.expert_data import check_task_family, load_expert_data
@@ -36,12 +38,13 @@ from eval_agent.layout import RunDir
 from eval_agent.run_card import write_run_card
 from eval_agent.records import KINDS, Rollout, StepRecord
 from eval_agent.runner import add_model_args, published_prompt
-from eval_agent.store import BadRecord, read_jsonl, write_atomic, write_json
+from eval_agent.store import BadRecord, JsonlStore, read_jsonl, write_atomic, write_json
 from eval_agent.trajectory import Step, Trajectory
 
 log = logging.getLogger("data_collection")
-CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
+CODE_VERSION = 2  # raise it when a change makes the stage give other results for the same settings
 REFLECTION_CACHE = "reflection_cache.jsonl"  # in the output folder unless --reflect_cache names another file
+SCORE_CACHE = "step_score_cache.jsonl"  # the LLM step scores' raw replies (--step_reward llm)
 
 # (k, keep_threshold) per task family, as the original: ALFWorld 1 +/- 0.01*nDTW, explored kept when
 # nDTW < 0.013; VirtualHome 1 +/- nDTW, explored kept when nDTW < 1e-22 there, i.e. identical action
@@ -109,6 +112,29 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def train_sets(text: str) -> tuple[str, ...]:
+    """`--train_sets`: a comma-separated subset of SETS, kept in SETS order."""
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    unknown = names - set(SETS)
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"takes a comma-separated list of {', '.join(SETS)}; got {text!r}")
+    return tuple(s for s in SETS if s in names)
+
+
+def seed_caches(run: RunDir, out: Path) -> None:
+    """A variant's data collection starts from its base run's reply caches: what the base run asked (its
+    reflections, every one keyed by all that determines it) is never asked or paid for again."""
+    if run.base is None:
+        return
+    for name in (REFLECTION_CACHE, SCORE_CACHE):
+        base = run.base.data_collection / name
+        if base.is_file():
+            own = JsonlStore(out / name)
+            for rec in read_jsonl(base):
+                if rec["key"] not in own:
+                    own.append(rec)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; its defaults are the stage's (docs/ lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run_dir", required=True, help="the run directory: reads its sampling/, writes its data_collection/")
     p.add_argument("--expert_data", help="the expert trajectories the sampling stage replayed (default: the run's)")
     p.add_argument("--n", type=count, default=5, help="MC samples expected per step record (others are reported)")
+    p.add_argument("--step_reward", choices=SOURCES, default="mc",
+                   help="mc: the mean success of the Monte-Carlo rollouts (the paper); llm: a score from the reflecting "
+                        "model (--reflect_backend), read from its reply (Table 3)")
+    p.add_argument("--train_sets", type=train_sets, default=",".join(SETS),
+                   help="the sets whose kept rows go into train.jsonl, comma-separated (Table 6: without D_c = "
+                        "calibration, D_s = expert_sub and expert_full, D_e = explored); D_c is not built without "
+                        "calibration")
     g = p.add_argument_group("deviation detection")
     g.add_argument("--delta", type=float, default=0.0, help="deviated when r(explored t) <= r(expert t-1) + delta")
     g.add_argument("--strict", action="store_true", help="< instead of the original's <=")
@@ -169,7 +202,8 @@ def load_inputs(args: argparse.Namespace) -> tuple[dict[str, Trajectory], dict[s
     for kind in KINDS:
         records[kind] = load_records(run.steps(kind), StepRecord, RECORD_TYPES, kind)
         check_against_experts(records[kind], experts, run.steps(kind), args.expert_data)
-        rollouts[kind] = load_records(run.rollouts(kind), Rollout, ROLLOUT_TYPES, kind)
+        if args.step_reward == "mc":
+            rollouts[kind] = load_records(run.rollouts(kind), Rollout, ROLLOUT_TYPES, kind)
     return experts, records, rollouts
 
 
@@ -263,19 +297,19 @@ def main(argv: list[str] | None = None, embeddings: ActionEmbeddings | None = No
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     with RunGuard({RunDir(args.run_dir).data_collection: fingerprint_of(args)}, folder=True, overwrite=args.overwrite,
-                  resumes=False, keep=(REFLECTION_CACHE,)):
+                  resumes=False, keep=(REFLECTION_CACHE, SCORE_CACHE)):
         return collect(args, embeddings)
 
 
 def fingerprint_of(args: argparse.Namespace) -> dict[str, Any]:
-    """The criteria, weights and reflection settings, the expert data and the sampling files, the embedder,
-    and the reflecting policy when it is the model itself."""
+    """The criteria, weights and reflection settings, the expert data and the sampling files (the rollouts for
+    Monte-Carlo step rewards), the embedder, and the reflecting policy when it is the model itself."""
     run = RunDir(args.run_dir)
     settings = settings_of(args, drop=model_arg_names() | {"expert_data", "embedder_path", "reflect_backend"})
     settings["reflect_backend"] = reflect_backend(args)
     inputs = {"expert_data": identity(args.expert_data), "embedder": identity(args.embedder_path),
               **{f"steps_{kind}": identity(run.steps(kind)) for kind in KINDS},
-              **{f"rollouts_{kind}": identity(run.rollouts(kind)) for kind in KINDS}}
+              **{f"rollouts_{kind}": identity(run.rollouts(kind)) for kind in KINDS if args.step_reward == "mc"}}
     if settings["reflect_backend"] == "self":
         policy = argparse.Namespace(**{**vars(args), "model": args.reflect_model or args.model})
         policy_settings, policy_inputs = policy_fingerprint(policy)
@@ -288,20 +322,30 @@ def collect(args: argparse.Namespace, embeddings: ActionEmbeddings | None) -> di
     run = RunDir(args.run_dir)
     out = run.data_collection
     write_run_card(out, "data_collection.build", vars(args))
+    seed_caches(run, out)
     experts, records, rollouts = load_inputs(args)
     instruction = instructions(args, experts)
 
     # 1. step rewards
-    rewards, reward_stats = {}, {}
-    for kind in KINDS:
-        by_key, reward_stats[kind] = step_rewards(records[kind], rollouts[kind], args.n)
-        rewards.update(by_key)
+    rewards, reward_stats, scorer_stats = {}, {}, None
+    if args.step_reward == "mc":
+        for kind in KINDS:
+            by_key, reward_stats[kind] = step_rewards(records[kind], rollouts[kind], args.n)
+            rewards.update(by_key)
+    else:
+        scorer = StepScorer(reflection_model(args, SCORE_SETTINGS), out / SCORE_CACHE, retries=args.reflect_retries)
+        for kind in KINDS:
+            histories = {r.key: datasets.step_history(instruction[r.expert_key], experts[r.expert_key], r)
+                         for r in records[kind] if r.step is not None}
+            by_key, reward_stats[kind] = llm_step_rewards(records[kind], histories, scorer)
+            rewards.update(by_key)
+        scorer_stats = scorer.summary()
     write_jsonl(out / "step_rewards.jsonl", [rewards[r.key].to_dict() for kind in KINDS for r in records[kind]])
     by_step = {kind: {(r.task_key, r.t): r.key for r in records[kind]} for kind in KINDS}
 
     def reward(kind: str, task_key: str, t: int) -> float | None:
         key = by_step[kind].get((task_key, t))
-        return rewards[key].mc_reward if key else None
+        return rewards[key].reward if key else None
 
     # 2. deviation detection, over the explored steps in expert-file order, then t
     order = {key: i for i, key in enumerate(experts)}
@@ -313,7 +357,7 @@ def collect(args: argparse.Namespace, embeddings: ActionEmbeddings | None) -> di
     deviations = []
     for rec in explored:
         steps = experts[rec.expert_key].steps
-        deviations.append(check_deviation(rec, steps[rec.t] if rec.t < len(steps) else None, rewards[rec.key].mc_reward,
+        deviations.append(check_deviation(rec, steps[rec.t] if rec.t < len(steps) else None, rewards[rec.key].reward,
                                           reward("expert", rec.task_key, rec.t - 1), embeddings, cfg))
     write_jsonl(out / "deviations.jsonl", deviations)
 
@@ -321,7 +365,10 @@ def collect(args: argparse.Namespace, embeddings: ActionEmbeddings | None) -> di
     deviated = [(rec, row) for rec, row in zip(explored, deviations) if row["deviated"]]
     if args.calibrate == "first":
         deviated = first_per_task(deviated)
-    cal_rows, cal_skips, reflections, reflection_stats = calibration_rows(args, deviated, experts, instruction, out)
+    if "calibration" in args.train_sets:
+        cal_rows, cal_skips, reflections, reflection_stats = calibration_rows(args, deviated, experts, instruction, out)
+    else:  # D_c is not trained on: no reflection is asked for
+        cal_rows, cal_skips, reflections, reflection_stats = [], Counter(), [], {"requests": 0, "not_built": True}
     rows, skips, win_pairs = pair_rows(args, explored, experts, instruction, reward)
     rows, skips = {"calibration": cal_rows, **rows}, {"calibration": cal_skips, **skips}
     for s in SETS:
@@ -334,7 +381,7 @@ def collect(args: argparse.Namespace, embeddings: ActionEmbeddings | None) -> di
     calls_before = embeddings.calls
     all_rows = [r for s in SETS for r in rows[s]]
     datasets.weigh(all_rows, embeddings, args.k, args.keep_threshold)
-    train = [r for r in all_rows if r["kept"]]
+    train = [r for r in all_rows if r["kept"] and r["set"] in args.train_sets]
     write_jsonl(out / "calibration.jsonl", rows["calibration"])
     write_jsonl(out / "expert_sub.jsonl", rows["expert_sub"] + rows["expert_full"])
     write_jsonl(out / "explored.jsonl", rows["explored"])
@@ -343,8 +390,8 @@ def collect(args: argparse.Namespace, embeddings: ActionEmbeddings | None) -> di
 
     # 6. summary and plots
     length = {key: len(traj.steps) for key, traj in experts.items()}
-    curves = {kind: plots.reward_curve([(plots.position(r.t, length[r.expert_key]), rewards[r.key].mc_reward)
-                                        for r in records[kind] if rewards[r.key].mc_reward is not None], bins=10)
+    curves = {kind: plots.reward_curve([(plots.position(r.t, length[r.expert_key]), rewards[r.key].reward)
+                                        for r in records[kind] if rewards[r.key].reward is not None], bins=10)
               for kind in KINDS}
     by_t = plots.deviations_by_step(deviations)
     plots.plot_step_rewards(curves, out / "plots" / "step_reward_by_position.png")
@@ -352,8 +399,8 @@ def collect(args: argparse.Namespace, embeddings: ActionEmbeddings | None) -> di
     judged = [d for d in deviations if d["skip"] is None]
     summary = {
         "inputs": {"expert_trajectories": len(experts), "step_records": {k: len(records[k]) for k in KINDS},
-                   "rollouts": {k: len(rollouts[k]) for k in KINDS}},
-        "step_rewards": reward_stats,
+                   "rollouts": {k: len(rollouts[k]) for k in rollouts}},
+        "step_rewards": {"source": args.step_reward, **reward_stats, **({"llm": scorer_stats} if scorer_stats else {})},
         "deviation": {"config": vars(cfg), "explored_steps": len(deviations), "judged": len(judged),
                       "deviated": sum(d["deviated"] for d in deviations), "calibrated_steps": len(deviated),
                       "calibrate": args.calibrate, "skipped": dict(Counter(d["skip"] for d in deviations if d["skip"])),
@@ -368,7 +415,7 @@ def collect(args: argparse.Namespace, embeddings: ActionEmbeddings | None) -> di
         "sets": {s: {"rows": len(rows[s]), "kept": sum(r["kept"] for r in rows[s]), "skipped": dict(skips[s])}
                  for s in SETS},
         "expert_sub_win_pairs_not_used": win_pairs,
-        "train": {"rows": len(train), "by_set": dict(Counter(r["set"] for r in train))},
+        "train": {"rows": len(train), "sets": list(args.train_sets), "by_set": dict(Counter(r["set"] for r in train))},
         "weights": {"k": args.k, "keep_threshold": args.keep_threshold, "embedder": embeddings.embedder.name,
                     "distinct_texts_embedded": len(embeddings.vectors),
                     "embed_calls_for_weights": embeddings.calls - calls_before},

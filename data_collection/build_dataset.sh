@@ -21,6 +21,8 @@ REFLECTION_FALLBACK=${REFLECTION_FALLBACK:-}  # 1: keep a D_c row whose reflecti
 REFLECT_PROMPT=${REFLECT_PROMPT:-}         # ours (chat turns) | original (the published code's Human:/Gpt: transcript)
 CALIBRATE=${CALIBRATE:-}                   # every deviated step (the published code) | first per task (paper 3.2)
 N=${N:-}                                   # MC samples expected per step record (others are reported)
+STEP_REWARD=${STEP_REWARD:-}               # mc (Monte-Carlo rollouts, the paper) | llm (scored by the reflecting model)
+TRAIN_SETS=${TRAIN_SETS:-}                 # the sets in train.jsonl: calibration,expert_sub,expert_full,explored
 DELTA=${DELTA:-}                           # deviated when r(explored t) <= r(expert t-1) + DELTA
 STRICT=${STRICT:-}                         # 1: < instead of the original code's <=
 SIM_THRESHOLD=${SIM_THRESHOLD:-}           # deviated only when cos(explored action, expert action) < this
@@ -44,6 +46,8 @@ flag --reflection_fallback "$REFLECTION_FALLBACK"
 opt --reflect_prompt "$REFLECT_PROMPT"
 opt --calibrate "$CALIBRATE"
 opt --n "$N"
+opt --step_reward "$STEP_REWARD"
+opt --train_sets "$TRAIN_SETS"
 opt --delta "$DELTA"
 flag --strict "$STRICT"
 opt --sim_threshold "$SIM_THRESHOLD"

@@ -49,10 +49,15 @@ def policy_steps(rec: StepRecord, start: int) -> list[Step]:
     return rec.trajectory_obj().steps[start:] if rec.trajectory else []
 
 
-def calibration_prompt(instruction: str, expert: Trajectory, rec: StepRecord) -> Messages:
-    """The D_c prompt and the reflection history: the expert prefix, then the deviated step t and
-    the observation the environment really gave it."""
+def step_history(instruction: str, expert: Trajectory, rec: StepRecord) -> Messages:
+    """The expert prefix, then the record's step t and the observation the environment really gave it (what an
+    LLM step reward reads)."""
     return history(instruction, expert.task_text, expert.steps[: rec.t] + [rec.step_obj])
+
+
+def calibration_prompt(instruction: str, expert: Trajectory, rec: StepRecord) -> Messages:
+    """The D_c prompt and the reflection history: the history through the deviated step t."""
+    return step_history(instruction, expert, rec)
 
 
 def make_row(set_name: str, task_key: str, t: int, prompt: Messages, chosen: Messages, rejected: Messages,

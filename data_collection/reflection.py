@@ -17,6 +17,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -285,32 +286,45 @@ class SelfModel:
                                   completion_tokens=outs[0].num_tokens))
 
 
-# ---- the reflector ------------------------------------------------------------------------------------
+# ---- asking with a cache, and the reflector ---------------------------------------------------------
 
-class Reflector:
-    """Reflections for many requests: cached, retried while invalid, counted."""
+@dataclass
+class Answer:
+    """One prompt's outcome after every attempt."""
+    cleaned: Cleaned
+    attempts: int
+    called: bool  # some attempt was asked now (else every one came from the cache)
+    prompt_tokens: int
+    completion_tokens: int
 
-    def __init__(self, model: ReflectionModel, cache_path: str | Path, retries: int = 2, prompt_style: str = "ours"):
+
+class CachedAsker:
+    """A model's replies to many prompts: every raw reply cached on disk by all that determines it (backend,
+    model, prompt text, generation settings, attempt), a reply that cleans to nothing asked again, all counted.
+    The reflector and the LLM step-reward scorer (data_collection/step_rewards.py) ask through it."""
+
+    what = "ask"  # the progress bar's word
+
+    def __init__(self, model: ReflectionModel, cache_path: str | Path, retries: int = 2):
         self.model = model
         self.retries = retries
-        self.prompt_style = prompt_style
         self.cache = JsonlStore(cache_path)
         self.stats = {"requests": 0, "ok": 0, "invalid": 0, "retries": 0, "calls": 0, "cache_hits": 0,
-                      "refused": 0, "actions_replaced": 0, "prompt_tokens": 0, "completion_tokens": 0}
+                      "refused": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
     def cache_key(self, prompt_text: str, attempt: int) -> str:
-        what = [self.model.name, self.model.model, prompt_text, self.model.settings]
-        digest = hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        parts = [self.model.name, self.model.model, prompt_text, self.model.settings]
+        digest = hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         return f"{digest}-{attempt}"
 
-    def reflect(self, requests: list[ReflectionRequest]) -> list[Reflection]:
-        """One reflection per request, in order; attempt k+1 only for the requests still invalid after k."""
-        prompts = [self.model.prompt_text(reflection_messages(r, self.prompt_style)) for r in requests]
-        attempts = [0] * len(requests)
-        tokens = [[0, 0] for _ in requests]
-        called = [False] * len(requests)
-        results: list[Cleaned | None] = [None] * len(requests)
-        pending = list(range(len(requests)))
+    def ask(self, prompts: list[str], clean: Callable[[int, str, bool], Cleaned]) -> list[Answer]:
+        """One answer per prompt, in order; `clean(i, text, truncated)` cleans prompt i's reply (text None:
+        invalid). Attempt k+1 only for the prompts still invalid after k."""
+        attempts = [0] * len(prompts)
+        tokens = [[0, 0] for _ in prompts]
+        called = [False] * len(prompts)
+        results: list[Cleaned | None] = [None] * len(prompts)
+        pending = list(range(len(prompts)))
         for attempt in range(self.retries + 1):
             if not pending:
                 break
@@ -321,32 +335,25 @@ class Reflector:
                 called[i] |= fresh
                 tokens[i][0] += reply.prompt_tokens
                 tokens[i][1] += reply.completion_tokens
-                results[i] = self._clean(reply, requests[i].expert_action)
+                results[i] = self._clean(reply, partial(clean, i))
                 self.stats["refused"] += reply.refused is not None
                 if results[i].text is None:
                     still.append(i)
             pending = still
-        out = []
-        for i, req in enumerate(requests):
-            res = results[i]
-            assert res is not None
-            self.stats["actions_replaced"] += res.action_replaced
-            out.append(Reflection(key=req.key, text=res.text, ok=res.text is not None, backend=self.model.name,
-                                  model=self.model.model, cached=not called[i], attempts=attempts[i],
-                                  error=res.error, prompt_tokens=tokens[i][0], completion_tokens=tokens[i][1]))
+        out = [Answer(res, attempts[i], called[i], *tokens[i]) for i, res in enumerate(results) if res is not None]
         self.stats["requests"] += len(out)
-        self.stats["ok"] += sum(r.ok for r in out)
-        self.stats["invalid"] += sum(not r.ok for r in out)
-        self.stats["retries"] += sum(r.attempts - 1 for r in out)
+        self.stats["ok"] += sum(a.cleaned.text is not None for a in out)
+        self.stats["invalid"] += sum(a.cleaned.text is None for a in out)
+        self.stats["retries"] += sum(a.attempts - 1 for a in out)
         return out
 
     @staticmethod
-    def _clean(reply: Reply, expert_action: str) -> Cleaned:
+    def _clean(reply: Reply, clean: Callable[[str, bool], Cleaned]) -> Cleaned:
         if reply.refused:
             return Cleaned(None, reply.refused)
         if reply.finish_reason == "context_overflow":
             return Cleaned(None, "the prompt does not fit the model's context window")
-        return clean_reflection(reply.text, expert_action, truncated=reply.finish_reason == "length")
+        return clean(reply.text, reply.finish_reason == "length")
 
     def _replies(self, prompts: list[str], attempt: int) -> list[tuple[Reply, bool]]:
         """(reply, asked now) per prompt: from the cache, else from the model (each prompt asked once)."""
@@ -355,7 +362,7 @@ class Reflector:
         fresh: dict[str, Reply] = {}
         if missing:
             by_key = {k: p for k, p in zip(keys, prompts)}
-            bar = tqdm(total=len(missing), desc=f"reflect ({self.model.name}, attempt {attempt + 1})", unit="reply")
+            bar = tqdm(total=len(missing), desc=f"{self.what} ({self.model.name}, attempt {attempt + 1})", unit="reply")
 
             def on_reply(j: int, reply: Reply) -> None:
                 fresh[missing[j]] = reply
@@ -392,6 +399,31 @@ class Reflector:
                 "cost_usd": None if cost is None else round(cost, 6), "cache": str(self.cache.path)}
 
 
+class Reflector(CachedAsker):
+    """Reflections for many requests: cached, retried while invalid, counted."""
+
+    what = "reflect"
+
+    def __init__(self, model: ReflectionModel, cache_path: str | Path, retries: int = 2, prompt_style: str = "ours"):
+        super().__init__(model, cache_path, retries)
+        self.prompt_style = prompt_style
+        self.stats["actions_replaced"] = 0
+
+    def reflect(self, requests: list[ReflectionRequest]) -> list[Reflection]:
+        """One reflection per request, in order."""
+        prompts = [self.model.prompt_text(reflection_messages(r, self.prompt_style)) for r in requests]
+        answers = self.ask(prompts, lambda i, text, truncated: clean_reflection(text, requests[i].expert_action,
+                                                                                 truncated))
+        out = []
+        for req, a in zip(requests, answers):
+            self.stats["actions_replaced"] += a.cleaned.action_replaced
+            out.append(Reflection(key=req.key, text=a.cleaned.text, ok=a.cleaned.text is not None,
+                                  backend=self.model.name, model=self.model.model, cached=not a.called,
+                                  attempts=a.attempts, error=a.cleaned.error, prompt_tokens=a.prompt_tokens,
+                                  completion_tokens=a.completion_tokens))
+        return out
+
+
 # ---- command line -------------------------------------------------------------------------------------
 
 def add_reflection_args(p: argparse.ArgumentParser) -> None:
@@ -425,25 +457,26 @@ def reflect_backend(args: argparse.Namespace) -> str:
     return args.reflect_backend
 
 
+def reflection_model(args: argparse.Namespace, settings: dict[str, Any]) -> ReflectionModel:
+    """The model --reflect_backend names (chat endpoint or the policy itself), with these generation settings."""
+    if reflect_backend(args) == "chat":
+        return ChatModel(args.reflect_model or DEFAULT_CHAT_MODEL, settings, concurrency=args.reflect_concurrency,
+                         timeout=args.reflect_timeout, http_retries=args.reflect_http_retries)
+    from eval_agent.runner import ModelPolicy
+
+    name = args.reflect_model or args.model
+    if not name:
+        raise SystemExit("error: self reflection needs --model (the SFT policy), or set REFLECT_API_KEY for chat")
+    if not getattr(args, "task_family", None):
+        raise SystemExit("error: self reflection needs --task_family (the policy's task family)")
+    check_policy_model(argparse.Namespace(**{**vars(args), "model": name}))
+    policy = ModelPolicy.build(args.task_family, name, GenerationConfig(), backend=args.backend, endpoints=args.endpoints,
+                               chat_format=args.chat_format, tokenizer=args.tokenizer)
+    return SelfModel(policy, settings, batch=args.reflect_concurrency)
+
+
 def reflector_from_args(args: argparse.Namespace, cache_path: Path) -> Reflector:
     settings = {"temperature": args.reflect_temperature, "max_tokens": args.reflect_max_tokens,
                 "seed": args.reflect_seed}
-    kind = reflect_backend(args)
-    model: ReflectionModel
-    if kind == "chat":
-        model = ChatModel(args.reflect_model or DEFAULT_CHAT_MODEL, settings, concurrency=args.reflect_concurrency,
-                          timeout=args.reflect_timeout, http_retries=args.reflect_http_retries)
-    else:
-        from eval_agent.runner import ModelPolicy
-
-        name = args.reflect_model or args.model
-        if not name:
-            raise SystemExit("error: self reflection needs --model (the SFT policy), or set REFLECT_API_KEY for chat")
-        if not getattr(args, "task_family", None):
-            raise SystemExit("error: self reflection needs --task_family (the policy's task family)")
-        check_policy_model(argparse.Namespace(**{**vars(args), "model": name}))
-        policy = ModelPolicy.build(args.task_family, name, GenerationConfig(), backend=args.backend, endpoints=args.endpoints,
-                                   chat_format=args.chat_format, tokenizer=args.tokenizer)
-        model = SelfModel(policy, settings, batch=args.reflect_concurrency)
-    return Reflector(model, Path(args.reflect_cache or cache_path), retries=args.reflect_retries,
-                     prompt_style=args.reflect_prompt)
+    return Reflector(reflection_model(args, settings), Path(args.reflect_cache or cache_path),
+                     retries=args.reflect_retries, prompt_style=args.reflect_prompt)

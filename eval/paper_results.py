@@ -51,3 +51,11 @@ PAPER_ROWS: tuple[PaperRow, ...] = (
     # Table 6: loss ablation (only two cells recovered).
     PaperRow("Table 6", "STeCa w/o exploration loss", LLAMA2, (None, 60.5, None, 71.2)),
 )
+
+# Table 9: VirtualHome by the expert trajectory's length (average final reward ×100); group sizes not reported.
+LENGTH_BINS: tuple[str, ...] = ("<= 7", "7-13", "> 13")  # expert steps: <= 7, 8..13, >= 14
+PAPER_BY_LENGTH: dict[str, tuple[float | None, float | None, float | None]] = {
+    "SFT": (76.2, None, None),
+    "IPR": (None, 59.4, 42.2),
+    "STeCa": (76.2, 60.0, 48.9),
+}

@@ -3,6 +3,8 @@ built from evaluation summaries, our rows above the paper's published rows (eval
 Markdown, LaTeX, a PNG bar chart and report.json (every number with the file it came from). Below it, the
 signals that move at small scale and their plain-language reading (eval/signals.py, docs/metrics.md):
 success counts, step accuracy and valid actions with Wilson 95% intervals, and the data-collection figures.
+Between them, the paper's other tables (2, 3, 6, 7, 9) and Figure 4 from the variants of each `--run` found in
+RUN_DIR/variants/ (eval/tables.py, docs/variants.md), with Table 1's variants as rows of Table 1 (tables.png).
 
     python -m eval.report --run alfworld=outputs/alfworld --run virtualhome=outputs/virtualhome --out outputs/report
     python -m eval.report --summary base=outputs/eval/alfworld-unseen-smollm2-base --out outputs/report
@@ -322,37 +324,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--step_accuracy", action="append", default=[], metavar="LABEL=PATH",
                    help="one eval.step_accuracy summary.json or its folder (repeatable; --run finds them itself)")
     p.add_argument("--out", required=True,
-                   help="folder for report.md, report.tex, report.png, signals.png, reading.md, report.json")
+                   help="folder for report.md, report.tex, report.png, tables.png, signals.png, reading.md, report.json")
     p.add_argument("--reading", action="store_true", help="also print the plain-language reading of the signals")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from eval import signals
+    from eval import signals, tables
 
     cells, skipped = collect(args.run, args.summary, args.metric)
     for s in skipped:
         log.warning("skipped %s: %s", s["path"], s["reason"])
-    rows = our_rows(cells, args.backbone) + paper_rows(args.paper_tables)
+    backbone = args.backbone or default_backbone(cells)
+    variant_rows, variant_cells = tables.table1_variant_rows(args.run, args.metric, backbone)
+    rows = our_rows(cells, args.backbone) + variant_rows + paper_rows(args.paper_tables)
+    others = tables.build(args.run, args.metric, backbone, args.paper_tables)
     small, collections = signals.collect(cells, args.run, args.step_accuracy)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, args.metric, out / "report.png")
     figures = [str(out / "report.png")]
+    if tables.plot(others, out / "tables.png"):
+        figures.append(str(out / "tables.png"))
     if signals.plot(small, out / "signals.png"):
         figures.append(str(out / "signals.png"))
     figures += [p for c in collections for p in c.plots]
-    backbone = args.backbone or default_backbone(cells)
     reading = signals.reading(small, collections, signals.base_models(small) if backbone == MISSING else backbone,
                               figures)
-    write_atomic(out / "report.md", "\n".join([to_markdown(rows, cells, args.metric, skipped),
+    write_atomic(out / "report.md", "\n".join([to_markdown(rows, cells, args.metric, skipped), tables.to_markdown(others),
                                                signals.to_markdown(small, collections), reading]))
-    write_atomic(out / "report.tex", to_latex(rows, args.metric) + "\n" + signals.to_latex(small, collections))
+    write_atomic(out / "report.tex", "\n".join([to_latex(rows, args.metric), tables.to_latex(others),
+                                               signals.to_latex(small, collections)]))
     write_atomic(out / "reading.md", reading)
     report = {"metric": args.metric, "scale": 100, "columns": [f"{env}/{split}" for env, split in COLUMNS],
               "caption": caption(args.metric, rows), "rows": [asdict(r) for r in rows],
-              "cells": [asdict(c) for c in cells], "skipped": skipped,
+              "cells": [asdict(c) for c in cells], "variant_cells": variant_cells, "skipped": skipped,
+              "tables": tables.to_json(others),
               "signals": signals.to_json(small, collections, reading)}
     write_json(out / "report.json", report)
-    log.info("%d summaries, %d skipped -> %s/report.{md,tex,png,json}, signals.png, reading.md", len(cells),
+    log.info("%d summaries, %d skipped -> %s/report.{md,tex,png,json}, tables.png, signals.png, reading.md", len(cells),
              len(skipped), out)
     if args.reading:
         print(reading, end="")

@@ -14,6 +14,13 @@ spelled out; stages take `--run_dir` and ask a `RunDir` for their paths (an expl
       tracking.json                  the experiment tracker of the run (eval_agent.tracking)
       servers/endpoints.txt          the base URLs of the model server the running stage uses (BACKEND=vllm|serve_hf)
       servers/logs/<label>/          its logs, per model served (base | sft | steca)
+      eval/<label>/<split>/calibration/     the model run from deviated and clean histories (eval.calibration)
+      variants/<name>/               a variant of this run (eval_agent/variants.py): a run directory of its own
+
+A variant's folder holds `variant.json`, naming its base run (`base`, relative to the variant's folder) and the
+pipeline stages it shares with it (`shares`). The paths of a shared stage are the base run's, so every stage reads
+the base run's results where the variant shares them and writes its own results into the variant's folder; the
+evaluations of the models a variant shares (base and SFT when it shares SFT) are the base run's too.
 
 Beside every output: its fingerprint (`fingerprint_path`) and, while a stage writes it, its lock (`lock_path`).
 
@@ -25,26 +32,72 @@ and the report beside them (`report_dir`).
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 EVAL_SUMMARY = "summary.json"  # what an evaluation folder (RUN_DIR/eval/<label>/<split>/ or any --out) ends with
 FINGERPRINT_FILE = "fingerprint.json"  # the settings an output folder's results were made with (eval_agent/guard.py)
+VARIANT_FILE = "variant.json"  # in a variant's folder: its base run and the stages it shares with it
+# The pipeline's stages, in order (scripts/run_pipeline.sh; RUN_DIR/pipeline/<stage>.done).
+STAGES = ("expert_data", "sft", "steps", "mc", "data_collection", "steca", "eval")
+LABELS = ("base", "sft", "steca")  # the models a run evaluates
+MODEL_STAGE = {"base": "sft", "sft": "sft", "steca": "steca"}  # a label's evaluation is shared with its model's stage
+
 
 @dataclass(frozen=True)
 class RunDir:
     root: Path
+    base: "RunDir | None" = field(default=None, compare=False)  # a variant's base run
+    shares: frozenset[str] = frozenset()  # the stages a variant shares with its base run
 
     def __init__(self, root: str | Path):
-        object.__setattr__(self, "root", Path(root))
+        root = Path(root)
+        object.__setattr__(self, "root", root)
+        base, shares = None, frozenset()
+        spec = root / VARIANT_FILE
+        if spec.is_file():
+            try:
+                data = json.loads(spec.read_text())
+                base, shares = RunDir(os.path.normpath(root / data["base"])), frozenset(data["shares"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise SystemExit(f"error: {spec}: not a variant description ({e}); "
+                                 "`python -m eval_agent.variants init` writes it") from None
+            unknown = shares - set(STAGES)
+            if unknown:
+                raise SystemExit(f"error: {spec}: field 'shares' names no stage: {sorted(unknown)} (stages: {STAGES})")
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "shares", shares)
+
+    def _of(self, stage: str) -> "RunDir":
+        """The run whose results a stage's paths point at: the base run's for a stage the variant shares."""
+        return self.base._of(stage) if self.base is not None and stage in self.shares else self
+
+    def shared_with(self, stage: str) -> Path | None:
+        """The run directory a variant shares `stage` with (None: the stage is its own)."""
+        run = self._of(stage)
+        return None if run is self else run.root
+
+    def _evaluation_run(self, label: str) -> "RunDir":
+        """The run whose evaluation of `label` this is: a variant's of the models it shares are the base run's,
+        unless the variant shares every training stage (it diverges at the evaluation itself)."""
+        if self.base is None or label not in MODEL_STAGE or "steca" in self.shares:
+            return self
+        return self._of(MODEL_STAGE[label])
+
+    @property
+    def eval_labels(self) -> list[str]:
+        """The models whose evaluations are this run's own (a variant shares those of the models it shares)."""
+        return [label for label in LABELS if self._evaluation_run(label) is self]
 
     # stage 1: expert data and SFT
     def expert_data(self, split: str = "train") -> Path:
-        return self.root / "expert" / split / "trajectories.jsonl"
+        return self._of("expert_data").root / "expert" / split / "trajectories.jsonl"
 
     @property
     def sft(self) -> Path:
-        return self.root / "sft"
+        return self._of("sft").root / "sft"
 
     @property
     def sft_model(self) -> Path:
@@ -53,11 +106,11 @@ class RunDir:
     # stage 2: step records and Monte-Carlo rollouts
     @property
     def sampling(self) -> Path:
-        return self.root / "sampling"
+        return self._of("steps").root / "sampling"
 
     @property
     def mc(self) -> Path:
-        return self.sampling / "mc"
+        return self._of("mc").root / "sampling" / "mc"
 
     def steps(self, kind: str, num_shards: int = 1, shard_id: int = 0) -> Path:
         return self.sampling / _sharded(f"steps_{kind}", num_shards, shard_id)
@@ -68,7 +121,7 @@ class RunDir:
     # stage 3: data collection
     @property
     def data_collection(self) -> Path:
-        return self.root / "data_collection"
+        return self._of("data_collection").root / "data_collection"
 
     @property
     def train_set(self) -> Path:
@@ -81,7 +134,7 @@ class RunDir:
     # stage 4: reinforced training
     @property
     def steca(self) -> Path:
-        return self.root / "steca"
+        return self._of("steca").root / "steca"
 
     @property
     def steca_model(self) -> Path:
@@ -93,7 +146,8 @@ class RunDir:
         return self.root / "eval"
 
     def evaluation(self, label: str, split: str) -> Path:
-        return self.eval / label / split
+        """A variant's evaluation of a model it shares (base and SFT, when it shares SFT) is the base run's."""
+        return self._evaluation_run(label).eval / label / split
 
     def eval_summary(self, label: str, split: str) -> Path:
         return self.evaluation(label, split) / EVAL_SUMMARY
@@ -101,6 +155,10 @@ class RunDir:
     def step_accuracy(self, label: str, split: str) -> Path:
         """eval.step_accuracy's folder, inside the evaluation of the same model and split."""
         return self.evaluation(label, split) / "step_accuracy"
+
+    def calibration(self, label: str, split: str) -> Path:
+        """eval.calibration's folder: the model run from deviated and clean histories of the split (Figure 4)."""
+        return self.evaluation(label, split) / "calibration"
 
     # the tracker the training stages chose (eval_agent.tracking), for the stages without a Trainer
     @property
@@ -113,7 +171,16 @@ class RunDir:
         return self.root / "pipeline"
 
     def marker(self, stage: str) -> Path:
-        return self.pipeline / f"{stage}.done"
+        """A shared stage's marker is the base run's: the variant never runs that stage itself."""
+        return self._of(stage).pipeline / f"{stage}.done"
+
+    # variants of this run (eval_agent/variants.py)
+    @property
+    def variants(self) -> Path:
+        return self.root / "variants"
+
+    def variant(self, name: str) -> Path:
+        return self.variants / name
 
     # the model servers the pipeline starts for a stage (scripts/serve_lib.sh)
     @property
@@ -177,8 +244,9 @@ def main(argv: list[str] | None = None) -> str:
         if not a.run_dir or attr is None or a.what.startswith("_"):
             raise SystemExit(f"error: the run directory has no {a.what!r} (or no --run_dir given)")
         path = attr(*a.args) if callable(attr) else attr
-    print(path)
-    return str(path)
+    text = " ".join(path) if isinstance(path, list) else "" if path is None else str(path)
+    print(text)
+    return text
 
 
 if __name__ == "__main__":

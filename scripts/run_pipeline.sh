@@ -9,10 +9,14 @@
 # trains. A completed stage leaves a marker in RUN_DIR/pipeline/ with the fingerprints of its settings and
 # inputs, and is skipped on a rerun with the same ones; a changed setting (BASE_MODEL, N, ...) reruns the stages
 # it affects, their old results moved aside; an interrupted stage is rerun and resumes (docs/reliability.md).
+# Then the calibration-ability evaluation (Figure 4) of the SFT and STeCa models, and each VARIANT of the run
+# (eval_agent/variants.py, docs/variants.md): its own stages in RUN_DIR/variants/<name>/, the stages it shares
+# with the main run taken from it (checked to be what the variant would compute, never run again).
 # Stage variables (docs/) pass through, and PRESET fills in the ones not set (scripts/presets.sh), e.g.
 #   TASK_FAMILY=both PRESET=tiny bash scripts/run_pipeline.sh
 #   TASK_FAMILY=alfworld PRESET=paper BASE_MODEL=meta-llama/Llama-2-7b-chat-hf CHAT_FORMAT=llama-2 \
 #     BACKEND=vllm NPROC=8 RFT_BATCH=16 DIST_CONFIG=sft/configs/fsdp.yaml bash scripts/run_pipeline.sh
+#   VARIANT=table6,delta_0.05 PRESET=tiny bash scripts/run_pipeline.sh    # the main run, then four variants
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +25,8 @@ FAMILIES=${TASK_FAMILY:-${TASK:-alfworld}}        # alfworld | virtualhome | bot
 RUN_ROOT=${RUN_ROOT:-outputs/pipeline-${PRESET}}  # one run directory per family below it, and the report
 PYTHON=${PYTHON:-.venv/bin/python}
 PREFLIGHT=${PREFLIGHT:-1}                         # 0: skip the pre-flight check
+VARIANT=${VARIANT:-}                              # variants run after the main run: names or groups, comma-separated
+CALIBRATION_EVAL=${CALIBRATION_EVAL:-1}           # 0: skip the calibration-ability evaluation (Figure 4)
 EXPERT_SOURCE=${EXPERT_SOURCE:-${EXPERT_DATA:-}}  # an expert file to train on: imported into each run (expert_data)
 export PRESET PYTHON EXPERT_SOURCE
 export STECA_ON_CHANGE=move_aside  # a stage moves results of other settings aside instead of refusing them
@@ -32,6 +38,7 @@ case "$FAMILIES" in
   *) echo "error: TASK_FAMILY must be alfworld, virtualhome or both, got '$FAMILIES'" >&2; exit 2 ;;
 esac
 TASK_FAMILY=$FAMILIES
+variants=$("$PYTHON" -m eval_agent.variants names "$VARIANT")  # checked before anything runs
 source scripts/presets.sh
 apply_preset "$PRESET"
 BASE_MODEL=${BASE_MODEL:-$("$PYTHON" -c 'from eval_agent.smollm2 import default_model_dir; print(default_model_dir())')}
@@ -51,24 +58,56 @@ fingerprints() {  # the fingerprints of the run a stage command would do (eval_a
   if serving; then STECA_FINGERPRINT=1 BACKEND= "$@"; else STECA_FINGERPRINT=1 "$@"; fi
 }
 
+reads_any() {  # reads_any <script> <variable...>: 0 when the script or a file it sources declares one of them
+  local script=$1 name files; shift
+  files=("$script" $(sed -n 's/^source \(scripts\/[a-z_]*\.sh\).*/\1/p' "$script"))
+  for name in "$@"; do
+    grep -q "^$name=\${$name:-" "${files[@]}" && return 0
+  done
+  return 1
+}
+
+shared_stage() {  # shared_stage <name> <command...>: a variant's stage that is the main run's: it must have completed
+                  # with what the variant would compute (a variant setting a variable of it is checked, else skipped)
+  local name=$1 marker; shift
+  marker=$(layout --run_dir "$RUN_DIR" marker "$name")
+  if [ ! -f "$marker" ]; then
+    echo "error: $RUN_NAME: stage $name is shared with the main run, which has not completed it ($marker)" >&2
+    exit 2
+  fi
+  if [ "$1" = bash ] && ! reads_any "$2" "${VARIANT_VARS[@]}"; then
+    echo "== $RUN_NAME: $name: shared with the main run"; return
+  fi
+  if ! "$PYTHON" -m eval_agent.guard marker-status "$marker" <<< "$(fingerprints "$@")"; then
+    echo "error: $RUN_NAME: stage $name is shared with the main run, but the variant's variables (${VARIANT_VARS[*]}) change it: " \
+         "make the variant diverge at $name or earlier (eval_agent/variants.py)" >&2
+    exit 2
+  fi
+  echo "== $RUN_NAME: $name: shared with the main run (checked)"
+}
+
 stage() {  # stage <name> [--serve base|sft|steca] <command...>: run it unless its marker says it completed with
            # the settings and inputs it would run with now
   local name=$1 serve= marker fingerprint; shift
   if [ "$1" = --serve ]; then serve=$2; shift 2; fi
+  if [ -n "$(layout --run_dir "$RUN_DIR" shared_with "$name")" ]; then
+    shared_stage "$name" "$@"; return
+  fi
   marker=$(layout --run_dir "$RUN_DIR" marker "$name")
   fingerprint=$(fingerprints "$@")
   if "$PYTHON" -m eval_agent.guard marker-status "$marker" <<< "$fingerprint"; then
-    echo "== $TASK_FAMILY: $name: done, skipped"; return
+    echo "== $RUN_NAME: $name: done, skipped"; return
   fi
-  echo "== $TASK_FAMILY: $name ($(date +%H:%M:%S))"
+  echo "== $RUN_NAME: $name ($(date +%H:%M:%S))"
   local t0=$SECONDS
   if declare -F "$1" > /dev/null; then "$@"; else with_server "$serve" "$@"; fi
   "$PYTHON" -m eval_agent.guard marker-write "$marker" --seconds $((SECONDS - t0)) <<< "$fingerprint"
 }
 
-evaluate_all() {  # the base, SFT and STeCa models on both test splits (success, step accuracy), one server per model
+evaluate_all() {  # the base, SFT and STeCa models on both test splits (success, step accuracy), one server per model;
+                  # a variant evaluates only its own models (eval_agent/layout.py: eval_labels)
   local label split
-  for label in base sft steca; do
+  for label in $(layout --run_dir "$RUN_DIR" eval_labels); do
     start_server "$label"
     for split in seen unseen; do
       LABEL=$label SPLIT=$split served bash eval/evaluate.sh
@@ -78,17 +117,26 @@ evaluate_all() {  # the base, SFT and STeCa models on both test splits (success,
   done
 }
 
+evaluate_calibration() {  # the SFT and STeCa models from deviated and clean histories (Figure 4), one server per model
+  local label split
+  for label in sft steca; do
+    start_server "$label"
+    for split in seen unseen; do
+      LABEL=$label SPLIT=$split served bash eval/calibration.sh
+    done
+    stop_server
+  done
+}
+
 reflection_server() {  # the model data collection prompts: the SFT model, unless reflection is by a chat endpoint
+                       # or nothing is asked (no D_c in TRAIN_SETS and no LLM step rewards)
   local backend=${REFLECT_BACKEND:-auto}
+  if [ -n "${TRAIN_SETS:-}" ] && [[ ",$TRAIN_SETS," != *,calibration,* ]] && [ "${STEP_REWARD:-}" != llm ]; then return; fi
   if [ "$backend" = auto ] && [ -n "${REFLECT_API_KEY:-${OPENAI_API_KEY:-}}" ]; then backend=chat; fi
   [ "$backend" = chat ] || echo sft
 }
 
-start=$SECONDS
-report_args=()
-for family in "${families[@]}"; do
-  RUN_DIR=$(layout --run_root "$RUN_ROOT" --task_family "$family")
-  export TASK_FAMILY=$family RUN_DIR
+run_stages() {  # every stage of the run in RUN_DIR; a variant's shared ones are the main run's (shared_stage)
   stage expert_data     bash sft/make_expert_data.sh
   stage sft             bash sft/sft.sh
   stage steps           --serve sft bash sampling/generate_steps.sh
@@ -96,9 +144,44 @@ for family in "${families[@]}"; do
   stage data_collection --serve "$(reflection_server)" bash data_collection/build_dataset.sh
   stage steca           bash Reinforced_train/steca_train.sh
   stage eval            evaluate_all
+}
+
+run_variant() {  # run_variant <name>: the variant's variables set for its stages only, in RUN_DIR/variants/<name>/
+  local name=$1 main=$RUN_DIR line var i
+  local -a saved=() was_set=()
+  VARIANT_VARS=()
+  while IFS= read -r line; do
+    [ -n "$line" ] || continue
+    var=${line%%=*}
+    VARIANT_VARS+=("$var") was_set+=("${!var+1}") saved+=("${!var-}")
+    eval "export $line"  # NAME=value, quoted by the Python side
+  done < <("$PYTHON" -m eval_agent.variants env "$name")
+  RUN_DIR=$("$PYTHON" -m eval_agent.variants init --run_dir "$main" --name "$name")
+  RUN_NAME=$TASK_FAMILY/$name
+  export RUN_DIR
+  run_stages
+  for i in "${!VARIANT_VARS[@]}"; do
+    if [ -n "${was_set[$i]}" ]; then export "${VARIANT_VARS[$i]}=${saved[$i]}"; else unset "${VARIANT_VARS[$i]}"; fi
+  done
+  VARIANT_VARS=()
+  RUN_DIR=$main RUN_NAME=$TASK_FAMILY
+}
+
+start=$SECONDS
+report_args=()
+VARIANT_VARS=()
+for family in "${families[@]}"; do
+  RUN_DIR=$(layout --run_root "$RUN_ROOT" --task_family "$family")
+  RUN_NAME=$family
+  export TASK_FAMILY=$family RUN_DIR RUN_NAME
+  run_stages
+  [ "$CALIBRATION_EVAL" = 0 ] || stage calibration evaluate_calibration
+  for name in $variants; do
+    run_variant "$name"
+  done
   report_args+=(--run "$family=$RUN_DIR")
 done
 report=$(layout --run_root "$RUN_ROOT")
 "$PYTHON" -m eval.report "${report_args[@]}" --out "$report" --reading
 "$PYTHON" -m eval.stage_times "${report_args[@]}" --out "$report"
-echo "pipeline ($PRESET, ${families[*]}) finished in $((SECONDS - start)) s: $report/report.md"
+echo "pipeline ($PRESET, ${families[*]}${variants:+; variants: $(echo $variants)}) finished in $((SECONDS - start)) s: $report/report.md"

@@ -49,7 +49,7 @@ start_server() {  # start_server <label>: serve its model; return once every rep
   env "${settings[@]}" bash scripts/serve_vllm.sh > "$logs/serve.out" 2>&1 < /dev/null &
   SERVER_PID=$!
   SERVER_LABEL=$label
-  echo "== $TASK_FAMILY: server for $label starting (pid $SERVER_PID, $BACKEND, $model; log $logs/serve.out)"
+  echo "== ${RUN_NAME:-$TASK_FAMILY}: server for $label starting (pid $SERVER_PID, $BACKEND, $model; log $logs/serve.out)"
   until [ -s "$SERVER_ENDPOINTS" ]; do  # serve_vllm.sh writes it once all replicas are healthy
     if ! kill -0 "$SERVER_PID" 2> /dev/null; then
       wait "$SERVER_PID" || true
@@ -60,7 +60,7 @@ start_server() {  # start_server <label>: serve its model; return once every rep
     fi
     sleep 1  # poll interval; serve_vllm.sh gives up after SERVE_TIMEOUT
   done
-  echo "== $TASK_FAMILY: server for $label ready: $(tr '\n' ' ' < "$SERVER_ENDPOINTS")"
+  echo "== ${RUN_NAME:-$TASK_FAMILY}: server for $label ready: $(tr '\n' ' ' < "$SERVER_ENDPOINTS")"
 }
 
 stop_server() {  # stop the server started last, if any (serve_vllm.sh stops its replicas on SIGTERM)
@@ -69,7 +69,7 @@ stop_server() {  # stop the server started last, if any (serve_vllm.sh stops its
   SERVER_PID=
   kill -TERM "$pid" 2> /dev/null || true
   wait "$pid" 2> /dev/null || true
-  echo "== $TASK_FAMILY: server for $SERVER_LABEL stopped (pid $pid)"
+  echo "== ${RUN_NAME:-$TASK_FAMILY}: server for $SERVER_LABEL stopped (pid $pid)"
 }
 
 served() {  # served <command...>: in the background, against the server when one is up

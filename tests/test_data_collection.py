@@ -165,7 +165,7 @@ def test_step_rewards_mean_count_and_missing():
     rolls += [rolls[0]]  # a key written twice counts once
     rolls += rollouts_for(expert_record("other", expert, 0), 1.0, 1)  # a record not in the step file
     rewards, stats = step_rewards(recs, rolls, n=5)
-    assert [(rewards[r.key].mc_reward, rewards[r.key].mc_samples) for r in recs] == [(0.6, 5), (0.5, 2), (1.0, 6), (None, 0)]
+    assert [(rewards[r.key].reward, rewards[r.key].samples) for r in recs] == [(0.6, 5), (0.5, 2), (1.0, 6), (None, 0)]
     assert stats["missing_samples"] == 1 and stats["missing_examples"] == [recs[3].key]
     assert (stats["fewer_samples"], stats["more_samples"]) == (1, 1)
     assert (stats["duplicate_rollout_keys"], stats["rollouts_of_unknown_records"]) == (1, 1)
@@ -341,8 +341,8 @@ def test_fixture_run_end_to_end_with_self_reflection(tmp_path, tiny_model_dir):
     out = RunDir(tmp_path).data_collection
 
     rewards = {r["key"]: r for r in read(out / "step_rewards.jsonl")}
-    assert len(rewards) == 15 + 8 and rewards[step_key(kb, 2, "explore")]["mc_reward"] == 0.0
-    assert rewards[step_key(fx["a"], 3, "explore")] == {**rewards[step_key(fx["a"], 3, "explore")], "mc_reward": None, "mc_samples": 0}
+    assert len(rewards) == 15 + 8 and rewards[step_key(kb, 2, "explore")]["reward"] == 0.0
+    assert rewards[step_key(fx["a"], 3, "explore")] == {**rewards[step_key(fx["a"], 3, "explore")], "reward": None, "samples": 0}
     devs = {r["key"]: r for r in read(out / "deviations.jsonl")}
     assert len(devs) == 8 and [k for k, d in devs.items() if d["deviated"]] == [step_key(kb, 2, "explore"),
                                                                              step_key(fx["c"], 2, "explore")]
@@ -476,7 +476,7 @@ def test_stage_on_a_real_tiny_alfworld_sampling_run(tmp_path, tiny_model_dir):
     explore = read_step_records(RunDir(tmp_path).steps("explore"))
     expert = read_step_records(RunDir(tmp_path).steps("expert"))
     assert len(read(out / "step_rewards.jsonl")) == len(explore) + len(expert)
-    assert all(r["mc_samples"] == 2 for r in read(out / "step_rewards.jsonl"))
+    assert all(r["samples"] == 2 for r in read(out / "step_rewards.jsonl"))
     devs = read(out / "deviations.jsonl")
     assert len(devs) == len(explore) == summary["deviation"]["explored_steps"]
     judged = [d for d in devs if d["skip"] is None]
@@ -494,7 +494,7 @@ def test_stage_on_a_real_tiny_alfworld_sampling_run(tmp_path, tiny_model_dir):
     assert len(cal) == asked - refl["invalid_skipped"]
     # every candidate of a set is a row or a counted skip: t = 0, the greedy episode failed
     # (expert_full) or won (explored); t >= 2, expert MC(t) > explored MC(t) + 0.01 after a failure (expert_sub)
-    mc = {r["key"]: r["mc_reward"] for r in read(out / "step_rewards.jsonl")}
+    mc = {r["key"]: r["reward"] for r in read(out / "step_rewards.jsonl")}
     t0 = next(r for r in explore if r.t == 0)
     sub_candidates = sum(r.t >= 2 and not r.success and mc[step_key(r.task_key, r.t, "expert")] > mc[r.key] + 0.01
                          for r in explore)
@@ -519,3 +519,56 @@ def test_only_an_empty_chosen_turn_drops_a_row():
            "rejected": [turn("gpt", "")]}
     assert not datasets.has_empty_chosen_turn(row)  # the policy's empty replies in prompt / rejected are data
     assert datasets.has_empty_chosen_turn({**row, "chosen": [turn("gpt", "")]})  # it would train saying nothing
+
+
+# ---- LLM step rewards (Table 3): a chat model scores each step -------------------------------------------
+
+@pytest.mark.parametrize("text, reward", [
+    ("Score: 7", 0.7), ("**Score:** 10", 1.0), ("score = 3.5", 0.35), ("Thought: close.\nScore: 0\n", 0.0),
+    ("Score: 11", None), ("Score: -1", None), ("I would say 5.", None), ("", None), (None, None),
+])
+def test_clean_score(text, reward):
+    from data_collection.step_rewards import clean_score
+
+    cleaned = clean_score(text)
+    assert (None if cleaned.text is None else float(cleaned.text)) == reward
+    assert (cleaned.error is None) == (reward is not None)
+    assert clean_score("Thought: let me think", truncated=True).error == "cut at the token limit before a score"
+
+
+def test_llm_step_rewards_from_a_real_chat_server(tmp_path, hf_server, tiny_model_dir, monkeypatch):
+    """--step_reward llm against serve_hf's chat route: every record with a step is asked (the tiny random
+    model's replies hold no score: each is asked once more, then counted), no rollout is read, and a rerun
+    asks nothing."""
+    from data_collection.step_rewards import SCORE_REQUEST, score_messages
+
+    monkeypatch.setenv("REFLECT_BASE_URL", hf_server)
+    monkeypatch.setenv("REFLECT_API_KEY", "EMPTY")
+    fx = fixture_run(tmp_path)
+    for kind in ("expert", "explore"):
+        RunDir(tmp_path).rollouts(kind).unlink()  # not needed, not read
+    argv = fixture_args(tmp_path, "--step_reward", "llm", "--reflect_backend", "chat", "--reflect_model",
+                        str(tiny_model_dir), "--reflect_retries", "1")
+    summary = build(argv, embeddings=toy())
+    out = RunDir(tmp_path).data_collection
+    rewards = read(out / "step_rewards.jsonl")
+    assert len(rewards) == 15 + 8 and {r["source"] for r in rewards} == {"llm"}
+    llm = summary["step_rewards"]["llm"]
+    assert summary["step_rewards"]["source"] == "llm" and summary["inputs"]["rollouts"] == {}
+    # the three tasks share one expert trajectory: 5 distinct expert histories, 7 explored ones, each asked once
+    # per attempt (a second attempt for every reply without a score)
+    assert (llm["backend"], llm["model"], llm["requests"], llm["calls"]) == ("chat", str(tiny_model_dir), 23, 24)
+    scored = sum(r["reward"] is not None for r in rewards)
+    assert scored == llm["ok"] and all(0 <= r["reward"] <= 1 for r in rewards if r["reward"] is not None)
+    assert all(r["error"] for r in rewards if r["reward"] is None)
+    cache = read(out / "step_score_cache.jsonl")
+    assert len(cache) == 24 and {c["backend"] for c in cache} == {"chat"}
+    # what the model was asked: the interaction through the step, the request in the last turn
+    history = datasets.step_history(INSTRUCTION, fx["expert"], explore_record(fx["b"], fx["expert"], 2,
+                                                                                reply("go to drawer 1"), [], False))
+    asked = score_messages(history)
+    assert asked[:-1] == history[:-1] and asked[-1]["content"].endswith(SCORE_REQUEST)
+    assert asked[-1]["content"].startswith("Observation: obs after go to drawer 1")
+    again = build(argv, embeddings=toy())
+    assert (again["step_rewards"]["llm"]["calls"], again["step_rewards"]["llm"]["cache_hits"]) == (0, 46)  # per record
+    assert read(out / "step_rewards.jsonl") == rewards

@@ -2,7 +2,9 @@
 ALFWorld in-process (BACKEND=hf) killed in the middle of its Monte-Carlo stage, VirtualHome through real
 server processes the pipeline starts and stops per stage (BACKEND=serve_hf) stopped by a signal in the
 middle of its Monte-Carlo stage; both rerun, every stage's outputs checked, and no server outlives its stage.
-Then VirtualHome again with another N, which reruns exactly the stages N affects."""
+Then VirtualHome again with another N, which reruns exactly the stages N affects, and two variants of the run
+(VARIANT=wo_de,sft_dpo): each in a run directory of its own, the stages it shares never run again, the report with
+every table."""
 import json
 import os
 import re
@@ -13,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from eval_agent.layout import report_dir, run_dir_of
+from eval_agent.layout import RunDir, report_dir, run_dir_of
 from eval_agent.records import read_rollouts, read_step_records
 from eval_agent.store import read_jsonl
 
@@ -22,7 +24,7 @@ STAGES = ("expert_data", "sft", "steps", "mc", "data_collection", "steca", "eval
 N = 2
 SMALL = {"PRESET": "tiny", "EXPERT_LIMIT": "2", "SFT_EPOCHS": "1", "SFT_BATCH": "2", "SAMPLE_LIMIT": "1", "N": str(N),
          "MAX_STEPS": "5", "MAX_NEW_TOKENS": "8", "RFT_BATCH": "2", "EVAL_LIMIT": "1", "CONCURRENCY": "4",
-         "REFLECT_BACKEND": "self", "GRAD_CKPT": "0"}
+         "REFLECT_BACKEND": "self", "GRAD_CKPT": "0", "CALIBRATION_LIMIT": "1"}
 
 
 def pipeline(env: dict[str, str]) -> subprocess.Popen:
@@ -69,7 +71,7 @@ def kill_when(proc: subprocess.Popen, path: Path, sig: int, group: bool) -> None
     (os.killpg if group else os.kill)(proc.pid, sig)
 
 
-SERVER_LINE = re.compile(r"^== virtualhome: server for (\w+) (starting|stopped) \(pid (\d+)", re.M)
+SERVER_LINE = re.compile(r"^== virtualhome(?:/[\w.]+)?: server for (\w+) (starting|stopped) \(pid (\d+)", re.M)
 
 
 def check_servers_per_stage(out: str) -> list[int]:
@@ -84,7 +86,7 @@ def check_servers_per_stage(out: str) -> list[int]:
                 up[label] = pid
             else:
                 assert up.pop(label) == pid
-        elif re.match(r"^== virtualhome: \w+ \(", line):  # a stage begins
+        elif re.match(r"^== virtualhome(?:/[\w.]+)?: \w+ \(", line):  # a stage begins
             assert not up, f"{line!r} began while {up} was up"
     assert not up
     return [int(m[3]) for m in SERVER_LINE.finditer(out)]
@@ -96,7 +98,8 @@ def test_pipeline_both_envs_killed_and_resumed(tmp_path, tiny_model_dir):
     env.update(SMALL, RUN_ROOT=str(root), BASE_MODEL=str(tiny_model_dir), OMP_NUM_THREADS="1")
     alf = dict(env, TASK_FAMILY="alfworld")
     port = free_port()
-    vh = dict(env, TASK_FAMILY="virtualhome", BACKEND="serve_hf", SERVE_PORT=str(port), SERVE_TIMEOUT="300")
+    vh = dict(env, TASK_FAMILY="virtualhome", BACKEND="serve_hf", SERVE_PORT=str(port), SERVE_TIMEOUT="300",
+              CALIBRATION_EVAL="0")  # two server starts saved: ALFWorld runs the calibration evaluation
 
     # 1. ALFWorld in-process: kill the whole process group once its rollouts have started to come in
     first = pipeline(alf)
@@ -110,6 +113,12 @@ def test_pipeline_both_envs_killed_and_resumed(tmp_path, tiny_model_dir):
     for stage in ("expert_data", "sft", "steps"):
         assert f"alfworld: {stage}: done, skipped" in out
     assert "server for" not in out  # BACKEND=hf starts none
+    alf_run = run_dir_of(root, "alfworld")
+    assert alf_run.marker("calibration").is_file()  # Figure 4: SFT and STeCa from deviated and clean histories
+    for label in ("sft", "steca"):
+        for split in ("seen", "unseen"):
+            s = json.loads((alf_run.calibration(label, split) / "summary.json").read_text())
+            assert s["histories"] <= 1 and s["scored"] <= s["histories"]  # CALIBRATION_LIMIT=1
 
     # 2. VirtualHome through serve_hf processes: SIGTERM to the pipeline alone in the MC stage stops the
     # stage and its server (the trap), nothing of it left running
@@ -169,8 +178,11 @@ def test_pipeline_both_envs_killed_and_resumed(tmp_path, tiny_model_dir):
     # 3. another N: expert data, SFT and step records are kept; MC and data collection rerun, their old results
     # moved aside; reinforced training and its evaluations rerun exactly when the training set came out otherwise
     # (inputs are known by content); the base and SFT evaluations are the same runs and are skipped
+    # 4. ... in the same invocation, two variants (eval_agent/variants.py), after the main run: wo_de (data collection
+    # without D_e) and sft_dpo (reinforced training with the DPO term), on the main run's new rollouts
     records = len(read_step_records(vh_run.steps("expert")))
-    fifth = pipeline(dict(vh, N=str(N + 1)))
+    shared_markers = {s: vh_run.marker(s).stat().st_mtime_ns for s in ("expert_data", "sft", "steps")}
+    fifth = pipeline(dict(vh, N=str(N + 1), VARIANT="wo_de,sft_dpo"))
     out, _ = fifth.communicate(timeout=1200)
     assert fifth.returncode == 0, out[-4000:]
     train_changed = vh_run.train_set.read_text() != (vh_run.root / "data_collection.old" / "train.jsonl").read_text()
@@ -187,3 +199,33 @@ def test_pipeline_both_envs_killed_and_resumed(tmp_path, tiny_model_dir):
     assert vh_run.steca_model.with_name("model.old").is_dir() == train_changed
     assert vh_run.evaluation("steca", "seen").with_name("seen.old").is_dir() == train_changed
     assert not vh_run.evaluation("sft", "seen").with_name("seen.old").exists()
+
+    variants = {name: RunDir(vh_run.variant(name)) for name in ("wo_de", "sft_dpo")}
+    assert {s: vh_run.marker(s).stat().st_mtime_ns for s in shared_markers} == shared_markers
+    for name, own in (("wo_de", ("data_collection", "steca", "eval")), ("sft_dpo", ("steca", "eval"))):
+        run = variants[name]
+        assert sorted(p.stem for p in run.pipeline.glob("*.done")) == sorted(own), name  # its own stages only
+        for stage in STAGES:
+            assert (f"virtualhome/{name}: {stage}: shared with the main run" in out) == (stage not in own), (name, stage)
+            assert (f"virtualhome/{name}: {stage} (" in out) == (stage in own), (name, stage)
+            assert run.marker(stage).parent == (run.pipeline if stage in own else vh_run.pipeline)
+        assert run.marker("steca").stat().st_mtime_ns > vh_run.marker("eval").stat().st_mtime_ns  # after the main run
+        for split in ("seen", "unseen"):  # its STeCa evaluated in its own folder; SFT's is the main run's
+            assert json.loads(run.eval_summary("steca", split).read_text())["num_tasks"] == 1
+            assert run.eval_summary("steca", split).is_relative_to(run.root)
+            assert run.eval_summary("sft", split) == vh_run.eval_summary("sft", split)
+    wo_de = variants["wo_de"]
+    summary = json.loads(wo_de.collection_summary.read_text())
+    assert summary["inputs"]["rollouts"]["expert"] == (N + 1) * records  # the main run's current rollouts
+    assert "explored" not in summary["train"]["sets"]
+    assert {r["set"] for r in read_jsonl(wo_de.train_set)} <= {"calibration", "expert_sub", "expert_full"}
+    card = json.loads((variants["sft_dpo"].steca / "config.json").read_text())["args"]
+    assert card["beta"] == 0.1 and card["data"] == str(vh_run.train_set)  # the main run's training set
+    assert not vh_run.variant("sft_dpo").joinpath("data_collection").exists()
+
+    report = (report_dir(root) / "report.md").read_text()
+    for title in ("Table 2", "Table 3", "Table 6", "Table 7", "Table 9", "Figure 4"):
+        assert f"## {title}" in report and f"paper {title}" in report, title
+    for row in ("STeCa w/ SFT+DPO (ours)", "STeCa w/o D_e (ours)", "STeCa w/o exploration loss"):
+        assert f"| {row} |" in report, row
+    assert (report_dir(root) / "tables.png").read_bytes()[:4] == b"\x89PNG"

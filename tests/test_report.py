@@ -203,6 +203,70 @@ def test_transcription_matches_the_reference_text():
     assert [tuple(_numbers(c)[0] for c in cells[1:]) for cells in table("Table 3")[1:]] == table3
 
 
+def test_variant_tables_table9_and_figure4(tmp_path, two_runs):
+    """The paper's other tables from the variants below a run: each variant's own STeCa in its table beside the
+    paper's rows, Table 1's variants as Table 1 rows, Table 9 by the expert program's length, Figure 4."""
+    from eval_agent.variants import VARIANTS, init
+
+    alf, vh = two_runs
+    for name, reward in (("wo_de", 0.25), ("delta_0.05", 0.5), ("sft_dpo", 0.125), ("mistral_7b", 0.375)):
+        variant = init(str(alf), VARIANTS[name])
+        place(real_summaries_of(alf), variant.evaluation("steca", "seen"), "seen", reward, model=f"{name}/steca/model")
+    mistral = RunDir(alf / "variants" / "mistral_7b")
+    place(real_summaries_of(alf), mistral.evaluation("sft", "unseen"), "unseen", 0.5, model="m/sft/model")
+    (RunDir(alf).calibration("steca", "seen")).mkdir(parents=True)
+    (RunDir(alf).calibration("steca", "seen") / "summary.json").write_text(json.dumps(
+        {"histories": 5, "scored": 4, "deviated": {"k": 1, "n": 4}, "clean": {"k": 3, "n": 4}}))
+    out = tmp_path / "report"
+    rep = report(["--run", f"alfworld={alf}", "--run", f"virtualhome={vh}", "--out", str(out)])
+    md = (out / "report.md").read_text()
+    sections = {s.split("\n", 1)[0]: s for s in md.split("\n## ")}
+
+    # Table 1: the SFT+DPO variant's row (ALFWorld seen only), the others are not Table 1's
+    assert table_row(md, "STeCa w/ SFT+DPO (ours)")[2:7] == ["–", "–", "12.5", "–", "–"]
+    assert "STeCa w/o D_e (ours)" not in md.split("\n## ")[0]
+    saved = json.loads((out / "report.json").read_text())
+    assert [c["variant"] for c in saved["variant_cells"]] == ["sft_dpo"]
+    assert saved["variant_cells"][0]["summary"].endswith("variants/sft_dpo/eval/steca/seen/summary.json")
+    # Table 6: the main run's STeCa, then w/o D_e; the paper's STeCa and its one recovered ablation row
+    t6 = sections["Table 6: training without one of D_c, D_e, D_s"]
+    assert table_row(t6, "STeCa (ours)")[1:] == ["50.0 (n 1)", "100.0 (n 1)", "75.0 (n 1)", "62.5 (n 1)", "ours"]
+    assert table_row(t6, "STeCa w/o D_e (ours)")[1:] == ["–", "–", "25.0 (n 1)", "–", "ours"]
+    assert table_row(t6, "STeCa w/o exploration loss")[1:] == ["–", "60.5", "–", "71.2", "paper Table 6"]
+    assert table_row(t6, "STeCa")[1:] == ["69.6", "63.6", "74.3", "76.1", "paper Table 1"]
+    # Table 7: delta 0 is the main run; the paper's other thresholds are unknown
+    t7 = sections["Table 7: the deviation threshold delta"]
+    assert table_row(t7, "delta = 0.05 (ours)")[3] == "50.0 (n 1)"
+    assert table_row(t7, "delta = 0 (STeCa)")[1:] == ["69.6", "63.6", "74.3", "76.1", "paper Table 1"]
+    assert table_row(t7, "delta = 0.1")[1:] == ["–", "–", "–", "–", "paper Table 7"]
+    # Table 2: a backbone variant evaluates its own SFT; the paper's Mistral rows
+    t2 = sections["Table 2: other backbones (ALFWorld)"]
+    assert table_row(t2, "SFT (ours), Mistral-7B")[1:] == ["–", "50.0 (n 1)", "ours"]
+    assert table_row(t2, "STeCa (ours), Mistral-7B")[1:] == ["37.5 (n 1)", "–", "ours"]
+    assert table_row(t2, "STeCa, Mistral-7B")[1:] == ["73.3", "75.3", "paper Table 2"]
+    # Table 9: the real VirtualHome task file of steca/unseen (its expert program's length picks the group)
+    task = json.loads(next((RunDir(vh).evaluation("steca", "unseen") / "tasks").glob("*.json")).read_text())
+    group = 0 if len(task["meta"]["program"]) <= 7 else 1 if len(task["meta"]["program"]) <= 13 else 2
+    t9 = table_row(sections["Table 9: VirtualHome by task length"], "STeCa (ours)")
+    assert t9[1 + group] == "100.0 (n 1)" and t9.count("– (n 0)") == 2
+    assert table_row(sections["Table 9: VirtualHome by task length"], "STeCa")[1:] == ["76.2", "60.0", "48.9",
+                                                                                          "paper Table 9"]
+    # Figure 4: from the calibration summary
+    f4 = table_row(sections["Figure 4: calibration ability"], "STeCa (ours), ALFWorld")
+    assert f4[1:5] == ["25.0 (n 4)", "75.0 (n 4)", "–", "–"]
+    tables = {t["key"]: t for t in rep["tables"]}
+    assert set(tables) == {"table2", "table3", "table6", "table7", "table9", "figure4"}
+    assert tables["figure4"]["rows"][0]["sources"][0] == str(RunDir(alf).calibration("steca", "seen") / "summary.json")
+    tex = (out / "report.tex").read_text()
+    assert r"\label{tab:steca-table9}" in tex and "STeCa w/o D\\_e (ours)" in tex
+    assert (out / "tables.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def real_summaries_of(run: Path) -> Path:
+    """A real evaluation summary folder of the run (the expert's, copied in by two_runs)."""
+    return RunDir(run).evaluation("base", "seen")
+
+
 def test_stage_times_from_the_markers(tmp_path, capsys):
     from eval.stage_times import main as stage_times
 
