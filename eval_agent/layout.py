@@ -14,6 +14,7 @@ spelled out; stages take `--run_dir` and ask a `RunDir` for their paths (an expl
       tracking.json                  the experiment tracker of the run (eval_agent.tracking)
       servers/endpoints.txt          the base URLs of the model server the running stage uses (BACKEND=vllm|serve_hf)
       servers/logs/<label>/          its logs, per model served (base | sft | steca)
+      servers/shard<i>of<n>/         a sampling shard's own servers (endpoints.txt, logs/) in a Slurm array task
       eval/<label>/<split>/calibration/     the model run from deviated and clean histories (eval.calibration)
       variants/<name>/               a variant of this run (eval_agent/variants.py): a run directory of its own
 
@@ -193,6 +194,10 @@ class RunDir:
 
     def server_logs(self, label: str) -> Path:
         return self.servers / "logs" / label
+
+    def shard_servers(self, num_shards: int, shard_id: int) -> Path:
+        """The servers of one sampling shard run apart (scripts/slurm/mc_array.sbatch): their endpoints and logs."""
+        return self.servers / f"shard{shard_id}of{num_shards}"
 
 
 def _sharded(stem: str, num_shards: int, shard_id: int) -> str:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from eval_agent.layout import RunDir
 from sampling.expert_tasks import shard_of
 from sampling.merge import main as merge
 from test_vllm import STAND_IN, free_port
@@ -43,7 +44,7 @@ def test_array_tasks_write_their_shards_and_the_merge_takes_every_key_once(tmp_p
         out, err = task.communicate(timeout=600)
         assert task.returncode == 0, out[-2000:] + err[-3000:]
         assert f"shard {shard} of 2" in out
-        assert (run_dir / "servers" / f"mc_shard{shard}of2" / "logs").is_dir()  # each task its own servers' files
+        assert (RunDir(run_dir).shard_servers(2, shard) / "logs").is_dir()  # each task its own servers' files
     sampling = run_dir / "sampling"
     shards = [keys(sampling / f"steps_expert.shard{i}of2.jsonl") for i in (0, 1)]
     assert all(shards) and not set(shards[0]) & set(shards[1])  # the tasks split over the two shards
