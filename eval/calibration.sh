@@ -8,18 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/stage_lib.sh                # PRESET, PYTHON, TASK_FAMILY, RUN_DIR
 
-LABEL=${LABEL:-}                           # base | sft | steca | any name with MODEL
-MODEL=${MODEL:-}                           # the model; empty = the one LABEL names
-BASE_MODEL=${BASE_MODEL:-}                 # the model LABEL=base names; empty = the embedded SmolLM2
+source scripts/label_vars.sh               # LABEL MODEL BASE_MODEL
 CALIBRATION_LIMIT=${CALIBRATION_LIMIT:-}   # histories drawn at random per split (the paper: 100)
 OUT=${OUT:-}                               # the output folder; empty = RUN_DIR/eval/<LABEL>/<SPLIT>/calibration
 source scripts/episode_vars.sh             # SPLIT DATA_ROOT MAX_STEPS CONCURRENCY
 source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM ICL_FROM MAX_NEW_TOKENS
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
-opt --label "$LABEL"
-opt --model "$MODEL"
-opt --base_model "$BASE_MODEL"
 opt --limit "$CALIBRATION_LIMIT"
 opt --out "$OUT"
 exec "$PYTHON" -m eval.calibration "${args[@]}" "$@"

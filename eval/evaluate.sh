@@ -9,9 +9,7 @@ cd "$(dirname "$0")/.."
 source scripts/stage_lib.sh                # PRESET, PYTHON, TASK_FAMILY, RUN_DIR
 
 POLICY=${POLICY:-}                         # model | expert (the built-in expert: the sanity baseline)
-LABEL=${LABEL:-}                           # base | sft | steca | any name with MODEL
-MODEL=${MODEL:-}                           # the model; empty = the one LABEL names
-BASE_MODEL=${BASE_MODEL:-}                 # the model LABEL=base names; empty = the embedded SmolLM2
+source scripts/label_vars.sh               # LABEL MODEL BASE_MODEL
 EVAL_LIMIT=${EVAL_LIMIT:-${LIMIT:-}}       # first N tasks only; empty = the whole split (LIMIT: the older name)
 OUT=${OUT:-}                               # the output folder; empty = RUN_DIR/eval/<LABEL>/<SPLIT>
 source scripts/episode_vars.sh             # SPLIT DATA_ROOT MAX_STEPS CONCURRENCY
@@ -19,9 +17,6 @@ source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_N
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
 opt --policy "$POLICY"
-opt --label "$LABEL"
-opt --model "$MODEL"
-opt --base_model "$BASE_MODEL"
 opt --limit "$EVAL_LIMIT"
 opt --out "$OUT"
 exec "$PYTHON" -m eval.evaluate "${args[@]}" "$@"

@@ -9,9 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/stage_lib.sh                # PRESET, PYTHON, TASK_FAMILY, RUN_DIR
 
-LABEL=${LABEL:-}                           # base | sft | steca | any name with MODEL
-MODEL=${MODEL:-}                           # the model; empty = the one LABEL names
-BASE_MODEL=${BASE_MODEL:-}                 # the model LABEL=base names; empty = the embedded SmolLM2
+source scripts/label_vars.sh               # LABEL MODEL BASE_MODEL
 SPLIT=${SPLIT:-}                           # seen | unseen
 EVAL_LIMIT=${EVAL_LIMIT:-}                 # first N tasks only; empty = the whole split
 STEPS_PER_TASK=${STEPS_PER_TASK:-}         # N steps of each expert trajectory, evenly spaced; empty = all
@@ -21,9 +19,6 @@ OUT=${OUT:-}                               # the output folder; empty = RUN_DIR/
 source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM MAX_NEW_TOKENS
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
-opt --label "$LABEL"
-opt --model "$MODEL"
-opt --base_model "$BASE_MODEL"
 opt --split "$SPLIT"
 opt --limit "$EVAL_LIMIT"
 opt --steps_per_task "$STEPS_PER_TASK"
