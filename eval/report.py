@@ -32,14 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from eval.paper_results import COLUMNS, PAPER_ROWS
 from eval_agent.layout import EVAL_SUMMARY, RunDir
-from eval_agent.store import write_atomic, write_json
+from eval_agent.store import staged, write_atomic, write_json
 
 log = logging.getLogger("report")
 
@@ -305,10 +304,16 @@ def plot(rows: list[Row], metric: str, path: Path) -> None:
     ax.set_title("STeCa reproduction vs. the paper's Table 1")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=150)
+    save_png(fig, path, dpi=150)
+
+
+def save_png(fig: Any, path: Path, dpi: int) -> None:
+    """Save a matplotlib figure under a temp name and rename it, then free it."""
+    import matplotlib.pyplot as plt
+
+    with staged(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -14,13 +14,12 @@ but malformed one is an error naming the file.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from eval.paper_results import COLUMNS, PAPER_ROWS
-from eval.report import ENV_TITLES, MISSING, OUR_LABELS, SPLIT_NAMES, fail, label_order, latex_escape, load_json
+from eval.report import save_png, ENV_TITLES, MISSING, OUR_LABELS, SPLIT_NAMES, fail, label_order, latex_escape, load_json
 from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.stats import difference_interval, format_share, wilson_interval
 
@@ -320,10 +319,7 @@ def plot(rows: list[Signals], path: Path) -> bool:
     axes[0][0].set_ylabel("share, with Wilson 95% interval")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=130)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path, dpi=130)
     return True
 
 

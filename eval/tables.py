@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.paper_results import COLUMNS, LENGTH_BINS, PAPER_BY_LENGTH, PAPER_ROWS
-from eval.report import ENV_TITLES, MISSING, OUR_LABELS, Cell, Row, fmt, latex_escape, load_json, mean_of, read_summary
+from eval.report import save_png, ENV_TITLES, MISSING, OUR_LABELS, Cell, Row, fmt, latex_escape, load_json, mean_of, read_summary
 from eval_agent.layout import EVAL_SUMMARY, VARIANT_FILE, RunDir
 from eval_agent.variants import VARIANTS, Variant
 
@@ -324,10 +324,7 @@ def plot(tables: list[Table], path: Path) -> bool:
         else:
             ax.text(0.5, 0.5, "no values yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path, dpi=120)
     return True
 
 

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 from eval_agent.cli import UserError
 from eval_agent.layout import FINGERPRINT_FILE, fingerprint_path, lock_path
-from eval_agent.store import move_aside, write_json
+from eval_agent.store import is_staged, move_aside, write_json
 
 log = logging.getLogger("guard")
 
@@ -375,10 +375,11 @@ class RunGuard:
 
     def _has_results(self, path: Path) -> bool:
         """Results in the output; in a folder, another stage's output nested in it (step accuracy inside its
-        evaluation) is that stage's, not this one's."""
+        evaluation) is that stage's, not this one's, and a temp file left by a killed writer is none."""
         if self.folder:
             return path.is_dir() and any(p.name != FINGERPRINT_FILE and not p.name.endswith(".lock")
-                                         and not (p / FINGERPRINT_FILE).is_file() for p in path.iterdir())
+                                         and not is_staged(p.name) and not (p / FINGERPRINT_FILE).is_file()
+                                         for p in path.iterdir())
         return path.is_file() and path.stat().st_size > 0
 
     def _claim(self, path: Path, fp: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ Merged final files are written to a temp name and renamed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -95,16 +96,31 @@ def move_aside(*paths: Path) -> list[Path]:
     return moved
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` via a temp file + rename, so readers never see a partial file."""
+STAGING_MARK = ".tmp"
+
+
+@contextlib.contextmanager
+def staged(path: str | Path) -> Iterator[Path]:
+    """A hidden temp name beside `path` to write to; renamed onto `path` when the block ends without error,
+    so readers never see a partial file (a kill leaves only the temp, which `is_staged` recognises)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
+    tmp = path.with_name(f".{path.name}{STAGING_MARK}{os.getpid()}")
+    yield tmp
+    tmp.replace(path)
+
+
+def is_staged(name: str) -> bool:
+    """A temp file of `staged`: a writer killed before its rename left it, and it holds no result."""
+    return name.startswith(".") and STAGING_MARK in name
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` via a temp file + rename, so readers never see a partial file."""
+    with staged(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         return finished_training(out) or train(args, targs, fmt_name, trajs, dtype)
 
 
-def check_inputs(args: SFTArguments, targs: TrainingArguments) -> list[Trajectory]:
+def check_inputs(args: SFTArguments, targs: SFTTrainingArguments) -> list[Trajectory]:
     """The settings, the base model folder, and the expert data (read here: its rows must be of the task family)."""
     model_folder(args.model_name_or_path, "base model")
     for name in ("global_batch_size", "model_max_length"):
@@ -148,14 +148,14 @@ def check_inputs(args: SFTArguments, targs: TrainingArguments) -> list[Trajector
     return trajs
 
 
-def fingerprint_of(args: SFTArguments, targs: TrainingArguments, chat_format: str) -> dict:
+def fingerprint_of(args: SFTArguments, targs: SFTTrainingArguments, chat_format: str) -> dict:
     """The recipe, the chat format and the base model and expert data it trains on."""
     settings = settings_of(dataclasses.asdict(args), drop={"model_name_or_path", "data", "precision", "attn_implementation"})
     return fingerprint("sft.train", CODE_VERSION, {**settings, **training_settings(targs), "chat_format": chat_format},
                        {"model": identity(args.model_name_or_path), "data": identity(args.data)})
 
 
-def train(args: SFTArguments, targs: TrainingArguments, fmt_name: str, trajs: list[Trajectory], dtype) -> dict:
+def train(args: SFTArguments, targs: SFTTrainingArguments, fmt_name: str, trajs: list[Trajectory], dtype) -> dict:
     out = Path(targs.output_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     chat_format = ChatFormat(fmt_name, tokenizer if fmt_name == "template" else None)

@@ -138,6 +138,18 @@ def test_a_rebuilt_folder_moves_aside_with_its_cache_carried_over(tmp_path):
     assert (tmp_path / "data_collection.old2" / "fingerprint.json").is_file()
 
 
+def test_a_writer_killed_while_recording_its_fingerprint_leaves_a_resumable_folder(tmp_path):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / ".fingerprint.json.tmp4242").write_text('{"stage": ')  # the temp of write_atomic, never renamed
+    fp = fingerprint("eval.evaluate", 1, {"split": "seen"}, {})
+    with RunGuard({out: fp}, folder=True):
+        (out / "summary.json").write_text("{}")
+    (out / ".summary.json.tmp4242").write_text("{")
+    with pytest.raises(FingerprintMismatch, match='split: "seen" -> "unseen"'):  # real results still count
+        RunGuard({out: fingerprint("eval.evaluate", 1, {"split": "unseen"}, {})}, folder=True).__enter__()
+
+
 def test_move_aside_keeps_results_and_their_fingerprint_together(tmp_path):
     data, record = tmp_path / "r.jsonl", fingerprint_path(tmp_path / "r.jsonl", folder=False)
     for p in (data, record, tmp_path / "r.jsonl.old"):  # an older data file moved aside by hand

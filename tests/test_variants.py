@@ -2,7 +2,6 @@
 resolve to the main run), and what each named variant changes in the training set or the objective, on the
 data-collection fixture records (exact toy embeddings) and a tiny reinforced training."""
 import json
-import os
 import re
 import subprocess
 import sys
