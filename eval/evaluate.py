@@ -1,4 +1,6 @@
 """Stage 5: evaluate a policy on a task split. One result file per task, then `summary.json`.
+Several splits in one run (`--split seen,unseen`) decode together, each into its own folder: one model
+load, and on a CPU twice the rows per decoding step for little more than the time of one.
 
 Output: RUN_DIR/eval/<label>/<split>/ (eval_agent/layout.py), or --out. The label names the model:
 `base` (default: the embedded SmolLM2), `sft` and `steca` (default: the run directory's SFT / STeCa model),
@@ -8,7 +10,7 @@ Resumable: tasks whose result file exists are skipped; the summary is rebuilt fr
 files of the selected tasks, so each task counts once however often the stage was interrupted.
 
     python -m eval.evaluate --task_family alfworld --split seen --policy expert --run_dir outputs/alfworld
-    python -m eval.evaluate --task_family alfworld --split unseen --label sft --run_dir outputs/alfworld
+    python -m eval.evaluate --task_family alfworld --split seen,unseen --label sft --run_dir outputs/alfworld
 """
 from __future__ import annotations
 
@@ -23,13 +25,13 @@ from typing import Any
 
 from eval_agent.async_runner import run_for_policy
 from eval_agent.cli import check_policy_model, count, non_negative, run_main
-from eval_agent.envs import add_task_family_arg, get_task_family
+from eval_agent.envs import Task, add_task_family_arg, get_task_family
 from eval_agent.guard import RunGuard, fingerprint, model_arg_names, policy_fingerprint, settings_of
 from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.llm import BackendUnavailable
 from eval_agent.run_card import write_run_card
 from eval_agent.smollm2 import default_model_dir
-from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, add_model_args
+from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, RunStats, add_model_args
 from eval_agent.store import write_json
 from eval_agent.tracking import find_run_dir, log_summary
 from eval_agent.trajectory import Trajectory
@@ -105,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; its defaults are the stage's (docs/ lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_family_arg(p)
-    p.add_argument("--split", default="seen", help="train | seen | unseen")
+    p.add_argument("--split", default="seen", help="train | seen | unseen, or several comma-separated "
+                                                    "(seen,unseen): decoded together, each in its own folder")
     p.add_argument("--policy", choices=("model", "expert"), default="model")
     add_model_args(p)
     p.add_argument("--max_steps", type=count, default=MAX_STEPS)
@@ -126,13 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    """The summary of the split; with several splits, {split: summary}."""
+    p = build_parser()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    out = resolve_output(args)
+    splits = [s for s in args.split.split(",") if s]
+    if not splits or len(set(splits)) < len(splits):
+        p.error(f"--split {args.split!r}: give one split or several different ones, comma-separated")
+    if len(splits) > 1 and args.out:
+        p.error("--out is one split's folder: with several splits pass --run_dir")
+    runs = [(a, resolve_output(a)) for a in (argparse.Namespace(**{**vars(args), "split": s}) for s in splits)]
     if args.policy == "model":
-        check_policy_model(args)
-    with RunGuard({out: fingerprint_of(args)}, folder=True, overwrite=args.overwrite):
-        return evaluate(args, out)
+        check_policy_model(runs[0][0])
+    with RunGuard({out: fingerprint_of(a) for a, out in runs}, folder=True, overwrite=args.overwrite):
+        summaries = evaluate(runs)
+    return summaries[splits[0]] if len(splits) == 1 else summaries
 
 
 def fingerprint_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,17 +156,26 @@ def fingerprint_of(args: argparse.Namespace) -> dict[str, Any]:
                         **policy_inputs}, selection={"limit": args.limit})
 
 
-def evaluate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def evaluate(runs: list[tuple[argparse.Namespace, Path]]) -> dict[str, dict[str, Any]]:
+    """Play the tasks of every (split, output folder) not done yet in one runner call; {split: summary}."""
+    args = runs[0][0]
     family = get_task_family(args.task_family)
-    tasks = family.load_tasks(args.split, data_root=args.data_root, limit=args.limit)
-    todo = [t for t in tasks if not result_path(out, t.key).exists()]
-    log.info("%s/%s: %d tasks, %d already done, %d to run", args.task_family, args.split, len(tasks), len(tasks) - len(todo), len(todo))
+    tasks_of: dict[str, list[Task]] = {}
+    out_of: dict[str, Path] = {}
+    todo: list[Task] = []
+    for a, out in runs:
+        tasks = tasks_of[a.split] = family.load_tasks(a.split, data_root=a.data_root, limit=a.limit)
+        out_of[a.split] = out
+        missing = [t for t in tasks if not result_path(out, t.key).exists()]
+        todo += missing
+        log.info("%s/%s: %d tasks, %d already done, %d to run", a.task_family, a.split, len(tasks),
+                 len(tasks) - len(missing), len(missing))
 
     policy, extra = build_policy(args)
-    card = write_run_card(out, "eval", {**vars(args), **extra})
+    cards = {a.split: write_run_card(out, "eval", {**vars(a), **extra}) for a, out in runs}
 
     def save(ep: Episode) -> None:
-        write_json(result_path(out, ep.task.key), ep.traj.to_dict())
+        write_json(result_path(out_of[ep.task.split], ep.task.key), ep.traj.to_dict())
 
     try:
         make_env = partial(family.make_env, expert=args.policy == "expert", **args.env_args)
@@ -163,6 +183,12 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                                env_workers=args.env_workers)
     except BackendUnavailable as e:
         raise SystemExit(f"error: {e}") from None
+    return {a.split: write_summary(a, out, tasks_of[a.split], stats, cards[a.split]) for a, out in runs}
+
+
+def write_summary(args: argparse.Namespace, out: Path, tasks: list[Task], stats: RunStats,
+                  card: dict[str, Any]) -> dict[str, Any]:
+    """The split's summary.json from the result files of its selected tasks (the run's counts are all splits')."""
     trajs = [Trajectory.from_dict(json.loads(result_path(out, t.key).read_text())) for t in tasks]
     for t, traj in zip(tasks, trajs):
         traj.meta.setdefault("task_type", t.meta.get("task_type", "unknown"))
@@ -171,7 +197,7 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     log_summary(find_run_dir(out), f"eval/{out.parent.name}/{out.name}", {k: v for k, v in summary.items()
                                                                          if k != "run_card"}, out)
     log.info(
-        "%s/%s: success %.3f, avg reward %.3f, avg steps %.1f over %d tasks (%d run now in %.1fs)",
+        "%s/%s: success %.3f, avg reward %.3f, avg steps %.1f over %d tasks (%d episodes of the run in %.1fs)",
         args.task_family, args.split, summary["success_rate"], summary["avg_reward"], summary["avg_steps"],
         summary["num_tasks"], stats.episodes, stats.seconds,
     )

@@ -26,7 +26,6 @@ RUN_ROOT=${RUN_ROOT:-outputs/pipeline-${PRESET}}  # one run directory per family
 PYTHON=${PYTHON:-.venv/bin/python}
 PREFLIGHT=${PREFLIGHT:-1}                         # 0: skip the pre-flight check
 VARIANT=${VARIANT:-}                              # variants run after the main run: names or groups, comma-separated
-CALIBRATION_EVAL=${CALIBRATION_EVAL:-1}           # 0: skip the calibration-ability evaluation (Figure 4)
 EXPERT_SOURCE=${EXPERT_SOURCE:-${EXPERT_DATA:-}}  # an expert file to train on: imported into each run (expert_data)
 export PRESET PYTHON EXPERT_SOURCE
 export STECA_ON_CHANGE=move_aside  # a stage moves results of other settings aside instead of refusing them
@@ -41,6 +40,7 @@ TASK_FAMILY=$FAMILIES
 variants=$("$PYTHON" -m eval_agent.variants names "$VARIANT")  # checked before anything runs
 source scripts/presets.sh
 apply_preset "$PRESET"
+CALIBRATION_EVAL=${CALIBRATION_EVAL:-1}  # 0: skip the calibration-ability evaluation (Figure 4; tiny: 0)
 BASE_MODEL=${BASE_MODEL:-$("$PYTHON" -c 'from eval_agent.smollm2 import default_model_dir; print(default_model_dir())')}
 export BASE_MODEL
 source scripts/serve_lib.sh
@@ -109,8 +109,8 @@ evaluate_all() {  # the base, SFT and STeCa models on both test splits (success,
   local label split
   for label in $(layout --run_dir "$RUN_DIR" eval_labels); do
     start_server "$label"
+    LABEL=$label SPLIT=seen,unseen served bash eval/evaluate.sh  # the splits' episodes decode together
     for split in seen unseen; do
-      LABEL=$label SPLIT=$split served bash eval/evaluate.sh
       LABEL=$label SPLIT=$split served bash eval/step_accuracy.sh
     done
     stop_server

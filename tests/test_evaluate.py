@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from eval.evaluate import main as evaluate
 
@@ -59,6 +60,27 @@ def test_model_evaluation_hf_backend(tmp_path, tiny_model_dir):
     for f in (tmp_path / "tasks").glob("*.json"):
         traj = json.loads(f.read_text())
         assert len(traj["steps"]) == 3 and traj["termination"] == "max_steps"
+
+
+def test_splits_evaluated_together_give_what_each_split_gives_alone(tmp_path, tiny_model_dir):
+    common = ["--task", "alfworld", "--policy", "model", "--model", str(tiny_model_dir), "--backend", "hf",
+              "--limit", "2", "--max_steps", "3", "--max_new_tokens", "16", "--label", "tiny"]
+    together = evaluate(common + ["--split", "seen,unseen", "--run_dir", str(tmp_path / "together")])
+    assert sorted(together) == ["seen", "unseen"] and together["seen"]["run"]["episodes"] == 4
+    for split in ("seen", "unseen"):
+        alone = evaluate(common + ["--split", split, "--run_dir", str(tmp_path / "alone")])
+        assert alone["split"] == split and alone["num_tasks"] == together[split]["num_tasks"] == 2
+        folders = [tmp_path / run / "eval" / "tiny" / split for run in ("together", "alone")]
+        files = [sorted((f / "tasks").glob("*.json")) for f in folders]
+        assert [f.name for f in files[0]] == [f.name for f in files[1]] and split in files[0][0].name
+        for a, b in zip(*files):
+            assert json.loads(a.read_text())["steps"] == json.loads(b.read_text())["steps"]
+    again = evaluate(common + ["--split", "seen,unseen", "--run_dir", str(tmp_path / "together")])
+    assert again["unseen"]["run"]["episodes"] == 0  # resumed: nothing left to play
+    with pytest.raises(SystemExit):
+        evaluate(common + ["--split", "seen,unseen", "--out", str(tmp_path / "one")])  # one folder, two splits
+    with pytest.raises(SystemExit):
+        evaluate(common + ["--split", "seen,seen", "--run_dir", str(tmp_path / "twice")])
 
 
 def test_model_evaluation_http_backend_matches_hf(tmp_path, tiny_model_dir, hf_server):
