@@ -24,7 +24,8 @@ STAGES = ("expert_data", "sft", "steps", "mc", "data_collection", "steca", "eval
 N = 2
 SMALL = {"PRESET": "tiny", "EXPERT_LIMIT": "2", "SFT_EPOCHS": "1", "SFT_BATCH": "2", "SAMPLE_LIMIT": "1", "N": str(N),
          "MAX_STEPS": "5", "MAX_NEW_TOKENS": "8", "RFT_BATCH": "2", "EVAL_LIMIT": "1", "CONCURRENCY": "4",
-         "REFLECT_BACKEND": "self", "GRAD_CKPT": "0", "CALIBRATION_LIMIT": "1"}
+         "REFLECT_BACKEND": "self", "GRAD_CKPT": "0", "CALIBRATION_EVAL": "1",
+         "CALIBRATION_LIMIT": "1"}
 
 
 def pipeline(env: dict[str, str]) -> subprocess.Popen:
