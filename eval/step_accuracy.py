@@ -194,28 +194,22 @@ def expert_trajectories(tasks: list[Task], args: argparse.Namespace, out: Path) 
 
 def model_steps(todo: list[tuple[Task, Trajectory, int]], policy: Policy, make_env: Callable[[], Env],
                 store: JsonlStore, concurrency: int) -> RunStats:
-    """Expert prefix, then one model step, for every (task, t) of `todo`. One runner call per t, so each has
-    the one-step budget t + 1; ascending t, so a prompt extends the one before it (the prefix cache's case)."""
-    by_t: dict[int, list[tuple[Task, Trajectory]]] = defaultdict(list)
-    for task, expert, t in todo:
-        by_t[t].append((task, expert))
-    total = RunStats()
+    """Expert prefix, then one model step, for every (task, t) of `todo`, all in one runner call: the steps of a
+    task are asked together (in `todo`'s order, task by task), and each prompt begins the next one's (the prefix
+    cache's case)."""
+    experts = {task.key: expert for task, expert, _ in todo}
     bar = tqdm(total=len(todo), desc="model steps", unit="step")
+
+    def save(ep: Episode) -> None:
+        store.append(step_record(ep.task, experts[ep.task.key], ep))
+        bar.update(1)
+
     try:
-        for t, items in sorted(by_t.items()):
-            experts = {task.key: expert for task, expert in items}
-
-            def save(ep: Episode) -> None:
-                store.append(step_record(ep.task, experts[ep.task.key], ep))
-                bar.update(1)
-
-            stats = run_episodes([(task, [s.text for s in expert.steps[:t]]) for task, expert in items], policy,
-                                 make_env, save, max_steps=t + 1, concurrency=concurrency, progress=False)
-            for name in ("episodes", "env_steps", "generate_calls", "generated_tokens", "seconds"):
-                setattr(total, name, getattr(total, name) + getattr(stats, name))
+        return run_episodes([(task, [s.text for s in expert.steps[:t]]) for task, expert, t in todo], policy,
+                            make_env, save, max_steps=max(t for *_, t in todo) + 1, concurrency=concurrency,
+                            progress=False, steps_after_prefix=1)
     finally:
         bar.close()
-    return total
 
 
 def build_parser() -> argparse.ArgumentParser:

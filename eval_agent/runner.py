@@ -199,8 +199,10 @@ def run_episodes(
     concurrency: int = CONCURRENCY,
     total: int | None = None,
     progress: bool = True,
+    steps_after_prefix: int | None = None,
 ) -> RunStats:
-    """Run every task (optionally with a prefix of replies to replay) to the end.
+    """Run every task (optionally with a prefix of replies to replay) to the end, or to `steps_after_prefix`
+    model steps past its prefix (termination `max_steps`: one budget for prefixes of any length).
 
     `concurrency` episodes are live at once; each round is one `policy.act` call over all of them.
     `on_finish` receives each finished episode (write it out there: that is what makes stages
@@ -245,6 +247,9 @@ def run_episodes(
                     ep.traj.termination = "context_overflow"
                 else:
                     apply_reply(ep, reply.text, max_steps)
+                if (steps_after_prefix is not None and not ep.finished
+                        and len(ep.traj.steps) - len(ep.prefix) >= steps_after_prefix):
+                    ep.traj.termination = "max_steps"
             still = []
             for ep in live:
                 (finish if ep.finished else still.append)(ep)

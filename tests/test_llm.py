@@ -136,6 +136,18 @@ def test_shared_prefix_runs_once(tiny_model_dir):
     assert summary(got) == summary(whole.generate(prompts, GREEDY))
 
 
+def test_a_prompt_that_begins_another_of_its_call_reuses_its_states(tiny_model_dir):
+    """Step accuracy asks for several steps of one expert trajectory in one call: each earlier step's prompt
+    begins the later ones', so after the longest only the last token of each runs."""
+    backend = HFBackend(str(tiny_model_dir))
+    steps = [f"step{i} went fine." for i in range(30)]
+    prompts = [" ".join(steps[:n]) for n in (30, 20, 10)]
+    got = backend.generate(prompts, GREEDY)
+    assert backend.prompt_tokens_run == _lengths(backend, prompts[:1])[0] + 2
+    whole = HFBackend(str(tiny_model_dir), prefix_cache_gb=0)
+    assert summary(got) == summary(whole.generate(prompts, GREEDY))
+
+
 def test_prefix_cache_keeps_longest_and_evicts_oldest():
     import torch
 

@@ -56,6 +56,17 @@ def test_prefix_replay_counts_against_budget():
     assert done["b"].termination == "max_steps" and len(done["b"].steps) == 3
 
 
+def test_steps_after_prefix_ends_prefixes_of_any_length_alike():
+    counts = [f"Action: count {i}" for i in range(1, 9)]
+    policy = ScriptedPolicy({f"t{n}": counts[n:] for n in (0, 2, 5)})
+    done, stats = run([(task(f"t{n}", goal=9), counts[:n]) for n in (0, 2, 5)], policy, max_steps=6,
+                      steps_after_prefix=1, concurrency=3)
+    assert {k: len(t.steps) for k, t in done.items()} == {"t0": 1, "t2": 3, "t5": 6}
+    assert all(t.termination == "max_steps" for t in done.values()) and stats.generate_calls == 1
+    done, _ = run([(task("won", goal=3), counts[:2])], ScriptedPolicy({"won": counts[2:]}), steps_after_prefix=1)
+    assert done["won"].termination == "success"  # done wins over the step limit
+
+
 def test_concurrency_bounds_live_episodes():
     policy = ScriptedPolicy({f"t{i}": ["Action: count 1", "Action: count 2"] for i in range(5)})
     done, _ = run([task(f"t{i}") for i in range(5)], policy, concurrency=2)

@@ -7,7 +7,8 @@ rollouts of one step record and all prompts of a task family share most of those
 - `PrefixCache` keeps the key/value states of recent sequences (prompt + reply), and a prompt is run
   only from the end of its longest cached prefix: an episode's next step reads just its last reply and
   observation. The tokens all prompts of a call begin with (instruction, example) are run once.
-- Identical prompts in one call (n samples; the N rollouts of a record) are run once.
+- Identical prompts in one call (n samples; the N rollouts of a record) are run once, and a prompt that
+  begins another of its call (step accuracy's steps of one trajectory) is run as part of it.
 - Then all rows decode together; the batch's key/value states live in one preallocated buffer written
   in place (transformers' DynamicCache re-copies the whole cache for every token), only the last
   position goes through the LM head, finished rows leave the batch, and stop strings are checked on
@@ -44,6 +45,14 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     n = min(len(a), len(b))
     differ = (a[:n] != b[:n]).nonzero()
     return int(differ[0]) if len(differ) else n
+
+
+def begun_by_shorter(prompts: list[torch.Tensor]) -> set[bytes]:
+    """The prompts a shorter prompt of the same call shares much more with than all prompts share (step accuracy
+    asks for several steps of one expert trajectory at once: each earlier step's prompt begins the later ones')."""
+    shared = min(common_prefix(prompts[0], p) for p in prompts[1:])
+    return {p.numpy().tobytes() for p in prompts
+            if any(len(q) < len(p) and common_prefix(p, q) >= shared + MIN_SHARED_PREFIX for q in prompts)}
 
 
 class PrefixCache:
@@ -203,8 +212,10 @@ class HFBackend:
         by_text: dict[bytes, int] = {}  # one run per distinct prompt
         distinct = list({p.numpy().tobytes(): p for p in prompts}.values())
         self.prompt_tokens += sum(len(p) for p in prompts)
+        begins_another: set[bytes] = set()
         if self.prefix_cache.max_tokens > 0 and len(distinct) > 1:
             self._cache_shared_prefix(distinct)
+            begins_another = begun_by_shorter(distinct)
         first_logits = []
         for r, p in enumerate(prompts):
             start = width - len(p)
@@ -213,6 +224,8 @@ class HFBackend:
             twin = by_text.setdefault(p.numpy().tobytes(), r)
             if twin == r:
                 first_logits.append(self._prefill(p, buffer[:, :, r:r + 1, :, start:]))
+                if p.numpy().tobytes() in begins_another:  # prompts run longest first: the shorter one reuses it
+                    self.prefix_cache.add(p, buffer[:, :, r, :, start:width].clone())
             else:
                 buffer[:, :, r, :, start:width] = buffer[:, :, twin, :, start:width]
                 first_logits.append(first_logits[twin])
