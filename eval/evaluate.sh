@@ -4,6 +4,7 @@
 # or any name with MODEL. docs/eval.md lists every variable with its default, e.g.
 #   TASK_FAMILY=alfworld SPLIT=unseen LABEL=sft bash eval/evaluate.sh
 #   TASK_FAMILY=alfworld SPLIT=unseen POLICY=expert bash eval/evaluate.sh
+#   TASK_FAMILY=alfworld SPLIT=seen,unseen LABEL=sft bash eval/evaluate.sh   # both splits decoded together
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/stage_lib.sh                # PRESET, PYTHON, TASK_FAMILY, RUN_DIR

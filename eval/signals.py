@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from eval.paper_results import COLUMNS, PAPER_ROWS
-from eval.report import save_png, ENV_TITLES, MISSING, OUR_LABELS, SPLIT_NAMES, fail, label_order, latex_escape, load_json
+from eval.report import (ENV_TITLES, MISSING, OUR_LABELS, SPLIT_NAMES, fail, label_order, latex_escape, load_json,
+                         save_png)
 from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.stats import difference_interval, format_share, wilson_interval
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from eval.paper_results import COLUMNS, LENGTH_BINS, PAPER_BY_LENGTH, PAPER_ROWS
-from eval.report import save_png, ENV_TITLES, MISSING, OUR_LABELS, Cell, Row, fmt, latex_escape, load_json, mean_of, read_summary
+from eval.report import (ENV_TITLES, MISSING, OUR_LABELS, Cell, Row, fmt, latex_escape, load_json, mean_of, read_summary,
+                         save_png)
 from eval_agent.layout import EVAL_SUMMARY, VARIANT_FILE, RunDir
 from eval_agent.variants import VARIANTS, Variant
 

@@ -47,10 +47,10 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(differ[0]) if len(differ) else n
 
 
-def begun_by_shorter(prompts: list[torch.Tensor]) -> set[bytes]:
-    """The prompts a shorter prompt of the same call shares much more with than all prompts share (step accuracy
-    asks for several steps of one expert trajectory at once: each earlier step's prompt begins the later ones')."""
-    shared = min(common_prefix(prompts[0], p) for p in prompts[1:])
+def begun_by_shorter(prompts: list[torch.Tensor], shared: int) -> set[bytes]:
+    """The prompts a shorter prompt of the same call shares much more with than the `shared` tokens all prompts
+    begin with (step accuracy asks for several steps of one expert trajectory at once: each earlier step's prompt
+    begins the later ones')."""
     return {p.numpy().tobytes() for p in prompts
             if any(len(q) < len(p) and common_prefix(p, q) >= shared + MIN_SHARED_PREFIX for q in prompts)}
 
@@ -189,9 +189,8 @@ class HFBackend:
                          cache=in_place_cache(buffer, n), use_cache=True, logits_to_keep=1)
         return out.logits[0, -1].float()
 
-    def _cache_shared_prefix(self, prompts: list[torch.Tensor]) -> None:
-        """Run the tokens all `prompts` begin with once, into the prefix cache."""
-        shared = min(common_prefix(prompts[0], p) for p in prompts[1:])
+    def _cache_shared_prefix(self, prompts: list[torch.Tensor], shared: int) -> None:
+        """Run the `shared` tokens all `prompts` begin with once, into the prefix cache."""
         if shared < MIN_SHARED_PREFIX or self.prefix_cache.longest(prompts[0][:shared])[1] >= shared:
             return
         layers, kv, heads, head_dim = self.state_shape
@@ -214,17 +213,19 @@ class HFBackend:
         self.prompt_tokens += sum(len(p) for p in prompts)
         begins_another: set[bytes] = set()
         if self.prefix_cache.max_tokens > 0 and len(distinct) > 1:
-            self._cache_shared_prefix(distinct)
-            begins_another = begun_by_shorter(distinct)
+            shared = min(common_prefix(distinct[0], p) for p in distinct[1:])
+            self._cache_shared_prefix(distinct, shared)
+            begins_another = begun_by_shorter(distinct, shared)
         first_logits = []
         for r, p in enumerate(prompts):
             start = width - len(p)
             buffer[:, :, r, :, :start] = 0  # masked, but 0 * garbage (NaN) would still poison the sum
             mask[r, start:width] = 1
-            twin = by_text.setdefault(p.numpy().tobytes(), r)
+            text = p.numpy().tobytes()
+            twin = by_text.setdefault(text, r)
             if twin == r:
                 first_logits.append(self._prefill(p, buffer[:, :, r:r + 1, :, start:]))
-                if p.numpy().tobytes() in begins_another:  # prompts run longest first: the shorter one reuses it
+                if text in begins_another:  # prompts run longest first: the shorter one reuses it
                     self.prefix_cache.add(p, buffer[:, :, r, :, start:width].clone())
             else:
                 buffer[:, :, r, :, start:width] = buffer[:, :, twin, :, start:width]
