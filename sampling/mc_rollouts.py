@@ -117,11 +117,11 @@ def roll_out(args: argparse.Namespace, run: RunDir, sources: dict[str, Path]) ->
     tasks = {t.key: t for t in family.load_tasks(args.split, data_root=args.data_root)}
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     request_seed = args.seed if args.backend == "openai" else None  # the in-process sampler has one stream
-    policy = None
     write_run_card(run.mc, "sampling.mc_rollouts", vars(args))
-    summary: dict[str, Any] = {}
+    stores: dict[str, JsonlStore] = {}
+    counts: dict[str, dict[str, int]] = {}
+    jobs: list[tuple[Task, list[str]]] = []
     for kind in kinds(args.kind):
-        t0 = time.perf_counter()
         source = sources[kind]
         try:
             records = read_step_records(source)
@@ -133,31 +133,38 @@ def roll_out(args: argparse.Namespace, run: RunDir, sources: dict[str, Path]) ->
         if unknown:
             raise SystemExit(f"error: {source}: {len(unknown)} tasks are not in {args.task_family}/{args.split} "
                              f"(e.g. {unknown[0]!r}); pass the --split / --data_root the step records were made on")
-        path = run.rollouts(kind, args.num_shards, args.shard_id)
-        store = JsonlStore(path)
+        store = stores[kind] = JsonlStore(run.rollouts(kind, args.num_shards, args.shard_id))
         before = len(store)
         for rec in (r for r in records if r.done):
             for i in range(args.n):
                 if rollout_key(rec.key, i) not in store:
                     store.append(copied_rollout(rec, i).to_dict())
-        copied = len(store) - before
-        jobs = rollout_jobs([r for r in records if not r.done], tasks, args.n, store, request_seed)
-        if jobs:
-            policy = policy or ModelPolicy.from_args(args, gen)
-            try:
-                run_for_policy(jobs, policy, partial(family.make_env, **args.env_args),
-                               lambda ep: store.append(to_rollout(ep).to_dict()),
-                               max_steps=args.max_steps, concurrency=args.concurrency, env_workers=args.env_workers)
-            except BackendUnavailable as e:
-                raise SystemExit(f"error: {e}") from None
-        expected = len(records) * args.n
-        summary[kind] = {"records_in": len(records), "rollouts_expected": expected, "skipped_done": expected - copied - len(jobs),
-                         "copied_from_done_records": copied, "rolled_out": len(store) - before - copied,
+        kind_jobs = rollout_jobs([r for r in records if not r.done], tasks, args.n, store, request_seed)
+        jobs += kind_jobs
+        counts[kind] = {"records": len(records), "before": before, "copied": len(store) - before, "jobs": len(kind_jobs)}
+
+    t0 = time.perf_counter()
+    if jobs:  # both kinds in one runner call: on a CPU their rows decode together
+        policy = ModelPolicy.from_args(args, gen)
+        try:
+            run_for_policy(jobs, policy, partial(family.make_env, **args.env_args),
+                           lambda ep: stores[ep.traj.meta["rollout"]["kind"]].append(to_rollout(ep).to_dict()),
+                           max_steps=args.max_steps, concurrency=args.concurrency, env_workers=args.env_workers)
+        except BackendUnavailable as e:
+            raise SystemExit(f"error: {e}") from None
+    seconds = round(time.perf_counter() - t0, 1)
+    summary: dict[str, Any] = {"seconds": seconds}
+    for kind, store in stores.items():
+        c, expected = counts[kind], counts[kind]["records"] * args.n
+        summary[kind] = {"records_in": c["records"], "rollouts_expected": expected,
+                         "skipped_done": expected - c["copied"] - c["jobs"], "copied_from_done_records": c["copied"],
+                         "rolled_out": len(store) - c["before"] - c["copied"],
                          "success_rate": sum(r["success"] for r in store.records.values()) / max(1, len(store)),
-                         "seconds": round(time.perf_counter() - t0, 1), "out": str(path)}
+                         "out": str(store.path)}
         log.info("rollouts_%s: %d step records x %d = %d rollouts: %d done before, %d copied from finished records, "
-                 "%d rolled out now in %.1fs -> %s", kind, len(records), args.n, expected, summary[kind]["skipped_done"],
-                 copied, summary[kind]["rolled_out"], summary[kind]["seconds"], path)
+                 "%d rolled out now -> %s", kind, c["records"], args.n, expected, summary[kind]["skipped_done"],
+                 c["copied"], summary[kind]["rolled_out"], store.path)
+    log.info("%d rollouts of %s in one run of %.1fs", len(jobs), " and ".join(stores), seconds)
     log_summary(run.root, "mc", summary, run.mc)
     return summary
 

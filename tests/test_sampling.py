@@ -168,6 +168,26 @@ def test_crash_in_one_episode_is_recorded_and_the_stage_carries_on(tmp_path, vh_
     assert mc["explore"]["copied_from_done_records"] >= 2
 
 
+def test_both_kinds_roll_out_in_one_runner_call_each_into_its_own_file(tmp_path, vh_expert, tiny_model_dir, monkeypatch):
+    import sampling.mc_rollouts as mc
+
+    generate_steps(vh_args(vh_expert, tmp_path, "--kind", "both", "--model", str(tiny_model_dir), *FAST))
+    calls = []
+    real = mc.run_for_policy
+    monkeypatch.setattr(mc, "run_for_policy", lambda jobs, *a, **k: calls.append(list(jobs)) or real(jobs, *a, **k))
+    summary = mc_rollouts(["--task", "virtualhome", "--kind", "both", "--n", "2", "--model", str(tiny_model_dir),
+                           "--run_dir", str(tmp_path), *FAST])
+    assert len(calls) == 1 and {task.meta["rollout"]["kind"] for task, _ in calls[0]} == {"expert", "explore"}
+    for kind in ("expert", "explore"):
+        records = read_step_records(RunDir(tmp_path).steps(kind))
+        rollouts = read_rollouts(RunDir(tmp_path).rollouts(kind))
+        assert {r.key for r in rollouts} == {rollout_key(r.key, i) for r in records for i in range(2)}
+        assert all(r.kind == kind for r in rollouts) and summary[kind]["rolled_out"] == len(calls[0]) - sum(
+            task.meta["rollout"]["kind"] != kind for task, _ in calls[0])
+    assert mc_rollouts(["--task", "virtualhome", "--kind", "both", "--n", "2", "--model", str(tiny_model_dir),
+                        "--run_dir", str(tmp_path), *FAST])["explore"]["rolled_out"] == 0 and len(calls) == 1
+
+
 def test_bad_expert_file_names_file_line_and_field(tmp_path, vh_expert, tiny_model_dir):
     good = vh_expert.read_text().splitlines()
     missing = tmp_path / "missing.jsonl"
