@@ -15,14 +15,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from eval_agent.training import IGNORE, PadCollator
+from eval_agent.training import IGNORE, PadCollator, trained_positions
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed log-probability of its labelled tokens, and how many there are."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    targets = labels[:, 1:]
+    """Per row: the summed log-probability of its labelled tokens, and how many there are (logits only where a
+    row has one: `trained_positions`)."""
+    keep = trained_positions(labels)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    targets = labels[:, keep + 1]
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none")
     return -nll.view_as(targets).sum(-1), (targets != IGNORE).sum(-1)
 

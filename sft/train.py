@@ -38,7 +38,7 @@ from eval_agent.smollm2 import default_model_dir
 from eval_agent.trajectory import Trajectory
 from eval_agent.training import (PadCollator, StageTrainingArguments, check_master_weights, configure_training_args,
                                  encode_conversation, finished_training, load_for_training, output_dir_from_run_dir,
-                                 pad_token_id, save_dtype, sft_messages, train_and_save)
+                                 pad_token_id, save_dtype, sft_messages, train_and_save, trained_positions)
 
 log = logging.getLogger("sft.train")
 CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
@@ -116,6 +116,16 @@ def encode_dataset(args: SFTArguments, trajs: list[Trajectory], tokenizer, chat_
     return rows, stats
 
 
+class SFTTrainer(Trainer):
+    """The causal-LM loss from logits at the trained positions only (`trained_positions`): the model's own loss
+    and gradient, without the LM head on the prompt's positions."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        keep = trained_positions(inputs["labels"])
+        inputs = {**inputs, "logits_to_keep": keep, "shift_labels": inputs["labels"][:, keep + 1]}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
 def build_parser() -> HfArgumentParser:
     """The command line; its defaults are the stage's (docs/ lists them)."""
     return HfArgumentParser((SFTArguments, SFTTrainingArguments))
@@ -168,7 +178,7 @@ def train(args: SFTArguments, targs: SFTTrainingArguments, fmt_name: str, trajs:
 
     model = load_for_training(args.model_name_or_path, args.attn_implementation)
     check_master_weights(model, targs)
-    trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=PadCollator(pad_token_id(tokenizer)),
+    trainer = SFTTrainer(model=model, args=targs, train_dataset=rows, data_collator=PadCollator(pad_token_id(tokenizer)),
                       processing_class=tokenizer)
     return train_and_save(trainer, tokenizer, fmt_name, {**stats, "global_batch_size": args.global_batch_size}, log,
                           dtype)

@@ -84,6 +84,29 @@ def test_collator_pads_without_loss():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
+def test_trainer_loss_and_gradient_from_the_trained_positions_equal_the_models_own(tmp_path, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from sft.train import SFTTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rows = [{"input_ids": list(range(10, 40)), "labels": [IGNORE] * 20 + list(range(30, 40))},
+            {"input_ids": list(range(50, 70)), "labels": [IGNORE] * 5 + list(range(55, 60)) + [IGNORE] * 10}]
+    batch = PadCollator(pad_id=0)(rows)
+    trainer = SFTTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+
+    def loss_and_gradient(compute) -> tuple[float, torch.Tensor]:
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    own, own_grad = loss_and_gradient(lambda: model(**batch).loss)
+    ours, our_grad = loss_and_gradient(lambda: trainer.compute_loss(model, batch))
+    assert ours == pytest.approx(own, rel=1e-6) and torch.allclose(our_grad, own_grad, atol=1e-7)
+
+
 def test_published_format_round_trip_json_and_jsonl(tmp_path):
     rows = to_published([TRAJ], instruction="Solve the task.", id_prefix="alfworld")
     assert [t["from"] for t in rows[0]["conversations"][:3]] == ["human", "gpt", "human"]
