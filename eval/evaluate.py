@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from eval_agent.async_runner import run_for_policy
-from eval_agent.cli import check_policy_model, count, non_negative, run_main
+from eval_agent.cli import check_policy_model, count, non_negative, per_split, run_main
 from eval_agent.envs import Task, add_task_family_arg, get_task_family
 from eval_agent.guard import RunGuard, fingerprint, model_arg_names, policy_fingerprint, settings_of
 from eval_agent.layout import EVAL_SUMMARY, RunDir
@@ -130,20 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """The summary of the split; with several splits, {split: summary}."""
-    p = build_parser()
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    splits = [s for s in args.split.split(",") if s]
-    if not splits or len(set(splits)) < len(splits):
-        p.error(f"--split {args.split!r}: give one split or several different ones, comma-separated")
-    if len(splits) > 1 and args.out:
-        p.error("--out is one split's folder: with several splits pass --run_dir")
-    runs = [(a, resolve_output(a)) for a in (argparse.Namespace(**{**vars(args), "split": s}) for s in splits)]
+    runs = [(a, resolve_output(a)) for a in per_split(args)]
     if args.policy == "model":
         check_policy_model(runs[0][0])
     with RunGuard({out: fingerprint_of(a) for a, out in runs}, folder=True, overwrite=args.overwrite):
         summaries = evaluate(runs)
-    return summaries[splits[0]] if len(splits) == 1 else summaries
+    return summaries[runs[0][0].split] if len(runs) == 1 else summaries
 
 
 def fingerprint_of(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,7 +15,10 @@ training changed in a small model (docs/metrics.md).
    Skipped and counted, never scored: the replay did not reproduce the expert's observations, the
    environment failed, or the prompt did not fit the model's context.
 
-Outputs, in RUN_DIR/eval/<label>/<split>/step_accuracy/ (or --out):
+Several splits in one run (`--split seen,unseen`), each into its own folder: one model load, the expert of all
+splits in one runner call, and all their model steps in another, so that the rows of both decode together.
+
+Outputs, in RUN_DIR/eval/<label>/<split>/step_accuracy/ (or --out, one split's folder):
     expert.jsonl   one expert trajectory per task          steps.jsonl   one record per (task, t)
     summary.json   counts, shares and Wilson 95% intervals, overall and per task type; config.json (run card)
 
@@ -24,7 +27,7 @@ the records of the selected tasks and steps. A rerun with other settings (model,
 refused, naming the difference (another task limit or steps per task is no other setting: it selects);
 --overwrite moves the old files aside and starts fresh.
 
-    python -m eval.step_accuracy --task_family alfworld --split unseen --run_dir outputs/alfworld --label sft \\
+    python -m eval.step_accuracy --task_family alfworld --split seen,unseen --run_dir outputs/alfworld --label sft \\
         --limit 3 --steps_per_task 4
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -42,7 +45,7 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from eval.evaluate import model_of_label
-from eval_agent.cli import check_policy_model, count, run_main
+from eval_agent.cli import check_policy_model, count, per_split, run_main
 from eval_agent.envs import Env, StepResult, Task, add_task_family_arg, get_task_family
 from eval_agent.expert_data import AS_TRAINING_DATA
 from eval_agent.guard import RunGuard, fingerprint, model_arg_names, policy_fingerprint, settings_of
@@ -166,42 +169,54 @@ def fingerprint_of(args: argparse.Namespace) -> dict[str, Any]:
                         **policy_inputs}, selection={"limit": args.limit, "steps_per_task": args.steps_per_task})
 
 
-def expert_trajectories(tasks: list[Task], args: argparse.Namespace, out: Path) -> dict[str, Trajectory]:
-    """The expert's run of every task, played once and kept in expert.jsonl."""
+@dataclass
+class Split:
+    """One split of the run: its arguments, its folder, its tasks and step records, the expert's runs, and the
+    (task, expert run, t) it scores."""
+    args: argparse.Namespace
+    out: Path
+    tasks: list[Task]
+    steps: JsonlStore
+    experts: dict[str, Trajectory] = field(default_factory=dict)
+    selected: list[tuple[Task, Trajectory, int]] = field(default_factory=list)
+
+
+def play_expert(splits: dict[str, Split], args: argparse.Namespace) -> None:
+    """The expert's run of every task, played once (all splits in one runner call) and kept in its split's
+    expert.jsonl."""
     family = get_task_family(args.task_family)
-    store = open_store(out / "expert.jsonl")
+    stores = {name: open_store(s.out / "expert.jsonl") for name, s in splits.items()}
     as_data = AS_TRAINING_DATA[args.task_family]
-    todo = [t for t in tasks if t.key not in store]
+    todo = [t for name, s in splits.items() for t in s.tasks if t.key not in stores[name]]
 
     def keep(ep: Episode) -> None:  # a lost run is kept as it went (it is listed, never replayed)
         traj = as_data(ep.traj, ep.task.key) if ep.traj.success else ep.traj
-        store.append({"key": ep.task.key, **traj.to_dict()})
+        stores[ep.task.split].append({"key": ep.task.key, **traj.to_dict()})
 
     if todo:
-        log.info("the expert plays %d of %d tasks", len(todo), len(tasks))
+        log.info("the expert plays %d of %d tasks", len(todo), sum(len(s.tasks) for s in splits.values()))
         run_episodes(todo, ExpertPolicy(), partial(family.make_env, expert=True, **args.env_args), keep,
                      max_steps=args.expert_max_steps, concurrency=args.concurrency, progress=False)
-    out_trajs = {}
-    for task in tasks:
-        rec = {k: v for k, v in store.records[task.key].items() if k != "key"}
-        try:
-            out_trajs[task.key] = Trajectory.from_dict(rec)
-        except (TypeError, ValueError) as e:
-            raise SystemExit(f"error: {store.path}: record {task.key!r} is not a trajectory ({e}); "
-                             "pass --overwrite to play the expert again") from None
-    return out_trajs
+    for name, s in splits.items():
+        for task in s.tasks:
+            rec = {k: v for k, v in stores[name].records[task.key].items() if k != "key"}
+            try:
+                s.experts[task.key] = Trajectory.from_dict(rec)
+            except (TypeError, ValueError) as e:
+                raise SystemExit(f"error: {stores[name].path}: record {task.key!r} is not a trajectory ({e}); "
+                                 "pass --overwrite to play the expert again") from None
 
 
 def model_steps(todo: list[tuple[Task, Trajectory, int]], policy: Policy, make_env: Callable[[], Env],
-                store: JsonlStore, concurrency: int) -> RunStats:
-    """Expert prefix, then one model step, for every (task, t) of `todo`, all in one runner call: the steps of a
-    task are asked together (in `todo`'s order, task by task), and each prompt begins the next one's (the prefix
-    cache's case)."""
-    experts = {task.key: expert for task, expert, _ in todo}
+                stores: dict[str, JsonlStore], concurrency: int) -> RunStats:
+    """Expert prefix, then one model step, for every (task, t) of `todo`, all in one runner call, each record
+    into the store of its task's split: the steps of a task are asked together (in `todo`'s order, task by
+    task), and each prompt begins the next one's (the prefix cache's case)."""
+    experts = {(task.split, task.key): expert for task, expert, _ in todo}  # a key may be in several splits
     bar = tqdm(total=len(todo), desc="model steps", unit="step")
 
     def save(ep: Episode) -> None:
-        store.append(step_record(ep.task, experts[ep.task.key], ep))
+        stores[ep.task.split].append(step_record(ep.task, experts[ep.task.split, ep.task.key], ep))
         bar.update(1)
 
     try:
@@ -216,13 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; its defaults are the stage's (docs/eval.md lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_family_arg(p)
-    p.add_argument("--split", default="seen", help="seen | unseen (a test split; train works too)")
+    p.add_argument("--split", default="seen", help="seen | unseen (a test split; train works too), or several "
+                                                    "comma-separated (seen,unseen): asked together, each in its own folder")
     add_model_args(p)
     p.add_argument("--run_dir", help="outputs go to RUN_DIR/eval/<label>/<split>/step_accuracy/")
     p.add_argument("--label", help="the model, as evaluation names it: base | sft | steca (the run's models) | any "
                                    "name with --model (default: base)")
     p.add_argument("--base_model", help="the model --label base names (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", help="output folder (default: from --run_dir and --label)")
+    p.add_argument("--out", help="output folder of one split (default: from --run_dir and --label)")
     p.add_argument("--limit", type=count, help="first N tasks of the split only (default: all)")
     p.add_argument("--steps_per_task", type=count, help="N steps of each expert trajectory, evenly spaced (default: all)")
     p.add_argument("--expert_max_steps", type=count, default=MAX_STEPS,
@@ -251,37 +267,45 @@ def parse_args(argv: list[str] | None, scripted: bool = False) -> argparse.Names
 
 
 def main(argv: list[str] | None = None, policy: Policy | None = None) -> dict[str, Any]:
-    """Run the stage; `policy` replaces the model policy of the arguments (tests script one)."""
+    """The summary of the split; with several splits, {split: summary}. `policy` replaces the model policy of the
+    arguments (tests script one)."""
     args = parse_args(argv, scripted=policy is not None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    out = Path(args.out) if args.out else RunDir(args.run_dir).step_accuracy(args.label, args.split)
+    runs = [(a, Path(a.out) if a.out else RunDir(a.run_dir).step_accuracy(a.label, a.split)) for a in per_split(args)]
     if policy is None:
         check_policy_model(args)
-    with RunGuard({out: fingerprint_of(args)}, folder=True, overwrite=args.overwrite):
-        return measure(args, out, policy)
+    with RunGuard({out: fingerprint_of(a) for a, out in runs}, folder=True, overwrite=args.overwrite):
+        summaries = measure(runs, policy)
+    return summaries[runs[0][0].split] if len(runs) == 1 else summaries
 
 
-def measure(args: argparse.Namespace, out: Path, policy: Policy | None) -> dict[str, Any]:
+def measure(runs: list[tuple[argparse.Namespace, Path]], policy: Policy | None) -> dict[str, dict[str, Any]]:
+    """The selected steps of every (split, folder) not recorded yet, in one runner call; {split: summary}."""
     t0 = time.perf_counter()
+    args = runs[0][0]
     family = get_task_family(args.task_family)
     try:
-        tasks = family.load_tasks(args.split, data_root=args.data_root, limit=args.limit)
+        splits = {a.split: Split(a, out, family.load_tasks(a.split, data_root=a.data_root, limit=a.limit),
+                                 open_store(out / "steps.jsonl")) for a, out in runs}
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    store = open_store(out / "steps.jsonl")
-    experts = expert_trajectories(tasks, args, out)
-    won = [t for t in tasks if experts[t.key].success]
-    failed = [t.key for t in tasks if not experts[t.key].success]
-    selected = [(t, experts[t.key], i) for t in won for i in chosen_steps(len(experts[t.key].steps), args.steps_per_task)]
-    todo = [x for x in selected if f"{x[0].key}|t{x[2]}" not in store]
-    log.info("%s/%s: %d tasks (%d won by the expert), %d steps selected, %d done before, %d to run", args.task_family,
-             args.split, len(tasks), len(won), len(selected), len(selected) - len(todo), len(todo))
+    play_expert(splits, args)
+    todo: list[tuple[Task, Trajectory, int]] = []
+    for s in splits.values():
+        won = [t for t in s.tasks if s.experts[t.key].success]
+        s.selected = [(t, s.experts[t.key], i) for t in won
+                      for i in chosen_steps(len(s.experts[t.key].steps), args.steps_per_task)]
+        missing = [x for x in s.selected if f"{x[0].key}|t{x[2]}" not in s.steps]
+        todo += missing
+        log.info("%s/%s: %d tasks (%d won by the expert), %d steps selected, %d done before, %d to run",
+                 args.task_family, s.args.split, len(s.tasks), len(won), len(s.selected),
+                 len(s.selected) - len(missing), len(missing))
 
     extra: dict[str, Any] = {}
     if policy is None and todo:  # nothing to ask: the model is not even loaded
         policy = ModelPolicy.from_args(args, GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0))
         extra["resolved_chat_format"] = policy.chat_format.name
-    card = write_run_card(out, "eval.step_accuracy", {**vars(args), **extra})
+    cards = {name: write_run_card(s.out, "eval.step_accuracy", {**vars(s.args), **extra}) for name, s in splits.items()}
     pool: list[Recording] = []
     made: list[Recording] = []
 
@@ -292,24 +316,32 @@ def measure(args: argparse.Namespace, out: Path, policy: Policy | None) -> dict[
         return pool.pop()
 
     try:
-        stats = model_steps(todo, policy, make_env, store, args.concurrency) if todo else RunStats()
+        stats = (model_steps(todo, policy, make_env, {name: s.steps for name, s in splits.items()}, args.concurrency)
+                 if todo else RunStats())
     except BackendUnavailable as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         for env in made:
             env.env.close()
+    seconds = round(time.perf_counter() - t0, 1)
+    return {name: write_summary(s, stats, seconds, cards[name]) for name, s in splits.items()}
 
-    records = [store.records[f"{t.key}|t{i}"] for t, _, i in selected]
+
+def write_summary(s: Split, stats: RunStats, seconds: float, card: dict[str, Any]) -> dict[str, Any]:
+    """The split's summary.json from the records of its selected steps (the run's counts and seconds are all
+    splits')."""
+    args = s.args
+    records = [s.steps.records[f"{t.key}|t{i}"] for t, _, i in s.selected]
+    won = sum(e.success for e in s.experts.values())
     summary = {"env": args.task_family, "split": args.split, "label": args.label, "model": args.model,
-               "tasks": len(tasks), "expert_won": len(won), "expert_failed": failed,
-               **summarize(records), "run": asdict(stats), "seconds": round(time.perf_counter() - t0, 1),
-               "run_card": card}
-    write_json(out / EVAL_SUMMARY, summary)
+               "tasks": len(s.tasks), "expert_won": won,
+               "expert_failed": [t.key for t in s.tasks if not s.experts[t.key].success],
+               **summarize(records), "run": asdict(stats), "seconds": seconds, "run_card": card}
+    write_json(s.out / EVAL_SUMMARY, summary)
     log.info("%s/%s%s: step accuracy %s, valid actions %s over %d steps (%d skipped) of %d tasks -> %s",
              args.task_family, args.split, f" ({args.label})" if args.label else "",
              format_share(summary["match"], summary["steps"]), format_share(summary["valid"], summary["steps"]),
-             summary["steps"],
-             sum(summary["skipped"].values()), len(won), out)
+             summary["steps"], sum(summary["skipped"].values()), won, s.out)
     return summary
 
 

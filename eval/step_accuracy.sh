@@ -4,13 +4,14 @@
 # RUN_DIR/eval/<LABEL>/<SPLIT>/step_accuracy/ (eval_agent/layout.py). LABEL names the model as in evaluation:
 # base, sft, steca, or any name with MODEL. docs/eval.md lists every variable with its default, e.g.
 #   TASK_FAMILY=alfworld SPLIT=unseen LABEL=sft EVAL_LIMIT=3 STEPS_PER_TASK=4 bash eval/step_accuracy.sh
+#   TASK_FAMILY=alfworld SPLIT=seen,unseen LABEL=sft bash eval/step_accuracy.sh   # both splits asked together
 # MAX_STEPS is not read: the model takes one step, and the expert plays each task to its end (--expert_max_steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/stage_lib.sh                # PRESET, PYTHON, TASK_FAMILY, RUN_DIR
 
 source scripts/label_vars.sh               # LABEL MODEL BASE_MODEL
-SPLIT=${SPLIT:-}                           # seen | unseen
+SPLIT=${SPLIT:-}                           # seen | unseen | seen,unseen (one process, each into its own folder)
 EVAL_LIMIT=${EVAL_LIMIT:-}                 # first N tasks only; empty = the whole split
 STEPS_PER_TASK=${STEPS_PER_TASK:-}         # N steps of each expert trajectory, evenly spaced; empty = all
 DATA_ROOT=${DATA_ROOT:-}                   # task data folder

@@ -84,6 +84,17 @@ def at_least(name: str, value: float, low: float) -> None:
         raise UserError(f"--{name} must be >= {low:g}, got {value}")
 
 
+def per_split(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """`--split seen,unseen`: the arguments once per split, in the order given, for a stage that runs several
+    splits in one process, each into its own folder (so `--out`, one folder, takes one split)."""
+    splits = [s for s in args.split.split(",") if s]
+    if not splits or len(set(splits)) < len(splits):
+        raise SystemExit(f"error: --split {args.split!r}: give one split or several different ones, comma-separated")
+    if len(splits) > 1 and args.out:
+        raise SystemExit("error: --out is one split's folder: with several splits pass --run_dir")
+    return [argparse.Namespace(**{**vars(args), "split": s}) for s in splits]
+
+
 # ---- inputs ---------------------------------------------------------------------------------------------
 
 def input_file(path: str | Path, what: str) -> Path:

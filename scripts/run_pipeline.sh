@@ -106,13 +106,11 @@ stage() {  # stage <name> [--serve base|sft|steca] <command...>: run it unless i
 
 evaluate_all() {  # the base, SFT and STeCa models on both test splits (success, step accuracy), one server per model;
                   # a variant evaluates only its own models (eval_agent/layout.py: eval_labels)
-  local label split
+  local label
   for label in $(layout --run_dir "$RUN_DIR" eval_labels); do
     start_server "$label"
     LABEL=$label SPLIT=seen,unseen served bash eval/evaluate.sh  # the splits' episodes decode together
-    for split in seen unseen; do
-      LABEL=$label SPLIT=$split served bash eval/step_accuracy.sh
-    done
+    LABEL=$label SPLIT=seen,unseen served bash eval/step_accuracy.sh  # and so do their model steps
     stop_server
   done
 }

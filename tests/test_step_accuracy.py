@@ -31,15 +31,17 @@ VIRTUALHOME_SCRIPT = ("EXPERT", "dance wildly")
 
 class ScriptedPolicy:
     """Replies by the step index t = len(prefix) from `script`, with the expert's action read from the
-    stage's own expert.jsonl (the trajectories it replays)."""
+    stage's own expert.jsonl (the trajectories it replays; one folder, or a list of several splits' folders).
+    `rounds`: how many episodes each act() call asked."""
 
-    def __init__(self, out: Path, script: tuple):
-        self.out, self.script, self.asked = out, script, []
+    def __init__(self, out: Path | list[Path], script: tuple):
+        self.outs, self.script, self.asked, self.rounds = out if isinstance(out, list) else [out], script, [], []
         self.expert: dict[str, list[str]] | None = None
 
     def act(self, episodes):
         if self.expert is None:
-            self.expert = {t.meta["key"]: t.actions for t in won_experts(self.out)}
+            self.expert = {t.meta["key"]: t.actions for out in self.outs for t in won_experts(out)}
+        self.rounds.append(len(episodes))
         replies = []
         for ep in episodes:
             t = len(ep.prefix)
@@ -125,6 +127,51 @@ def test_alfworld_scripted_policy_counts_exactly(tmp_path):
     again = ScriptedPolicy(out, ALFWORLD_SCRIPT)
     assert step_accuracy(args + ["--steps_per_task", "3"], policy=again)["steps"] == 3 and again.asked == []
     assert len(records(out)) == want["steps"]
+
+
+def test_splits_together_give_what_each_split_gives_alone(tmp_path):
+    """--split seen,unseen: one act() call asks the steps of both splits, and each split's folder holds what a
+    run of that split alone writes; a rerun asks nothing."""
+    common = ["--task_family", "alfworld", "--limit", "1", "--steps_per_task", "3", "--label", "scripted",
+              "--model", "scripted"]
+    together, alone = RunDir(tmp_path / "together"), RunDir(tmp_path / "alone")
+    outs = [together.step_accuracy("scripted", split) for split in ("seen", "unseen")]
+    policy = ScriptedPolicy(outs, ALFWORLD_SCRIPT)
+    both = step_accuracy(common + ["--split", "seen,unseen", "--run_dir", str(together.root)], policy=policy)
+    assert sorted(both) == ["seen", "unseen"] and policy.rounds == [6]  # 3 steps of each split's one task
+    for split, out in zip(("seen", "unseen"), outs):
+        one = step_accuracy(common + ["--split", split, "--run_dir", str(alone.root)],
+                            policy=ScriptedPolicy(alone.step_accuracy("scripted", split), ALFWORLD_SCRIPT))
+        assert one["split"] == both[split]["split"] == split and one["steps"] == 3
+        assert {k: v for k, v in one.items() if k not in ("run", "seconds", "run_card")} == \
+               {k: v for k, v in both[split].items() if k not in ("run", "seconds", "run_card")}
+        assert records(out) == records(alone.step_accuracy("scripted", split))
+        assert json.loads((out / "summary.json").read_text())["match"] == one["match"]
+        assert all(split in r["task_key"] for r in records(out))  # valid_seen/... or valid_unseen/...
+    again = ScriptedPolicy(outs, ALFWORLD_SCRIPT)
+    rerun = step_accuracy(common + ["--split", "seen,unseen", "--run_dir", str(together.root)], policy=again)
+    assert again.asked == [] and rerun["unseen"]["run"]["episodes"] == 0
+    assert all(rerun[s]["match"] == both[s]["match"] and len(records(o)) == 3 for s, o in zip(("seen", "unseen"), outs))
+    for bad, message in ((["--split", "seen,unseen", "--out", str(tmp_path / "one")], "--out is one split's folder"),
+                         (["--split", "seen,seen", "--run_dir", str(together.root)], "several different ones"),
+                         (["--split", ",", "--run_dir", str(together.root)], "several different ones")):
+        with pytest.raises(SystemExit, match=message):
+            step_accuracy(common + bad, policy=ScriptedPolicy(outs, ALFWORLD_SCRIPT))
+
+
+def test_a_task_key_in_two_splits_is_recorded_in_each(tmp_path):
+    """The same tasks as both splits (--data_root): one runner call, each record in its own split's folder."""
+    lines = (get_task_family("virtualhome").find_data_root() / "vh_unseen_test.jsonl").read_text().splitlines()[:2]
+    for split in ("seen", "unseen"):
+        (tmp_path / f"vh_{split}_test.jsonl").write_text("".join(line + "\n" for line in lines))
+    run = RunDir(tmp_path / "run")
+    outs = [run.step_accuracy("scripted", split) for split in ("seen", "unseen")]
+    policy = ScriptedPolicy(outs, VIRTUALHOME_SCRIPT)
+    both = step_accuracy(["--task_family", "virtualhome", "--split", "seen,unseen", "--data_root", str(tmp_path),
+                          "--steps_per_task", "2", "--run_dir", str(run.root), "--label", "scripted", "--model", "m"],
+                         policy=policy)
+    assert policy.rounds == [8] and both["seen"]["steps"] == both["unseen"]["steps"] == 4
+    assert records(outs[0]) == records(outs[1]) and len({r["key"] for r in records(outs[0])}) == 4
 
 
 def test_virtualhome_scripted_policy_counts_exactly(tmp_path):
