@@ -14,10 +14,12 @@ source scripts/label_vars.sh               # LABEL MODEL BASE_MODEL
 EVAL_LIMIT=${EVAL_LIMIT:-${LIMIT:-}}       # first N tasks only; empty = the whole split (LIMIT: the older name)
 OUT=${OUT:-}                               # the output folder; empty = RUN_DIR/eval/<LABEL>/<SPLIT>
 source scripts/episode_vars.sh             # SPLIT DATA_ROOT MAX_STEPS CONCURRENCY
+EVAL_MAX_STEPS=${EVAL_MAX_STEPS:-}         # the evaluation's episode budget; empty = MAX_STEPS (tiny: 8)
 source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM ICL_FROM MAX_NEW_TOKENS
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
 opt --policy "$POLICY"
 opt --limit "$EVAL_LIMIT"
+opt --max_steps "$EVAL_MAX_STEPS"          # after MAX_STEPS's flag: the last one counts
 opt --out "$OUT"
 exec "$PYTHON" -m eval.evaluate "${args[@]}" "$@"

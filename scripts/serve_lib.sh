@@ -10,6 +10,7 @@
 #   with_server <label> <command...>   the command against a server of <label>'s model (base | sft | steca);
 #                                       an empty label runs it without one
 #   start_server <label> / stop_server  the same in two halves, for several commands against one server
+#   launch <command...> / wait_launched  commands side by side against the server (or in-process)
 
 SERVE_PORT=${SERVE_PORT:-}            # first port of the servers; empty = serve_vllm.sh's BASE_PORT (8000)
 SERVE_TIMEOUT=${SERVE_TIMEOUT:-}      # seconds for the servers to answer /health; empty = its STARTUP_TIMEOUT (900)
@@ -18,7 +19,7 @@ SERVE_ARGS=${SERVE_ARGS:-}            # more server flags; empty = its EXTRA_ARG
 SERVER_PID=
 SERVER_LABEL=
 SERVER_ENDPOINTS=
-CHILD_PID=
+CHILD_PIDS=()
 
 serving() {  # 0 when the pipeline starts servers itself
   case "${BACKEND:-}" in vllm|serve_hf) return 0 ;; *) return 1 ;; esac
@@ -72,7 +73,12 @@ stop_server() {  # stop the server started last, if any (serve_vllm.sh stops its
   echo "== ${RUN_NAME:-$TASK_FAMILY}: server for $SERVER_LABEL stopped (pid $pid)"
 }
 
-served() {  # served <command...>: in the background, against the server when one is up
+launch() {  # launch <command...>: in the background, against the server when one is up; wait_launched waits.
+            # Fingerprinting (STECA_FINGERPRINT) runs it at once: the fingerprints must come out in one order.
+  if [ -n "${STECA_FINGERPRINT:-}" ]; then
+    "$@" <&0
+    return
+  fi
   if [ -n "$SERVER_PID" ]; then
     BACKEND=openai ENDPOINTS=$SERVER_ENDPOINTS "$@" <&0 &
   elif serving; then
@@ -80,11 +86,23 @@ served() {  # served <command...>: in the background, against the server when on
   else
     "$@" <&0 &
   fi
-  CHILD_PID=$!
-  local rc=0
-  wait "$CHILD_PID" || rc=$?
-  CHILD_PID=
+  CHILD_PIDS+=("$!")
+}
+
+wait_launched() {  # wait for every launched command; the status of the first that failed
+  local pid status rc=0
+  for pid in "${CHILD_PIDS[@]}"; do
+    status=0
+    wait "$pid" || status=$?
+    [ "$rc" != 0 ] || rc=$status
+  done
+  CHILD_PIDS=()
   return "$rc"
+}
+
+served() {  # served <command...>: one command, as launch runs it
+  launch "$@"
+  wait_launched
 }
 
 with_server() {  # with_server <label> <command...>
@@ -96,11 +114,15 @@ with_server() {  # with_server <label> <command...>
   return "$rc"
 }
 
-stop_all() {  # the trap: the running stage, then its server
-  if [ -n "$CHILD_PID" ] && kill -0 "$CHILD_PID" 2> /dev/null; then
-    echo "== stopping the running stage (pid $CHILD_PID)" >&2
-    kill -TERM "$CHILD_PID" 2> /dev/null || true
-    wait "$CHILD_PID" 2> /dev/null || true
-  fi
+stop_all() {  # the trap: the running stages, then their server
+  local pid
+  for pid in "${CHILD_PIDS[@]}"; do
+    if kill -0 "$pid" 2> /dev/null; then
+      echo "== stopping the running stage (pid $pid)" >&2
+      kill -TERM "$pid" 2> /dev/null || true
+      wait "$pid" 2> /dev/null || true
+    fi
+  done
+  CHILD_PIDS=()
   stop_server
 }
