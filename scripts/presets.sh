@@ -23,10 +23,10 @@ apply_preset() {
       # 3 tasks a split: step accuracy 6/24 both, valid actions 14/24 vs 16/24); no warmup step (learning rate 0)
       : "${EXPERT_LIMIT:=${SFT_LIMIT:-8}}" "${SFT_EPOCHS:=1}" "${SFT_LR:=1e-4}" "${SFT_BATCH:=1}" "${SFT_MICRO_BATCH:=1}"
       : "${SFT_WARMUP:=0}" "${RFT_WARMUP:=0}"
-      # sampling: 10 steps hold the sampled VirtualHome trajectory (9 steps); evaluation: 8 (success is out of
-      # reach for a 135M model either way; step accuracy, run beside it, is what moves), or MAX_STEPS when set
-      : "${EVAL_MAX_STEPS:=${MAX_STEPS:-8}}" "${SAMPLE_LIMIT:=1}" "${N:=2}" "${MAX_STEPS:=10}" "${MAX_NEW_TOKENS:=40}"
-      : "${RFT_LR:=1e-5}" "${RFT_BATCH:=4}" "${EVAL_LIMIT:=3}" "${STEPS_PER_TASK:=4}" "${GRAD_CKPT:=0}"
+      # sampling: 10 steps hold the sampled VirtualHome trajectory (9 steps); evaluation: 6, or MAX_STEPS when set
+      # (success is out of reach for a 135M model either way; step accuracy, run beside it, is what moves)
+      : "${EVAL_MAX_STEPS:=${MAX_STEPS:-6}}" "${SAMPLE_LIMIT:=1}" "${N:=2}" "${MAX_STEPS:=10}" "${MAX_NEW_TOKENS:=40}"
+      : "${RFT_LR:=1e-5}" "${RFT_BATCH:=4}" "${EVAL_LIMIT:=3}" "${STEPS_PER_TASK:=3}" "${GRAD_CKPT:=0}"
       : "${CALIBRATION_EVAL:=0}" "${CALIBRATION_LIMIT:=1}"  # one history says nothing about Figure 4: opt in
       export EXPERT_LIMIT SFT_EPOCHS SFT_LR SFT_BATCH SFT_MICRO_BATCH SFT_WARMUP RFT_WARMUP SAMPLE_LIMIT N MAX_STEPS \
         EVAL_MAX_STEPS MAX_NEW_TOKENS RFT_LR RFT_BATCH EVAL_LIMIT STEPS_PER_TASK GRAD_CKPT CALIBRATION_EVAL \
