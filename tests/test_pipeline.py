@@ -230,3 +230,20 @@ def test_pipeline_both_envs_killed_and_resumed(tmp_path, tiny_model_dir):
     for row in ("STeCa w/ SFT+DPO (ours)", "STeCa w/o D_e (ours)", "STeCa w/o exploration loss"):
         assert f"| {row} |" in report, row
     assert (report_dir(root) / "tables.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_launched_commands_run_side_by_side_and_the_first_failure_counts(tmp_path):
+    """scripts/serve_lib.sh's launch / wait_launched (the evaluation's episodes beside its step accuracy): the first
+    command can only end once the second has run (a FIFO between them), the status is the first failure's, and
+    fingerprinting runs them one after the other, in order."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    both = ("set -euo pipefail; source scripts/serve_lib.sh; "
+            f"launch bash -c 'read line < {fifo}; echo \"first read $line\"; exit 3'; "
+            f"launch bash -c 'echo second > {fifo}'; rc=0; wait_launched || rc=$?; echo \"rc=$rc\"")
+    out = subprocess.run(["timeout", "60", "bash", "-c", both], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.splitlines() == ["first read second", "rc=3"], out
+    ordered = "source scripts/serve_lib.sh; launch echo one; launch echo two; wait_launched"
+    out = subprocess.run(["bash", "-c", ordered], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, STECA_FINGERPRINT="1"))
+    assert out.returncode == 0 and out.stdout == "one\ntwo\n", out
