@@ -14,7 +14,7 @@ source scripts/label_vars.sh               # LABEL MODEL BASE_MODEL
 EVAL_LIMIT=${EVAL_LIMIT:-${LIMIT:-}}       # first N tasks only; empty = the whole split (LIMIT: the older name)
 OUT=${OUT:-}                               # the output folder; empty = RUN_DIR/eval/<LABEL>/<SPLIT>
 source scripts/episode_vars.sh             # SPLIT DATA_ROOT MAX_STEPS CONCURRENCY
-EVAL_MAX_STEPS=${EVAL_MAX_STEPS:-}         # the evaluation's episode budget; empty = MAX_STEPS (tiny: 8)
+EVAL_MAX_STEPS=${EVAL_MAX_STEPS:-}         # the evaluation's episode budget; empty = MAX_STEPS (tiny: 6)
 source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM ICL_FROM MAX_NEW_TOKENS
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
