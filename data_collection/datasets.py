@@ -14,7 +14,7 @@ from data_collection.embeddings import ActionEmbeddings
 from data_collection.ndtw import action_deviation, weight
 from eval_agent.parsing import parse_reply
 from eval_agent.prompts import PromptBuilder
-from eval_agent.records import StepRecord
+from eval_agent.records import StepRecord, task_step_key
 from eval_agent.trajectory import Step, Trajectory, messages_to_conversation
 
 SETS = ("calibration", "expert_sub", "expert_full", "explored")
@@ -62,7 +62,7 @@ def calibration_prompt(instruction: str, expert: Trajectory, rec: StepRecord) ->
 
 def make_row(set_name: str, task_key: str, t: int, prompt: Messages, chosen: Messages, rejected: Messages,
              **meta: Any) -> dict[str, Any]:
-    return {"key": f"{set_name}|{task_key}|t{t}", "set": set_name, "task_key": task_key, "t": t,
+    return {"key": f"{set_name}|{task_step_key(task_key, t)}", "set": set_name, "task_key": task_key, "t": t,
             "prompt": turns(prompt), "chosen": turns(chosen), "rejected": turns(rejected),
             "deviation": None, "reward": None, "kept": False, "meta": meta}
 

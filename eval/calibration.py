@@ -49,7 +49,7 @@ from eval_agent.expert_data import load_expert_data
 from eval_agent.guard import RunGuard, fingerprint, identity, model_arg_names, policy_fingerprint, settings_of
 from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.llm import BackendUnavailable, GenerationConfig
-from eval_agent.records import read_step_records, step_key
+from eval_agent.records import read_step_records, step_key, task_step_key
 from eval_agent.run_card import write_run_card
 from eval_agent.runner import MAX_STEPS, Episode, ModelPolicy, Policy, RunStats, add_model_args, run_episodes
 from eval_agent.stats import format_share, wilson_interval
@@ -65,7 +65,7 @@ TASK_SPLIT = {"seen": "train", "unseen": "unseen"}  # the split whose tasks each
 
 @dataclass
 class History:
-    key: str  # f"{task_key}|t{t}"
+    key: str  # task_step_key(task_key, t)
     task_key: str
     t: int
     prefix: list[str]  # the expert's replies 0..t-1
@@ -104,7 +104,7 @@ def seen_histories(files: dict[str, Path]) -> list[History]:
                              f"a step and an expert trajectory in {files['steps_explore']}: data collection and "
                              "sampling are of different runs")
         expert = experts[rec.expert_key]
-        out.append(History(f"{rec.task_key}|t{rec.t}", rec.task_key, rec.t, list(rec.prefix),
+        out.append(History(task_step_key(rec.task_key, rec.t), rec.task_key, rec.t, list(rec.prefix),
                            [s.observation for s in expert.steps[: rec.t]], rec.step["text"], rec.step["observation"]))
     return out
 

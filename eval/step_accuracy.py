@@ -51,6 +51,7 @@ from eval_agent.expert_data import AS_TRAINING_DATA
 from eval_agent.guard import RunGuard, fingerprint, model_arg_names, policy_fingerprint, settings_of
 from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.llm import BackendUnavailable, GenerationConfig
+from eval_agent.records import task_step_key
 from eval_agent.run_card import write_run_card
 from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, Policy, RunStats, add_model_args, run_episodes
 from eval_agent.stats import format_share, wilson_interval
@@ -107,7 +108,7 @@ def step_record(task: Task, expert: Trajectory, ep: Episode) -> dict[str, Any]:
     """The record of the model's step t = len(prefix) in `ep`, or why there is none."""
     t, steps = len(ep.prefix), ep.traj.steps
     record: dict[str, Any] = {
-        "key": f"{task.key}|t{t}", "task_key": task.key, "task_type": task.meta.get("task_type", "unknown"), "t": t,
+        "key": task_step_key(task.key, t), "task_key": task.key, "task_type": task.meta.get("task_type", "unknown"), "t": t,
         "length": len(expert.steps), "expert_action": expert.steps[t].action, "reply": None, "action": None,
         "observation": None, "match": None, "valid": None, "refused_match": None, "skip": None,
         "error": ep.traj.meta.get("error"),
@@ -295,7 +296,7 @@ def measure(runs: list[tuple[argparse.Namespace, Path]], policy: Policy | None) 
         won = [t for t in s.tasks if s.experts[t.key].success]
         s.selected = [(t, s.experts[t.key], i) for t in won
                       for i in chosen_steps(len(s.experts[t.key].steps), args.steps_per_task)]
-        missing = [x for x in s.selected if f"{x[0].key}|t{x[2]}" not in s.steps]
+        missing = [x for x in s.selected if task_step_key(x[0].key, x[2]) not in s.steps]
         todo += missing
         log.info("%s/%s: %d tasks (%d won by the expert), %d steps selected, %d done before, %d to run",
                  args.task_family, s.args.split, len(s.tasks), len(won), len(s.selected),
@@ -331,7 +332,7 @@ def write_summary(s: Split, stats: RunStats, seconds: float, card: dict[str, Any
     """The split's summary.json from the records of its selected steps (the run's counts and seconds are all
     splits')."""
     args = s.args
-    records = [s.steps.records[f"{t.key}|t{i}"] for t, _, i in s.selected]
+    records = [s.steps.records[task_step_key(t.key, i)] for t, _, i in s.selected]
     won = sum(e.success for e in s.experts.values())
     summary = {"env": args.task_family, "split": args.split, "label": args.label, "model": args.model,
                "tasks": len(s.tasks), "expert_won": won,

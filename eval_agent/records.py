@@ -7,6 +7,7 @@ continuation to the end of the episode. A *rollout* is one temperature-1 continu
 the mean success of a record's N rollouts is its Monte-Carlo step reward.
 
 Keys are stable strings, so every stage can skip what is done and merge shards:
+    step t of a task:  f"{task_key}|t{t}" (also the evaluations' step accuracy records and histories)
     step record:  f"{task_key}|t{t}|{kind}"      rollout:  f"{record_key}|s{i}"
 """
 from __future__ import annotations
@@ -22,8 +23,12 @@ from eval_agent.trajectory import Step, Trajectory
 KINDS = ("expert", "explore")
 
 
+def task_step_key(task_key: str, t: int) -> str:
+    return f"{task_key}|t{t}"
+
+
 def step_key(task_key: str, t: int, kind: str) -> str:
-    return f"{task_key}|t{t}|{kind}"
+    return f"{task_step_key(task_key, t)}|{kind}"
 
 
 def rollout_key(record_key: str, sample: int) -> str:

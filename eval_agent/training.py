@@ -105,8 +105,8 @@ def sft_messages(prompts: PromptBuilder, traj: Trajectory) -> tuple[list[dict[st
 
 def trained_positions(labels: torch.Tensor) -> torch.Tensor:
     """The positions whose next token is trained in any row of `labels` [batch, length]: only there are logits
-    needed. Agent rows are mostly prompt (instruction, in-context example, observations), and the LM head with its
-    cross-entropy over a 49k vocabulary costs a fifth of a small model's training step when run on every position."""
+    needed. Agent rows are mostly prompt (instruction, in-context example, observations); skipping the LM head and
+    its cross-entropy over a 49k vocabulary there saved 3-10% of a SmolLM2-135M step (1k tokens, 200 trained)."""
     return (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(-1)
 
 

@@ -179,7 +179,7 @@ def train(args: SFTArguments, targs: SFTTrainingArguments, fmt_name: str, trajs:
     model = load_for_training(args.model_name_or_path, args.attn_implementation)
     check_master_weights(model, targs)
     trainer = SFTTrainer(model=model, args=targs, train_dataset=rows, data_collator=PadCollator(pad_token_id(tokenizer)),
-                      processing_class=tokenizer)
+                         processing_class=tokenizer)
     return train_and_save(trainer, tokenizer, fmt_name, {**stats, "global_batch_size": args.global_batch_size}, log,
                           dtype)
 
