@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 from eval_agent.cli import UserError
 from eval_agent.layout import FINGERPRINT_FILE, fingerprint_path, lock_path
-from eval_agent.store import is_staged, move_aside, write_json
+from eval_agent.store import aside_names, is_staged, move_aside, write_json
 
 log = logging.getLogger("guard")
 
@@ -373,13 +373,17 @@ class RunGuard:
             lock.release()
         self.locks = []
 
+    @staticmethod
+    def _own_entries(path: Path) -> list[Path]:
+        """What a folder output holds of this stage's: not another stage's output nested in it (step accuracy
+        inside its evaluation, known by its fingerprint or, while its writer starts, by its lock: the two run
+        side by side), not locks, not a temp file left by a killed writer."""
+        return [p for p in path.iterdir() if p.name != FINGERPRINT_FILE and not p.name.endswith(".lock")
+                and not is_staged(p.name) and not (p / FINGERPRINT_FILE).is_file() and not lock_path(p).exists()]
+
     def _has_results(self, path: Path) -> bool:
-        """Results in the output; in a folder, another stage's output nested in it (step accuracy inside its
-        evaluation) is that stage's, not this one's, and a temp file left by a killed writer is none."""
         if self.folder:
-            return path.is_dir() and any(p.name != FINGERPRINT_FILE and not p.name.endswith(".lock")
-                                         and not is_staged(p.name) and not (p / FINGERPRINT_FILE).is_file()
-                                         for p in path.iterdir())
+            return path.is_dir() and bool(self._own_entries(path))
         return path.is_file() and path.stat().st_size > 0
 
     def _claim(self, path: Path, fp: dict[str, Any]) -> None:
@@ -405,7 +409,14 @@ class RunGuard:
         write_json(record, fp)
 
     def _move_aside(self, path: Path, record: Path) -> None:
-        moved = move_aside(path) if self.folder else move_aside(path, record)
+        if self.folder:  # only this stage's entries: a nested output stays where its writer (maybe running) writes
+            moved = aside_names(path)
+            moved[0].mkdir()
+            for p in self._own_entries(path) + [record]:
+                if p.exists():
+                    p.rename(moved[0] / p.name)
+        else:
+            moved = move_aside(path, record)
         log.warning("old results moved aside: %s -> %s", path, moved[0])
         for name in self.keep:
             if (moved[0] / name).is_file():

@@ -86,14 +86,15 @@ def move_aside(*paths: Path) -> list[Path]:
     """Rename the existing ones of `paths` (files or folders) to `<name>.old`, or `.old2`, `.old3`, ...: one
     number free for all of them, so results and what belongs to them stay together and an older copy is never
     replaced. Returns the new names."""
+    return [p.rename(new) for p, new in zip(paths, aside_names(*paths)) if p.exists()]
+
+
+def aside_names(*paths: Path) -> list[Path]:
+    """The names `move_aside` gives `paths`: `.old`, `.old2`, ..., the first number free for all of them."""
     n = 1
     while any(p.with_name(f"{p.name}.old{n if n > 1 else ''}").exists() for p in paths):
         n += 1
-    moved = []
-    for p in paths:
-        if p.exists():
-            moved.append(p.rename(p.with_name(f"{p.name}.old{n if n > 1 else ''}")))
-    return moved
+    return [p.with_name(f"{p.name}.old{n if n > 1 else ''}") for p in paths]
 
 
 STAGING_MARK = ".tmp"

@@ -324,3 +324,23 @@ def test_user_errors_end_in_one_line(tmp_path, vh_expert, tiny_model_dir):
     build = run_script("data_collection/build_dataset.sh", {"TASK_FAMILY": "virtualhome", "RUN_DIR": str(tmp_path / "run"),
                                                             "EXPERT_DATA": str(tmp_path / "bad.jsonl")})
     one_line_error(build, "bad.jsonl: line 1: field 'steps[1].text' must be text")
+
+
+def test_a_nested_output_starting_beside_its_parent_is_neither_its_result_nor_moved(tmp_path, monkeypatch):
+    """Evaluation and its step accuracy (a folder inside the evaluation's) run side by side: a nested folder whose
+    writer holds its lock but has not written its fingerprint yet is not the evaluation's result, and moving the
+    evaluation's results aside on a change leaves the nested output where its writer writes."""
+    monkeypatch.setenv("STECA_ON_CHANGE", "move_aside")
+    evaluation = tmp_path / "eval" / "base" / "seen"
+    nested = evaluation / "step_accuracy"
+    nested.mkdir(parents=True)
+    lock_path(nested).write_text("")
+    with RunGuard({evaluation: {"settings": {"a": 1}}}, folder=True):
+        (evaluation / "summary.json").write_text("{}")
+    assert not (tmp_path / "eval" / "base" / "seen.old").exists()  # a fresh claim: nothing moved
+    (nested / "steps.jsonl").write_text("x\n")
+    with RunGuard({evaluation: {"settings": {"a": 2}}}, folder=True):
+        pass
+    old = tmp_path / "eval" / "base" / "seen.old"
+    assert (old / "summary.json").is_file() and not (evaluation / "summary.json").exists()
+    assert (nested / "steps.jsonl").read_text() == "x\n" and not (old / "step_accuracy").exists()
