@@ -37,6 +37,32 @@ def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> t
     return d - math.hypot(p1 - l1, u2 - p2), d + math.hypot(u1 - p1, p2 - l2)
 
 
+def paired_difference_interval(both: int, only_first: int, only_second: int, neither: int,
+                               z: float = Z95) -> tuple[float, float]:
+    """The 95% interval of p1 - p2 when both proportions are measured on the same n items (two models on the
+    same histories, steps or tasks): the four cells of the paired table, items that are 1 for both, for the
+    first only, for the second only, for neither. Newcombe (1998b, "Improved confidence intervals for the
+    difference between binomial proportions based on paired data", method 10): the two Wilson intervals
+    combined with the correlation of the pairs (phi, continuity-corrected), which the unpaired
+    `difference_interval` ignores: two models that agree on most items differ more surely than their two
+    shares alone say. Checked against Newcombe's published examples (tests/test_stats.py)."""
+    cells = (both, only_first, only_second, neither)
+    if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in cells) or not sum(cells):
+        raise ValueError(f"need four counts >= 0, not all 0, got {cells}")
+    n = sum(cells)
+    k1, k2 = both + only_first, both + only_second
+    p1, p2 = k1 / n, k2 / n
+    (l1, u1), (l2, u2) = wilson_interval(k1, n, z), wilson_interval(k2, n, z)
+    margins = k1 * (n - k1) * k2 * (n - k2)
+    cross = both * neither - only_first * only_second
+    corrected = cross - n / 2 if cross > n / 2 else (cross if cross < 0 else 0.0)
+    phi = corrected / math.sqrt(margins) if margins else 0.0
+    d = p1 - p2
+    lower = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    upper = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return d - lower, d + upper
+
+
 def format_share(k: int, n: int) -> str:
     """`3/12 = 0.25 [0.09, 0.53]`: the count, the share and its Wilson 95% interval (`0/0` when n is 0)."""
     if not n:

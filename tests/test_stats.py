@@ -1,7 +1,7 @@
 """The Wilson interval against values computed once with a reference implementation."""
 import pytest
 
-from eval_agent.stats import Z95, difference_interval, format_share, wilson_interval
+from eval_agent.stats import Z95, difference_interval, format_share, paired_difference_interval, wilson_interval
 
 # statsmodels 0.15.0, statsmodels.stats.proportion.proportion_confint(k, n, alpha=0.05, method="wilson"),
 # computed once and copied here (statsmodels is not a dependency of the project).
@@ -63,6 +63,38 @@ def test_difference_matches_statsmodels(counts):
 def test_difference_excludes_zero_where_the_intervals_still_overlap():
     (_, base_hi), (sft_lo, _) = wilson_interval(3, 48), wilson_interval(13, 48)
     assert sft_lo < base_hi and difference_interval(13, 48, 3, 48)[0] > 0
+
+
+# Newcombe (1998b), Statistics in Medicine 17:2635-2650, Table II: method 10 on his three paired examples,
+# (both, first only, second only, neither) -> the interval to 4 decimals as published.
+NEWCOMBE_PAIRED = {(36, 12, 2, 0): (0.0569, 0.3404), (18, 12, 2, 18): (0.0562, 0.3290), (53, 0, 0, 1): (-0.0729, 0.0729)}
+
+
+@pytest.mark.parametrize("cells", sorted(NEWCOMBE_PAIRED))
+def test_paired_difference_matches_newcombes_table(cells):
+    lo, hi = paired_difference_interval(*cells)
+    assert (round(lo, 4), round(hi, 4)) == NEWCOMBE_PAIRED[cells]
+
+
+def test_paired_difference_by_hand():
+    # 10 items: 2 right for both models, 5 for the first only, 1 for the second only, 2 for neither.
+    # p1 = 7/10, p2 = 3/10, d = 0.4. Wilson 95%: 7/10 -> [0.39678, 0.89221], 3/10 -> [0.10779, 0.60322].
+    # ad - bc = 2*2 - 5*1 = -1 < 0, so phi = -1 / sqrt(7*3*3*7) = -1/21 = -0.047619 (no correction below 0).
+    # lower = 0.4 - sqrt(0.30322^2 + 2/21 * 0.30322 * 0.30322 + 0.30322^2) = 0.4 - 0.43891 = -0.03891
+    # upper = 0.4 + sqrt(0.19221^2 + 2/21 * 0.19221 * 0.19221 + 0.19221^2) = 0.4 + 0.27822 = 0.67822
+    lo, hi = paired_difference_interval(2, 5, 1, 2)
+    assert lo == pytest.approx(-0.03891, abs=1e-5) and hi == pytest.approx(0.67822, abs=1e-5)
+    # the unpaired interval of the same two shares ignores that the items are shared
+    assert difference_interval(7, 10, 3, 10)[0] > lo
+
+
+def test_paired_difference_is_antisymmetric_and_checks_its_counts():
+    lo, hi = paired_difference_interval(4, 9, 2, 15)
+    assert paired_difference_interval(4, 2, 9, 15) == pytest.approx((-hi, -lo))
+    assert paired_difference_interval(0, 0, 0, 7) == pytest.approx((-wilson_interval(0, 7)[1], wilson_interval(0, 7)[1]))
+    for bad in ((0, 0, 0, 0), (1, -1, 0, 0), (1.0, 0, 0, 0)):
+        with pytest.raises(ValueError):
+            paired_difference_interval(*bad)
 
 
 def test_format_share():
