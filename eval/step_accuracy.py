@@ -37,10 +37,11 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
@@ -56,7 +57,7 @@ from eval_agent.run_card import write_run_card
 from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, ModelPolicy, Policy, RunStats, add_model_args, run_episodes
 from eval_agent.stats import format_share, wilson_interval
 from eval_agent.store import BadRecord, JsonlStore, write_json
-from eval_agent.trajectory import Trajectory
+from eval_agent.trajectory import Step, Trajectory
 
 log = logging.getLogger("eval.step_accuracy")
 
@@ -104,6 +105,26 @@ class Recording:
         self.pool.append(self)
 
 
+@contextmanager
+def recording_envs(family: Any, env_args: dict[str, Any]) -> Iterator[Callable[[], Recording]]:
+    """An environment factory for `run_episodes` whose environments record which steps were accepted, are
+    reused across its calls, and are closed when the block ends."""
+    pool: list[Recording] = []
+    made: list[Recording] = []
+
+    def make_env() -> Recording:
+        if not pool:
+            made.append(Recording(family.make_env(**env_args), pool))
+            return made[-1]
+        return pool.pop()
+
+    try:
+        yield make_env
+    finally:
+        for env in made:
+            env.env.close()
+
+
 def step_record(task: Task, expert: Trajectory, ep: Episode) -> dict[str, Any]:
     """The record of the model's step t = len(prefix) in `ep`, or why there is none."""
     t, steps = len(ep.prefix), ep.traj.steps
@@ -122,14 +143,19 @@ def step_record(task: Task, expert: Trajectory, ep: Episode) -> dict[str, Any]:
     elif ep.traj.termination == "env_error":
         record["skip"] = "env_error"
     else:
-        step = steps[t]
-        named = step.action is not None and normalize_action(step.action) == normalize_action(record["expert_action"])
-        valid = step.action is not None and ep.env.valid[-1]
-        # an action the environment refused did not happen, so it was not the expert's step, however it reads
-        # (ALFWorld refuses "Go to sofa 1", VirtualHome takes "walk to bedroom" for "Walk to bedroom")
-        record.update(reply=step.text, action=step.action, observation=step.observation, match=named and valid,
-                      valid=valid, refused_match=named and not valid)
+        record.update(judge(steps[t], record["expert_action"], ep.env.valid[-1]))
     return record
+
+
+def judge(step: Step, expert_action: str, accepted: bool) -> dict[str, Any]:
+    """The model's step against the expert's action: the reply, whether the environment accepted it (`valid`),
+    and whether it was the expert's action (`match`). An action the environment refused did not happen, so it was
+    not the expert's step, however it reads (ALFWorld refuses "Go to sofa 1", VirtualHome takes "walk to bedroom"
+    for "Walk to bedroom"): that is a `refused_match`."""
+    named = step.action is not None and normalize_action(step.action) == normalize_action(expert_action)
+    valid = step.action is not None and accepted
+    return {"reply": step.text, "action": step.action, "observation": step.observation, "match": named and valid,
+            "valid": valid, "refused_match": named and not valid}
 
 
 def counts(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -307,23 +333,12 @@ def measure(runs: list[tuple[argparse.Namespace, Path]], policy: Policy | None) 
         policy = ModelPolicy.from_args(args, GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0))
         extra["resolved_chat_format"] = policy.chat_format.name
     cards = {name: write_run_card(s.out, "eval.step_accuracy", {**vars(s.args), **extra}) for name, s in splits.items()}
-    pool: list[Recording] = []
-    made: list[Recording] = []
-
-    def make_env() -> Recording:
-        if not pool:
-            made.append(Recording(family.make_env(**args.env_args), pool))
-            return made[-1]
-        return pool.pop()
-
     try:
-        stats = (model_steps(todo, policy, make_env, {name: s.steps for name, s in splits.items()}, args.concurrency)
-                 if todo else RunStats())
+        with recording_envs(family, args.env_args) as make_env:
+            stats = (model_steps(todo, policy, make_env, {name: s.steps for name, s in splits.items()},
+                                 args.concurrency) if todo else RunStats())
     except BackendUnavailable as e:
         raise SystemExit(f"error: {e}") from None
-    finally:
-        for env in made:
-            env.env.close()
     seconds = round(time.perf_counter() - t0, 1)
     return {name: write_summary(s, stats, seconds, cards[name]) for name, s in splits.items()}
 

@@ -16,6 +16,7 @@ spelled out; stages take `--run_dir` and ask a `RunDir` for their paths (an expl
       servers/logs/<label>/          its logs, per model served (base | sft | steca)
       servers/shard<i>of<n>/         a sampling shard's own servers (endpoints.txt, logs/) in a Slurm array task
       eval/<label>/<split>/calibration/     the model run from deviated and clean histories (eval.calibration)
+      eval/<label>/<split>/calibration_next_action/   its next step after each deviated history (--probe next_action)
       variants/<name>/               a variant of this run (eval_agent/variants.py): a run directory of its own
 
 A variant's folder holds `variant.json`, naming its base run (`base`, relative to the variant's folder) and the
@@ -157,9 +158,10 @@ class RunDir:
         """eval.step_accuracy's folder, inside the evaluation of the same model and split."""
         return self.evaluation(label, split) / "step_accuracy"
 
-    def calibration(self, label: str, split: str) -> Path:
-        """eval.calibration's folder: the model run from deviated and clean histories of the split (Figure 4)."""
-        return self.evaluation(label, split) / "calibration"
+    def calibration(self, label: str, split: str, probe: str = "episode") -> Path:
+        """eval.calibration's folder: the model run from deviated and clean histories of the split (Figure 4), or
+        (probe next_action) its next step after each deviated history."""
+        return self.evaluation(label, split) / ("calibration" if probe == "episode" else f"calibration_{probe}")
 
     # the tracker the training stages chose (eval_agent.tracking), for the stages without a Trainer
     @property

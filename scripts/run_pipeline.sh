@@ -9,7 +9,7 @@
 # trains. A completed stage leaves a marker in RUN_DIR/pipeline/ with the fingerprints of its settings and
 # inputs, and is skipped on a rerun with the same ones; a changed setting (BASE_MODEL, N, ...) reruns the stages
 # it affects, their old results moved aside; an interrupted stage is rerun and resumes (docs/reliability.md).
-# Then the calibration-ability evaluation (Figure 4) of the SFT and STeCa models, and each VARIANT of the run
+# Then the calibration-ability evaluation (Figure 4) of the CALIBRATION_LABELS models, and each VARIANT of the run
 # (eval_agent/variants.py, docs/variants.md): its own stages in RUN_DIR/variants/<name>/, the stages it shares
 # with the main run taken from it (checked to be what the variant would compute, never run again).
 # Stage variables (docs/) pass through, and PRESET fills in the ones not set (scripts/presets.sh), e.g.
@@ -41,6 +41,7 @@ variants=$("$PYTHON" -m eval_agent.variants names "$VARIANT")  # checked before 
 source scripts/presets.sh
 apply_preset "$PRESET"
 CALIBRATION_EVAL=${CALIBRATION_EVAL:-1}  # 0: skip the calibration-ability evaluation (Figure 4; tiny: 0)
+CALIBRATION_LABELS=${CALIBRATION_LABELS:-sft steca}  # the models it measures, each run's own (small: base too)
 BASE_MODEL=${BASE_MODEL:-$("$PYTHON" -c 'from eval_agent.smollm2 import default_model_dir; print(default_model_dir())')}
 export BASE_MODEL
 source scripts/serve_lib.sh
@@ -120,9 +121,11 @@ evaluate_all() {  # the base, SFT and STeCa models on both test splits (success,
   done
 }
 
-evaluate_calibration() {  # the SFT and STeCa models from deviated and clean histories (Figure 4), one server per model
+evaluate_calibration() {  # the run's own models of CALIBRATION_LABELS from deviated histories (Figure 4), one server
+                          # per model; a variant measures its own models on its main run's histories
   local label split
-  for label in sft steca; do
+  for label in $(layout --run_dir "$RUN_DIR" eval_labels); do
+    [[ " $CALIBRATION_LABELS " == *" $label "* ]] || continue
     start_server "$label"
     for split in seen unseen; do
       LABEL=$label SPLIT=$split served bash eval/calibration.sh
@@ -163,6 +166,7 @@ run_variant() {  # run_variant <name>: the variant's variables set for its stage
   RUN_NAME=$TASK_FAMILY/$name
   export RUN_DIR
   run_stages
+  [ "$CALIBRATION_EVAL" = 0 ] || stage calibration evaluate_calibration
   for i in "${!VARIANT_VARS[@]}"; do
     if [ -n "${was_set[$i]}" ]; then export "${VARIANT_VARS[$i]}=${saved[$i]}"; else unset "${VARIANT_VARS[$i]}"; fi
   done

@@ -8,6 +8,7 @@ from pathlib import Path
 from eval.calibration import main as calibration, select, History
 from eval.step_accuracy import main as step_accuracy
 from eval_agent.layout import RunDir
+from eval_agent.variants import VARIANTS, init as init_variant
 from eval_agent.llm import Completion
 from eval_agent.records import read_step_records
 from eval_agent.runner import ExpertPolicy
@@ -117,8 +118,59 @@ def test_seen_histories_from_d_c_rows_replay_exactly(tmp_path, tiny_model_dir):
 
 
 def test_the_draw_is_seeded_and_kept_in_key_order():
-    hs = [History(f"t{i}|t1", f"t{i}", 1, [], [], "x", "y") for i in range(10)]
+    hs = [History(f"t{i}|t1", f"t{i}", 1, [], [], "x", "y", "z") for i in range(10)]
     first = select(hs, 4, seed=0)
     assert first == select(list(reversed(hs)), 4, seed=0) and len(first) == 4
     assert [h.task_key for h in first] == sorted(h.task_key for h in first)
     assert select(hs, 4, seed=1) != first and select(hs, 20, seed=0) == hs
+
+
+class AfterDeviation:
+    """A scripted model for the next-action probe: after a deviated history it either takes the expert's action the
+    deviation replaced (`returns`) or the deviated action again."""
+
+    def __init__(self, experts: dict[str, dict], go_back: bool):
+        self.experts, self.go_back = experts, go_back
+
+    def act(self, episodes):
+        replies = []
+        for ep in episodes:
+            t = len(ep.prefix) - 1  # the deviated step is the last of the prefix
+            action = self.experts[ep.task.key]["steps"][t]["action"] if self.go_back else DETOUR
+            replies.append(Completion(text=format_reply("I go back.", action)))
+        return replies
+
+
+def test_next_action_probe_on_held_out_histories_of_the_seen_split(tmp_path):
+    """Histories from the SFT model's step-accuracy records of the seen test split (held out from training); the
+    next step after each: a model that goes back to the expert's action returns on every one, one that repeats the
+    deviation on none; a variant plays the main run's histories into its own folder."""
+    run = RunDir(tmp_path / "virtualhome")
+    base = ["--task_family", "virtualhome", "--run_dir", str(run.root)]
+    step_accuracy(base + ["--split", "seen", "--label", "sft", "--limit", "3"], policy=Detour())
+    acc = run.step_accuracy("sft", "seen")
+    deviations = [r for r in read(acc / "steps.jsonl") if r["valid"] and not r["match"]]
+    experts = {r["key"]: r for r in read(acc / "expert.jsonl")}
+    assert deviations
+    argv = base + ["--split", "seen", "--probe", "next_action", "--histories", "step_accuracy"]
+
+    back = calibration(argv + ["--label", "steca"], policy=AfterDeviation(experts, go_back=True))
+    assert back["histories_from"] == "step_accuracy" and back["probe"] == "next_action"
+    assert back["scored"] == back["histories"] == len(deviations) and back["skipped"] == {}
+    records = read(run.calibration("steca", "seen", "next_action") / "episodes.jsonl")
+    assert back["returns"]["k"] == len(deviations) and back["repeats"]["k"] == 0
+    # after the detour the simulator may refuse the expert's action (it was to act on something back there)
+    assert back["returns_accepted"]["k"] == back["valid"]["k"] == sum(r["valid"] for r in records) > 0
+    assert sorted(r["key"] for r in records) == sorted(r["key"] for r in deviations)
+    assert all(r["expert_action"] == experts[r["task_key"]]["steps"][r["t"]]["action"] for r in records)
+    assert not run.calibration("steca", "seen").exists()  # the episode probe's folder is another
+
+    stuck = calibration(argv + ["--label", "sft"], policy=AfterDeviation(experts, go_back=False))
+    assert stuck["returns"]["k"] == 0 and stuck["repeats"]["k"] == stuck["scored"] == len(deviations)
+    assert stuck["returns_accepted"]["k"] == 0
+
+    variant = init_variant(str(run.root), VARIANTS["wo_dc"])
+    mirrored = calibration(["--task_family", "virtualhome", "--run_dir", str(variant.root)] + argv[4:]
+                           + ["--label", "steca"], policy=AfterDeviation(experts, go_back=True))
+    assert mirrored["sources"]["step_records"] == str(acc / "steps.jsonl") and mirrored["histories"] == len(deviations)
+    assert (variant.calibration("steca", "seen", "next_action") / "summary.json").is_file()
