@@ -5,6 +5,8 @@ signals that move at small scale and their plain-language reading (eval/signals.
 success counts, step accuracy and valid actions with Wilson 95% intervals, and the data-collection figures.
 Between them, the paper's other tables (2, 3, 6, 7, 9) and Figure 4 from the variants of each `--run` found in
 RUN_DIR/variants/ (eval/tables.py, docs/variants.md), with Table 1's variants as rows of Table 1 (tables.png).
+Last, the paired comparison of each run's models (and its variants' STeCa models) on the items they share, with
+its sentences at the head of the reading (eval/compare.py).
 
     python -m eval.report --run alfworld=outputs/alfworld --run virtualhome=outputs/virtualhome --out outputs/report
     python -m eval.report --summary base=outputs/eval/alfworld-unseen-smollm2-base --out outputs/report
@@ -38,7 +40,7 @@ from typing import Any, NoReturn
 
 from eval.paper_results import COLUMNS, PAPER_ROWS
 from eval_agent.layout import EVAL_SUMMARY, RunDir
-from eval_agent.store import staged, write_atomic, write_json
+from eval_agent.store import BadRecord, staged, write_atomic, write_json
 
 log = logging.getLogger("report")
 
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--reading", action="store_true", help="also print the plain-language reading of the signals")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from eval import signals, tables
+    from eval import compare, signals, tables
 
     cells, skipped = collect(args.run, args.summary, args.metric)
     for s in skipped:
@@ -343,6 +345,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = our_rows(cells, args.backbone) + variant_rows + paper_rows(args.paper_tables)
     others = tables.build(args.run, args.metric, backbone, args.paper_tables)
     small, collections = signals.collect(cells, args.run, args.step_accuracy)
+    try:
+        comparisons = compare.from_runs(args.run)
+    except BadRecord as e:
+        raise SystemExit(f"error: {e}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, args.metric, out / "report.png")
@@ -353,9 +359,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         figures.append(str(out / "signals.png"))
     figures += [p for c in collections for p in c.plots]
     reading = signals.reading(small, collections, signals.base_models(small) if backbone == MISSING else backbone,
-                              figures)
+                              figures, compare.reading(comparisons))
     write_atomic(out / "report.md", "\n".join([to_markdown(rows, cells, args.metric, skipped), tables.to_markdown(others),
-                                               signals.to_markdown(small, collections), reading]))
+                                               signals.to_markdown(small, collections), compare.to_markdown(comparisons),
+                                               reading]))
     write_atomic(out / "report.tex", "\n".join([to_latex(rows, args.metric), tables.to_latex(others),
                                                signals.to_latex(small, collections)]))
     write_atomic(out / "reading.md", reading)
@@ -363,7 +370,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "caption": caption(args.metric, rows), "rows": [asdict(r) for r in rows],
               "cells": [asdict(c) for c in cells], "variant_cells": variant_cells, "skipped": skipped,
               "tables": tables.to_json(others),
-              "signals": signals.to_json(small, collections, reading)}
+              "signals": signals.to_json(small, collections, reading),
+              "comparison": compare.to_json(comparisons)}
     write_json(out / "report.json", report)
     log.info("%d summaries, %d skipped -> %s/report.{md,tex,png,json}, tables.png, signals.png, reading.md", len(cells),
              len(skipped), out)

@@ -430,10 +430,15 @@ def base_models(rows: list[Signals]) -> str:
     return ", ".join(sorted({Path(r.model).name for r in rows if r.label == "base" and r.model})) or MISSING
 
 
-def reading(rows: list[Signals], collections: list[Collection], backbone: str, figures: Iterable[str]) -> str:
-    """The plain-language reading of the signals table, from its numbers."""
+def reading(rows: list[Signals], collections: list[Collection], backbone: str, figures: Iterable[str],
+            paired: Iterable[str] = ()) -> str:
+    """The plain-language reading of the signals table, from its numbers; `paired`: eval.compare's sentences, the
+    models compared item by item on the items they share."""
     moved, still = comparisons(rows)
     lines = ["## Reading", ""]
+    if paired := list(paired):
+        lines += ["Paired comparison, item by item on the same items (eval.compare):"] + [f"- {s}" for s in paired]
+        lines += [""]
     if moved or still:
         lines += ["What moved (the 95% interval of the difference excludes 0):"]
         lines += [f"- {s}" for s in moved] or ["- nothing: no signal changed by more than its intervals allow."]
