@@ -152,7 +152,8 @@ def test_paper_preset_uses_the_published_files_and_the_user_wins(tmp_path):
     assert mine["ICL_FROM"] == str(alf / "alfworld_icl.json")
 
 
-def test_paper_preset_prompts_carry_the_published_instruction_and_example(tmp_path, tiny_model_dir, serve_hf):
+def test_paper_preset_prompts_carry_the_published_instruction_and_example(tmp_path, tiny_model_dir, serve_hf,
+                                                                         monkeypatch):
     """PRESET=paper on data in the official layout: the expert data is the published file (its instruction kept
     for SFT and reflection), and every prompt that sampling, MC and evaluation send (logged by the server
     as rendered) carries the published instruction and one-shot example."""
@@ -186,6 +187,7 @@ def test_paper_preset_prompts_carry_the_published_instruction_and_example(tmp_pa
     (expert,) = load_expert_data(run / "expert" / "train" / "trajectories.jsonl")
     assert expert.meta["key"] == "alfworld_0" and expert.meta["instruction"] == INSTRUCTION  # SFT trains on it
     args = build_parser().parse_args(["--task_family", "alfworld", "--run_dir", str(run)])
+    monkeypatch.setenv("ALFWORLD_DATA", str(alf))  # as the stages see it
     assert instructions(args, {"alfworld_0": expert}) == {"alfworld_0": INSTRUCTION}  # the reflection history's
     stage("sampling/generate_steps.sh")
     stage("sampling/mc_rollouts.sh")
