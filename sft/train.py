@@ -2,9 +2,9 @@
 
 Each trajectory becomes the conversation the model is prompted with at inference (the run's instruction, "OK",
 [the run's in-context example with --icl_num 1], task, steps: eval_agent.prompts decides them once for every
-stage; --row_instruction keeps each published row's own first turn, as the original), rendered by the shared chat format; the loss
-covers the assistant turns only ("OK" and the trajectory's steps, each with its end-of-turn marker),
-masked from the renderer's spans (`eval_agent.training`). Conversations longer than
+stage; --row_instruction keeps each published row's own first turn, as the original), rendered by the shared
+chat format; the loss covers the assistant turns only ("OK" and the trajectory's steps, each with its
+end-of-turn marker), masked from the renderer's spans (`eval_agent.training`). Conversations longer than
 --model_max_length lose whole trailing turns; rows where not one step fits are skipped; both counted.
 
 Inputs and output default to the run directory's (--run_dir; eval_agent/layout.py); the recipe's
