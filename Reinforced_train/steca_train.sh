@@ -10,7 +10,12 @@ cd "$(dirname "$0")/.."
 source scripts/stage_lib.sh                    # PRESET, PYTHON, TASK_FAMILY, RUN_DIR
 
 MODEL=${MODEL:-}                               # the SFT model (policy start, reference when BETA > 0); empty = the run's
-TRAIN_SET=${TRAIN_SET:-${DATA:-}}              # our train.jsonl or a published final_data_rft_train.json; empty = the run's
+TRAIN_SET=${TRAIN_SET:-}                       # our train.jsonl or a published final_data_rft_train.json; empty = the run's
+if [ -n "${DATA:-}" ]; then  # the older name of the SFT data (sft/sft.sh), never of this stage's
+  echo "error: DATA names the SFT data (sft/sft.sh's EXPERT_DATA), not reinforced training's: set TRAIN_SET for" \
+       "this stage, and unset DATA" >&2
+  exit 2
+fi
 CHAT_FORMAT=${CHAT_FORMAT:-}                   # empty = the format MODEL records, else template
 RFT_LR=${RFT_LR:-${LR:-}}                      # learning rate
 RFT_EPOCHS=${RFT_EPOCHS:-${EPOCHS:-}}

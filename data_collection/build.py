@@ -31,13 +31,15 @@ from data_collection.reflection import (ReflectionRequest, add_reflection_args, 
                                        reflector_from_args)
 from data_collection.step_rewards import SCORE_SETTINGS, SOURCES, StepScorer, llm_step_rewards, step_rewards
 from eval_agent.cli import count, natural, non_negative, run_main
-from eval_agent.envs import add_task_family_arg, get_task_family
+from eval_agent.envs import add_task_family_arg
 from eval_agent.expert_data import check_task_family, load_expert_data
-from eval_agent.guard import RunGuard, fingerprint, identity, model_arg_names, policy_fingerprint, require_output, settings_of
+from eval_agent.guard import (RunGuard, fingerprint, identity, model_arg_names, policy_fingerprint, prompt_inputs,
+                              require_output, settings_of)
 from eval_agent.layout import RunDir
+from eval_agent.prompts import training_instruction
 from eval_agent.run_card import write_run_card
 from eval_agent.records import KINDS, Rollout, StepRecord
-from eval_agent.runner import add_model_args, published_prompt
+from eval_agent.runner import add_model_args, run_prompt
 from eval_agent.store import BadRecord, JsonlStore, read_jsonl, write_atomic, write_json
 from eval_agent.trajectory import Step, Trajectory
 
@@ -167,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("calibration")
     g.add_argument("--calibrate", choices=("every", "first"), default="every",
                    help="D_c from every deviated step (the published code) or only each task's first (paper 3.2)")
+    g.add_argument("--row_instruction", action="store_true",
+                   help="each row with its expert trajectory's own instruction (a published row's first turn), as the "
+                        "original and SFT's --row_instruction; default: the run's, the one every stage prompts with")
     g.add_argument("--reflection_fallback", action="store_true",
                    help="keep a D_c row whose reflection is invalid, with a templated thought (default: skip it)")
     g.add_argument("--overwrite", action="store_true",
@@ -208,10 +213,10 @@ def load_inputs(args: argparse.Namespace) -> tuple[dict[str, Trajectory], dict[s
 
 
 def instructions(args: argparse.Namespace, experts: dict[str, Trajectory]) -> dict[str, str]:
-    """Each trajectory's instruction as SFT trained it: its own (published data), else
-    --instruction_from's, else the task family's."""
-    default = published_prompt(args)[0] or get_task_family(args.task_family).INSTRUCTION
-    return {key: traj.meta.get("instruction") or default for key, traj in experts.items()}
+    """Each trajectory's instruction as SFT trained it: the run's (eval_agent.prompts), or with
+    --row_instruction its own when it has one."""
+    run_instruction = run_prompt(args, icl_num=0).instruction
+    return {key: training_instruction(traj, run_instruction, own=args.row_instruction) for key, traj in experts.items()}
 
 
 def first_per_task(deviated: list[tuple[StepRecord, dict[str, Any]]]) -> list[tuple[StepRecord, dict[str, Any]]]:
@@ -308,6 +313,7 @@ def fingerprint_of(args: argparse.Namespace) -> dict[str, Any]:
     settings = settings_of(args, drop=model_arg_names() | {"expert_data", "embedder_path", "reflect_backend"})
     settings["reflect_backend"] = reflect_backend(args)
     inputs = {"expert_data": identity(args.expert_data), "embedder": identity(args.embedder_path),
+              **prompt_inputs(args.task_family, args.instruction_from, None, icl_num=0),
               **{f"steps_{kind}": identity(run.steps(kind)) for kind in KINDS},
               **{f"rollouts_{kind}": identity(run.rollouts(kind)) for kind in KINDS if args.step_reward == "mc"}}
     if settings["reflect_backend"] == "self":

@@ -20,6 +20,7 @@ REFLECT_RETRIES=${REFLECT_RETRIES:-}       # times an invalid reflection is aske
 REFLECTION_FALLBACK=${REFLECTION_FALLBACK:-}  # 1: keep a D_c row whose reflection stays invalid, with a templated thought
 REFLECT_PROMPT=${REFLECT_PROMPT:-}         # ours (chat turns) | original (the published code's Human:/Gpt: transcript)
 CALIBRATE=${CALIBRATE:-}                   # every deviated step (the published code) | first per task (paper 3.2)
+ROW_INSTRUCTION=${ROW_INSTRUCTION:-}       # 1: each expert trajectory's own instruction, as the original (and SFT)
 N=${N:-}                                   # MC samples expected per step record (others are reported)
 STEP_REWARD=${STEP_REWARD:-}               # mc (Monte-Carlo rollouts, the paper) | llm (scored by the reflecting model)
 TRAIN_SETS=${TRAIN_SETS:-}                 # the sets in train.jsonl: calibration,expert_sub,expert_full,explored
@@ -45,6 +46,7 @@ opt --reflect_retries "$REFLECT_RETRIES"
 flag --reflection_fallback "$REFLECTION_FALLBACK"
 opt --reflect_prompt "$REFLECT_PROMPT"
 opt --calibrate "$CALIBRATE"
+flag --row_instruction "$ROW_INSTRUCTION"
 opt --n "$N"
 opt --step_reward "$STEP_REWARD"
 opt --train_sets "$TRAIN_SETS"

@@ -1,7 +1,7 @@
 """What this machine has for the pipeline: library versions (also of the separate vLLM environments
 scripts/serve_vllm.sh uses: their python, vllm, torch and transformers), the GPU side (NVIDIA driver, torch's
 CUDA build and whether it can use the GPUs, and if not torch's reason, each GPU's memory and bf16), data found and counted (ALFWorld games per split, VirtualHome tasks per
-split, looked up as the stages do), GPUs, vLLM endpoints reachable and what they serve (from
+split, looked up as the stages do; which training data, published or generated, counted), GPUs, vLLM endpoints reachable and what they serve (from
 --endpoints or $OPENAI_BASE_URL, as the stages take them), whether an API key is set (never its value).
 
     python -m eval_agent.doctor [--endpoints FILE] [--alfworld_data DIR] [--vh_data DIR]
@@ -33,16 +33,30 @@ def _count_games(root: Path) -> dict[str, int]:
             for split in ("train", "valid_seen", "valid_unseen")}
 
 
+def _training_data(task_family: str, root: str | None) -> dict[str, Any]:
+    """Which training data the stages will use (published or generated, eval_agent.published.training_data),
+    with its rows counted (EXPERT_SOURCE as the paper preset or the user sets it)."""
+    from eval_agent.published import training_counts, training_data
+
+    try:
+        data = training_data(task_family, root, os.environ.get("EXPERT_SOURCE") or None)
+        return {"kind": data.kind, "tasks": str(data.tasks), "expert": str(data.expert) if data.expert else None,
+                "why": data.why, **training_counts(task_family, data)}
+    except (OSError, ImportError, ValueError) as e:  # also BadRecord: named by file, line and field
+        return {"error": str(e)}
+
+
 def _alfworld_data(root: str | None) -> dict[str, Any]:
     try:
         found = alfworld.find_data_root(root)
     except FileNotFoundError as e:
         return {"error": str(e)}
-    return {"root": str(found), "games": _count_games(found)}
+    return {"root": str(found), "games": _count_games(found), "training_data": _training_data("alfworld", root)}
 
 
 def _virtualhome_data(root: str | None) -> dict[str, Any]:
-    """Per split: tasks the stages can run, and those without an initial scene graph (not run)."""
+    """Per split: tasks the stages can run, and those without an initial scene graph (not run); which training
+    data, counted."""
     out: dict[str, Any] = {"root": str(virtualhome.find_data_root(root))}
     for split in virtualhome.TASK_FILES:
         try:
@@ -50,6 +64,7 @@ def _virtualhome_data(root: str | None) -> dict[str, Any]:
             out[split] = {"tasks": len(tasks), "without_scene_graph": len(missing)}
         except (OSError, ImportError, ValueError) as e:
             out[split] = {"error": str(e)}
+    out["training_data"] = _training_data("virtualhome", root)
     return out
 
 

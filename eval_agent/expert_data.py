@@ -40,8 +40,7 @@ def _trajectory(row: Any, where: str) -> Trajectory:
     if not isinstance(row, dict):
         raise BadRecord(f"{where}: expected a JSON object")
     if "conversations" in row:  # the published format
-        if "id" not in row:
-            raise BadRecord(f"{where}: missing field 'id'")
+        key = _published_key(row, where)
         if not isinstance(row["conversations"], list):
             raise BadRecord(f"{where}: 'conversations' must be a list of turns")
         try:
@@ -51,7 +50,7 @@ def _trajectory(row: Any, where: str) -> Trajectory:
         if not traj.steps:
             raise BadRecord(f"{where}: no assistant turn after the task")
         traj.success, traj.reward, traj.termination = True, 1.0, "success"  # published expert data
-        traj.meta = {"key": str(row["id"]), **({"game_file": row["game_file"]} if "game_file" in row else {}),
+        traj.meta = {"key": key, **({"game_file": row["game_file"]} if "game_file" in row else {}),
                      **({"instruction": instruction} if instruction else {})}
         return traj
     for name in ("key", "task_text", "steps"):
@@ -73,6 +72,22 @@ def _trajectory(row: Any, where: str) -> Trajectory:
         raise BadRecord(f"{where}: empty task or no steps")
     traj.meta = {**traj.meta, "key": row["key"]}
     return traj
+
+
+def _published_key(row: dict[str, Any], where: str) -> str:
+    """A published row's key: for VirtualHome the tail of its scene path (`path`, in some files `game_file`), the
+    key of its task (ids repeat); else its `id`."""
+    if "path" in row or "TrimmedTestScene" in str(row.get("game_file", "")):
+        from eval_agent.envs.virtualhome import path_tail
+
+        field = "path" if "path" in row else "game_file"
+        try:
+            return path_tail(str(row[field]))
+        except ValueError as e:
+            raise BadRecord(f"{where}: field {field!r}: {e}") from None
+    if "id" not in row:
+        raise BadRecord(f"{where}: missing field 'id' (or a VirtualHome 'path')")
+    return str(row["id"])
 
 
 def task_tail(key: str) -> str:

@@ -134,16 +134,28 @@ def model_arg_names() -> set[str]:
     return set(vars(p.parse_args([])))
 
 
+def prompt_inputs(task_family: str, instruction_from: str | None, icl_from: str | None, icl_num: int = 1
+                  ) -> dict[str, Any]:
+    """The run's prompt files as eval_agent.prompts.prompt_files decides them, by identity (None: the family's
+    own): a stage that renders prompts is redone when what it would prompt with changes, named or found."""
+    from eval_agent.prompts import prompt_files
+
+    instruction, example = prompt_files(task_family, instruction_from, icl_from)
+    return {"instruction_from": identity(instruction), **({"icl_from": identity(example)} if icl_num else {})}
+
+
 def policy_fingerprint(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """(settings, inputs) of the model policy a stage prompts: its model arguments, the chat format as the model
-    folder resolves it, and the model, tokenizer and instruction file by identity."""
+    folder resolves it, and the model, tokenizer and the run's prompt files by identity."""
     from eval_agent.chat_format import resolve_chat_format
 
-    files = ("model", "tokenizer", "instruction_from")
-    settings = settings_of({k: v for k, v in vars(args).items() if k in model_arg_names()}, drop=set(files))
+    files = ("model", "tokenizer")
+    settings = settings_of({k: v for k, v in vars(args).items() if k in model_arg_names()},
+                           drop={*files, "instruction_from", "icl_from"})
     settings["chat_format"] = (resolve_chat_format(args.model, args.chat_format) if Path(args.model).is_dir()
                                else args.chat_format or "template")
-    return settings, {k: identity(getattr(args, k)) for k in files}
+    return settings, {**{k: identity(getattr(args, k)) for k in files},
+                      **prompt_inputs(args.task_family, args.instruction_from, args.icl_from, args.icl_num)}
 
 
 # TrainingArguments that change what is trained (of its ~150 fields most say where to log or how fast to run;

@@ -3,11 +3,13 @@ conversation, then the task and the episode so far.
 
     [user: instruction, assistant: "OK", <ICL example turns>, user: task, assistant: step 0, ...]
 
-Each task family ships its own instruction and example (`INSTRUCTION`, `ICL_EXAMPLE`). When the
-model was trained on data whose first turn is an instruction (the published SFT files), prompt with
-that instruction (`instruction_from`: the published `*_inst.txt`, or an expert file's first row) and
-the published example (`icl_from`: ETO/STeCa's `*_icl.json`, or an expert file's first row, which for
-ALFWorld is the same trajectory), so training and inference prompts match.
+One instruction and one example per run, decided once by `prompt_files` and read by every stage that renders
+a prompt (SFT, step records, MC, evaluation, calibration, step accuracy, training rows; `PromptBuilder.for_run`):
+the files the run names (INSTRUCTION_FROM / ICL_FROM), else the published ones beside the family's data
+($ALFWORLD_DATA / $VH_DATA: the original's `*_inst.txt` and `*_icl.json`, else the published SFT file's first
+row), else the family's own (`INSTRUCTION`, `ICL_EXAMPLE`). So a model is prompted with the instruction it was
+trained on. The original trained each row with its own first turn and prompted with `*_inst.txt`; `own=True`
+in `training_instruction` (ROW_INSTRUCTION=1) keeps that (docs/fidelity.md).
 """
 from __future__ import annotations
 
@@ -27,13 +29,16 @@ class PromptBuilder:
     icl_example: Trajectory | None = None  # None = zero-shot (how the original trains)
 
     @classmethod
-    def for_task(cls, task_family: str, icl_num: int = 1, instruction: str | None = None,
-                 icl_example: Trajectory | None = None) -> "PromptBuilder":
+    def for_run(cls, task_family: str, icl_num: int = 1, instruction_file: str | Path | None = None,
+                icl_file: str | Path | None = None) -> "PromptBuilder":
+        """The run's prompt: the instruction and example `prompt_files` decides (the files named, else the
+        published ones, else the family's own); a file that cannot be read is a BadRecord naming it."""
         family = get_task_family(task_family)
         if icl_num not in (0, 1):
             raise UserError("icl_num must be 0 or 1 (the original uses one example)")
-        return cls(instruction=instruction or family.INSTRUCTION,
-                   icl_example=(icl_example or family.ICL_EXAMPLE) if icl_num else None)
+        instruction, example = prompt_files(task_family, instruction_file, icl_file)
+        return cls(instruction=instruction_from(instruction) if instruction else family.INSTRUCTION,
+                   icl_example=(icl_from(example) if example else family.ICL_EXAMPLE) if icl_num else None)
 
     def messages(self, traj: Trajectory, include_last_observation: bool = True) -> list[dict[str, str]]:
         """Messages to prompt the next step of `traj` (ends with a user turn); without the last
@@ -42,6 +47,25 @@ class PromptBuilder:
         if self.icl_example is not None:
             msgs += self.icl_example.to_messages(include_last_observation=False)
         return msgs + traj.to_messages(include_last_observation=include_last_observation)
+
+
+def prompt_files(task_family: str, instruction_file: str | Path | None = None,
+                 icl_file: str | Path | None = None) -> tuple[Path | None, Path | None]:
+    """(instruction file, example file) of the run, None for the family's own: the one decision every stage
+    reads. The files named, else those eval_agent.published finds beside the family's data folder as the
+    environment gives it ($ALFWORLD_DATA / $VH_DATA, never a stage's --data_root, so all stages agree)."""
+    from eval_agent.published import published_files
+
+    found = published_files(task_family)
+    return (Path(instruction_file) if instruction_file else found.get("INSTRUCTION_FROM"),
+            Path(icl_file) if icl_file else found.get("ICL_FROM"))
+
+
+def training_instruction(traj: Trajectory, run_instruction: str, own: bool = False) -> str:
+    """The instruction a training row of `traj` is rendered with (SFT, the reinforced-training rows): the run's,
+    the one every stage prompts with; with `own` (the original's way) the trajectory's own first turn when it
+    has one (a published SFT row)."""
+    return (traj.meta.get("instruction") or run_instruction) if own else run_instruction
 
 
 def _first_row(path: Path) -> tuple[str, Any]:

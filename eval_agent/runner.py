@@ -69,10 +69,9 @@ class ModelPolicy:
     @classmethod
     def build(cls, task_family: str, model: str, generation: GenerationConfig, backend: str = "hf",
               endpoints: str | None = None, chat_format: str | None = None, tokenizer: str | None = None,
-              icl_num: int = 1, instruction: str | None = None, icl_example: Trajectory | None = None,
-              **backend_options) -> "ModelPolicy":
+              prompts: PromptBuilder | None = None, **backend_options) -> "ModelPolicy":
         """The policy every stage prompts a model with: the chat format the model folder records
-        (else `chat_format`, else the tokenizer's template) and the task family's prompt."""
+        (else `chat_format`, else the tokenizer's template) and `prompts` (default: the run's, with one example)."""
         fmt = resolve_chat_format(model, chat_format) if Path(model).is_dir() else (chat_format or "template")
         tok = None
         if fmt == "template":
@@ -81,7 +80,7 @@ class ModelPolicy:
             tok = AutoTokenizer.from_pretrained(tokenizer or model)
         if backend == "openai" and endpoints:
             backend_options["endpoints_file"] = endpoints
-        prompts = PromptBuilder.for_task(task_family, icl_num=icl_num, instruction=instruction, icl_example=icl_example)
+        prompts = prompts or PromptBuilder.for_run(task_family)
         return cls(make_backend(backend, model, **backend_options), ChatFormat(fmt, tok), prompts, generation)
 
     @classmethod
@@ -89,11 +88,9 @@ class ModelPolicy:
         """`build` from the arguments `add_model_args` defines (plus `--task_family`)."""
         if not args.model:
             raise SystemExit("error: --model is required for a model policy")
-        instruction, icl_example = published_prompt(args)
         options = {"max_requests": args.max_requests} if args.backend == "openai" else {}
         return cls.build(args.task_family, args.model, generation, backend=args.backend, endpoints=args.endpoints,
-                         chat_format=args.chat_format, tokenizer=args.tokenizer, icl_num=args.icl_num,
-                         instruction=instruction, icl_example=icl_example, **options)
+                         chat_format=args.chat_format, tokenizer=args.tokenizer, prompts=run_prompt(args), **options)
 
     def prompt(self, episode: Episode) -> str:
         return self.chat_format.render(self.prompts.messages(episode.traj))
@@ -272,9 +269,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="default: what the model folder records, else template")
     p.add_argument("--icl_num", type=int, choices=(0, 1), default=1, help="in-context examples in the prompt (the original: 1)")
     p.add_argument("--instruction_from",
-                   help="the instruction to prompt with: a published *_inst.txt, or an expert file (its first row's)")
+                   help="the instruction to prompt with: a published *_inst.txt, or an expert file (its first row's); "
+                        "default: the published one beside the data, else the family's own (eval_agent/prompts.py)")
     p.add_argument("--icl_from", help="the in-context example: a published *_icl.json (ETO/STeCa), or an expert file "
-                                      "(its first trajectory)")
+                                      "(its first trajectory); default: as --instruction_from")
     p.add_argument("--max_new_tokens", type=count, default=512)
     p.add_argument("--max_requests", type=count, default=MAX_REQUESTS,
                    help="openai backend: requests in flight over all endpoints (default sized for 8 replicas)")
@@ -282,14 +280,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="openai backend: processes stepping the environments (default: the CPU cores)")
 
 
-def published_prompt(args: argparse.Namespace) -> tuple[str | None, Trajectory | None]:
-    """The instruction and in-context example `--instruction_from` / `--icl_from` name (None: the task
-    family's own); a file that cannot be read is a one-line error naming it."""
-    from eval_agent.prompts import icl_from, instruction_from
-
+def run_prompt(args: argparse.Namespace, icl_num: int | None = None) -> PromptBuilder:
+    """The run's prompt from a stage's model arguments (`add_model_args`; eval_agent.prompts.prompt_files
+    decides); a file that cannot be read is a one-line error naming it."""
     try:
-        instruction = instruction_from(args.instruction_from) if args.instruction_from else None
-        icl_example = icl_from(args.icl_from) if getattr(args, "icl_from", None) else None
+        return PromptBuilder.for_run(args.task_family, args.icl_num if icl_num is None else icl_num,
+                                     args.instruction_from, args.icl_from)
     except (OSError, ValueError) as e:  # also BadRecord: the message names file, row and field
         raise SystemExit(f"error: {e}") from None
-    return instruction, icl_example

@@ -734,7 +734,7 @@ def main() -> None:
 
     t_start = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    fmt, prompts = ChatFormat("template", tokenizer), PromptBuilder.for_task("alfworld")
+    fmt, prompts = ChatFormat("template", tokenizer), PromptBuilder.for_run("alfworld")
     rows = expert_trajectories(args.split, args.data_root, Path(args.cache_dir) / f"alfworld_expert_{args.split}.jsonl")
     tasks = {t.key: t for t in load_tasks(args.split, data_root=args.data_root)}
     rows = [r for r in rows if r["key"] in tasks]

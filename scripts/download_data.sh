@@ -3,6 +3,9 @@
 #   data/official/alfworld/json_2.1.1/{train,valid_seen,valid_unseen}  (3,553 / 140 / 134 solvable games)
 #   data/official/virtualhome/{vh_seen_test.jsonl,vh_unseen_test.jsonl}  (247 / 247 tasks)
 #   data/official/virtualhome/init_and_final_graphs/                     (scene graphs)
+#   data/official/virtualhome/new_train_conversation.jsonl (+ new_train_sft.json)  the paper's training tasks and
+#                      their expert conversations (4,920), when the archives hold them; else the VirtualHome run
+#                      trains on the generated scene-1 tasks, which the check below says
 # and beside each family's data the published inputs the paper preset uses (eval_agent/published.py):
 #   <family>_sft.json  the expert SFT data, when the archives hold it (alfworld_sft.json: IPR/ETO's)
 #   <family>_inst.txt, <family>_icl.json   the original instruction and one-shot example, from the STeCa
@@ -63,8 +66,9 @@ if [ ! -f "$DEST/virtualhome/vh_seen_test.jsonl" ]; then
   [ -n "$graphs" ] && ln -sfn "$(cd "$graphs" && pwd)" "$DEST/virtualhome/init_and_final_graphs"
 fi
 
-# The published expert SFT files, wherever the archives put them.
-for pair in "alfworld_sft.json alfworld" "virtualhome_sft.json virtualhome" "vh_sft.json virtualhome"; do
+# The published expert SFT files and VirtualHome training tasks, wherever the archives put them.
+for pair in "alfworld_sft.json alfworld" "virtualhome_sft.json virtualhome" "vh_sft.json virtualhome" \
+            "new_train_sft.json virtualhome" "new_train_conversation.jsonl virtualhome"; do
   read -r name family <<< "$pair"
   [ -d "$DEST/$family" ] && [ ! -f "$DEST/$family/$name" ] || continue
   found=$(find "$DEST/alfworld" "$DEST/virtualhome/unpacked" -name "$name" -not -path "*/json_2.1.1/*" 2> /dev/null | head -1)
@@ -105,5 +109,7 @@ for family in alfworld virtualhome; do
     if [ -f "$DEST/$family/$name" ]; then echo "ok   $family/$name"; else echo "--   $family/$name: not found (the paper preset then uses ours)"; fi
   done
 done
+# the VirtualHome training data the stages will use, every row parsed and counted (eval_agent/published.py)
+"$PY" -m eval_agent.published --task_family virtualhome --data_root "$DEST/virtualhome" --check_training || status=1
 echo "export ALFWORLD_DATA=$DEST/alfworld VH_DATA=$DEST/virtualhome"
 exit $status

@@ -26,10 +26,11 @@ RUN_ROOT=${RUN_ROOT:-outputs/pipeline-${PRESET}}  # one run directory per family
 PYTHON=${PYTHON:-.venv/bin/python}
 PREFLIGHT=${PREFLIGHT:-1}                         # 0: skip the pre-flight check
 VARIANT=${VARIANT:-}                              # variants run after the main run: names or groups, comma-separated
-EXPERT_SOURCE=${EXPERT_SOURCE:-${EXPERT_DATA:-}}  # an expert file to train on: imported into each run (expert_data)
+EXPERT_SOURCE=${EXPERT_SOURCE:-${EXPERT_DATA:-${DATA:-}}}  # an expert file to train on (DATA: the older name):
+                                                           # imported into each run (expert_data)
 export PRESET PYTHON EXPERT_SOURCE
 export STECA_ON_CHANGE=move_aside  # a stage moves results of other settings aside instead of refusing them
-unset SPLIT LABEL POLICY MODEL OUT EXPERT_DATA  # the pipeline sets these per stage; every stage reads the run's expert data
+unset SPLIT LABEL POLICY MODEL OUT EXPERT_DATA DATA  # the pipeline sets these per stage; every stage reads the run's expert data
 
 case "$FAMILIES" in
   both) families=(alfworld virtualhome) ;;

@@ -1,8 +1,9 @@
 """Stage 1 data: expert trajectories for SFT, as JSONL of `Trajectory.to_dict()` + `key`.
 
 ALFWorld: alfworld's handcoded expert plays every game of the split through the episode runner (real
-observations, templated thoughts, only won games kept). VirtualHome: the expert trajectories
-scripts/make_vh_tasks.py wrote (the generated set's when the data root has none), checked and copied.
+observations, templated thoughts, only won games kept). VirtualHome: the published training conversations
+when the data root has the published training tasks (new_train_conversation.jsonl, with new_train_sft.json /
+virtualhome_sft.json when present), else the trajectories scripts/make_vh_tasks.py wrote, checked and copied.
 `--source FILE` imports an expert file instead (the published `alfworld_sft.json` for PRESET=paper), its
 instruction kept; `--check_replay` replays each in the real environment (sft/check_expert_data.py) and
 `--replay_keep` drops those that do not replay or succeed. Writes the run directory's expert data (or --out);
@@ -23,6 +24,7 @@ from eval_agent.envs import add_task_family_arg, get_task_family
 from eval_agent.expert_data import alfworld_expert_trajectory, load_expert_data, to_published
 from eval_agent.guard import RunGuard, fingerprint, identity, require_output, settings_of
 from eval_agent.layout import RunDir
+from eval_agent.published import training_data
 from eval_agent.run_card import write_run_card
 from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, run_episodes
 from eval_agent.store import BadRecord, JsonlStore, write_json
@@ -53,15 +55,16 @@ def alfworld(args: argparse.Namespace, store: JsonlStore) -> dict[str, int]:
 
 
 def vh_trajectories(args: argparse.Namespace) -> Path:
-    """The VirtualHome expert trajectories of the split: under the data root, else the generated set's
-    (the official download has test tasks only; the training tasks fall back the same way)."""
+    """The VirtualHome expert trajectories of the split: for train, those of the training data the stages use
+    (eval_agent.published.training_data: the published conversations when the data root has the published
+    training tasks, else the generated set's); for another split, the data root's."""
+    if args.split == "train":
+        return training_data("virtualhome", args.data_root).expert
     family = get_task_family("virtualhome")
-    name = f"vh_{args.split}_trajectories.jsonl"
-    for root in (family.find_data_root(args.data_root), family.GENERATED):
-        if (root / name).is_file():
-            return root / name
-    raise SystemExit(f"error: no {name} under {family.find_data_root(args.data_root)} or {family.GENERATED} "
-                     "(scripts/make_vh_tasks.py writes the training trajectories; or pass --source)")
+    path = family.find_data_root(args.data_root) / f"vh_{args.split}_trajectories.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"error: no {path} (scripts/make_vh_tasks.py writes the training trajectories; or pass --source)")
+    return path
 
 
 def imported(args: argparse.Namespace, store: JsonlStore, source: Path, out: Path) -> dict[str, int]:

@@ -11,6 +11,9 @@ BASE_MODEL=${BASE_MODEL:-${MODEL:-}}           # base model folder; empty = the 
 EXPERT_DATA=${EXPERT_DATA:-${DATA:-}}          # expert trajectories (ours or a published *_sft.json); empty = the run's
 CHAT_FORMAT=${CHAT_FORMAT:-}                   # template | llama-2; empty = what the model folder records, else template
 SFT_ICL_NUM=${SFT_ICL_NUM:-${ICL:-}}           # in-context examples in the training prompts (the original: 0)
+INSTRUCTION_FROM=${INSTRUCTION_FROM:-}         # the run's instruction (every stage's); empty = the published one beside the data, else ours
+ICL_FROM=${ICL_FROM:-}                         # the run's in-context example (SFT_ICL_NUM=1); empty = likewise
+ROW_INSTRUCTION=${ROW_INSTRUCTION:-}           # 1: each row's own instruction, as the original (docs/fidelity.md)
 SFT_LR=${SFT_LR:-${LR:-}}                      # learning rate
 SFT_EPOCHS=${SFT_EPOCHS:-${EPOCHS:-}}
 SFT_BATCH=${SFT_BATCH:-${BATCH:-}}             # global batch; accumulation = SFT_BATCH / (SFT_MICRO_BATCH x processes)
@@ -26,6 +29,9 @@ opt --model_name_or_path "$BASE_MODEL"
 opt --data "$EXPERT_DATA"
 opt --chat_format "$CHAT_FORMAT"
 opt --icl_num "$SFT_ICL_NUM"
+opt --instruction_from "$INSTRUCTION_FROM"
+opt --icl_from "$ICL_FROM"
+opt_bool --row_instruction "$ROW_INSTRUCTION"
 opt --learning_rate "$SFT_LR"
 opt --num_train_epochs "$SFT_EPOCHS"
 opt --global_batch_size "$SFT_BATCH"

@@ -1,9 +1,10 @@
 """Stage 1: supervised fine-tuning (warm-up) on expert trajectories with the Hugging Face Trainer.
 
-Each trajectory becomes the conversation the model is prompted with at inference (instruction, "OK",
-[the in-context example with --icl_num 1], task, steps), rendered by the shared chat format; the loss
-covers the assistant turns only ("OK" and the trajectory's steps, each with its end-of-turn marker),
-masked from the renderer's spans (`eval_agent.training`). Conversations longer than
+Each trajectory becomes the conversation the model is prompted with at inference (the run's instruction, "OK",
+[the run's in-context example with --icl_num 1], task, steps: eval_agent.prompts decides them once for every
+stage; --row_instruction keeps each published row's own first turn, as the original), rendered by the shared
+chat format; the loss covers the assistant turns only ("OK" and the trajectory's steps, each with its
+end-of-turn marker), masked from the renderer's spans (`eval_agent.training`). Conversations longer than
 --model_max_length lose whole trailing turns; rows where not one step fits are skipped; both counted.
 
 Inputs and output default to the run directory's (--run_dir; eval_agent/layout.py); the recipe's
@@ -23,15 +24,16 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from transformers import AutoTokenizer, HfArgumentParser, Trainer
 
 from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
 from eval_agent.cli import UserError, at_least, input_file, model_folder, run_main
-from eval_agent.envs import REGISTRY, get_task_family
+from eval_agent.envs import REGISTRY
 from eval_agent.expert_data import check_task_family, load_expert_data
-from eval_agent.guard import fingerprint, identity, settings_of, training_guard, training_settings
-from eval_agent.prompts import PromptBuilder
+from eval_agent.guard import fingerprint, identity, prompt_inputs, settings_of, training_guard, training_settings
+from eval_agent.prompts import PromptBuilder, training_instruction
 from eval_agent.layout import RunDir, card_dir
 from eval_agent.run_card import write_run_card
 from eval_agent.smollm2 import default_model_dir
@@ -56,6 +58,14 @@ class SFTArguments:
     chat_format: str | None = field(default=None, metadata={"help": f"{FORMATS}; default: what the model folder records, else template"})
     icl_num: int = field(default=0, metadata={"help": "in-context examples in the training prompts: 0 (the original) "
                                                       "or 1", "aliases": ["--icl"]})
+    instruction_from: str | None = field(default=None, metadata={
+        "help": "the run's instruction: a published *_inst.txt or an expert file (its first row's); default: the "
+                "published one beside the data, else the family's own (eval_agent/prompts.py), as every stage"})
+    icl_from: str | None = field(default=None, metadata={"help": "the run's in-context example (--icl_num 1): a "
+                                                                 "published *_icl.json or an expert file; default: as --instruction_from"})
+    row_instruction: bool = field(default=False, metadata={
+        "help": "train each row with its own instruction (a published row's first turn), as the original did, "
+                "instead of the run's, the one every stage prompts with"})
     model_max_length: int = field(default=4096, metadata={"help": "tokens per example; longer ones lose whole trailing turns"})
     global_batch_size: int = field(default=16, metadata={"help": "examples per optimizer step over all processes"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU that has it, else fp32) | bf16 "
@@ -91,16 +101,28 @@ def resolve_paths(args: SFTArguments) -> None:
     args.data = args.data or str(run.expert_data())
 
 
+def training_messages(args: SFTArguments, trajs: list[Trajectory]) -> Iterator[tuple[list[dict[str, str]], set[int], bool]]:
+    """(messages, trained turn indexes, whether the row's own instruction was replaced) per trajectory: the
+    run's prompt (eval_agent.prompts), the row's own instruction only with --row_instruction."""
+    try:
+        base = PromptBuilder.for_run(args.task_family, args.icl_num, args.instruction_from, args.icl_from)
+    except (OSError, ValueError) as e:  # also BadRecord: the message names file, row and field
+        raise SystemExit(f"error: {e}") from None
+    for traj in trajs:
+        instruction = training_instruction(traj, base.instruction, own=args.row_instruction)
+        own = traj.meta.get("instruction")
+        messages, trained = sft_messages(dataclasses.replace(base, instruction=instruction), traj)
+        yield messages, trained, bool(own) and own != instruction
+
+
 def encode_dataset(args: SFTArguments, trajs: list[Trajectory], tokenizer, chat_format: ChatFormat
                    ) -> tuple[list[dict], dict]:
     """Tokenized training rows and the counts for the summary."""
-    family = get_task_family(args.task_family)
-    base = PromptBuilder.for_task(args.task_family, icl_num=args.icl_num)
-    rows, stats = [], {"rows_in": 0, "truncated": 0, "skipped_too_long": 0, "tokens": 0, "trained_tokens": 0}
-    for traj in trajs:
+    rows, stats = [], {"rows_in": 0, "truncated": 0, "skipped_too_long": 0, "tokens": 0, "trained_tokens": 0,
+                       "own_instruction_replaced": 0}
+    for messages, trained, replaced in training_messages(args, trajs):
         stats["rows_in"] += 1
-        prompts = dataclasses.replace(base, instruction=traj.meta.get("instruction") or family.INSTRUCTION)
-        messages, trained = sft_messages(prompts, traj)
+        stats["own_instruction_replaced"] += replaced
         enc = encode_conversation(messages, chat_format, tokenizer, args.model_max_length, trained)
         first_step = min(i for i in trained if i > 1)  # the trained turns after "OK" are the steps
         if enc.num_messages <= first_step:  # not one step of the trajectory fits
@@ -113,6 +135,10 @@ def encode_dataset(args: SFTArguments, trajs: list[Trajectory], tokenizer, chat_
     stats["rows_out"] = len(rows)
     if not rows:
         raise SystemExit(f"error: no training row fits in {args.model_max_length} tokens ({args.data})")
+    if stats["own_instruction_replaced"]:
+        log.warning("%d of %d rows carry an instruction of their own that is not the run's: trained with the run's, "
+                    "the one every stage prompts with (--row_instruction keeps theirs)",
+                    stats["own_instruction_replaced"], stats["rows_in"])
     return rows, stats
 
 
@@ -159,10 +185,12 @@ def check_inputs(args: SFTArguments, targs: SFTTrainingArguments) -> list[Trajec
 
 
 def fingerprint_of(args: SFTArguments, targs: SFTTrainingArguments, chat_format: str) -> dict:
-    """The recipe, the chat format and the base model and expert data it trains on."""
-    settings = settings_of(dataclasses.asdict(args), drop={"model_name_or_path", "data", "precision", "attn_implementation"})
+    """The recipe, the chat format and the base model, expert data and prompt files it trains on."""
+    settings = settings_of(dataclasses.asdict(args), drop={"model_name_or_path", "data", "precision", "attn_implementation",
+                                                           "instruction_from", "icl_from"})
     return fingerprint("sft.train", CODE_VERSION, {**settings, **training_settings(targs), "chat_format": chat_format},
-                       {"model": identity(args.model_name_or_path), "data": identity(args.data)})
+                       {"model": identity(args.model_name_or_path), "data": identity(args.data),
+                        **prompt_inputs(args.task_family, args.instruction_from, args.icl_from, args.icl_num)})
 
 
 def train(args: SFTArguments, targs: SFTTrainingArguments, fmt_name: str, trajs: list[Trajectory], dtype) -> dict:

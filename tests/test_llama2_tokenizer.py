@@ -23,7 +23,7 @@ def llama2_tokenizer(tmp_path_factory):
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    corpus = [m["content"] for m in PromptBuilder.for_task("alfworld").messages(TRAJ)]
+    corpus = [m["content"] for m in PromptBuilder.for_run("alfworld").messages(TRAJ)]
     special = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]  # ids 0, 1, 2, then the bytes
     bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=700, special_tokens=special, show_progress=False))
     model = json.loads(bpe.to_str())["model"]
@@ -45,7 +45,7 @@ def test_the_tokenizer_is_llama_2_style(llama2_tokenizer):
 
 def test_llama_2_format_tokens_and_mask(llama2_tokenizer):
     tok, fmt = llama2_tokenizer, ChatFormat("llama-2")
-    messages = PromptBuilder.for_task("alfworld", icl_num=0).messages(TRAJ, include_last_observation=False)
+    messages = PromptBuilder.for_run("alfworld", icl_num=0).messages(TRAJ, include_last_observation=False)
     text, spans = fmt.render_with_spans(messages)
     enc = encode_conversation(messages, fmt, tok)
     assert enc.num_messages == len(messages)

@@ -115,7 +115,7 @@ def official_layout(root: Path, with_prompts: bool = True) -> Path:
     (alf / "json_2.1.1").symlink_to(REPO / "data" / "alfworld" / "json_2.1.1")
     (alf / "alfworld_sft.json").write_text(json.dumps([sft_row("role")]))
     if with_prompts:
-        (alf / "alfworld_inst.txt").write_text(INSTRUCTION)
+        (alf / "alfworld_inst.txt").write_text(INSTRUCTION + "\n")  # a file ends a line; the rows' first turn does not
         icl_file(alf / "alfworld_icl.json")
     return alf
 
@@ -152,7 +152,8 @@ def test_paper_preset_uses_the_published_files_and_the_user_wins(tmp_path):
     assert mine["ICL_FROM"] == str(alf / "alfworld_icl.json")
 
 
-def test_paper_preset_prompts_carry_the_published_instruction_and_example(tmp_path, tiny_model_dir, serve_hf):
+def test_paper_preset_prompts_carry_the_published_instruction_and_example(tmp_path, tiny_model_dir, serve_hf,
+                                                                         monkeypatch):
     """PRESET=paper on data in the official layout: the expert data is the published file (its instruction kept
     for SFT and reflection), and every prompt that sampling, MC and evaluation send (logged by the server
     as rendered) carries the published instruction and one-shot example."""
@@ -186,6 +187,7 @@ def test_paper_preset_prompts_carry_the_published_instruction_and_example(tmp_pa
     (expert,) = load_expert_data(run / "expert" / "train" / "trajectories.jsonl")
     assert expert.meta["key"] == "alfworld_0" and expert.meta["instruction"] == INSTRUCTION  # SFT trains on it
     args = build_parser().parse_args(["--task_family", "alfworld", "--run_dir", str(run)])
+    monkeypatch.setenv("ALFWORLD_DATA", str(alf))  # as the stages see it
     assert instructions(args, {"alfworld_0": expert}) == {"alfworld_0": INSTRUCTION}  # the reflection history's
     stage("sampling/generate_steps.sh")
     stage("sampling/mc_rollouts.sh")
@@ -196,3 +198,141 @@ def test_paper_preset_prompts_carry_the_published_instruction_and_example(tmp_pa
     for prompt in prompts:
         assert INSTRUCTION in prompt and ICL_TASK in prompt and "Action: take pen 1 from desk 1" in prompt
         assert "You are an agent in a household" not in prompt  # never our own instruction
+
+
+# ---- the published VirtualHome training data ---------------------------------------------------------------
+
+VH_GENERATED = REPO / "data" / "virtualhome"
+VH_INSTRUCTION = ("Interact with a household to solve a task. PUBLISHED-VH-MARKER\nYour response should use the "
+                  "following format:\nThought: <your thoughts>\nAction: <your next action>")
+VH_ICL_TASK = "The task is Drink (Drink water)."
+AUTHORS_PREFIX = ("/home/hlwang/hlwang_projects/research/language-planner-main/evaluation-code/dataset/"
+                  "programs_processed_precond_nograb_morepreconds/executable_programs/")
+
+
+def vh_training_rows(schema: str, n: int = 3) -> list[dict]:
+    """Rows shaped like the published new_train_conversation.jsonl, made from the first generated training tasks
+    (scene 1, whose graphs virtualhome-eval ships): `path` on the authors' machine, the expert's conversation
+    (instruction, OK, task, steps) in `schema`, the goal and ids; no `new_program_lines`."""
+    from eval_agent.envs.virtualhome import path_tail
+    from eval_agent.trajectory import Trajectory
+
+    tasks = [json.loads(line) for line in (VH_GENERATED / "vh_train.jsonl").read_text().splitlines()[:n]]
+    trajs = {r["key"]: r for r in map(json.loads, (VH_GENERATED / "vh_train_trajectories.jsonl").read_text().splitlines())}
+    rows = []
+    for i, task in enumerate(tasks):
+        tail = path_tail(task["path"])
+        traj = Trajectory.from_dict({k: v for k, v in trajs[tail].items() if k != "key"})
+        conversation = traj.to_conversation(VH_INSTRUCTION)
+        if schema == "role":
+            conversation = turns("role", [({"human": "user", "gpt": "assistant"}[t["from"]], t["value"])
+                                          for t in conversation])
+        rows.append({"id": str(i), "path": AUTHORS_PREFIX + tail + ".txt", "conversations": conversation,
+                     **{k: task[k] for k in ("revised_graph", "object_id_dict", "task", "description")}})
+    return rows
+
+
+def vh_icl_file(path: Path) -> Path:
+    """The shape of STeCa's virtualhome_icl.json: one example, the task then steps with `Observation: ` turns."""
+    example = turns("from", [("user", VH_ICL_TASK), ("assistant", "Thought: I am thirsty.\nAction: Walk to dining room"),
+                             ("user", "Observation: "), ("assistant", "Thought: A glass.\nAction: Find water glass")])
+    path.write_text(json.dumps([example]))
+    return path
+
+
+def vh_official_layout(root: Path, schema: str = "from", sft_file: bool = False, prompts: bool = True,
+                       training: bool = True) -> Path:
+    """A VH_DATA folder as scripts/download_data.sh leaves it: the test sets, the published training tasks
+    (`training`), their SFT file in the other schema (`sft_file`), the instruction and example (`prompts`)."""
+    vh = root / "virtualhome"
+    vh.mkdir(parents=True)
+    for name in ("vh_seen_test.jsonl", "vh_unseen_test.jsonl"):
+        (vh / name).symlink_to(VH_GENERATED / name)
+    rows = vh_training_rows(schema)
+    if training:
+        (vh / "new_train_conversation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if sft_file:
+        other = "role" if schema == "from" else "from"
+        (vh / "new_train_sft.json").write_text(json.dumps(
+            [{"path": r["path"], "conversations": vh_training_rows(other)[i]["conversations"]} for i, r in enumerate(rows)]))
+    if prompts:
+        (vh / "virtualhome_inst.txt").write_text(VH_INSTRUCTION + "\n")
+        vh_icl_file(vh / "virtualhome_icl.json")
+    return vh
+
+
+@pytest.mark.parametrize("schema, sft_file", [("from", False), ("role", True)])
+def test_vh_published_training_data_is_the_training_split(tmp_path, schema, sft_file):
+    """Its tasks are the training split (graphs by the tail of `path`), its conversations the SFT data, imported by
+    the expert-data stage, and the expert replay of sampling plays them (every step record written)."""
+    from eval_agent.envs.virtualhome import VirtualHomeEnv, load_tasks
+    from eval_agent.published import training_data
+    from sampling.generate_steps import main as generate_steps
+    from sft.make_expert_data import main as make_expert_data
+
+    vh = vh_official_layout(tmp_path, schema, sft_file)
+    data = training_data("virtualhome", vh)
+    want_expert = vh / ("new_train_sft.json" if sft_file else "new_train_conversation.jsonl")
+    assert (data.kind, data.tasks, data.expert) == ("published", vh / "new_train_conversation.jsonl", want_expert)
+    tasks = load_tasks("train", data_root=vh)
+    assert [t.key for t in tasks] == [r["path"][len(AUTHORS_PREFIX):-4] for r in vh_training_rows(schema)]
+    assert tasks[0].meta["program"] == [] and tasks[0].meta["graph_file"].endswith(tasks[0].key + ".json")
+
+    run = tmp_path / "run"
+    make_expert_data(["--task_family", "virtualhome", "--run_dir", str(run), "--data_root", str(vh)])
+    experts = load_expert_data(run / "expert" / "train" / "trajectories.jsonl")
+    assert [t.meta["key"] for t in experts] == [t.key for t in tasks]
+    assert all(t.meta["instruction"] == VH_INSTRUCTION for t in experts)
+    assert VirtualHomeEnv().reset(tasks[0]) == experts[0].task_text  # the task text the env gives
+    summary = generate_steps(["--task_family", "virtualhome", "--kind", "expert", "--run_dir", str(run),
+                              "--data_root", str(vh)])
+    assert summary["expert"]["unmatched"] == 0
+    assert summary["expert"]["written"] == sum(len(t.steps) for t in experts) and summary["expert"]["env_errors"] == 0
+
+
+def test_vh_data_without_the_training_file_says_so(tmp_path, caplog):
+    from eval_agent.envs import virtualhome
+    from eval_agent.published import check_training, training_data
+
+    vh = vh_official_layout(tmp_path, training=False)
+    with caplog.at_level("WARNING"):
+        data = training_data("virtualhome", vh)
+    assert data.kind == "generated" and data.tasks == VH_GENERATED / "vh_train.jsonl"
+    assert f"{vh} has no new_train_conversation.jsonl" in data.why
+    assert f"{vh} has no new_train_conversation.jsonl (the published VirtualHome training tasks)" in caplog.text
+    assert [t.key for t in virtualhome.load_tasks("train", data_root=vh)][:1]  # the fall-back still runs, loudly
+    ok, line = check_training("virtualhome", vh, expected=4920)
+    assert ok and line.startswith("--   virtualhome training data: generated")
+
+
+def test_vh_training_data_counted_by_the_check_and_the_doctor(tmp_path, capsys):
+    from eval_agent.doctor import _virtualhome_data
+    from eval_agent.published import check_training, main
+
+    vh = vh_official_layout(tmp_path, "role", sft_file=True)
+    ok, line = check_training("virtualhome", vh, expected=3)
+    assert ok and line.startswith("ok   virtualhome training data: published: tasks 3, with_scene_graph 3, "
+                                  "expert_trajectories 3, of_a_task 3"), line
+    with pytest.raises(SystemExit):  # the paper's 4,920 tasks: 3 is short
+        main(["--task_family", "virtualhome", "--data_root", str(vh), "--check_training"])
+    assert capsys.readouterr().out.startswith("BAD  virtualhome training data: published: tasks 3")
+    doctor = _virtualhome_data(str(vh))["training_data"]
+    assert doctor["kind"] == "published" and doctor["tasks"] == 3 and doctor["of_a_task"] == 3
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda r: r.pop("conversations"), r":1: field 'new_program_lines' is missing or not a list"),
+    (lambda r: r.update(path="/elsewhere/file.txt"), r":1: field 'path': path '/elsewhere/file.txt' does not end"),
+])
+def test_bad_vh_training_rows_name_file_line_and_field(tmp_path, breakage, message):
+    from eval_agent.envs.virtualhome import read_task_file
+
+    row = vh_training_rows("from", 1)[0]
+    breakage(row)
+    path = tmp_path / "new_train_conversation.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(BadRecord, match=f"new_train_conversation.jsonl{message}"):
+        read_task_file(path)
+    if "conversations" in row:  # the same row as SFT data: its key is the path's tail, named when it has none
+        with pytest.raises(BadRecord, match=r"new_train_conversation.jsonl: line 1: field 'path': "):
+            load_expert_data(path)

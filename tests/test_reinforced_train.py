@@ -252,6 +252,27 @@ def steca_train(env: dict[str, str]) -> dict:
     return json.loads((Path(env["OUT"]) / "train_summary.json").read_text())
 
 
+def test_old_name_data_never_reaches_reinforced_training(tmp_path):
+    """DATA named the SFT data (sft/sft.sh still reads it as EXPERT_DATA); this stage refuses it, naming TRAIN_SET."""
+    env = {**os.environ, "PYTHON": sys.executable, "DATA": str(tmp_path / "expert.jsonl"), "RUN_DIR": str(tmp_path)}
+    proc = subprocess.run(["bash", "Reinforced_train/steca_train.sh"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "set TRAIN_SET" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "steca").exists()
+
+
+def test_pipeline_takes_data_as_the_sft_data(tmp_path, smollm2_dir):
+    """In the pipeline DATA is what it meant, the expert file SFT trains on (EXPERT_SOURCE), and no stage sees it:
+    the pre-flight reads it as such (here: a file that is not there) before any stage."""
+    env = {k: v for k, v in os.environ.items() if k not in ("EXPERT_SOURCE", "EXPERT_DATA", "TRAIN_SET")}
+    env.update(PYTHON=sys.executable, DATA=str(tmp_path / "none.json"), RUN_ROOT=str(tmp_path / "run"), PRESET="tiny",
+               TASK_FAMILY="alfworld", BASE_MODEL=str(smollm2_dir), HF_HUB_OFFLINE="1")
+    proc = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and f"EXPERT_SOURCE={tmp_path / 'none.json'}: " in proc.stdout, proc.stdout + proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_published_file_trains_on_two_processes_and_resumes(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -259,7 +280,7 @@ def test_published_file_trains_on_two_processes_and_resumes(tmp_path, tiny_model
     data.write_text(json.dumps(published([calibration_row(f"c{i}", 1.0 + 0.01 * i) for i in range(3)]
                                          + [explored_row("e0", 0.99)])))
     out = RunDir(tmp_path).steca_model
-    env = {"MODEL": str(tiny_model_dir), "DATA": str(data), "OUT": str(out), "NPROC": "2", "BATCH": "2",
+    env = {"MODEL": str(tiny_model_dir), "TRAIN_SET": str(data), "OUT": str(out), "NPROC": "2", "BATCH": "2",
            "MICRO_BATCH": "1", "LR": "1e-3", "MAX_LEN": "1024", "PRECISION": "fp32"}
     summary = steca_train(env)
     assert summary["world_size"] == 2 and summary["gradient_accumulation_steps"] == 1

@@ -58,7 +58,7 @@ def test_loss_mask_is_exactly_the_assistant_turns(tokenizer, fmt_name):
 
 def test_icl_example_turns_are_not_trained(tokenizer):
     fmt = ChatFormat("template", tokenizer)
-    prompts = PromptBuilder.for_task("alfworld", icl_num=1)
+    prompts = PromptBuilder.for_run("alfworld", icl_num=1)
     messages, trained = sft_messages(prompts, TRAJ)
     enc = encode_conversation(messages, fmt, tokenizer, trained=trained)
     texts = [tokenizer.decode(r) for r in trained_runs(enc.input_ids, enc.labels)]

