@@ -38,6 +38,7 @@ from typing import Any, NoReturn
 
 from eval.paper_results import COLUMNS, PAPER_ROWS
 from eval_agent.layout import EVAL_SUMMARY, RunDir
+from eval_agent.opt_ins import model_opt_ins, row_name
 from eval_agent.store import staged, write_atomic, write_json
 
 log = logging.getLogger("report")
@@ -202,8 +203,9 @@ def our_rows(cells: list[Cell], backbone: str | None) -> list[Row]:
     for label in sorted({c.label for c in cells}, key=label_order):
         values = [by_key[(label, *col)].value if (label, *col) in by_key else None for col in COLUMNS]
         expert = all(c.policy == "expert" for c in cells if c.label == label)
-        rows.append(Row(f"{OUR_LABELS.get(label, label)} (ours)", "expert policy" if expert else backbone, "ours",
-                        values, mean_of(values)))
+        opt_ins = model_opt_ins([c.summary for c in cells if c.label == label], label)  # e.g. self-reflection
+        rows.append(Row(row_name(f"{OUR_LABELS.get(label, label)} (ours)", opt_ins),
+                        "expert policy" if expert else backbone, "ours", values, mean_of(values)))
     return rows
 
 
