@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.evaluate import model_of_label
+from eval.manifest import manifest
 from eval_agent.cli import check_policy_model, count, run_main
 from eval_agent.envs import Task, add_task_family_arg, get_task_family
 from eval_agent.expert_data import load_expert_data
@@ -272,7 +273,8 @@ def play(args: argparse.Namespace, out: Path, policy: Policy | None) -> dict[str
         raise SystemExit(f"error: {e}") from None
     summary = {"env": args.task_family, "split": args.split, "label": args.label, "model": args.model,
                "available": len(available), **summarize(histories, store.records),
-               "sources": {k: str(v) for k, v in files.items()}, "run": asdict(stats),
+               "sources": {k: str(v) for k, v in files.items()},
+               "manifest": manifest(args.task_family, [h.key for h in histories]), "run": asdict(stats),
                "seconds": round(time.perf_counter() - t0, 1), "run_card": card}
     write_json(out / EVAL_SUMMARY, summary)
     log.info("%s/%s (%s): success %s from deviated histories, %s from clean ones (%d histories, %d skipped) -> %s",

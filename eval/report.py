@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from eval import manifest
 from eval.paper_results import COLUMNS, PAPER_ROWS
 from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.opt_ins import model_opt_ins, row_name
@@ -333,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", required=True,
                    help="folder for report.md, report.tex, report.png, tables.png, signals.png, reading.md, report.json")
     p.add_argument("--reading", action="store_true", help="also print the plain-language reading of the signals")
+    p.add_argument("--allow_different_manifests", action="store_true",
+                   help="put side by side evaluations that ran other task lists or environment versions (eval/manifest.py)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from eval import signals, tables
@@ -345,6 +348,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = our_rows(cells, args.backbone) + variant_rows + paper_rows(args.paper_tables)
     others = tables.build(args.run, args.metric, backbone, args.paper_tables)
     small, collections = signals.collect(cells, args.run, args.step_accuracy)
+    different = manifest.check_side_by_side(  # every evaluation summary behind a number of ours
+        [c.summary for c in cells] + [c["summary"] for c in variant_cells] + [s for t in others for r in t.rows
+        for s in r.sources if s] + [r.sources["step_accuracy"] for r in small if "step_accuracy" in r.sources],
+        args.allow_different_manifests)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, args.metric, out / "report.png")
@@ -357,14 +364,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reading = signals.reading(small, collections, signals.base_models(small) if backbone == MISSING else backbone,
                               figures)
     write_atomic(out / "report.md", "\n".join([to_markdown(rows, cells, args.metric, skipped), tables.to_markdown(others),
-                                               signals.to_markdown(small, collections), reading]))
+                                               signals.to_markdown(small, collections), reading,
+                                               manifest.to_markdown(different)]))
     write_atomic(out / "report.tex", "\n".join([to_latex(rows, args.metric), tables.to_latex(others),
                                                signals.to_latex(small, collections)]))
     write_atomic(out / "reading.md", reading)
     report = {"metric": args.metric, "scale": 100, "columns": [f"{env}/{split}" for env, split in COLUMNS],
               "caption": caption(args.metric, rows), "rows": [asdict(r) for r in rows],
               "cells": [asdict(c) for c in cells], "variant_cells": variant_cells, "skipped": skipped,
-              "tables": tables.to_json(others),
+              "tables": tables.to_json(others), "different_manifests": different,
               "signals": signals.to_json(small, collections, reading)}
     write_json(out / "report.json", report)
     log.info("%d summaries, %d skipped -> %s/report.{md,tex,png,json}, tables.png, signals.png, reading.md", len(cells),
