@@ -78,7 +78,5 @@ def check_side_by_side(summaries: Iterable[str | Path], allow: bool) -> list[str
 
 def to_markdown(lines: list[str]) -> str:
     """The report's note on the summaries it put side by side although their manifests differ."""
-    if not lines:
-        return ""
     return "\n".join(["## Different manifests side by side (--allow_different_manifests)", "",
                       *[f"- {line}" for line in lines]]) + "\n"

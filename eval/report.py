@@ -363,9 +363,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures += [p for c in collections for p in c.plots]
     reading = signals.reading(small, collections, signals.base_models(small) if backbone == MISSING else backbone,
                               figures)
-    write_atomic(out / "report.md", "\n".join([to_markdown(rows, cells, args.metric, skipped), tables.to_markdown(others),
-                                               signals.to_markdown(small, collections), reading,
-                                               manifest.to_markdown(different)]))
+    write_atomic(out / "report.md", "\n".join([to_markdown(rows, cells, args.metric, skipped),
+                                               *([manifest.to_markdown(different)] if different else []),
+                                               tables.to_markdown(others), signals.to_markdown(small, collections),
+                                               reading]))
     write_atomic(out / "report.tex", "\n".join([to_latex(rows, args.metric), tables.to_latex(others),
                                                signals.to_latex(small, collections)]))
     write_atomic(out / "reading.md", reading)
