@@ -230,3 +230,20 @@ def test_paper_pipeline_stops_in_the_preflight_naming_each_problem(tmp_path, smo
         assert sum(needle in line for line in lines) == 1, done.stdout
     assert "== " not in done.stdout and not (tmp_path / "run").exists()  # no stage started, none marked done
     assert took < 60, took
+
+
+def test_env_args_and_action_parse_reach_the_evaluation(tmp_path, smollm2_dir):
+    """What the evaluation script passes (its fingerprint, printed without work): ENV_ARGS, then EVAL_ENV_ARGS (the
+    paper preset's task text), and ACTION_PARSE."""
+    def settings(**env: str) -> dict:
+        out = subprocess.run(["bash", "eval/evaluate.sh"], cwd=REPO, capture_output=True, text=True, check=True,
+                             env={**{k: v for k, v in os.environ.items() if k not in KEYS}, "STECA_FINGERPRINT": "1",
+                                  "TASK_FAMILY": "alfworld", "RUN_DIR": str(tmp_path), "SPLIT": "seen",
+                                  "PYTHON": sys.executable, **env}).stdout
+        return json.loads(out.splitlines()[-1])["settings"]
+
+    assert settings()["env_args"] == {} and settings()["action_parse"] == "first_line"
+    assert settings(ENV_ARGS='{"task_text": "original"}')["env_args"] == {"task_text": "original"}
+    paper = settings(PRESET="paper", ENV_ARGS='{"task_text": "data"}')
+    assert paper["env_args"] == {"task_text": "original"} and paper["action_parse"] == "original"
+    assert settings(PRESET="paper", EVAL_ENV_ARGS='{"task_text": "data"}')["env_args"] == {"task_text": "data"}
