@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.evaluate import model_of_label
+from eval.manifest import manifest
 from eval.step_accuracy import judge, normalize_action, recording_envs
 from eval_agent.cli import check_policy_model, count, run_main
 from eval_agent.envs import Task, add_task_family_arg, get_task_family
@@ -373,7 +374,8 @@ def play(args: argparse.Namespace, out: Path, policy: Policy | None) -> dict[str
     measured = (summarize if args.probe == "episode" else summarize_next)(histories, store.records)
     summary = {"env": args.task_family, "split": args.split, "label": args.label, "model": args.model,
                "probe": args.probe, "histories_from": args.histories, "available": len(available), **measured,
-               "sources": {k: str(v) for k, v in files.items()}, "run": asdict(stats),
+               "sources": {k: str(v) for k, v in files.items()},
+               "manifest": manifest(args.task_family, [h.key for h in histories]), "run": asdict(stats),
                "seconds": round(time.perf_counter() - t0, 1), "run_card": card}
     write_json(out / EVAL_SUMMARY, summary)
     if args.probe == "episode":

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from eval.manifest import manifest
 from eval_agent.async_runner import run_for_policy
 from eval_agent.cli import check_policy_model, count, non_negative, per_split, run_main
 from eval_agent.envs import Task, add_task_family_arg, get_task_family
@@ -186,7 +187,8 @@ def write_summary(args: argparse.Namespace, out: Path, tasks: list[Task], stats:
     trajs = [Trajectory.from_dict(json.loads(result_path(out, t.key).read_text())) for t in tasks]
     for t, traj in zip(tasks, trajs):
         traj.meta.setdefault("task_type", t.meta.get("task_type", "unknown"))
-    summary = {**summarize(args.task_family, args.split, trajs), "run": asdict(stats), "run_card": card}
+    summary = {**summarize(args.task_family, args.split, trajs), "manifest": manifest(args.task_family, [t.key for t in tasks]),
+               "run": asdict(stats), "run_card": card}
     write_json(out / EVAL_SUMMARY, summary)
     log_summary(find_run_dir(out), f"eval/{out.parent.name}/{out.name}", {k: v for k, v in summary.items()
                                                                          if k != "run_card"}, out)

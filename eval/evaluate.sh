@@ -15,11 +15,13 @@ EVAL_LIMIT=${EVAL_LIMIT:-${LIMIT:-}}       # first N tasks only; empty = the who
 OUT=${OUT:-}                               # the output folder; empty = RUN_DIR/eval/<LABEL>/<SPLIT>
 source scripts/episode_vars.sh             # SPLIT DATA_ROOT MAX_STEPS CONCURRENCY
 EVAL_MAX_STEPS=${EVAL_MAX_STEPS:-}         # the evaluation's episode budget; empty = MAX_STEPS (tiny: 6)
+EVAL_ENV_ARGS=${EVAL_ENV_ARGS:-}           # the evaluation's environment options; empty = ENV_ARGS (paper: task_text original)
 source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM ICL_FROM MAX_NEW_TOKENS
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
 opt --policy "$POLICY"
 opt --limit "$EVAL_LIMIT"
 opt --max_steps "$EVAL_MAX_STEPS"          # after MAX_STEPS's flag: the last one counts
+opt --env_args "$EVAL_ENV_ARGS"            # after ENV_ARGS's flag
 opt --out "$OUT"
 exec "$PYTHON" -m eval.evaluate "${args[@]}" "$@"

@@ -38,8 +38,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from eval import manifest
 from eval.paper_results import COLUMNS, PAPER_ROWS
 from eval_agent.layout import EVAL_SUMMARY, RunDir
+from eval_agent.opt_ins import model_opt_ins, row_name
 from eval_agent.store import BadRecord, staged, write_atomic, write_json
 
 log = logging.getLogger("report")
@@ -204,8 +206,9 @@ def our_rows(cells: list[Cell], backbone: str | None) -> list[Row]:
     for label in sorted({c.label for c in cells}, key=label_order):
         values = [by_key[(label, *col)].value if (label, *col) in by_key else None for col in COLUMNS]
         expert = all(c.policy == "expert" for c in cells if c.label == label)
-        rows.append(Row(f"{OUR_LABELS.get(label, label)} (ours)", "expert policy" if expert else backbone, "ours",
-                        values, mean_of(values)))
+        opt_ins = model_opt_ins([c.summary for c in cells if c.label == label], label)  # e.g. self-reflection
+        rows.append(Row(row_name(f"{OUR_LABELS.get(label, label)} (ours)", opt_ins),
+                        "expert policy" if expert else backbone, "ours", values, mean_of(values)))
     return rows
 
 
@@ -333,6 +336,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", required=True,
                    help="folder for report.md, report.tex, report.png, tables.png, signals.png, reading.md, report.json")
     p.add_argument("--reading", action="store_true", help="also print the plain-language reading of the signals")
+    p.add_argument("--allow_different_manifests", action="store_true",
+                   help="put side by side evaluations that ran other task lists or environment versions (eval/manifest.py)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from eval import compare, signals, tables
@@ -349,6 +354,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         comparisons = compare.from_runs(args.run)
     except BadRecord as e:
         raise SystemExit(f"error: {e}") from None
+    different = manifest.check_side_by_side(  # every evaluation summary behind a number of ours
+        [c.summary for c in cells] + [c["summary"] for c in variant_cells] + [s for t in others for r in t.rows
+        for s in r.sources if s] + [r.sources["step_accuracy"] for r in small if "step_accuracy" in r.sources],
+        args.allow_different_manifests)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, args.metric, out / "report.png")
@@ -360,8 +369,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures += [p for c in collections for p in c.plots]
     reading = signals.reading(small, collections, signals.base_models(small) if backbone == MISSING else backbone,
                               figures, compare.reading(comparisons))
-    write_atomic(out / "report.md", "\n".join([to_markdown(rows, cells, args.metric, skipped), tables.to_markdown(others),
-                                               signals.to_markdown(small, collections), compare.to_markdown(comparisons),
+    write_atomic(out / "report.md", "\n".join([to_markdown(rows, cells, args.metric, skipped),
+                                               *([manifest.to_markdown(different)] if different else []),
+                                               tables.to_markdown(others), signals.to_markdown(small, collections),
+                                               compare.to_markdown(comparisons),
                                                reading]))
     write_atomic(out / "report.tex", "\n".join([to_latex(rows, args.metric), tables.to_latex(others),
                                                signals.to_latex(small, collections)]))
@@ -369,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {"metric": args.metric, "scale": 100, "columns": [f"{env}/{split}" for env, split in COLUMNS],
               "caption": caption(args.metric, rows), "rows": [asdict(r) for r in rows],
               "cells": [asdict(c) for c in cells], "variant_cells": variant_cells, "skipped": skipped,
-              "tables": tables.to_json(others),
+              "tables": tables.to_json(others), "different_manifests": different,
               "signals": signals.to_json(small, collections, reading),
               "comparison": compare.to_json(comparisons)}
     write_json(out / "report.json", report)

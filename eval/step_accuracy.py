@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator
 from tqdm import tqdm
 
 from eval.evaluate import model_of_label
+from eval.manifest import manifest
 from eval_agent.cli import check_policy_model, count, per_split, run_main
 from eval_agent.envs import Env, StepResult, Task, add_task_family_arg, get_task_family
 from eval_agent.expert_data import AS_TRAINING_DATA
@@ -352,7 +353,8 @@ def write_summary(s: Split, stats: RunStats, seconds: float, card: dict[str, Any
     summary = {"env": args.task_family, "split": args.split, "label": args.label, "model": args.model,
                "tasks": len(s.tasks), "expert_won": won,
                "expert_failed": [t.key for t in s.tasks if not s.experts[t.key].success],
-               **summarize(records), "run": asdict(stats), "seconds": seconds, "run_card": card}
+               **summarize(records), "manifest": manifest(args.task_family, [t.key for t in s.tasks]),
+               "run": asdict(stats), "seconds": seconds, "run_card": card}
     write_json(s.out / EVAL_SUMMARY, summary)
     log.info("%s/%s%s: step accuracy %s, valid actions %s over %d steps (%d skipped) of %d tasks -> %s",
              args.task_family, args.split, f" ({args.label})" if args.label else "",

@@ -16,6 +16,8 @@ EVAL_LIMIT=${EVAL_LIMIT:-}                 # first N tasks only; empty = the who
 STEPS_PER_TASK=${STEPS_PER_TASK:-}         # N steps of each expert trajectory, evenly spaced; empty = all
 DATA_ROOT=${DATA_ROOT:-}                   # task data folder
 CONCURRENCY=${CONCURRENCY:-}               # episodes in flight
+ENV_ARGS=${ENV_ARGS:-}                     # JSON object of environment options (docs/pipeline.md)
+EVAL_ENV_ARGS=${EVAL_ENV_ARGS:-}           # the evaluation's; empty = ENV_ARGS
 OUT=${OUT:-}                               # the output folder; empty = RUN_DIR/eval/<LABEL>/<SPLIT>/step_accuracy
 source scripts/model_vars.sh               # BACKEND ENDPOINTS CHAT_FORMAT ICL_NUM INSTRUCTION_FROM MAX_NEW_TOKENS
 
@@ -25,5 +27,7 @@ opt --limit "$EVAL_LIMIT"
 opt --steps_per_task "$STEPS_PER_TASK"
 opt --data_root "$DATA_ROOT"
 opt --concurrency "$CONCURRENCY"
+opt --env_args "$ENV_ARGS"
+opt --env_args "$EVAL_ENV_ARGS"            # the last one counts
 opt --out "$OUT"
 exec "$PYTHON" -m eval.step_accuracy "${args[@]}" "$@"

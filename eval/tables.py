@@ -26,6 +26,7 @@ from eval.paper_results import COLUMNS, LENGTH_BINS, PAPER_BY_LENGTH, PAPER_ROWS
 from eval.report import (ENV_TITLES, MISSING, OUR_LABELS, Cell, Row, fmt, latex_escape, load_json, mean_of, read_summary,
                          save_png)
 from eval_agent.layout import EVAL_SUMMARY, VARIANT_FILE, RunDir
+from eval_agent.opt_ins import model_opt_ins, row_name, run_opt_ins
 from eval_agent.variants import VARIANTS, Variant
 
 SPLITS = ("seen", "unseen")
@@ -88,6 +89,7 @@ def our_row(method: str, runs: list[tuple[str, RunDir]], label: str, columns: li
         row.cells.append(cell.value if cell else None)
         row.counts.append(cell.num_tasks if cell else None)
         row.sources.append(cell.summary if cell else None)
+    row.method = row_name(method, model_opt_ins([s for s in row.sources if s], label))  # e.g. self-reflection
     return row if any(v is not None for v in row.cells) else None
 
 
@@ -200,7 +202,7 @@ def table9(runs: list[Run]) -> Table:
                     rewards[length_bin(len(program))].append(record.get("reward") or 0.0)
                 files.append(str(folder))
             if any(rewards):
-                rows.append(TRow(f"{OUR_LABELS[label]} (ours)", "ours",
+                rows.append(TRow(row_name(f"{OUR_LABELS[label]} (ours)", run_opt_ins(rd, label)), "ours",
                                  [100 * sum(r) / len(r) if r else None for r in rewards],
                                  [len(r) for r in rewards], [", ".join(files)] * 3))
     rows += [TRow(method, "paper Table 9", list(cells)) for method, cells in PAPER_BY_LENGTH.items()]
@@ -217,7 +219,8 @@ def figure4(runs: list[Run]) -> Table:
     rows = []
     for env, rd in mains(runs):
         for label in ("sft", "steca"):
-            row = TRow(f"{OUR_LABELS[label]} (ours), {ENV_TITLES[env]}", "ours", [], [], [])
+            row = TRow(row_name(f"{OUR_LABELS[label]} (ours), {ENV_TITLES[env]}", run_opt_ins(rd, label)), "ours",
+                       [], [], [])
             for split in SPLITS:
                 path = rd.calibration(label, split) / EVAL_SUMMARY
                 summary = load_json(path) if path.is_file() else None

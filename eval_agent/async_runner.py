@@ -36,6 +36,7 @@ from tqdm import tqdm
 from eval_agent.envs.base import Env, Task
 from eval_agent.llm import BackendUnavailable, Completion
 from eval_agent.llm.openai_http import Refused
+from eval_agent.parsing import FIRST_LINE
 from eval_agent.runner import CONCURRENCY as ROUND_CONCURRENCY
 from eval_agent.runner import MAX_STEPS, Episode, Policy, RunStats, apply_reply, run_episodes, start_episode
 from eval_agent.trajectory import Step, Trajectory
@@ -96,7 +97,8 @@ def _idle_env(idle: dict[str, list[Env]], task_key: str) -> Env | None:
     return None
 
 
-def _worker_main(commands: Connection, results: Connection, make_env: Callable[[], Env], max_steps: int) -> None:
+def _worker_main(commands: Connection, results: Connection, make_env: Callable[[], Env], max_steps: int,
+                 action_parse: str) -> None:
     """Run commands (request id, op, episode id, argument) until told to stop or the parent is gone. Steps go
     before starts: an episode waiting for its step keeps a server slot idle, a new episode has none yet."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us in order
@@ -122,12 +124,12 @@ def _worker_main(commands: Connection, results: Connection, make_env: Callable[[
                     continue
                 if op == "start":
                     task, prefix = arg
-                    ep = start_episode(task, _idle_env(idle, task.key) or make_env(), prefix, max_steps)
+                    ep = start_episode(task, _idle_env(idle, task.key) or make_env(), prefix, max_steps, action_parse)
                     live[eid] = ep
                     out: Any = ep.traj
                 elif op == "step":
                     ep = live[eid]
-                    apply_reply(ep, arg, max_steps)
+                    apply_reply(ep, arg, max_steps, action_parse)
                     t = ep.traj
                     out = StepDelta(t.steps[-1], t.termination, t.success, t.reward, t.meta.get("error"))
                 elif op == "cpu":
@@ -166,7 +168,7 @@ class EnvPool:
     """`workers` processes holding the environments of the episodes in flight (started with `spawn`: a fork
     would copy the main process's threads and open connections)."""
 
-    def __init__(self, make_env: Callable[[], Env], workers: int, max_steps: int):
+    def __init__(self, make_env: Callable[[], Env], workers: int, max_steps: int, action_parse: str = FIRST_LINE):
         if workers < 1:
             raise ValueError(f"env_workers must be >= 1, got {workers}")
         self._loop = asyncio.get_running_loop()
@@ -180,7 +182,7 @@ class EnvPool:
         for w in range(workers):
             cmd_recv, cmd_send = ctx.Pipe(duplex=False)
             res_recv, res_send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker_main, args=(cmd_recv, res_send, make_env, max_steps),
+            proc = ctx.Process(target=_worker_main, args=(cmd_recv, res_send, make_env, max_steps, action_parse),
                                name=f"env-worker-{w}", daemon=True)
             proc.start()
             cmd_recv.close()
@@ -290,7 +292,7 @@ async def _run(jobs: Iterable[tuple[Task, list[str]]], policy: AsyncPolicy, make
     failures: list[str] = []
     streak = 0
     await policy.check()
-    pool = EnvPool(make_env, env_workers, max_steps)
+    pool = EnvPool(make_env, env_workers, max_steps, getattr(policy, "action_parse", FIRST_LINE))
     bar = tqdm(total=total, disable=not progress, desc="episodes", unit="ep")
 
     async def episode(task: Task, prefix: list[str]) -> None:

@@ -11,7 +11,11 @@ problem it finds, not the first, and exits 1 when there is one:
 - both training stages' global batch is a multiple of micro-batch x NPROC, else the nearest valid settings;
 - GPUs vs NPROC and the vLLM replicas; the vLLM environment for BACKEND=vllm;
 - the reflection endpoint answers with its key when reflection is by a chat model;
-- free disk for the checkpoints (an estimate from the base model's size).
+- free disk for the checkpoints (an estimate from the base model's size);
+- what PRESET=paper refuses unless opted into by name (eval_agent/opt_ins.py): generated training data
+  (ALLOW_GENERATED_DATA=1), reflection or LLM step rewards by the SFT model itself (REFLECT_BACKEND=self), for the
+  main run and each VARIANT; deviation thresholds of the run and its variants that select the same deviations at
+  the run's N (ALLOW_DELTA_COLLAPSE=1; a warning for other presets); ENV_ARGS / EVAL_ENV_ARGS the environments take.
 Warnings (`~`) name what runs but is not the paper's setting.
 
     PRESET=paper TASK_FAMILY=both NPROC=8 python -m eval_agent.preflight
@@ -19,18 +23,24 @@ Warnings (`~`) name what runs but is not the paper's setting.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
+import typing
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Mapping
 
 from eval_agent.envs import alfworld, virtualhome
+from eval_agent.opt_ins import asks_reflecting_model, generated_training_data, reflection_is_chat
+from eval_agent.variants import Variant, resolve
 
 # The official sets (download_data.sh counts the same): what PRESET=paper needs.
 OFFICIAL_COUNTS = {"alfworld": {"train": 3553, "valid_seen": 140, "valid_unseen": 134},
@@ -114,11 +124,6 @@ def check_inputs(task_family: str, preset: str, env: Mapping[str, str], report: 
             readers[var](path)
         except (OSError, ValueError) as e:
             report.problems.append(f"{var}={path}: {e}")
-    if preset == "paper" and "EXPERT_SOURCE" not in files:
-        what = ("alfworld's handcoded expert with templated thoughts" if task_family == "alfworld"
-                else "the generated VirtualHome trajectories")
-        report.warnings.append(f"{task_family}: no published {task_family}_sft.json beside the data (EXPERT_SOURCE): "
-                               f"SFT trains on {what}, not on the paper's data")
 
 
 # ---- models ------------------------------------------------------------------------------------------
@@ -266,11 +271,6 @@ def check_backend(env: Mapping[str, str], preset: str, gpus: int, report: Report
                                "(BACKEND=vllm)")
 
 
-def reflection_is_chat(env: Mapping[str, str]) -> bool:
-    backend = env.get("REFLECT_BACKEND") or "auto"
-    return backend == "chat" or (backend == "auto" and bool(env.get("REFLECT_API_KEY") or env.get("OPENAI_API_KEY")))
-
-
 def check_reflection(env: Mapping[str, str], report: Report, timeout: float = 5.0) -> None:
     """With chat reflection: a key or a URL, and the endpoint's /models answering (the key never printed)."""
     if not reflection_is_chat(env):
@@ -317,6 +317,146 @@ def check_disk(run_root: str, base_model: str, families: int, report: Report, fr
                                f"{need / 1e9:.1f} GB ({DISK_FACTOR} x the base model's {size / 1e9:.2f} GB per task family)")
 
 
+# ---- what PRESET=paper refuses unless opted into by name (eval_agent/opt_ins.py) ------------------------------
+
+def with_published(task_family: str, preset: str, env: Mapping[str, str]) -> dict[str, str]:
+    """The variables as a stage of `task_family` sees them: PRESET=paper fills in the published files found beside
+    the data (scripts/presets.sh; the pipeline applies the preset per family, after this check)."""
+    from eval_agent.published import published_files
+
+    out = dict(env)
+    if preset == "paper":
+        try:
+            root = count_data(task_family, env)[0]
+        except (FileNotFoundError, ValueError):
+            return out  # no data: check_data says so
+        for var, path in published_files(task_family, root).items():
+            if not out.get(var):  # a variable the user set wins
+                out[var] = str(path)
+    return out
+
+
+def check_training_data(task_family: str, preset: str, env: Mapping[str, str], report: Report) -> None:
+    """PRESET=paper trains on the published training data: the generated set is a problem unless
+    ALLOW_GENERATED_DATA=1 (then the run cards and the report label the rows "generated data"). ALFWorld's generated
+    training games come with its generated test games, which check_data refuses on its own."""
+    generated = generated_training_data(task_family, with_published(task_family, preset, env))
+    if task_family == "alfworld":
+        generated.pop("tasks", None)
+    for what in generated.values():
+        if preset != "paper":
+            continue
+        if env.get("ALLOW_GENERATED_DATA") == "1":
+            report.warnings.append(f"{what} (ALLOW_GENERATED_DATA=1: its rows are labelled 'generated data')")
+        else:
+            report.problems.append(f"{what}: PRESET=paper trains on the published data (scripts/download_data.sh puts "
+                                   "it beside the data); ALLOW_GENERATED_DATA=1 runs on the generated set anyway, "
+                                   "its rows labelled 'generated data'")
+
+
+def runs_of(env: Mapping[str, str], variants: list[Variant]) -> list[tuple[str, dict[str, str]]]:
+    """(name, variables) of the main run and of each variant, whose variables override the run's."""
+    return [("the main run", dict(env))] + [(f"variant {v.name}", {**env, **v.env}) for v in variants]
+
+
+def check_reflecting_model(preset: str, env: Mapping[str, str], variants: list[Variant], report: Report) -> None:
+    """PRESET=paper: reflections and LLM step rewards by GPT-4o (a chat endpoint with its key); by the SFT model
+    itself only with REFLECT_BACKEND=self set by name (labelled "self-reflection" in the run card and the report).
+    One line for the main run, one for each variant whose settings make another problem."""
+    if preset != "paper":
+        return
+    found: dict[str, list[str]] = {}
+    for name, settings in runs_of(env, variants):
+        asks = asks_reflecting_model(settings)
+        if not asks or reflection_is_chat(settings) or settings.get("REFLECT_BACKEND") == "self":
+            continue
+        url = settings.get("REFLECT_BASE_URL") or settings.get("OPENAI_BASE_URL")
+        why = (f"REFLECT_BASE_URL={url} without a key, and REFLECT_BACKEND=auto takes a chat endpoint only with one "
+               "(REFLECT_BACKEND=chat for a keyless endpoint)" if url else
+               "no REFLECT_API_KEY (or OPENAI_API_KEY) and no REFLECT_BASE_URL")
+        found.setdefault(f"{' and '.join(asks)} by the SFT model itself: {why}", []).append(name)
+    for what, names in found.items():
+        who = names[0] if names[0] == "the main run" else ", ".join(names)  # its variants share the main run's problem
+        report.problems.append(f"{who}: {what}; not the paper's GPT-4o (its Table 3 self-reflection row is "
+                               "2.5-3.6 points below STeCa): set REFLECT_API_KEY, or REFLECT_BACKEND=self to run it so "
+                               "(its rows labelled so in the run cards and the report)")
+
+
+def deviation_cut(delta: Fraction, strict: bool, n: int) -> int:
+    """The largest k for which a step reward difference r(explored t) - r(expert t-1) = k/n counts as deviated
+    (`<= delta`, or `< delta` with STRICT=1): with n rollouts per step the rewards are multiples of 1/n, so two
+    thresholds with the same cut select the same deviations."""
+    x = delta * n
+    cut = math.floor(x) if not strict else math.ceil(x) - 1
+    return max(-n - 1, min(n, cut))
+
+
+def check_delta_grid(preset: str, env: Mapping[str, str], variants: list[Variant], report: Report) -> None:
+    """The deviation thresholds of a run and its variants (Table 7) must select different deviations at the run's
+    N; a grid that collapses is a problem for PRESET=paper (ALLOW_DELTA_COLLAPSE=1 runs it anyway), else a warning."""
+    n = env_int(env, "N", default=5)  # sampling.mc_rollouts' --n
+    grid = []
+    for name, settings in runs_of(env, [v for v in variants if {"DELTA", "STRICT"} & set(v.env)]):
+        try:
+            delta = Fraction(settings.get("DELTA") or "0")  # data_collection.build's --delta
+        except (ValueError, ZeroDivisionError):
+            report.problems.append(f"{name}: DELTA={settings.get('DELTA')} is not a number")
+            return
+        grid.append((name, delta, settings.get("STRICT") == "1"))
+    if len(grid) < 2:
+        return
+    cuts = [deviation_cut(d, s, n) for _, d, s in grid]
+    separating = next((m for m in range(n + 1, 1001) if len({deviation_cut(d, s, m) for _, d, s in grid}) == len(grid)),
+                      None)
+    fix = (f"N={separating} tells them apart" if separating else "no N up to 1000 tells them apart") + \
+        ", or leave them out of VARIANT"
+    for cut in sorted(set(cuts)):
+        same = [f"{name} (delta {float(d):g}{', STRICT=1' if s else ''})" for (name, d, s), c in zip(grid, cuts) if c == cut]
+        if len(same) < 2:
+            continue
+        text = (f"{' and '.join(same)} select the same deviations at N={n}: step rewards are multiples of 1/{n}, so "
+                f"these thresholds all count a reward difference of at most {cut}/{n} as deviated; {fix}")
+        if preset == "paper" and env.get("ALLOW_DELTA_COLLAPSE") != "1":
+            report.problems.append(text + "; ALLOW_DELTA_COLLAPSE=1 runs them anyway")
+        else:
+            report.warnings.append(text)
+
+
+def check_env_args(families: list[str], env: Mapping[str, str], report: Report) -> None:
+    """ENV_ARGS and EVAL_ENV_ARGS: a JSON object of options every family's environment takes."""
+    for var in ("ENV_ARGS", "EVAL_ENV_ARGS"):
+        if not env.get(var):
+            continue
+        try:
+            options = json.loads(env[var])
+        except json.JSONDecodeError as e:
+            report.problems.append(f"{var}={env[var]}: not JSON ({e})")
+            continue
+        if not isinstance(options, dict):
+            report.problems.append(f"{var}={env[var]}: must be a JSON object of environment options")
+            continue
+        for family in families:
+            module = alfworld if family == "alfworld" else virtualhome
+            cls = typing.get_type_hints(module.make_env)["return"]
+            known = set(inspect.signature(cls.__init__).parameters) - {"self", "expert"}
+            unknown = sorted(set(options) - known)
+            if unknown:
+                report.problems.append(f"{var}: {family}'s environment takes no option {', '.join(unknown)} (it takes "
+                                       f"{', '.join(sorted(known))})")
+            elif "task_text" in options and options["task_text"] not in module.TASK_TEXT:
+                report.problems.append(f"{var}: {family}'s task_text must be one of {', '.join(module.TASK_TEXT)}, got "
+                                       f"{options['task_text']!r}")
+
+
+def variants_of(env: Mapping[str, str], report: Report) -> list[Variant]:
+    """The variants VARIANT names (eval_agent/variants.py)."""
+    try:
+        return resolve(env.get("VARIANT") or "")
+    except SystemExit as e:
+        report.problems.append(str(e).removeprefix("error: "))
+        return []
+
+
 # ---- all of it -------------------------------------------------------------------------------------------
 
 def preflight(env: Mapping[str, str], families: list[str], run_root: str, gpus: int | None = None) -> Report:
@@ -325,9 +465,14 @@ def preflight(env: Mapping[str, str], families: list[str], run_root: str, gpus: 
     if len(families) > 1 and env.get("EXPERT_SOURCE"):
         report.problems.append(f"EXPERT_SOURCE/EXPERT_DATA={env['EXPERT_SOURCE']} with TASK_FAMILY=both: an expert "
                                "file is one family's; run the families one at a time")
+    variants = variants_of(env, report)
     for family in families:
         check_data(family, preset, env, report)
         check_inputs(family, preset, env, report)
+        check_training_data(family, preset, env, report)
+    check_reflecting_model(preset, env, variants, report)
+    check_delta_grid(preset, env, variants, report)
+    check_env_args(families, env, report)
     from eval_agent.smollm2 import default_model_dir
 
     base_model = env.get("BASE_MODEL") or env.get("MODEL") or str(default_model_dir())

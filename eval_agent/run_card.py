@@ -1,5 +1,6 @@
 """The run card every stage writes beside its output (`config.json`): all effective
-arguments, library versions, model path, git commit and seed, so a table row can be traced back."""
+arguments, library versions, model path, git commit and seed, so a table row can be traced back, and what the
+stage opted into that is not the paper's (eval_agent/opt_ins.py)."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from eval_agent.opt_ins import card_opt_ins
 from eval_agent.store import write_json
 
 _LIBS = ("torch", "transformers", "accelerate", "vllm", "alfworld", "textworld", "virtualhome", "openai")
@@ -40,6 +42,7 @@ def run_card(stage: str, args: dict[str, Any]) -> dict[str, Any]:
     return {
         "stage": stage,
         "args": clean,
+        "opt_ins": card_opt_ins(stage, args),  # what makes its results not the paper's, opted into by name
         "versions": {"python": platform.python_version(), **library_versions()},
         "git_commit": git_commit(),
         "command": " ".join(sys.argv),

@@ -24,6 +24,7 @@ from eval_agent.cli import count
 from eval_agent.envs.base import Env, Task
 from eval_agent.llm import Completion, GenerationConfig, LLMBackend, make_backend
 from eval_agent.llm.openai_http import MAX_REQUESTS
+from eval_agent.parsing import ACTION_PARSES, FIRST_LINE
 from eval_agent.prompts import PromptBuilder
 from eval_agent.trajectory import Step, Trajectory, format_reply
 
@@ -63,13 +64,16 @@ class ModelPolicy:
     `derive_seed(seed, step index)`, so sampling repeats on a server that honours per-request seeds.
     """
 
-    def __init__(self, backend: LLMBackend, chat_format: ChatFormat, prompts: PromptBuilder, generation: GenerationConfig):
+    def __init__(self, backend: LLMBackend, chat_format: ChatFormat, prompts: PromptBuilder, generation: GenerationConfig,
+                 action_parse: str = FIRST_LINE):
         self.backend, self.chat_format, self.prompts, self.generation = backend, chat_format, prompts, generation
+        self.action_parse = action_parse  # how the runner reads the action of a reply (eval_agent/parsing.py)
 
     @classmethod
     def build(cls, task_family: str, model: str, generation: GenerationConfig, backend: str = "hf",
               endpoints: str | None = None, chat_format: str | None = None, tokenizer: str | None = None,
-              prompts: PromptBuilder | None = None, **backend_options) -> "ModelPolicy":
+              prompts: PromptBuilder | None = None, action_parse: str = FIRST_LINE,
+              **backend_options) -> "ModelPolicy":
         """The policy every stage prompts a model with: the chat format the model folder records
         (else `chat_format`, else the tokenizer's template) and `prompts` (default: the run's, with one example)."""
         fmt = resolve_chat_format(model, chat_format) if Path(model).is_dir() else (chat_format or "template")
@@ -81,7 +85,8 @@ class ModelPolicy:
         if backend == "openai" and endpoints:
             backend_options["endpoints_file"] = endpoints
         prompts = prompts or PromptBuilder.for_run(task_family)
-        return cls(make_backend(backend, model, **backend_options), ChatFormat(fmt, tok), prompts, generation)
+        return cls(make_backend(backend, model, **backend_options), ChatFormat(fmt, tok), prompts, generation,
+                   action_parse)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, generation: GenerationConfig) -> "ModelPolicy":
@@ -90,7 +95,8 @@ class ModelPolicy:
             raise SystemExit("error: --model is required for a model policy")
         options = {"max_requests": args.max_requests} if args.backend == "openai" else {}
         return cls.build(args.task_family, args.model, generation, backend=args.backend, endpoints=args.endpoints,
-                         chat_format=args.chat_format, tokenizer=args.tokenizer, prompts=run_prompt(args), **options)
+                         chat_format=args.chat_format, tokenizer=args.tokenizer, prompts=run_prompt(args),
+                         action_parse=args.action_parse, **options)
 
     def prompt(self, episode: Episode) -> str:
         return self.chat_format.render(self.prompts.messages(episode.traj))
@@ -146,9 +152,9 @@ class RunStats:
                 "generated_tokens_per_s": self.generated_tokens / s}
 
 
-def apply_reply(ep: Episode, reply: str, max_steps: int) -> None:
+def apply_reply(ep: Episode, reply: str, max_steps: int, action_parse: str = FIRST_LINE) -> None:
     """Execute one reply in the episode's environment and record the step."""
-    step = Step.from_reply(reply, observation="")
+    step = Step.from_reply(reply, observation="", action_parse=action_parse)
     result = None
     if step.action is None:
         step.observation = INVALID_OBSERVATION
@@ -171,7 +177,8 @@ def apply_reply(ep: Episode, reply: str, max_steps: int) -> None:
         ep.traj.termination = "max_steps"
 
 
-def start_episode(task: Task, env: Env, prefix: Iterable[str] = (), max_steps: int = MAX_STEPS) -> Episode:
+def start_episode(task: Task, env: Env, prefix: Iterable[str] = (), max_steps: int = MAX_STEPS,
+                  action_parse: str = FIRST_LINE) -> Episode:
     """Reset `env` to `task` and replay `prefix` replies (e.g. expert steps 0..t-1)."""
     ep = Episode(task=task, env=env, traj=Trajectory(task_text="", meta={"key": task.key, **task.meta}), prefix=list(prefix))
     try:
@@ -183,7 +190,7 @@ def start_episode(task: Task, env: Env, prefix: Iterable[str] = (), max_steps: i
     for reply in ep.prefix:
         if ep.finished:
             break
-        apply_reply(ep, reply, max_steps)
+        apply_reply(ep, reply, max_steps, action_parse)
     return ep
 
 
@@ -213,6 +220,7 @@ def run_episodes(
     free_envs: list[Env] = []
     live: list[Episode] = []
     bar = tqdm(total=total, disable=not progress, desc="episodes", unit="ep")
+    action_parse = getattr(policy, "action_parse", FIRST_LINE)
 
     def finish(ep: Episode) -> None:
         on_finish(ep)
@@ -229,7 +237,7 @@ def run_episodes(
                     more = False
                     break
                 task, prefix = job
-                ep = start_episode(task, free_envs.pop() if free_envs else make_env(), prefix, max_steps)
+                ep = start_episode(task, free_envs.pop() if free_envs else make_env(), prefix, max_steps, action_parse)
                 if ep.finished:
                     finish(ep)
                 else:
@@ -243,7 +251,7 @@ def run_episodes(
                 if reply.finish_reason == "context_overflow":
                     ep.traj.termination = "context_overflow"
                 else:
-                    apply_reply(ep, reply.text, max_steps)
+                    apply_reply(ep, reply.text, max_steps, action_parse)
                 if (steps_after_prefix is not None and not ep.finished
                         and len(ep.traj.steps) - len(ep.prefix) >= steps_after_prefix):
                     ep.traj.termination = "max_steps"
@@ -274,6 +282,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--icl_from", help="the in-context example: a published *_icl.json (ETO/STeCa), or an expert file "
                                       "(its first trajectory); default: as --instruction_from")
     p.add_argument("--max_new_tokens", type=count, default=512)
+    p.add_argument("--action_parse", choices=ACTION_PARSES, default=FIRST_LINE,
+                   help="first_line: the first line after Action: (any case); original: the published code's, every "
+                        "line after the first case-sensitive Action:")
     p.add_argument("--max_requests", type=count, default=MAX_REQUESTS,
                    help="openai backend: requests in flight over all endpoints (default sized for 8 replicas)")
     p.add_argument("--env_workers", type=count,

@@ -38,10 +38,10 @@ class Step:
     observation: str
 
     @classmethod
-    def from_reply(cls, text: str, observation: str) -> "Step":
+    def from_reply(cls, text: str, observation: str, action_parse: str = "first_line") -> "Step":
         from eval_agent.parsing import parse_reply
 
-        parsed = parse_reply(text)
+        parsed = parse_reply(text, action_parse)
         return cls(text=text, thought=parsed.thought, action=parsed.action, observation=observation)
 
     @classmethod

@@ -5,9 +5,11 @@ DATA_ROOT=${DATA_ROOT:-}              # task data folder; empty = $ALFWORLD_DATA
 MAX_STEPS=${MAX_STEPS:-}              # episode budget, a replayed prefix included (as the original)
 CONCURRENCY=${CONCURRENCY:-}          # episodes in flight
 ENV_WORKERS=${ENV_WORKERS:-}          # openai backend: processes stepping the environments
+ENV_ARGS=${ENV_ARGS:-}                # JSON object of environment options, e.g. {"task_text": "original"}
 
 opt --split "$SPLIT"
 opt --data_root "$DATA_ROOT"
 opt --max_steps "$MAX_STEPS"
 opt --concurrency "$CONCURRENCY"
 opt --env_workers "$ENV_WORKERS"
+opt --env_args "$ENV_ARGS"

@@ -8,6 +8,7 @@ INSTRUCTION_FROM=${INSTRUCTION_FROM:-}  # the instruction: a published *_inst.tx
 ICL_FROM=${ICL_FROM:-}                # the in-context example: a published *_icl.json or an expert file (its first row)
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-}    # tokens per reply
 MAX_REQUESTS=${MAX_REQUESTS:-}        # openai backend: requests in flight over all endpoints
+ACTION_PARSE=${ACTION_PARSE:-}        # first_line | original (the published code: every line after Action:)
 
 opt --backend "$BACKEND"
 opt --endpoints "$ENDPOINTS"
@@ -17,3 +18,4 @@ opt --instruction_from "$INSTRUCTION_FROM"
 opt --icl_from "$ICL_FROM"
 opt --max_new_tokens "$MAX_NEW_TOKENS"
 opt --max_requests "$MAX_REQUESTS"
+opt --action_parse "$ACTION_PARSE"

@@ -1,15 +1,22 @@
 # Presets: named sets of values for the stage variables (docs/pipeline.md). A preset fills in only what is
 # not set already, so any variable set by the user wins. Stage scripts and the pipeline apply PRESET.
-#   paper  the paper's values: every stage's own defaults (Llama-2-7B-Chat on GPUs), the original's
-#          bert-base-uncased [CLS] embedder, and for one task family (TASK_FAMILY) the published inputs found
-#          beside its data (eval_agent/published.py): expert data, instruction and one-shot example
+#   paper  the paper's values: the stage defaults where the paper and the published code agree (Llama-2-7B-Chat on
+#          GPUs); where they differ or the paper is silent, the published code's choice, the other one a variable
+#          away (docs/paper_run.md's table): the original's bert-base-uncased [CLS] embedder, its reflection
+#          prompt, its action parsing, its ALFWorld evaluation task text and its VirtualHome keep threshold; and for
+#          one task family (TASK_FAMILY) the published inputs found beside its data (eval_agent/published.py):
+#          expert data, instruction and one-shot example
 #   tiny   SmolLM2-135M on a 2-core CPU: small counts; shows that every stage runs, not the paper's numbers
 apply_preset() {
   case "$1" in
     '') ;;
     paper)
-      : "${EMBEDDER:=bert-cls}"
-      export EMBEDDER
+      local eval_env_args='{"task_text": "original"}'  # ALFWorld's intro paragraphs joined by one newline (D5)
+      : "${EMBEDDER:=bert-cls}" "${REFLECT_PROMPT:=original}" "${ACTION_PARSE:=original}" "${EVAL_ENV_ARGS:=$eval_env_args}"
+      export EMBEDDER REFLECT_PROMPT ACTION_PARSE EVAL_ENV_ARGS
+      case "${TASK_FAMILY:-${TASK:-}}" in
+        virtualhome) : "${KEEP_THRESHOLD:=1e-22}"; export KEEP_THRESHOLD ;;  # data_explored_vh.py's (D6)
+      esac
       case "${TASK_FAMILY:-${TASK:-}}" in
         alfworld|virtualhome)
           local line name

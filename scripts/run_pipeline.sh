@@ -51,7 +51,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 if [ "$PREFLIGHT" != 0 ]; then
-  "$PYTHON" -m eval_agent.preflight --task_family "$FAMILIES" --run_root "$RUN_ROOT"
+  VARIANT=$VARIANT "$PYTHON" -m eval_agent.preflight --task_family "$FAMILIES" --run_root "$RUN_ROOT"  # variants too
 fi
 
 layout() { "$PYTHON" -m eval_agent.layout "$@"; }

@@ -172,8 +172,14 @@ def test_pipeline_both_envs_killed_and_resumed(tmp_path, tiny_model_dir):
             for split in ("seen", "unseen"):
                 s = json.loads(run.eval_summary(label, split).read_text())
                 assert (s["env"], s["num_tasks"]) == (family, 1) and 0.0 <= s["success_rate"] <= 1.0
+                assert s["manifest"]["num_tasks"] == 1  # the task list it ran (eval/manifest.py)
     table = (report_dir(root) / "report.md").read_text()  # the last run's: VirtualHome
     assert all(f"{name} (ours)" in table for name in ("Base model", "SFT", "STeCa"))
+    # what the tiny run opted into, after the row name (eval_agent/opt_ins.py): no key, the generated data
+    assert "| Base model (ours) |" in table and "| SFT (ours) [generated data] |" in table
+    assert "| STeCa (ours) [generated data, self-reflection] |" in table
+    assert json.loads((run.data_collection / "config.json").read_text())["opt_ins"].keys() == {"generated data",
+                                                                                               "self-reflection"}
     assert (report_dir(root) / "report.png").read_bytes()[:4] == b"\x89PNG"
 
     # 3. another N: expert data, SFT and step records are kept; MC and data collection rerun, their old results
@@ -227,7 +233,8 @@ def test_pipeline_both_envs_killed_and_resumed(tmp_path, tiny_model_dir):
     report = (report_dir(root) / "report.md").read_text()
     for title in ("Table 2", "Table 3", "Table 6", "Table 7", "Table 9", "Figure 4"):
         assert f"## {title}" in report and f"paper {title}" in report, title
-    for row in ("STeCa w/ SFT+DPO (ours)", "STeCa w/o D_e (ours)", "STeCa w/o exploration loss"):
+    tiny = "[generated data, self-reflection]"  # what the tiny run opted into (eval_agent/opt_ins.py)
+    for row in (f"STeCa w/ SFT+DPO (ours) {tiny}", f"STeCa w/o D_e (ours) {tiny}", "STeCa w/o exploration loss"):
         assert f"| {row} |" in report, row
     assert (report_dir(root) / "tables.png").read_bytes()[:4] == b"\x89PNG"
 
