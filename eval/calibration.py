@@ -210,7 +210,7 @@ def next_action_record(h: History, ep: Episode) -> dict[str, Any]:
                               "observation": None, "valid": None, "returns": None, "returns_accepted": None,
                               "repeats": None}
     if record["skip"] is None:
-        judged = judge(ep.traj.steps[replayed], h.expert_action, ep.env.valid[-1])
+        judged = judge(ep.traj.steps[replayed], h.expert_action, ep.env.valid)
         deviated_action = parse_reply(h.deviated).action
         # the expert's action may no longer be possible after the deviation (VirtualHome refuses to grab what the
         # agent walked away from): naming it is what D_c teaches, `returns_accepted` says when it also happened

@@ -144,17 +144,18 @@ def step_record(task: Task, expert: Trajectory, ep: Episode) -> dict[str, Any]:
     elif ep.traj.termination == "env_error":
         record["skip"] = "env_error"
     else:
-        record.update(judge(steps[t], record["expert_action"], ep.env.valid[-1]))
+        record.update(judge(steps[t], record["expert_action"], ep.env.valid))
     return record
 
 
-def judge(step: Step, expert_action: str, accepted: bool) -> dict[str, Any]:
-    """The model's step against the expert's action: the reply, whether the environment accepted it (`valid`),
-    and whether it was the expert's action (`match`). An action the environment refused did not happen, so it was
-    not the expert's step, however it reads (ALFWorld refuses "Go to sofa 1", VirtualHome takes "walk to bedroom"
-    for "Walk to bedroom"): that is a `refused_match`."""
+def judge(step: Step, expert_action: str, accepted: list[bool]) -> dict[str, Any]:
+    """The model's step (the episode's last) against the expert's action: the reply, whether the environment
+    accepted it (`valid`; `accepted`: the Recording environment's list, whose last entry is this step's when it had
+    an action) and whether it was the expert's action (`match`). An action the environment refused did not happen,
+    so it was not the expert's step, however it reads (ALFWorld refuses "Go to sofa 1", VirtualHome takes "walk to
+    bedroom" for "Walk to bedroom"): that is a `refused_match`."""
     named = step.action is not None and normalize_action(step.action) == normalize_action(expert_action)
-    valid = step.action is not None and accepted
+    valid = step.action is not None and accepted[-1]
     return {"reply": step.text, "action": step.action, "observation": step.observation, "match": named and valid,
             "valid": valid, "refused_match": named and not valid}
 

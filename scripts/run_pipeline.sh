@@ -20,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PRESET=${PRESET:-tiny}                            # tiny | paper (scripts/presets.sh)
+PRESET=${PRESET:-tiny}                            # tiny | small | paper (scripts/presets.sh)
 FAMILIES=${TASK_FAMILY:-${TASK:-alfworld}}        # alfworld | virtualhome | both (TASK: the older name)
 RUN_ROOT=${RUN_ROOT:-outputs/pipeline-${PRESET}}  # one run directory per family below it, and the report
 PYTHON=${PYTHON:-.venv/bin/python}

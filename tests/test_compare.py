@@ -80,3 +80,45 @@ def test_a_run_without_records_gives_no_comparison_and_a_bad_result_is_named(tmp
     with pytest.raises(SystemExit) as e:
         compare_main(["--run", str(run.root), "--out", str(tmp_path / "out")])
     assert str(bad) in str(e.value)
+
+
+def test_small_preset_compares_four_models_on_the_same_items(tmp_path, tiny_model_dir):
+    """`PRESET=small VARIANT=wo_dc` at a few items: base, SFT, STeCa and STeCa w/o D_c from one SFT model, step
+    records and rollouts; the next-action probe on held-out histories for each; the report's paired comparison."""
+    import os
+    import subprocess
+
+    from eval_agent.layout import report_dir, run_dir_of
+    from eval_agent.store import read_jsonl
+
+    repo = Path(__file__).resolve().parent.parent
+    root = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "REFLECT_API_KEY")}
+    env.update(PRESET="small", VARIANT="wo_dc", TASK_FAMILY="virtualhome", RUN_ROOT=str(root),
+               BASE_MODEL=str(tiny_model_dir), OMP_NUM_THREADS="1", EXPERT_LIMIT="2", SFT_BATCH="2",
+               SAMPLE_LIMIT="1", MAX_STEPS="5", MAX_NEW_TOKENS="8", RFT_BATCH="2", EVAL_LIMIT="2",
+               EVAL_MAX_STEPS="3", CONCURRENCY="8")
+    done = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=1500)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    run = run_dir_of(root, "virtualhome")
+    variant = RunDir(run.variant("wo_dc"))
+    assert "calibration" not in {r["set"] for r in read_jsonl(variant.train_set)}  # w/o D_c
+    assert variant.sft_model == run.sft_model and variant.rollouts("expert") == run.rollouts("expert")
+    for rd, labels in ((run, ("base", "sft", "steca")), (variant, ("steca",))):
+        for label in labels:
+            for split in ("seen", "unseen"):  # the small preset's probe and held-out histories, for every model
+                s = json.loads((rd.calibration(label, split, "next_action") / "summary.json").read_text())
+                assert (s["probe"], s["histories_from"]) == ("next_action", "step_accuracy")
+                assert s["sources"]["step_records"] == str(run.step_accuracy("sft", split) / "steps.jsonl")
+    report = json.loads((report_dir(root) / "report.json").read_text())
+    (comparison,) = report["comparison"]
+    assert comparison["models"] == ["Base", "SFT", "STeCa", "STeCa w/o D_c"]
+    for metric in ("step_accuracy", "valid", "success"):
+        ns = {n for _, n in comparison["shares"][metric].values()}
+        assert len(ns) == 1 and ns.pop() > 0, metric  # every model on the same items
+    pairs = {(d["first"], d["second"]) for d in comparison["differences"]}
+    assert pairs == {("SFT", "Base"), ("STeCa", "SFT"), ("STeCa", "STeCa w/o D_c")}
+    text = (report_dir(root) / "report.md").read_text()
+    assert "### Paired comparison, virtualhome" in text and "| STeCa − STeCa w/o D_c |" in text
+    assert "Paired comparison, item by item on the same items" in text  # the reading says it

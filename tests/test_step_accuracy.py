@@ -273,3 +273,14 @@ def test_tiny_model_through_the_stage_script_and_settings_guard(tmp_path, tiny_m
     fresh = step_accuracy(args + ["--model", "another/model", "--overwrite"], policy=ScriptedPolicy(out, ALFWORLD_SCRIPT))
     old = out.with_name("step_accuracy.old")
     assert fresh["steps"] == 2 and (old / "steps.jsonl").is_file() and (old / "expert.jsonl").is_file()
+
+
+def test_a_first_step_without_an_action_is_counted_not_a_crash(tmp_path):
+    """At t = 0 nothing has been stepped yet: a reply without `Action:` there is no action, not an index error."""
+    out = tmp_path / "vh"
+    summary = step_accuracy(["--task_family", "virtualhome", "--split", "unseen", "--limit", "2", "--out", str(out),
+                             "--steps_per_task", "2"], policy=ScriptedPolicy(out, (None, "EXPERT")))
+    first = [r for r in records(out) if r["t"] == 0]
+    assert first and all(r["action"] is None and r["valid"] is False for r in first)
+    assert summary["no_action"] == sum(r["action"] is None for r in records(out)) >= len(first)
+    assert summary["skipped"] == {}
