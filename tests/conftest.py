@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
 SERVER_START_S = 180.0
-SLOWEST_FIRST = ("test_pipeline.py", "test_vllm.py", "test_gpu_smoke.py", "test_sft.py", "test_evaluate.py")
+SLOWEST_FIRST = ("test_pipeline.py", "test_compare.py", "test_vllm.py", "test_gpu_smoke.py", "test_sft.py", "test_evaluate.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
