@@ -7,6 +7,7 @@ REPORT_TO=${REPORT_TO:-}          # experiment tracker: auto (tensorboard when i
 GRAD_CKPT=${GRAD_CKPT:-}          # 1 | 0: activation checkpointing
 ATTN=${ATTN:-}                    # e.g. flash_attention_2 on GPUs
 SAVE=${SAVE:-}                    # epoch (a rerun resumes from the last) | no
+KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-}  # 1: keep a finished training's last checkpoint (optimizer state); default: dropped
 SEED=${SEED:-}                    # training seed
 NPROC=${NPROC:-1}                 # processes (GPUs, or CPU processes over gloo)
 DIST_CONFIG=${DIST_CONFIG:-}      # accelerate config: sft/configs/fsdp.yaml | sft/configs/ds_zero3.yaml
@@ -17,6 +18,7 @@ opt --report_to "$REPORT_TO"
 opt_bool --activation_checkpointing "$GRAD_CKPT"
 opt --attn_implementation "$ATTN"
 opt --save_strategy "$SAVE"
+opt_bool --keep_checkpoints "$KEEP_CHECKPOINTS"
 opt --seed "$SEED"
 
 launch_training() {
