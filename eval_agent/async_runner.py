@@ -10,7 +10,10 @@ in-process backend, whose one batched call is the round, not for a fleet of serv
   waiting for a step before it starts new ones.
 - `concurrency` episodes are in flight; the HTTP client bounds the requests. Step semantics are the round
   runner's (`start_episode` and `apply_reply` run in the workers). Each finished episode goes to `on_finish` in
-  the main process, as with the round runner, so resume, sharding and merge keep their guarantees.
+  the main process, as with the round runner, so resume, sharding and merge keep their guarantees. `on_finish`
+  (a stage's fsynced append) runs in one writer thread, one episode at a time, off the event loop: a slow fsync
+  (a shared filesystem) holds only its own episode's lane, never the others in flight; the run returns, or
+  raises, only once every write it started is done.
 - A request that still fails after the client's retries fails only its episode: it is not written (a rerun does
   it) and the run ends with an error naming it; when as many episodes fail in a row as there are in flight, the
   run stops at once.
@@ -18,6 +21,7 @@ in-process backend, whose one batched call is the round, not for a fleet of serv
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import itertools
 import multiprocessing
@@ -291,6 +295,8 @@ async def _run(jobs: Iterable[tuple[Task, list[str]]], policy: AsyncPolicy, make
     streak = 0
     await policy.check()
     pool = EnvPool(make_env, env_workers, max_steps)
+    writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="on_finish")
+    loop = asyncio.get_running_loop()
     bar = tqdm(total=total, disable=not progress, desc="episodes", unit="ep")
 
     async def episode(task: Task, prefix: list[str]) -> None:
@@ -316,7 +322,7 @@ async def _run(jobs: Iterable[tuple[Task, list[str]]], policy: AsyncPolicy, make
         finally:
             pool.release(handle)
         streak = 0
-        on_finish(ep)
+        await loop.run_in_executor(writer, on_finish, ep)  # its lane waits for the record; the others go on
         stats.episodes += 1
         stats.env_steps += max(0, len(ep.traj.steps) - len(ep.prefix))
         bar.update(1)
@@ -335,6 +341,7 @@ async def _run(jobs: Iterable[tuple[Task, list[str]]], policy: AsyncPolicy, make
         await asyncio.gather(*running, return_exceptions=True)
         raise
     finally:
+        writer.shutdown(wait=True)  # a write under way when the run stops still completes
         bar.close()
         pool.close()
         await policy.aclose()

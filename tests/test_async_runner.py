@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -63,6 +64,56 @@ class WhereEnv(CounterEnv):
     def reset(self, task):
         super().reset(task)
         return f"{os.getpid()} env{self.number}"
+
+
+class SignallingPolicy(ScriptedPolicy):
+    """ScriptedPolicy that sets `stepped` when task `b` asks for its last reply, and can fail there."""
+
+    def __init__(self, scripts, fail: bool = False):
+        super().__init__(scripts)
+        self.stepped, self.fail = threading.Event(), fail
+
+    async def act_one(self, ep):
+        if ep.task.key == "b" and len(ep.traj.steps) == len(self.scripts["b"]) - 1:
+            self.stepped.set()
+            if self.fail:
+                raise RuntimeError("the fleet is gone")
+        return self.reply(ep)
+
+
+def test_a_slow_write_does_not_hold_the_other_episodes():
+    """`on_finish` (a stage's fsynced append) runs off the event loop: while a's record is being written, b
+    keeps stepping (in the loop, a's write would wait forever for b's steps); every record is written."""
+    policy = SignallingPolicy({"a": ["Action: count 1", "Action: count 2"],
+                               "b": ["Action: count 1", "Action: count 2", "Action: count 3", "Action: count 4"]})
+    written, b_stepped_during_a_write = [], []
+
+    def on_finish(ep):
+        if ep.task.key == "a":
+            b_stepped_during_a_write.append(policy.stepped.wait(timeout=60))
+        written.append(ep.task.key)
+
+    stats = run_episodes_async([counter_task("a"), counter_task("b", goal=4)], policy, CounterEnv, on_finish,
+                               concurrency=2, env_workers=1, progress=False)
+    assert b_stepped_during_a_write == [True] and written == ["a", "b"] and stats.episodes == 2
+
+
+def test_a_write_under_way_completes_before_the_run_stops():
+    """The crash guarantee: a run that stops (here an error in another episode) has finished every write it
+    started before it raises; the records written are whole (a kill: tests below and tests/test_core.py)."""
+    policy = SignallingPolicy({"a": ["Action: count 1", "Action: count 2"],
+                               "b": ["Action: count 1", "Action: count 2", "Action: count 3"]}, fail=True)
+    written = []
+
+    def on_finish(ep):
+        policy.stepped.wait(timeout=60)  # still writing when b fails ...
+        time.sleep(1)  # ... and for a while after: a slow fsync
+        written.append(ep.task.key)
+
+    with pytest.raises(RuntimeError, match="the fleet is gone"):
+        run_episodes_async([counter_task("a"), counter_task("b", goal=3)], policy, CounterEnv, on_finish,
+                           concurrency=2, env_workers=1, progress=False)
+    assert written == ["a"]
 
 
 def test_workers_share_the_episodes_and_reuse_a_task_s_environment():
