@@ -128,7 +128,7 @@ def busy_text(busy: list[GpuProcess]) -> str:
 
 # ---- command line -----------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("setup", help="the driver against the CUDA build setup.sh --gpu would install")
@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     w = sub.add_parser("wait-free", help="wait for the visible GPUs to hold no process's memory")
     w.add_argument("--timeout", type=float, default=60.0)
     w.add_argument("--what", default="this job", help="what needs the GPUs (for the message)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     if a.cmd == "setup":
         try:
             cuda = variant_cuda(a.torch_cuda)

@@ -405,6 +405,10 @@ def training_disk(parameters: int, extra: int, env: Mapping[str, str], gpus: int
     return TrainingDisk(parameters, extra, 2 if bf16 else 4, launcher, env_int(env, "NPROC", default=1))
 
 
+def gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
 def check_disk(run_root: str, base_model: str, families: int, report: Report, free: int | None = None,
                env: Mapping[str, str] | None = None, gpus: int = 0, hub: Hub = Hub()) -> None:
     """Free disk under RUN_ROOT for the training stages' folders, family after family (eval_agent/disk.py)."""
@@ -423,7 +427,6 @@ def check_disk(run_root: str, base_model: str, families: int, report: Report, fr
     while not where.exists():
         where = where.parent
     free = shutil.disk_usage(where).free if free is None else free
-    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
     estimate = (f"disk: the training stages need about {gb(need)} under {where} ({gb(free)} free): "
                 f"{base_model} has {parameters / 1e9:.2f}B parameters ({source}); each family keeps "
                 f"{gb(left)} (SFT and STeCa models, {disk.final_bytes_per_parameter} bytes a parameter"

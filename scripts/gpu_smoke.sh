@@ -20,7 +20,7 @@ ROOT=$(pwd)
 
 source scripts/python_envs.sh     # the environments: VENV, VLLM_VENV (vllm_python)
 SMOKE_DIR=${SMOKE_DIR:-}          # the work folder; empty = outputs/gpu_smoke/<UTC time> (a fresh folder per run)
-FIGURES=${FIGURES:-}              # also write the compact figures.json here (e.g. $WORK/gpu_smoke.json); empty = no
+FIGURES=${FIGURES:-}              # also write the compact figures.json here (e.g. $OUT/gpu_smoke.json); empty = no
 PYTHON=${PYTHON:-}                # empty = $VENV/bin/python, else python3
 TOKENIZER=${TOKENIZER:-}          # the SmolLM2 tokenizer folder; empty = models/SmolLM2-135M-Instruct (or the bundle's)
 VH_DATA=${VH_DATA:-}              # VirtualHome task sets; empty = data/virtualhome (or the bundle's)
