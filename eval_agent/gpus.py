@@ -91,16 +91,13 @@ def _rows(out: str | None) -> list[list[str]]:
 
 
 def gpu_processes() -> list[GpuProcess]:
-    """Every process holding memory on a GPU of this machine (empty without a driver)."""
-    gpus = {uuid: index for index, uuid in
-            _rows(smi("--query-gpu=index,uuid", "--format=csv,noheader,nounits"))}
+    """Every process holding memory on a GPU of this machine (empty without a driver; rows not of the asked
+    shape are skipped)."""
+    gpus = {row[1]: row[0] for row in _rows(smi("--query-gpu=index,uuid", "--format=csv,noheader,nounits"))
+            if len(row) == 2}
     apps = _rows(smi("--query-compute-apps=pid,gpu_uuid,used_memory,process_name", "--format=csv,noheader,nounits"))
-    out = []
-    for pid, uuid, used, *name in apps:
-        if pid.isdigit():
-            out.append(GpuProcess(int(pid), gpus.get(uuid, "?"), uuid, int(used) if used.isdigit() else 0,
-                                  ",".join(name)))
-    return out
+    return [GpuProcess(int(row[0]), gpus.get(row[1], "?"), row[1], int(row[2]) if row[2].isdigit() else 0,
+                       ",".join(row[3:])) for row in apps if len(row) >= 3 and row[0].isdigit()]
 
 
 def visible(processes: list[GpuProcess], env: Mapping[str, str]) -> list[GpuProcess]:
