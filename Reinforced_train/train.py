@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(targs.output_dir)
     fmt_name = resolve_chat_format(args.model_name_or_path, args.chat_format)
     with training_guard(targs, {out: fingerprint_of(args, targs, fmt_name)}, args.overwrite):
-        return finished_training(out) or train(args, targs, fmt_name)
+        return finished_training(out, targs) or train(args, targs, fmt_name)
 
 
 def check_inputs(args: SteCaArguments) -> None:

@@ -10,14 +10,24 @@ in-process backend, whose one batched call is the round, not for a fleet of serv
   waiting for a step before it starts new ones.
 - `concurrency` episodes are in flight; the HTTP client bounds the requests. Step semantics are the round
   runner's (`start_episode` and `apply_reply` run in the workers). Each finished episode goes to `on_finish` in
-  the main process, as with the round runner, so resume, sharding and merge keep their guarantees.
+  the main process, as with the round runner, so resume, sharding and merge keep their guarantees. `on_finish`
+  (a stage's fsynced append) runs in one writer thread, one episode at a time, off the event loop: a slow fsync
+  (a shared filesystem) holds only its own episode's lane, never the others in flight; the run returns, or
+  raises, only once every write it started is done.
 - A request that still fails after the client's retries fails only its episode: it is not written (a rerun does
   it) and the run ends with an error naming it; when as many episodes fail in a row as there are in flight, the
   run stops at once.
+- The client itself (prompts, HTTP, the event loop) costs ~3 ms of CPU a call (scripts/bench_scale.py): one
+  process keeps up with ~300 calls/s, fewer than 8 GPUs answer. With `client_processes` > 1 the episodes are
+  spread over that many client processes by route key (a record's rollouts stay together, and sticky routing
+  sends a key to the same replica from any process), each with its share of the lanes and environment workers;
+  the finished episodes come back to this process, whose writer thread hands them to `on_finish` as before.
+  `run_for_policy` takes one client process per ENDPOINTS_PER_CLIENT endpoints.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import itertools
 import multiprocessing
@@ -44,6 +54,9 @@ from eval_agent.trajectory import Step, Trajectory
 # Episodes in flight: enough to fill 8 replicas x 128 sequences (see openai_http.MAX_REQUESTS), so none waits
 # for an episode whose environment is stepping.
 CONCURRENCY = 1024
+# One client process per this many endpoints: a Llama-2-7B replica answers ~20-45 calls/s (ALFWorld, VirtualHome;
+# scripts/bench_scale.py), four of them ~180, within what one process's ~3 ms of CPU a call keeps up with.
+ENDPOINTS_PER_CLIENT = 4
 
 
 def default_env_workers() -> int:
@@ -293,6 +306,8 @@ async def _run(jobs: Iterable[tuple[Task, list[str]]], policy: AsyncPolicy, make
     streak = 0
     await policy.check()
     pool = EnvPool(make_env, env_workers, max_steps, getattr(policy, "action_parse", FIRST_LINE))
+    writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="on_finish")
+    loop = asyncio.get_running_loop()
     bar = tqdm(total=total, disable=not progress, desc="episodes", unit="ep")
 
     async def episode(task: Task, prefix: list[str]) -> None:
@@ -318,7 +333,7 @@ async def _run(jobs: Iterable[tuple[Task, list[str]]], policy: AsyncPolicy, make
         finally:
             pool.release(handle)
         streak = 0
-        on_finish(ep)
+        await loop.run_in_executor(writer, on_finish, ep)  # its lane waits for the record; the others go on
         stats.episodes += 1
         stats.env_steps += max(0, len(ep.traj.steps) - len(ep.prefix))
         bar.update(1)
@@ -337,6 +352,7 @@ async def _run(jobs: Iterable[tuple[Task, list[str]]], policy: AsyncPolicy, make
         await asyncio.gather(*running, return_exceptions=True)
         raise
     finally:
+        writer.shutdown(wait=True)  # a write under way when the run stops still completes
         bar.close()
         pool.close()
         await policy.aclose()
@@ -348,22 +364,136 @@ async def _run(jobs: Iterable[tuple[Task, list[str]]], policy: AsyncPolicy, make
     return stats
 
 
+# ---- several client processes ------------------------------------------------------------------------
+
+def _client_main(jobs: Connection, results: Connection, policy: AsyncPolicy, make_env: Callable[[], Env],
+                 max_steps: int, concurrency: int, env_workers: int) -> None:
+    """One client process: the runner over the jobs the parent sends (None: no more), each finished episode sent
+    back to be written there, then ("stats", RunStats) or ("error", the exception). The parent gone (the job
+    pipe closed: it exited, even killed, or is done with us) ends it at once; its environment workers follow."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    incoming: queue.SimpleQueue = queue.SimpleQueue()
+
+    def receive() -> None:
+        while True:
+            try:
+                incoming.put(jobs.recv())
+            except (EOFError, OSError):
+                os._exit(1)  # nothing this process could still send would be written
+
+    threading.Thread(target=receive, daemon=True).start()
+    try:
+        stats = asyncio.run(_run(iter(incoming.get, None), policy, make_env, lambda ep: results.send(("episode", ep)),
+                                 max_steps, concurrency, env_workers, None, False))
+        results.send(("stats", stats))
+    except Exception as e:  # the parent raises it once it has written what came back
+        results.send(("error", e))
+
+
+def _run_clients(jobs: Iterable[tuple[Task, list[str]]], policy: AsyncPolicy, make_env: Callable[[], Env],
+                 on_finish: Callable[[Episode], None], max_steps: int, concurrency: int, env_workers: int,
+                 total: int | None, progress: bool, processes: int) -> RunStats:
+    """The runner in `processes` client processes (spawned: the policy and `make_env` must pickle); this process
+    deals the jobs out by route key and writes every finished episode that comes back (`on_finish`, in order of
+    arrival, one at a time)."""
+    ctx = multiprocessing.get_context("spawn")
+    arrived: queue.SimpleQueue = queue.SimpleQueue()
+    procs, senders = [], []
+    for k in range(processes):
+        job_recv, job_send = ctx.Pipe(duplex=False)
+        res_recv, res_send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_client_main, name=f"client-{k}",
+                           args=(job_recv, res_send, policy, make_env, max_steps, max(1, concurrency // processes),
+                                 max(1, env_workers // processes)))
+        proc.start()
+        job_recv.close()
+        res_send.close()
+        procs.append(proc)
+        senders.append(job_send)
+        threading.Thread(target=_forward, args=(k, res_recv, arrived), daemon=True).start()
+
+    def deal() -> None:  # in a thread: a client slow to take its jobs must not stop the writes
+        try:
+            for task, prefix in jobs:
+                senders[_stable_hash(task.meta.get("route_key", task.key)) % processes].send((task, prefix))
+            for conn in senders:
+                conn.send(None)
+        except OSError:  # a client is gone: its reader reports it
+            pass
+
+    threading.Thread(target=deal, daemon=True).start()
+    stats, t0, errors, running = RunStats(), time.perf_counter(), [], processes
+    bar = tqdm(total=total, disable=not progress, desc="episodes", unit="ep")
+    try:
+        while running:
+            k, kind, payload = arrived.get()
+            if kind == "episode":
+                on_finish(payload)
+                bar.update(1)
+                continue
+            running -= 1
+            if kind == "stats":
+                for name in ("episodes", "env_steps", "generate_calls", "generated_tokens", "failed", "env_cpu_s"):
+                    setattr(stats, name, getattr(stats, name) + getattr(payload, name))
+            else:
+                errors.append(payload if kind == "error" else EnvWorkerError(
+                    f"client process {k} (pid {procs[k].pid}) exited with code {procs[k].exitcode}"))
+    except BaseException:  # interrupted: the clients stop now (their environment workers follow)
+        for proc in procs:
+            proc.terminate()
+        raise
+    finally:
+        bar.close()
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=10)
+    stats.seconds = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return stats
+
+
+def _forward(k: int, conn: Connection, arrived: queue.SimpleQueue) -> None:
+    """What client process k sends, into the parent's queue; ("gone", None) when it ends without a last word."""
+    while True:
+        try:
+            kind, payload = conn.recv()
+        except (EOFError, OSError):
+            arrived.put((k, "gone", None))
+            return
+        arrived.put((k, kind, payload))
+        if kind != "episode":
+            return
+
+
+def client_processes(policy: Policy) -> int:
+    """Client processes for a policy served over HTTP: one per ENDPOINTS_PER_CLIENT endpoints."""
+    urls = getattr(getattr(policy, "backend", None), "urls", None) or [None]
+    return -(-len(urls) // ENDPOINTS_PER_CLIENT)
+
+
 def run_episodes_async(tasks: Iterable[tuple[Task, list[str]] | Task], policy: AsyncPolicy,
                        make_env: Callable[[], Env], on_finish: Callable[[Episode], None], max_steps: int = MAX_STEPS,
                        concurrency: int = CONCURRENCY, env_workers: int | None = None, total: int | None = None,
-                       progress: bool = True) -> RunStats:
-    """Run every task (optionally with a prefix of replies to replay) to the end, as `run_episodes` does.
+                       progress: bool = True, processes: int = 1) -> RunStats:
+    """Run every task (optionally with a prefix of replies to replay) to the end, as `run_episodes` does, in
+    `processes` client processes.
 
     `make_env` is called in the worker processes, so it must pickle (a module-level function, a class, or a
-    `functools.partial` of one).
+    `functools.partial` of one); with `processes` > 1 the policy too.
     """
     jobs = (t if isinstance(t, tuple) else (t, []) for t in tasks)
     if total is None and hasattr(tasks, "__len__"):
         total = len(tasks)  # type: ignore[arg-type]
     if total == 0:
         return RunStats()  # nothing to do: no workers, no server needed
-    return asyncio.run(_run(jobs, policy, make_env, on_finish, max_steps, concurrency,
-                            env_workers or default_env_workers(), total, progress))
+    workers = env_workers or default_env_workers()
+    if processes > 1:
+        return _run_clients(jobs, policy, make_env, on_finish, max_steps, concurrency, workers, total, progress,
+                            processes)
+    return asyncio.run(_run(jobs, policy, make_env, on_finish, max_steps, concurrency, workers, total, progress))
 
 
 def run_for_policy(tasks: Iterable[tuple[Task, list[str]] | Task], policy: Policy, make_env: Callable[[], Env],
@@ -373,6 +503,7 @@ def run_for_policy(tasks: Iterable[tuple[Task, list[str]] | Task], policy: Polic
     (the in-process backend, the expert). `concurrency` None: that runner's default."""
     if getattr(policy, "asynchronous", False):
         return run_episodes_async(tasks, policy, make_env, on_finish, max_steps,  # type: ignore[arg-type]
-                                  concurrency or CONCURRENCY, env_workers, progress=progress)
+                                  concurrency or CONCURRENCY, env_workers, progress=progress,
+                                  processes=client_processes(policy))
     return run_episodes(tasks, policy, make_env, on_finish, max_steps, concurrency or ROUND_CONCURRENCY,
                         progress=progress)

@@ -12,19 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from eval_agent.envs import alfworld, virtualhome
+from eval_agent.gpus import driver_version
+from eval_agent.pyenvs import probe, vllm_python
 from eval_agent.llm import BackendUnavailable
 from eval_agent.llm.openai_http import resolve_base_urls
 from eval_agent.run_card import git_commit, library_versions
 
-REPO = Path(__file__).resolve().parent.parent
-VLLM_PYTHONS = (REPO / ".venv-vllm" / "bin" / "python",  # scripts/setup.sh --gpu
-                REPO / ".venv-vllm-cpu" / "bin" / "python")  # scripts/setup.sh --vllm-cpu
 
 
 def _count_games(root: Path) -> dict[str, int]:
@@ -68,15 +66,6 @@ def _virtualhome_data(root: str | None) -> dict[str, Any]:
     return out
 
 
-def _nvidia_driver() -> str | None:
-    try:
-        res = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout.strip() else None
-
-
 def _gpu() -> dict[str, Any]:
     """The driver, torch's CUDA build, whether torch can use the GPUs (else its reason), and each GPU."""
     try:
@@ -92,37 +81,23 @@ def _gpu() -> dict[str, Any]:
         devices.append({"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
                         "compute_capability": f"{props.major}.{props.minor}",
                         "bf16": props.major >= 8})
-    return {"nvidia_driver": _nvidia_driver(), "driver_expected": gpu_expected(), "torch": torch.__version__,
+    return {"nvidia_driver": driver_version(), "driver_expected": gpu_expected(), "torch": torch.__version__,
             "torch_cuda": torch.version.cuda, "cuda_usable": problem is None, "cuda_problem": problem,
             "devices": devices}
 
 
-_ENV_VERSIONS = """import importlib.metadata as m, platform
-print("python", platform.python_version())
-for name in ("vllm", "vllm-cpu", "torch", "transformers"):
-    try:
-        print(name, m.version(name))
-    except m.PackageNotFoundError:
-        pass"""
-
-
 def _vllm_server_envs() -> dict[str, Any]:
-    """The vLLM environments scripts/serve_vllm.sh can run ($VLLM_PY, .venv-vllm on GPUs, .venv-vllm-cpu on
-    CPUs) and what each holds."""
+    """The vLLM environments scripts/serve_vllm.sh can run ($VLLM_PY, VLLM_VENV's on GPUs, VLLM_CPU_VENV's on
+    CPUs: scripts/python_envs.sh) and what each holds."""
+    envs = {k: v for k, v in os.environ.items() if k != "VLLM_PY"}
     pythons = [os.environ["VLLM_PY"]] if os.environ.get("VLLM_PY") else []
-    pythons += [str(p) for p in VLLM_PYTHONS if p.exists()]
+    pythons += [p for p in (vllm_python(envs, gpu=True), vllm_python(envs, gpu=False)) if Path(p).exists()]
     if not pythons:
-        return {"none": "no VLLM_PY set, no .venv-vllm (scripts/setup.sh --gpu), no .venv-vllm-cpu (--vllm-cpu)"}
+        return {"none": "no VLLM_PY set, no VLLM_VENV (scripts/setup.sh --gpu), no VLLM_CPU_VENV (--vllm-cpu)"}
     out: dict[str, Any] = {}
     for python in dict.fromkeys(pythons):
-        try:
-            res = subprocess.run([python, "-c", _ENV_VERSIONS], capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            out[python] = {"error": str(e)}
-            continue
-        found = dict(line.split(" ", 1) for line in res.stdout.splitlines() if " " in line)
-        out[python] = found if res.returncode == 0 else {"error": res.stderr.strip()[-300:]}
-        if res.returncode == 0 and not ({"vllm", "vllm-cpu"} & found.keys()):
+        found = out[python] = probe(python)
+        if "error" not in found and not ({"vllm", "vllm-cpu"} & found.keys()):
             found["vllm"] = "not installed"
     return out
 

@@ -6,17 +6,21 @@ problem it finds, not the first, and exits 1 when there is one:
 - data present and counted for the preset: PRESET=paper needs the official sets (ALFWorld 3,553 / 140 / 134
   games, VirtualHome 247 / 247 test tasks), never a silent run on the generated ones;
 - the expert file, instruction and example the stages will read (published ones for PRESET=paper) parse;
-- the base model is reachable (a folder with a tokenizer, or a hub name online or in the local cache),
-  and its chat format is usable (a template, or CHAT_FORMAT=llama-2);
+- the base model is reachable (a folder with a tokenizer, or a hub name in the local cache or readable on the
+  hub with the user's credentials: a gated model needs its licence accepted and a token), and its chat format
+  is usable (a template, or CHAT_FORMAT=llama-2);
 - both training stages' global batch is a multiple of micro-batch x NPROC, else the nearest valid settings;
-- GPUs vs NPROC and the vLLM replicas; the vLLM environment for BACKEND=vllm;
+- GPUs vs NPROC and the vLLM replicas, and that no other process holds their memory; the vLLM environment
+  scripts/serve_vllm.sh will run (scripts/python_envs.sh) imports vllm for BACKEND=vllm; the NVIDIA driver
+  runs the CUDA build of torch in the training and the vLLM environment (both versions named when not);
 - the reflection endpoint answers with its key when reflection is by a chat model;
-- free disk for the checkpoints (an estimate from the base model's size);
+- free disk for what the training stages write (eval_agent/disk.py: checkpoints, final models; from the model
+  folder, the hub's metadata or a table of the paper's models), printed as a note;
 - what PRESET=paper refuses unless opted into by name (eval_agent/opt_ins.py): generated training data
   (ALLOW_GENERATED_DATA=1), reflection or LLM step rewards by the SFT model itself (REFLECT_BACKEND=self), for the
   main run and each VARIANT; deviation thresholds of the run and its variants that select the same deviations at
   the run's N (ALLOW_DELTA_COLLAPSE=1; a warning for other presets); ENV_ARGS / EVAL_ENV_ARGS the environments take.
-Warnings (`~`) name what runs but is not the paper's setting.
+Warnings (`~`) name what runs but is not the paper's setting; notes (`i`) give figures.
 
     PRESET=paper TASK_FAMILY=both NPROC=8 python -m eval_agent.preflight
 """
@@ -29,15 +33,18 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import typing
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cache
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
+from eval_agent import gpus as gpu_info
+from eval_agent import pyenvs
+from eval_agent.disk import TrainingDisk, folder_parameters, run_need, tokenizer_bytes
 from eval_agent.envs import alfworld, virtualhome
 from eval_agent.opt_ins import asks_reflecting_model, generated_training_data, reflection_is_chat
 from eval_agent.variants import Variant, resolve
@@ -45,9 +52,12 @@ from eval_agent.variants import Variant, resolve
 # The official sets (download_data.sh counts the same): what PRESET=paper needs.
 OFFICIAL_COUNTS = {"alfworld": {"train": 3553, "valid_seen": 140, "valid_unseen": 134},
                    "virtualhome": {"seen": 247, "unseen": 247}}
-# checkpoint bytes per byte of the base model's weights: the SFT and STeCa models, plus one resumable
-# checkpoint with fp32 weights and Adam's two moments while a stage trains (bf16 weights: 2 + 2 x 3 = 8)
-DISK_FACTOR = 8
+# The training stages' epochs by default (sft/train.py, Reinforced_train/train.py; tests/test_disk.py checks them).
+TRAINING_EPOCHS = {"SFT": 3, "RFT": 1}
+# Parameters of the paper's models, for the disk estimate when the hub cannot be asked (its metadata's counts).
+MODEL_PARAMETERS = {"meta-llama/Llama-2-7b-chat-hf": 6_738_415_616, "meta-llama/Llama-2-7b-hf": 6_738_415_616,
+                    "meta-llama/Meta-Llama-3-8B-Instruct": 8_030_261_248,
+                    "mistralai/Mistral-7B-Instruct-v0.2": 7_241_732_096}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -55,11 +65,12 @@ REPO = Path(__file__).resolve().parent.parent
 class Report:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def text(self, title: str) -> str:
         lines = [f"pre-flight ({title}): " + (f"{len(self.problems)} problem(s)" if self.problems else "ok")]
         lines += [f"  - {p}" for p in self.problems] + [f"  ~ {w}" for w in self.warnings]
-        return "\n".join(lines)
+        return "\n".join(lines + [f"  i {n}" for n in self.notes])
 
 
 def env_int(env: Mapping[str, str], *names: str, default: int) -> int:
@@ -131,8 +142,46 @@ def check_inputs(task_family: str, preset: str, env: Mapping[str, str], report: 
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-def check_model(name: str, env: Mapping[str, str], report: Report, what: str = "BASE_MODEL") -> None:
-    """A folder with a tokenizer, or a hub name in the local cache or reachable online."""
+def hub_access(name: str, token: str | None) -> str | None:
+    """None when the user's credentials (`token`, else the one `huggingface-cli login` stored) can read the
+    model's files; else why not. A gated model's metadata is public: only this asks for its files."""
+    from huggingface_hub import auth_check
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        auth_check(name, token=token)
+    except GatedRepoError:
+        return (f"a gated model that these credentials may not read: accept its licence on "
+                f"https://huggingface.co/{name} and log in (huggingface-cli login, or HF_TOKEN)")
+    except RepositoryNotFoundError:
+        return "no such model on the hub (or a private one: log in)"
+    except Exception as e:  # an unreachable hub and the like
+        return f"not reachable on the hub ({type(e).__name__})"
+    return None
+
+
+def hub_parameters(name: str, token: str | None) -> int | None:
+    """The model's parameter count from the hub's safetensors metadata (public for gated models too)."""
+    from huggingface_hub import model_info
+
+    try:
+        info = model_info(name, expand=["safetensors"], timeout=10, token=token)
+    except Exception:  # offline, unknown: the size table or no estimate
+        return None
+    return info.safetensors.total if info.safetensors else None
+
+
+@dataclass(frozen=True)
+class Hub:
+    """What the pre-flight asks the Hugging Face hub (the tests pass their own: no network)."""
+
+    access: Callable[[str, str | None], str | None] = hub_access
+    parameters: Callable[[str, str | None], int | None] = hub_parameters
+
+
+def check_model(name: str, env: Mapping[str, str], report: Report, what: str = "BASE_MODEL",
+                hub: Hub = Hub()) -> None:
+    """A folder with a tokenizer, or a hub name in the local cache or readable with the user's credentials."""
     path = Path(name).expanduser()
     if path.is_dir():
         if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
@@ -148,12 +197,9 @@ def check_model(name: str, env: Mapping[str, str], report: Report, what: str = "
     if env.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
         report.problems.append(f"{what}={name}: not a folder, not in the local hub cache, and HF_HUB_OFFLINE is set")
         return
-    try:
-        from huggingface_hub import model_info
-
-        model_info(name, timeout=10, token=env.get("HF_TOKEN") or None)
-    except Exception as e:  # an unreachable hub, a gated or misspelled repository: all the same problem here
-        report.problems.append(f"{what}={name}: not a folder and not reachable on the hub ({type(e).__name__})")
+    why = hub.access(name, env.get("HF_TOKEN") or None)
+    if why:
+        report.problems.append(f"{what}={name}: not a folder, not in the local hub cache, and {why}")
 
 
 def check_chat_format(base_model: str, env: Mapping[str, str], preset: str, report: Report) -> None:
@@ -181,9 +227,10 @@ def check_chat_format(base_model: str, env: Mapping[str, str], preset: str, repo
                                "Llama-2 checkpoints were trained with CHAT_FORMAT=llama-2")
 
 
-def check_embedder(env: Mapping[str, str], report: Report) -> None:
+def check_embedder(env: Mapping[str, str], report: Report, hub: Hub = Hub()) -> None:
     if env.get("EMBEDDER") == "bert-cls":
-        check_model(env.get("EMBEDDER_PATH") or "bert-base-uncased", env, report, what="EMBEDDER=bert-cls model")
+        check_model(env.get("EMBEDDER_PATH") or "bert-base-uncased", env, report, what="EMBEDDER=bert-cls model",
+                    hub=hub)
 
 
 # ---- training batches ----------------------------------------------------------------------------------
@@ -223,13 +270,7 @@ def visible_gpus(env: Mapping[str, str]) -> int:
     """GPUs the training and serving scripts would use: CUDA_VISIBLE_DEVICES, else `nvidia-smi -L` (as serve_vllm.sh)."""
     if "CUDA_VISIBLE_DEVICES" in env:
         return len([d for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(line.startswith("GPU ") for line in out.splitlines())
+    return sum(line.startswith("GPU ") for line in (gpu_info.smi("-L") or "").splitlines())
 
 
 def check_devices(env: Mapping[str, str], preset: str, gpus: int, report: Report) -> None:
@@ -248,20 +289,64 @@ def check_devices(env: Mapping[str, str], preset: str, gpus: int, report: Report
             report.problems.append(f"NUM_REPLICAS={replicas} x TENSOR_PARALLEL={tp} GPUs for vLLM but {gpus} visible")
 
 
-def check_backend(env: Mapping[str, str], preset: str, gpus: int, report: Report) -> None:
+def check_gpus_free(env: Mapping[str, str], gpus: int, report: Report,
+                    read: Callable[[], list[gpu_info.GpuProcess]] = gpu_info.gpu_processes) -> None:
+    """No other process holds memory on the GPUs the stages will use (the launcher checks again before each
+    training stage, and a stopped server waits for its replicas' memory to be released)."""
+    busy = gpu_info.visible(read(), env) if gpus else []
+    if busy:
+        report.problems.append(f"GPUs in use by other processes: {gpu_info.busy_text(busy)}; the training stages and "
+                               "vLLM need them free: stop those (kill PID) or set CUDA_VISIBLE_DEVICES")
+
+
+def vllm_problem(env: Mapping[str, str], gpus: int, probe: Callable[..., dict] = pyenvs.probe) -> str | None:
+    """Why the python scripts/serve_vllm.sh would serve with cannot import vllm; None when it can."""
+    python = pyenvs.vllm_python(env, gpu=gpus > 0)
+    found = probe(python, import_vllm=True)
+    why = found.get("error") or found.get("vllm_import")
+    if why is None:
+        return None
+    fix = ("set VLLM_PY, or run bash scripts/setup.sh --gpu (VLLM_VENV)" if gpus else
+           "set VLLM_PY, or run bash scripts/setup.sh --vllm-cpu (VLLM_CPU_VENV)")
+    return f"BACKEND=vllm: {python} cannot import vllm ({why}): {fix}"
+
+
+def check_driver(env: Mapping[str, str], gpus: int, report: Report, probe: Callable[..., dict] = pyenvs.probe) -> None:
+    """The NVIDIA driver runs the CUDA build of torch in each environment the stages run on the GPUs: the
+    training one (PYTHON), and vLLM's with BACKEND=vllm."""
+    if not gpus:
+        return
+    pythons = {"the training environment": pyenvs.training_python(env)}
+    if (env.get("BACKEND") or "hf") == "vllm":
+        pythons["the vLLM environment"] = pyenvs.vllm_python(env, gpu=True)
+    driver, supports = gpu_info.driver_version(), gpu_info.driver_cuda()
+    for what, python in pythons.items():
+        found = probe(python)
+        if "error" in found or "torch" not in found:
+            continue  # no such environment: vllm_problem (or the stages' own imports) say so
+        if found.get("torch_cuda") is None:
+            report.problems.append(f"{what} ({python}) holds torch {found['torch']}, a CPU build, but {gpus} GPU(s) "
+                                   "are visible: bash scripts/setup.sh --gpu")
+            continue
+        if driver is None:
+            report.warnings.append(f"the NVIDIA driver's version is unreadable (nvidia-smi): not checked against "
+                                   f"torch {found['torch']} (CUDA {found['torch_cuda']}) in {what}")
+            continue
+        problem = gpu_info.driver_problem(driver, found["torch_cuda"], f"torch {found['torch']} in {what} ({python})",
+                                          supports)
+        if problem:
+            report.problems.append(problem)
+
+
+def check_backend(env: Mapping[str, str], preset: str, gpus: int, report: Report,
+                  probe: Callable[..., dict] = pyenvs.probe) -> None:
     backend = env.get("BACKEND") or "hf"
     if backend not in ("hf", "openai", "vllm", "serve_hf"):
         report.problems.append(f"BACKEND={backend}: must be hf, openai, vllm or serve_hf")
     elif backend == "vllm":
-        python = env.get("VLLM_PY") or ("python3" if gpus else str(REPO / ".venv-vllm-cpu" / "bin" / "python"))
-        code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-        try:
-            ok = subprocess.run([python, "-c", code], capture_output=True, timeout=60).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            ok = False
-        if not ok:
-            report.problems.append(f"BACKEND=vllm: {python} cannot import vllm (set VLLM_PY to the python of a vLLM "
-                                   "environment; on a CPU: bash scripts/setup.sh --vllm-cpu)")
+        problem = vllm_problem(env, gpus, probe)
+        if problem:
+            report.problems.append(problem)
     elif backend == "openai":
         report.warnings.append("BACKEND=openai: the pipeline starts no server, and its stages ask ENDPOINTS for models "
                                "the run itself produces (the SFT model, then base / SFT / STeCa): BACKEND=vllm starts "
@@ -296,25 +381,61 @@ def check_reflection(env: Mapping[str, str], report: Report, timeout: float = 5.
 
 # ---- disk ------------------------------------------------------------------------------------------------
 
-def model_bytes(name: str) -> int | None:
+def model_size(name: str, env: Mapping[str, str], hub: Hub) -> tuple[int, int, str] | None:
+    """(parameters, tokenizer bytes, where the count came from) of a model folder or a hub name; None if unknown."""
     path = Path(name).expanduser()
-    files = [p for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern)] if path.is_dir() else []
-    return sum(p.stat().st_size for p in files) or None
+    if path.is_dir():
+        parameters = folder_parameters(path)
+        return (parameters, tokenizer_bytes(path), "its safetensors files") if parameters else None
+    if env.get("HF_HUB_OFFLINE") not in ("1", "true", "True"):
+        parameters = hub.parameters(name, env.get("HF_TOKEN") or None)
+        if parameters:
+            return parameters, 0, "the hub's metadata"
+    if name in MODEL_PARAMETERS:
+        return MODEL_PARAMETERS[name], 0, "the table of the paper's models"
+    return None
 
 
-def check_disk(run_root: str, base_model: str, families: int, report: Report, free: int | None = None) -> None:
-    size = model_bytes(base_model)
+def training_disk(parameters: int, extra: int, env: Mapping[str, str], gpus: int) -> TrainingDisk:
+    """The folders' sizes as the training stages will write them with these settings: the final model in bf16
+    after bf16 training (on GPUs, PRECISION auto) unless SAVE_DTYPE says otherwise, ZeRO-3's larger checkpoints."""
+    precision, save_dtype = env.get("PRECISION") or "auto", env.get("SAVE_DTYPE") or "auto"
+    bf16 = save_dtype == "bf16" or (save_dtype == "auto" and precision != "fp32" and (gpus > 0 or precision == "bf16"))
+    launcher = "zero3" if "zero3" in (env.get("DIST_CONFIG") or "") else "default"
+    return TrainingDisk(parameters, extra, 2 if bf16 else 4, launcher, env_int(env, "NPROC", default=1))
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def check_disk(run_root: str, base_model: str, families: int, report: Report, free: int | None = None,
+               env: Mapping[str, str] | None = None, gpus: int = 0, hub: Hub = Hub()) -> None:
+    """Free disk under RUN_ROOT for the training stages' folders, family after family (eval_agent/disk.py)."""
+    env = {} if env is None else env
+    size = model_size(base_model, env, hub)
     if size is None:
         report.warnings.append(f"free disk not checked: the size of {base_model} is unknown here")
         return
+    parameters, extra, source = size
+    disk = training_disk(parameters, extra, env, gpus)
+    epochs = {"SFT": float(env.get("SFT_EPOCHS") or env.get("EPOCHS") or TRAINING_EPOCHS["SFT"]),
+              "RFT": float(env.get("RFT_EPOCHS") or env.get("EPOCHS") or TRAINING_EPOCHS["RFT"])}
+    keep = env.get("KEEP_CHECKPOINTS") == "1"
+    need, left = run_need(disk, families, epochs, save=(env.get("SAVE") or "epoch") != "no", keep=keep)
     where = Path(run_root).resolve()
     while not where.exists():
         where = where.parent
     free = shutil.disk_usage(where).free if free is None else free
-    need = DISK_FACTOR * size * families
+    estimate = (f"disk: the training stages need about {gb(need)} under {where} ({gb(free)} free): "
+                f"{base_model} has {parameters / 1e9:.2f}B parameters ({source}); each family keeps "
+                f"{gb(left)} (SFT and STeCa models, {disk.final_bytes_per_parameter} bytes a parameter"
+                f"{', and their last checkpoints (KEEP_CHECKPOINTS=1)' if keep else ''}), and a training "
+                f"checkpoint takes {gb(disk.checkpoint())} while a stage runs")
+    report.notes.append(estimate)
     if free < need:
-        report.problems.append(f"free disk under {where}: {free / 1e9:.1f} GB, the checkpoints need about "
-                               f"{need / 1e9:.1f} GB ({DISK_FACTOR} x the base model's {size / 1e9:.2f} GB per task family)")
+        report.problems.append(f"free disk under {where}: {gb(free)}, the training stages need about {gb(need)} "
+                               f"(see the disk note below)")
 
 
 # ---- what PRESET=paper refuses unless opted into by name (eval_agent/opt_ins.py) ------------------------------
@@ -459,8 +580,10 @@ def variants_of(env: Mapping[str, str], report: Report) -> list[Variant]:
 
 # ---- all of it -------------------------------------------------------------------------------------------
 
-def preflight(env: Mapping[str, str], families: list[str], run_root: str, gpus: int | None = None) -> Report:
+def preflight(env: Mapping[str, str], families: list[str], run_root: str, gpus: int | None = None,
+              hub: Hub = Hub()) -> Report:
     report = Report()
+    probe = cache(pyenvs.probe)  # each environment is asked once
     preset = env.get("PRESET") or "tiny"
     if len(families) > 1 and env.get("EXPERT_SOURCE"):
         report.problems.append(f"EXPERT_SOURCE/EXPERT_DATA={env['EXPERT_SOURCE']} with TASK_FAMILY=both: an expert "
@@ -476,15 +599,17 @@ def preflight(env: Mapping[str, str], families: list[str], run_root: str, gpus: 
     from eval_agent.smollm2 import default_model_dir
 
     base_model = env.get("BASE_MODEL") or env.get("MODEL") or str(default_model_dir())
-    check_model(base_model, env, report)
+    check_model(base_model, env, report, hub=hub)
     check_chat_format(base_model, env, preset, report)
-    check_embedder(env, report)
+    check_embedder(env, report, hub)
     check_batches(env, report)
     gpus = visible_gpus(env) if gpus is None else gpus
     check_devices(env, preset, gpus, report)
-    check_backend(env, preset, gpus, report)
+    check_gpus_free(env, gpus, report)
+    check_backend(env, preset, gpus, report, probe)
+    check_driver(env, gpus, report, probe)
     check_reflection(env, report)
-    check_disk(run_root, base_model, len(families), report)
+    check_disk(run_root, base_model, len(families), report, env=env, gpus=gpus, hub=hub)
     return report
 
 

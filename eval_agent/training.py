@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 from transformers import AutoModelForCausalLM, TrainerState, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from eval_agent.chat_format import ChatFormat, write_chat_format
 from eval_agent.layout import RunDir
@@ -227,6 +227,10 @@ class StageTrainingArguments(TrainingArguments):
 
     report_to: None | str | list[str] = field(
         default="auto", metadata={"help": "none | auto (tensorboard when installed) | tensorboard | wandb"})
+    keep_checkpoints: bool = field(
+        default=False, metadata={"help": "keep the last checkpoint (optimizer state) of a finished training; default: "
+                                         "only the final model stays (a 7B checkpoint is ~81 GB). An interrupted "
+                                         "training resumes from its last checkpoint either way"})
 
 
 def load_for_training(path: str, attn_implementation: str | None = None, dtype: torch.dtype = torch.float32):
@@ -314,19 +318,38 @@ def train_and_save(trainer, tokenizer, chat_format_name: str, summary: dict[str,
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(out)
         write_chat_format(out, chat_format_name)
-        write_json(out / TRAIN_SUMMARY, summary)
+        write_json(out / TRAIN_SUMMARY, summary)  # the training is complete: its checkpoints are not needed any more
+    drop_checkpoints(out, trainer.args)
     log.info("trained %d steps in %.1fs (%.0f tokens/s), final loss %.4f -> %s", summary["optimizer_steps"],
              seconds, summary["tokens_per_s"], result.training_loss, out)
     return summary
 
 
-def finished_training(output_dir: str | Path) -> dict[str, Any] | None:
+def drop_checkpoints(output_dir: str | Path, targs) -> list[Path]:
+    """Delete the checkpoints (weights, optimizer state) of a finished training in `output_dir`, unless
+    --keep_checkpoints: only called once its final model and summary are written, so an interrupted training
+    still resumes from its last checkpoint. The main process does it; returns what it deleted."""
+    if targs.keep_checkpoints or targs.process_index != 0:
+        return []
+    dropped = sorted(p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir())
+    for path in dropped:
+        shutil.rmtree(path)  # training state, not a result: the final model beside it is the stage's output
+    if dropped:
+        logging.getLogger(__name__).info("%s: dropped %d checkpoint(s) of the finished training (--keep_checkpoints "
+                                         "keeps them)", output_dir, len(dropped))
+    return dropped
+
+
+def finished_training(output_dir: str | Path, targs=None) -> dict[str, Any] | None:
     """The summary of a training that completed in `output_dir`, else None. A rerun of a finished training
-    returns it instead of saving the model again: new weight files would look like a new model downstream."""
+    returns it instead of saving the model again: new weight files would look like a new model downstream.
+    With `targs`, checkpoints a kill left behind after the summary was written are dropped (`drop_checkpoints`)."""
     path = Path(output_dir) / TRAIN_SUMMARY
     if not path.is_file():
         return None
     logging.getLogger(__name__).info("%s: trained already with these settings (%s): nothing to do", output_dir, path.name)
+    if targs is not None:
+        drop_checkpoints(output_dir, targs)
     return json.loads(path.read_text())
 
 

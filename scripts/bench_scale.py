@@ -6,13 +6,17 @@ token of every running sequence and prefills the prompt tokens of the sequences 
 does not hold) and takes the time a GPU would (`CostModel`, multiplied by a time scale). Replies are the next step
 of expert trajectories, so episodes have real lengths, succeed, and the real ALFWorld engine steps them.
 
+The cost model is fitted to published vLLM figures of Llama-3.1-8B on an A100 and carried over to the model
+family of --model (its weights and KV heads), the context the calls reach and an A100-80GB (`CostModel.for_model`).
+
 The work: the MC stage's rollouts (N per expert step record, the record's expert prefix replayed first), fed in
 for a fixed time per run (the records repeat if they run out), side by side:
   round     today's runner: rounds of 16 episodes, least-busy routing, 64 requests at most (the pipeline's settings)
   async     the asynchronous runner: sticky routing, environments in ENV_WORKERS processes
   async_lb  the asynchronous runner with least-busy routing (the other routing's prefix-cache hit rate)
 Per run: model calls/s, environment steps/s, the fraction of the fleet's capacity used, prefix-cache hit rate,
-CPU of the environment pool; then the paper preset's MC hours on 8 replicas, projected from these figures.
+CPU of the environment pool and of the client; then the paper preset's MC hours on 8 replicas for --model, projected
+from these figures on the paper's data (its reply lengths, the context its prompts reach, the 4,096-token cut-off).
 
 A 2-core machine cannot step ALFWorld as fast as 8 GPUs ask (~0.2 CPU-s per call here), so the simulated GPUs
 run slower by a time scale chosen to give the fleet a capacity (`--fleet_calls_per_s`) the environments can
@@ -21,6 +25,7 @@ projection uses the unscaled cost model, and says how many cores the environment
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_scale.py                 # default run, < 15 min on 2 cores
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_scale.py --vllm_cpu      # + the same runs against vLLM (CPU)
+    .venv/bin/python scripts/bench_scale.py --model llama-3-8b --measured RUNS.json   # reproject an earlier --out
 
 The last line reads `fleet_capacity_used=<fraction> speedup_vs_round_runner=<ratio>`: the asynchronous runner with
 sticky routing once the fleet has filled (the regime of a stage that runs for hours; the ramp-up and the whole
@@ -54,29 +59,93 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 # ---- the GPU cost model ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class ModelShape:
+    """What of a model family sets a decode step's cost: its weights (read once an iteration) and the KV cache a
+    sequence reads every iteration (2 x layers x KV heads x head size, bf16)."""
+
+    parameters: float
+    layers: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+
+    @property
+    def weight_bytes(self) -> float:
+        return 2 * self.parameters
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * 2
+
+
+# The families the projection knows (their published configs): Llama-2-7B keeps all 32 heads' keys and values,
+# 4x Llama-3-8B's cache per token (8 KV heads, grouped-query attention).
+MODELS = {"llama-2-7b": ModelShape(6.74e9, layers=32, kv_heads=32, head_dim=128, hidden=4096),
+          "llama-3-8b": ModelShape(8.03e9, layers=32, kv_heads=8, head_dim=128, hidden=4096),
+          "mistral-7b": ModelShape(7.24e9, layers=32, kv_heads=8, head_dim=128, hidden=4096)}
+
+
+@dataclass(frozen=True)
+class Gpu:
+    bandwidth: float  # bytes/s of its memory
+    bf16_flops: float  # dense peak
+    memory: float  # bytes
+
+
+FIT_GPU = Gpu(1.555e12, 312e12, 40e9)  # the A100-40GB of the published figures the cost model is fitted to
+PROJECTION_GPU = Gpu(2.039e12, 312e12, 80e9)  # the projection's: an A100-80GB SXM
+FIT_MODEL, FIT_CONTEXT = MODELS["llama-3-8b"], 1088  # Llama-3.1-8B, 1024-token prompts + half of 128 new tokens
+GPU_MEMORY_UTILIZATION = 0.9  # serve_vllm.sh's default
+RESERVED_BYTES = 4e9  # activations and CUDA graphs beside the weights and the KV cache
+MAX_NUM_SEQS = 256  # vLLM's default ceiling on the sequences a replica runs at once
+
+
+@dataclass(frozen=True)
 class CostModel:
     """Milliseconds of one engine iteration of a vLLM replica:
 
-        base_ms + seq_ms * running sequences + prefill_ms * uncached prompt tokens admitted in the iteration
+        base_ms + seq_ms * running sequences + kv_ms_per_token * their context tokens + prefill_ms * uncached
+        prompt tokens admitted in the iteration
 
-    Fitted to published vLLM throughput of a 7-8B model on one A100: J. Musgrave, "vLLM throughput-latency sweep on
-    NVIDIA A100" (johnmusgrave.com, vLLM 0.23, Llama-3.1-8B-Instruct bf16, A100-40GB, 1024-token prompts, 128 new
-    tokens): ~75 tokens/s for one sequence (13.3 ms a token) and 6.6x that for 8 at almost the same latency
-    (16.2 ms), hence base 12.9 ms and 0.41 ms per running sequence. Prefill: 2 x 8e9 FLOP a token at half the
-    A100's 312 bf16 TFLOP/s, 0.1 ms a token. `max_batch`: 64 sequences of ~2k tokens (Llama-2-7B's KV cache,
-    0.5 MB a token, holds ~110k tokens in the ~55 GB an 80 GB A100 leaves at 0.9 utilisation; `kv_tokens`) with
-    the shared instruction and example stored once, as vLLM's paged prefix cache does.
+    The defaults are the fit to published vLLM throughput of a 7-8B model on one A100: J. Musgrave, "vLLM
+    throughput-latency sweep on NVIDIA A100" (johnmusgrave.com, vLLM 0.23, Llama-3.1-8B-Instruct bf16, A100-40GB,
+    1024-token prompts, 128 new tokens): ~75 tokens/s for one sequence (13.3 ms a token) and 6.6x that for 8 at
+    almost the same latency (16.2 ms), hence base 12.9 ms and 0.41 ms per running sequence at its 1,088-token mean
+    context, of which reading that context's KV cache (128 KiB a token at 1.555 TB/s) is 0.09 ms. Prefill: 2 x 8e9
+    FLOP a token at half the A100's 312 bf16 TFLOP/s, 0.1 ms a token. `for_model` carries the fit over to another
+    family, context and GPU: weights and KV reads scale with their bytes over the bandwidth, the rest stays.
+    `max_batch` and `kv_tokens` (the prefix cache) are the simulated replica's.
     """
 
     base_ms: float = 12.9
-    seq_ms: float = 0.41
+    seq_ms: float = 0.41 - FIT_CONTEXT * FIT_MODEL.kv_bytes_per_token / FIT_GPU.bandwidth * 1e3
+    kv_ms_per_token: float = FIT_MODEL.kv_bytes_per_token / FIT_GPU.bandwidth * 1e3
+    context: float = FIT_CONTEXT  # mean context tokens of a running sequence, where none is given
     prefill_ms: float = 0.10
     max_batch: int = 64
     kv_tokens: int = 110_000
     block_tokens: int = 16  # vLLM's KV block: the prefix cache hits whole blocks
 
-    def iteration_ms(self, running: int, uncached: float) -> float:
-        return self.base_ms + self.seq_ms * running + self.prefill_ms * uncached
+    @classmethod
+    def for_model(cls, model: ModelShape, context: float, shared: float = 0.0, gpu: Gpu = PROJECTION_GPU) -> "CostModel":
+        """The fit carried over to `model` on `gpu` with sequences of `context` tokens on average, `shared` of them
+        (the instruction and example every prompt starts with) held once by the prefix cache: the KV cache's room
+        (GPU_MEMORY_UTILIZATION of the memory, less the weights and RESERVED_BYTES) sets `kv_tokens` and the
+        sequences a replica can run, up to vLLM's MAX_NUM_SEQS."""
+        fit = cls()
+        fixed_ms = fit.base_ms - FIT_MODEL.weight_bytes / FIT_GPU.bandwidth * 1e3
+        kv_tokens = int((gpu.memory * GPU_MEMORY_UTILIZATION - model.weight_bytes - RESERVED_BYTES)
+                        / model.kv_bytes_per_token)
+        prefill_flops = 2 * model.parameters + 4 * model.layers * model.hidden * context  # weights + attention
+        return cls(base_ms=fixed_ms + model.weight_bytes / gpu.bandwidth * 1e3, seq_ms=fit.seq_ms,
+                   kv_ms_per_token=model.kv_bytes_per_token / gpu.bandwidth * 1e3, context=context,
+                   prefill_ms=prefill_flops / (0.5 * gpu.bf16_flops) * 1e3, kv_tokens=kv_tokens,
+                   max_batch=max(1, min(MAX_NUM_SEQS, int(kv_tokens / max(context - shared, 1)))))
+
+    def iteration_ms(self, running: int, uncached: float, context_tokens: float | None = None) -> float:
+        """One iteration with `running` sequences holding `context_tokens` in all (default: `context` each)."""
+        context = running * self.context if context_tokens is None else context_tokens
+        return self.base_ms + self.seq_ms * running + self.kv_ms_per_token * context + self.prefill_ms * uncached
 
     def replica_calls_per_s(self, out_tokens: float, uncached: float, batch: int | None = None) -> float:
         """Calls/s of a saturated replica: `batch` sequences always running, each call `out_tokens` iterations long
@@ -122,6 +191,7 @@ class BlockCache:
 class Sequence:
     prompt: str
     reply: str
+    prompt_tokens: int
     out_tokens: int
     done: asyncio.Future
     generated: int = 0
@@ -162,7 +232,8 @@ class Replica:
         reply = self.reply_for(prompt)
         if reply is None:
             raise KeyError("no expert trajectory's task text in the prompt")
-        seq = Sequence(prompt, reply, self.tokens(reply) + 1, asyncio.get_running_loop().create_future())  # + EOS
+        seq = Sequence(prompt, reply, self.tokens(prompt), self.tokens(reply) + 1,  # + EOS
+                       asyncio.get_running_loop().create_future())
         self.waiting.append(seq)
         self.wake.set()
         await seq.done
@@ -178,15 +249,15 @@ class Replica:
             uncached = 0
             while self.waiting and len(self.running) < self.cost.max_batch:
                 seq = self.waiting.popleft()
-                prompt_tokens = self.tokens(seq.prompt)
-                cached = min(prompt_tokens, self.cache.hit_blocks(seq.prompt) * self.cost.block_tokens)
+                cached = min(seq.prompt_tokens, self.cache.hit_blocks(seq.prompt) * self.cost.block_tokens)
                 self.cache.add(seq.prompt)
-                uncached += prompt_tokens - cached
-                c["prompt_tokens"] += prompt_tokens
+                uncached += seq.prompt_tokens - cached
+                c["prompt_tokens"] += seq.prompt_tokens
                 c["cached_tokens"] += cached
                 self.running.append(seq)
             start = loop.time()
-            await asyncio.sleep(self.scale * self.cost.iteration_ms(len(self.running), uncached) / 1000)
+            context = sum(seq.prompt_tokens + seq.generated for seq in self.running)  # the KV cache read
+            await asyncio.sleep(self.scale * self.cost.iteration_ms(len(self.running), uncached, context) / 1000)
             took = loop.time() - start
             c["iterations"] += 1
             c["busy_s"] += took
@@ -483,6 +554,8 @@ class RunResult:
     env_cpu_s_per_call: float  # the environment pool's CPU (the main process's for today's runner) / calls
     env_pool_cpu_use: float  # of the cores the environments run on
     main_cpu_use: float
+    main_cpu_s_per_call: float  # the main process's CPU / calls after the ramp-up (today's runner: with the
+    # environments; at the fleet's 4 calls/s its fixed costs weigh: measure_client gives the client's own)
     fleet_cpu_use: float  # the simulated replicas' processes, all together
     load_1min: float  # the machine's load average at the end (other jobs slow everything here)
 
@@ -542,7 +615,48 @@ def measure(name: str, args: argparse.Namespace, urls: list[str], jobs: list, po
         hit_rate_early=hit_rate(first, monitor.at(min(end, feed.t0 + args.seconds_lb))),
         uncached_tokens_per_call=uncached, env_cpu_s_per_call=env_cpu / steady_calls,
         env_pool_cpu_use=env_cpu / steady_s / (workers if asynchronous else 1), main_cpu_use=d["main_cpu_s"] / window,
+        main_cpu_s_per_call=(last["main_cpu_s"] - s0["main_cpu_s"]) / steady_calls,
         fleet_cpu_use=d["cpu_s"] / window, load_1min=os.getloadavg()[0])
+
+
+def measure_client(args: argparse.Namespace, experts_file: Path, cost: CostModel, turn_marker: str, cpt: float,
+                   rows: list[dict[str, Any]], tasks: dict, calls: int = 3000) -> float:
+    """The client's own CPU a call at full speed: the asynchronous policy (the prompt rendered, the request sent,
+    the reply parsed: the main process's work per call) asking --replicas replicas that answer at once (time
+    scale 0) with the runner's default requests in flight (as on a GPU node); no environment (theirs is counted
+    apart). In the fleet runs the fleet's 4 calls/s would spread the main process's fixed costs (its threads, the
+    monitor) over few calls, and fewer requests would be in flight."""
+    from eval_agent.async_runner import CONCURRENCY
+    from eval_agent.llm import GenerationConfig
+    from eval_agent.llm.openai_http import MAX_REQUESTS
+    from eval_agent.runner import Episode, ModelPolicy
+    from eval_agent.trajectory import Trajectory
+
+    episodes = []
+    for row in rows:
+        traj = Trajectory.from_dict({k: v for k, v in row.items() if k != "key"})
+        episodes += [Episode(task=tasks[row["key"]], env=None, traj=Trajectory(traj.task_text, traj.steps[:i]))
+                     for i in range(len(traj.steps))]
+
+    async def ask(urls: list[str]) -> float:
+        policy = ModelPolicy.build("alfworld", "sim", GenerationConfig(max_new_tokens=512, temperature=1.0),
+                                   backend="openai", base_urls=urls, tokenizer=args.tokenizer, routing="sticky",
+                                   max_requests=MAX_REQUESTS)
+        await policy.check()
+        lanes = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(ep: Episode) -> None:
+            async with lanes:
+                await policy.act_one(ep)
+
+        t0 = time.process_time()
+        await asyncio.gather(*(one(episodes[i % len(episodes)]) for i in range(calls)))
+        cpu = time.process_time() - t0
+        await policy.aclose()
+        return cpu / calls
+
+    with fleet(args.replicas, experts_file, cost, 0.0, turn_marker, cpt) as urls:
+        return asyncio.run(ask(urls))
 
 
 # ---- the projection ---------------------------------------------------------------------------------------------
@@ -550,32 +664,88 @@ def measure(name: str, args: argparse.Namespace, urls: list[str], jobs: list, po
 # The paper's data (Table 4): trajectories and average turns; two kinds of step records (expert, explore), N = 5.
 PAPER_DATA = {"alfworld": (2851, 10.1), "virtualhome": (4920, 11.5)}
 SFT_SUCCESS = 0.633  # the SFT policy's average success (Table 1): the share of rollouts that end by succeeding
+MAX_MODEL_LEN = 4096  # serve_vllm.sh's: a prompt longer than that ends its episode (context_overflow)
 
 
-def project(family: str, out_tokens: float, uncached: float, capacity_used: float, env_cpu_per_call: float,
-            round_round_s: float, cost: CostModel, replicas: int = 8, n: int = 5, max_steps: int = 40,
+@dataclass(frozen=True)
+class CallProfile:
+    """One task family's model calls: `reply` tokens generated (with the end-of-turn token), `step` tokens a step
+    adds to the next prompt (reply, observation, turn markers), `prefix` tokens every prompt of a task starts
+    with (instruction, "OK", the example, the task), `shared` of them the same in every prompt (held once by the
+    prefix cache), `uncached` tokens a call prefills under sticky routing, and the environment's CPU-s a call."""
+
+    reply: float
+    step: float
+    prefix: float
+    shared: float
+    uncached: float
+    env_cpu_s: float
+
+
+# The paper's ALFWorld data, counted on a sample of the published alfworld_sft.json (17 trajectories of a public
+# copy, LTSure/on-policy-cold-start@3ab240e data/alfworld_sft.json: 40 replies, 26 observations, 9 task turns)
+# in the llama-2 format with the published instruction and example (= alfworld_0), with SmolLM2's tokenizer (the
+# Llama tokenizers are not at hand offline): a reply is 40.5 tokens + the end of turn, an observation 31.3 (the
+# generated data's templated thoughts: ~23 a reply).
+PAPER_ALFWORLD_TOKENS = {"reply": 41.5, "step": 81.2, "prefix": 905, "shared": 772}
+
+
+def rollout_calls(turns: float, profile: CallProfile, max_steps: int = 40,
+                  max_len: int = MAX_MODEL_LEN) -> dict[str, Any]:
+    """Calls per rollout and the context a call's sequence holds, when it succeeds as the expert does and when it
+    fails: a failed rollout runs to the step budget (which counts the replayed prefix) or to the step whose
+    prompt no longer fits `max_len` tokens, whichever comes first. Rollouts start after step t of an L-step
+    expert trajectory, t = 0 .. L-1 alike; a call's prompt holds the prefix and the steps before it."""
+    length = round(turns)
+    last = min(max_steps, int((max_len - profile.prefix) / profile.step) + 1)  # steps whose prompt fits
+
+    def context(end: int) -> float:  # the mean context over the calls of rollouts ending at step `end`
+        steps = [j for t in range(length) for j in range(t + 1, end)]
+        return profile.prefix + profile.step * sum(steps) / len(steps) + profile.reply / 2
+
+    succeed = (turns - 1) / 2  # calls after step t, averaged over t
+    return {"succeed": succeed, "fail": max(last - 1 - succeed, 0.0), "last_step": last,
+            "context_succeed": context(length), "context_fail": context(last)}
+
+
+def project(family: str, profile: CallProfile, model: str, capacity_used: float, client_cpu_per_call: float,
+            today_round_s: float, replicas: int = 8, n: int = 5, max_steps: int = 40,
             cores: tuple[int, ...] = (16, 128)) -> dict[str, Any]:
-    """MC hours of the paper preset: model calls / the fleet's rate, and the environments' CPU-hours."""
+    """MC hours of the paper preset: model calls / the fleet's rate (the cost model for `model` at the context the
+    calls reach), or the CPU the node's cores give the environments and the client, or what the runner's client
+    processes (one per ENDPOINTS_PER_CLIENT replicas) keep up with, whichever is the slowest."""
+    from eval_agent.async_runner import ENDPOINTS_PER_CLIENT
+
+    clients = -(-replicas // ENDPOINTS_PER_CLIENT)
     trajectories, turns = PAPER_DATA[family]
     records = 2 * trajectories * turns
-    succeed = (turns - 1) / 2  # calls after step t of an L-step expert trajectory, averaged over t: (L - 1) / 2
-    fail = max_steps - 1 - succeed  # a failed rollout runs to the step budget, which counts the replayed prefix
-    calls = {"all_succeed": records * n * succeed,
-             "sft_success": records * n * (SFT_SUCCESS * succeed + (1 - SFT_SUCCESS) * fail)}
-    rate = replicas * cost.replica_calls_per_s(out_tokens, uncached) * capacity_used
-    out = {"step_records": round(records), "rollouts": round(records * n), "calls_per_s_8_replicas": round(rate, 1),
-           "env_cpu_s_per_call": round(env_cpu_per_call, 3), "env_cores_to_keep_up": math.ceil(rate * env_cpu_per_call),
-           "today_calls_per_s": round(16 / round_round_s, 2)}
-    for what, c in calls.items():
-        gpu_h = c / rate / 3600
-        env_h = c * env_cpu_per_call / 3600
-        out[what] = {"model_calls": round(c), "gpu_bound_hours": round(gpu_h, 1), "env_cpu_hours": round(env_h),
-                     **{f"hours_with_{k}_cores": round(max(gpu_h, env_h / k), 1) for k in cores},
-                     "today_hours": round(c / (16 / round_round_s) / 3600, 1)}
+    calls = rollout_calls(turns, profile, max_steps)
+    mixes = {"all_succeed": (1.0, calls["succeed"], 0.0), "sft_success": (SFT_SUCCESS, calls["succeed"], calls["fail"])}
+    out: dict[str, Any] = {"model": model, "step_records": round(records), "rollouts": round(records * n),
+                           "profile": {k: round(v, 3) for k, v in asdict(profile).items()},
+                           "last_step_of_a_failed_rollout": calls["last_step"], "client_processes": clients,
+                           "today_calls_per_s": round(16 / today_round_s, 2)}
+    for what, (share, ok, bad) in mixes.items():
+        per_rollout = share * ok + (1 - share) * bad
+        context = (share * ok * calls["context_succeed"] + (1 - share) * bad * calls["context_fail"]) / per_rollout
+        cost = CostModel.for_model(MODELS[model], context, profile.shared)
+        rate = replicas * cost.replica_calls_per_s(profile.reply, profile.uncached) * capacity_used
+        c = records * n * per_rollout
+        gpu_h, env_h, client_h = c / rate / 3600, c * profile.env_cpu_s / 3600, c * client_cpu_per_call / 3600
+        out[what] = {"model_calls": round(c), "mean_context_tokens": round(context), "max_batch": cost.max_batch,
+                     "iteration_ms": round(cost.iteration_ms(cost.max_batch, profile.uncached * cost.max_batch
+                                                             / profile.reply), 1),
+                     "calls_per_s_8_replicas": round(rate, 1), "gpu_bound_hours": round(gpu_h, 1),
+                     "env_cpu_hours": round(env_h), "env_cores_to_keep_up": math.ceil(rate * profile.env_cpu_s),
+                     "client_cores_at_fleet_rate": round(rate * client_cpu_per_call, 2),
+                     "one_client_hours": round(max(gpu_h, client_h), 1),
+                     **{f"hours_with_{k}_cores": round(max(gpu_h, (env_h + client_h) / k, client_h / clients), 1)
+                        for k in cores},
+                     "today_hours": round(c / (16 / today_round_s) / 3600, 1)}
     return out
 
 
-def round_seconds(cost: CostModel, replies_tokens: list[int], uncached: float, env_cpu_per_call: float,
+def round_seconds(cost: CostModel, replies_tokens: list[float], uncached: float, env_cpu_per_call: float,
                   scale: float = 1.0, per_round: int = 16, replicas: int = 8) -> float:
     """One round of today's runner: the slowest of `per_round` replies (each replica decoding ~per_round/replicas
     sequences, the prefill of their uncached prompt tokens first), then every environment stepped in turn."""
@@ -588,16 +758,34 @@ def round_seconds(cost: CostModel, replies_tokens: list[int], uncached: float, e
     return scale * model_s + per_round * env_cpu_per_call
 
 
-def vh_calls_profile(cpt: float) -> tuple[list[int], float, float]:
-    """VirtualHome: reply tokens, new prompt tokens per step (a step's reply and observation: what a sticky
-    replica's prefix cache does not hold), and the environment's CPU-s per call (a reset per ~5 calls, steps)."""
+def prompt_tokens(tokenizer, family: str, trajectories: list, fmt) -> tuple[float, float, float]:
+    """(prefix, shared, step) tokens of `family`'s prompts in chat format `fmt` (our instruction and example):
+    the mean prefix of the trajectories' tasks, the part every prompt shares, and what a step adds."""
+    from eval_agent.prompts import PromptBuilder
+    from eval_agent.trajectory import Trajectory
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    prompts = PromptBuilder.for_task(family)
+    prefixes = [count(fmt.render(prompts.messages(Trajectory(t.task_text, [])))) for t in trajectories]
+    shared = count(fmt.render(prompts.messages(Trajectory("", []))))
+    steps = [(count(fmt.render(prompts.messages(t))) - count(fmt.render(prompts.messages(Trajectory(t.task_text, [])))))
+             / len(t.steps) for t in trajectories if t.steps]
+    return sum(prefixes) / len(prefixes), shared, sum(steps) / len(steps)
+
+
+def vh_calls_profile(tokenizer, fmt, uncached_per_step_token: float) -> tuple[CallProfile, list[float]]:
+    """VirtualHome (no published SFT data: our generated trajectories): the call profile, with the environment's
+    CPU-s per call measured here (a reset per ~5 calls, steps), and the reply lengths."""
     from eval_agent.envs import get_task_family
+    from eval_agent.trajectory import Trajectory
 
     rows = [json.loads(line) for line in (REPO / "data" / "virtualhome" / "vh_train_trajectories.jsonl")
             .read_text().splitlines()[:40]]
-    steps = [s for r in rows for s in r["steps"]]
-    replies = [math.ceil(len(s["text"]) / cpt) + 1 for s in steps]
-    new = sum(len(s["text"]) + len(s["observation"]) + 40 for s in steps) / len(steps) / cpt
+    trajectories = [Trajectory.from_dict({k: v for k, v in r.items() if k != "key"}) for r in rows]
+    replies = [len(tokenizer(s.text, add_special_tokens=False)["input_ids"]) + 1 for t in trajectories for s in t.steps]
+    prefix, shared, step = prompt_tokens(tokenizer, "virtualhome", trajectories[:10], fmt)
     family = get_task_family("virtualhome")
     tasks = {t.key: t for t in family.load_tasks("train")}
     env = family.make_env()
@@ -609,7 +797,9 @@ def vh_calls_profile(cpt: float) -> tuple[list[int], float, float]:
             env.step(s["action"])
         calls += (len(r["steps"]) - 1) / 2  # a rollout's calls per reset, averaged over the record's step
     env.close()
-    return replies, new, (time.process_time() - t0) / calls
+    profile = CallProfile(reply=sum(replies) / len(replies), step=step, prefix=prefix, shared=shared,
+                          uncached=step * uncached_per_step_token, env_cpu_s=(time.process_time() - t0) / calls)
+    return profile, replies
 
 
 # ---- vLLM on this CPU -------------------------------------------------------------------------------------------
@@ -685,6 +875,10 @@ def vllm_runs(args: argparse.Namespace, rows: list[dict[str, Any]], tasks: dict)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="llama-2-7b",
+                   help="the model family the projection (and the simulated replicas' cost) is for")
+    p.add_argument("--measured", help="a JSON an earlier run wrote with --out: its runs' figures instead of new "
+                                      "runs (the projection for another --model)")
     p.add_argument("--replicas", type=int, default=8, help="simulated GPU replicas")
     p.add_argument("--max_batch", type=int, default=28,
                    help="sequences a simulated replica runs at once (the cost model's default is 64; 28 keeps the "
@@ -749,7 +943,11 @@ def main() -> None:
     new_tokens = sum(len(s["text"]) + len(s["observation"]) + 2 * len(turn_marker) for r in rows for s in r["steps"]
                      ) / len(reply_tokens) / cpt  # what a step adds to the next prompt
 
-    cost = replace(CostModel(), max_batch=args.max_batch)
+    # the simulated replicas: --model's cost carried to this data's contexts (each sequence's own in an iteration),
+    # as many sequences as two cores' environments can keep in flight
+    shared = len(tokenizer(fmt.render(prompts.messages(Trajectory("", []))), add_special_tokens=False)["input_ids"])
+    context = sum(map(len, texts)) / len(texts) / cpt + sum(reply_tokens) / len(reply_tokens) / 2
+    cost = replace(CostModel.for_model(MODELS[args.model], context, shared), max_batch=args.max_batch)
     real_capacity = args.replicas * cost.replica_calls_per_s(sum(reply_tokens) / len(reply_tokens), new_tokens)
     scale = real_capacity / args.fleet_calls_per_s
     args.concurrency = args.concurrency or math.ceil(1.1 * args.replicas * args.max_batch)
@@ -764,6 +962,14 @@ def main() -> None:
             ("async", {"routing": "sticky", "max_requests": args.concurrency}),
             ("async_lb", {"routing": "least_busy", "max_requests": args.concurrency})]
     runs = [run for run in runs if run[0] in args.runs.split(",")]
+    if args.measured:  # the runs of an earlier --out: project for another --model without measuring again
+        earlier = json.loads(Path(args.measured).read_text())
+        try:
+            results = {name: RunResult(**run) for name, run in earlier["runs"].items()}
+        except TypeError as e:
+            raise SystemExit(f"error: {args.measured}: not the runs this bench_scale.py writes ({e}): measure again") from None
+        scale, runs = earlier["time_scale"], []
+        print(f"runs {', '.join(results)} taken from {args.measured} (time scale {scale:.1f})", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         experts_file = Path(tmp) / "experts.jsonl"
         experts_file.write_text("".join(json.dumps({"task_text": r["task_text"],
@@ -774,9 +980,13 @@ def main() -> None:
             results[name] = measure(name, args, urls, jobs, options, cost, scale)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                               for k, v in asdict(results[name]).items()}), file=sys.stderr)
-    report: dict[str, Any] = {"runs": {k: asdict(v) for k, v in results.items()}, "time_scale": scale}
+        stack.close()  # the fleet's replicas stop: the client is measured against replicas of its own
+        client = measure_client(args, experts_file, cost, turn_marker, cpt, rows, tasks)
+        print(f"client: {client * 1000:.2f} ms of CPU a call at full speed", file=sys.stderr)
+    report: dict[str, Any] = {"runs": {k: asdict(v) for k, v in results.items()}, "time_scale": scale,
+                              "client_cpu_s_per_call": client}
     if "round" in results and "async" in results:
-        report.update(projection(results, args, cost, scale, cpt, reply_tokens, new_tokens))
+        report.update(projection(results, args, cost, scale, tokenizer, reply_tokens, new_tokens, client))
     if args.vllm_cpu:
         report["vllm_cpu"] = vllm_runs(args, rows, tasks)
     report["seconds"] = round(time.monotonic() - t_start)
@@ -788,40 +998,54 @@ def main() -> None:
               f"speedup_vs_round_runner={report['speedup_vs_round_runner']:.1f}")
 
 
-def projection(results: dict[str, RunResult], args: argparse.Namespace, cost: CostModel, scale: float, cpt: float,
-               reply_tokens: list[int], new_tokens: float) -> dict[str, Any]:
-    """The speed-up, and the paper preset's MC hours on 8 GPUs projected from the runs' figures."""
+def projection(results: dict[str, RunResult], args: argparse.Namespace, cost: CostModel, scale: float, tokenizer,
+               sim_replies: list[int], sim_step: float, client_cpu_s: float) -> dict[str, Any]:
+    """The speed-up, and the paper preset's MC hours on 8 GPUs for --model, projected from the runs' figures:
+    the fleet's capacity used, the environments' and the client's CPU a call, and the prefill a step costs under
+    sticky routing (measured here), on the paper's ALFWorld data (PAPER_ALFWORLD_TOKENS) and our VirtualHome data."""
+    from eval_agent.chat_format import ChatFormat
+
     a, r = results["async"], results["round"]
     speedup = a.steady_calls_per_s / r.steady_calls_per_s
-
-    gpu = CostModel()  # the projection runs at full speed, 64 sequences a replica
-    # today's round at full GPU speed (the dilated fleet hides how long the main process steps environments)
-    env_per_call = a.env_cpu_s_per_call
-    today_round = round_seconds(gpu, reply_tokens, r.uncached_tokens_per_call, r.env_cpu_s_per_call)
-    check = round_seconds(cost, reply_tokens, r.uncached_tokens_per_call, r.env_cpu_s_per_call, scale=scale,
+    uncached_per_step_token = a.uncached_tokens_per_call / sim_step  # the share of a step's tokens prefilled
+    alfworld = CallProfile(**PAPER_ALFWORLD_TOKENS, uncached=PAPER_ALFWORLD_TOKENS["step"] * uncached_per_step_token,
+                           env_cpu_s=a.env_cpu_s_per_call)
+    vh, vh_replies = vh_calls_profile(tokenizer, ChatFormat("llama-2"), uncached_per_step_token)
+    sim_reply = sum(sim_replies) / len(sim_replies)
+    projected = {}
+    for family, profile, replies, env_cpu in (("alfworld", alfworld, [x * alfworld.reply / sim_reply for x in sim_replies],
+                                                r.env_cpu_s_per_call),
+                                               ("virtualhome", vh, vh_replies, vh.env_cpu_s)):
+        # today's round at full GPU speed (the dilated fleet hides how long the main process steps environments)
+        context = rollout_calls(PAPER_DATA[family][1], profile)["context_fail"]
+        today = round_seconds(CostModel.for_model(MODELS[args.model], context, profile.shared), replies,
+                              r.uncached_tokens_per_call * profile.step / sim_step, env_cpu)
+        projected[family] = project(family, profile, args.model, a.steady_capacity_used, client_cpu_s,
+                                    today)
+    check = round_seconds(cost, sim_replies, r.uncached_tokens_per_call, r.env_cpu_s_per_call, scale=scale,
                           per_round=args.round_concurrency, replicas=args.replicas)
-    vh_replies, vh_new, vh_env = vh_calls_profile(cpt)
-    vh_reply = sum(vh_replies) / len(vh_replies)
-    vh_today = round_seconds(gpu, vh_replies, vh_new * r.uncached_tokens_per_call / new_tokens, vh_env)
-    projection = {
-        "alfworld": project("alfworld", a.out_tokens_per_call, a.uncached_tokens_per_call, a.steady_capacity_used,
-                            env_per_call, today_round, gpu),
-        "virtualhome": project("virtualhome", vh_reply, vh_new, a.steady_capacity_used, vh_env, vh_today, gpu),
-        "rests_on": {"records": "2 kinds x trajectories x average turns (paper Table 4: ALFWorld 2,851 x 10.1, "
-                                "VirtualHome 4,920 x 11.5), N = 5",
-                     "calls_per_rollout": "(turns - 1) / 2 when it succeeds as the expert does; a failed one runs to "
-                                          "MAX_STEPS = 40; sft_success: 63.3% succeed (the SFT average, Table 1)",
-                     "cost": asdict(gpu), "capacity_used": "measured here (async, sticky, after the ramp-up)",
-                     "env_cpu_s_per_call": "measured here (ALFWorld: the environment pool after the ramp-up, "
-                                           "today's: its main process; VirtualHome: resets and steps in process)",
-                     "alfworld_tokens_per_call": [round(a.out_tokens_per_call, 1), round(a.uncached_tokens_per_call, 1)],
-                     "alfworld_uncached_estimate": round(new_tokens, 1),
-                     "virtualhome_tokens_per_call": [round(vh_reply, 1), round(vh_new, 1)],
-                     "today": "rounds of 16: the slowest reply at 2 sequences per replica plus 16 environment steps "
-                              "in turn; the same formula at this run's time scale predicts "
-                              f"{args.round_concurrency / check:.2f} calls/s for the measured "
-                              f"{r.steady_calls_per_s:.2f}"}}
-    return {"speedup_vs_round_runner": speedup, "projection": projection}
+    projected["rests_on"] = {
+        "records": "2 kinds x trajectories x average turns (paper Table 4: ALFWorld 2,851 x 10.1, VirtualHome "
+                   "4,920 x 11.5), N = 5",
+        "calls_per_rollout": "(turns - 1) / 2 when it succeeds as the expert does; a failed one runs to MAX_STEPS = "
+                             f"40 or to the step whose prompt passes MAX_MODEL_LEN = {MAX_MODEL_LEN}; sft_success: "
+                             "63.3% succeed (the SFT average, Table 1)",
+        "model": {"name": args.model, **asdict(MODELS[args.model]),
+                  "kv_bytes_per_token": MODELS[args.model].kv_bytes_per_token},
+        "gpu": {"projection": asdict(PROJECTION_GPU), "fit": asdict(FIT_GPU), "memory_utilization": GPU_MEMORY_UTILIZATION,
+                "reserved_bytes": RESERVED_BYTES, "max_num_seqs": MAX_NUM_SEQS},
+        "cost_fit": asdict(CostModel()),
+        "tokens": "ALFWorld: the published data's sample (PAPER_ALFWORLD_TOKENS); VirtualHome: our generated "
+                  "trajectories, llama-2 format; SmolLM2's tokenizer for both",
+        "measured_here": {"capacity_used": round(a.steady_capacity_used, 3),
+                          "uncached_share_of_a_step": round(uncached_per_step_token, 3),
+                          "alfworld_env_cpu_s_per_call": round(a.env_cpu_s_per_call, 4),
+                          "virtualhome_env_cpu_s_per_call": round(vh.env_cpu_s, 4),
+                          "client_cpu_s_per_call": round(client_cpu_s, 5)},
+        "today": "rounds of 16: the slowest reply at 2 sequences per replica plus 16 environment steps in turn; the "
+                 f"same formula at this run's time scale predicts {args.round_concurrency / check:.2f} calls/s for "
+                 f"the measured {r.steady_calls_per_s:.2f}"}
+    return {"speedup_vs_round_runner": speedup, "projection": projected}
 
 
 def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
@@ -854,14 +1078,20 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
           f"{report['speedup_vs_round_runner']:.1f}x")
     for family in ("alfworld", "virtualhome"):
         pr = report["projection"][family]
-        print(f"\n{family}: {pr['step_records']:,} step records, {pr['rollouts']:,} rollouts; 8 replicas at "
-              f"{pr['calls_per_s_8_replicas']} calls/s need {pr['env_cores_to_keep_up']} cores of environments "
-              f"({pr['env_cpu_s_per_call']} CPU-s a call); today's runner {pr['today_calls_per_s']} calls/s")
+        x = pr["profile"]
+        print(f"\n{family} ({pr['model']}): {pr['step_records']:,} step records, {pr['rollouts']:,} rollouts; a call "
+              f"generates {x['reply']:.1f} tokens and prefills {x['uncached']:.1f}, a step adds {x['step']:.1f}, "
+              f"prompts start with {x['prefix']:.0f} ({x['shared']:.0f} shared); a failed rollout ends at step "
+              f"{pr['last_step_of_a_failed_rollout']}; environments {x['env_cpu_s']:.3f} CPU-s a call; "
+              f"{pr['client_processes']} client processes; today's runner {pr['today_calls_per_s']} calls/s")
         for what in ("all_succeed", "sft_success"):
             x = pr[what]
-            print(f"  {what:12} {x['model_calls']:>12,} calls: GPU-bound {x['gpu_bound_hours']} h, "
-                  f"with 16 cores {x['hours_with_16_cores']} h, with 128 cores {x['hours_with_128_cores']} h; "
-                  f"today {x['today_hours']} h")
+            print(f"  {what:12} {x['model_calls']:>12,} calls at {x['mean_context_tokens']:,} tokens of context, "
+                  f"{x['max_batch']} sequences a replica, {x['iteration_ms']} ms an iteration: "
+                  f"{x['calls_per_s_8_replicas']} calls/s on 8 GPUs; GPU-bound {x['gpu_bound_hours']} h, with 16 cores "
+                  f"{x['hours_with_16_cores']} h, with 128 cores {x['hours_with_128_cores']} h ({x['env_cores_to_keep_up']} "
+                  f"cores of environments, {x['client_cores_at_fleet_rate']} of the client's; one client process "
+                  f"{x['one_client_hours']} h); today {x['today_hours']} h")
     print("\nprojection rests on: " + json.dumps(report["projection"]["rests_on"], indent=1))
 
 

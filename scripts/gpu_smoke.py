@@ -1,16 +1,18 @@
 """The Python side of scripts/gpu_smoke.sh: the smoke model, the reinforced-training rows, waiting for a
 server, and the final check with its figures (which also reloads the SFT folders and generates from them).
 
-    python scripts/gpu_smoke.py model --tokenizer models/SmolLM2-135M-Instruct --size 0.5b --out OUT/base
+    python scripts/gpu_smoke.py size --tokenizer models/SmolLM2-135M-Instruct --work WORK --device cuda [--size 1b]
+    python scripts/gpu_smoke.py model --tokenizer models/SmolLM2-135M-Instruct --size 0.5b --out WORK/base
     python scripts/gpu_smoke.py rows --run_dir RUN
     python scripts/gpu_smoke.py wait-url FILE --pid PID [--timeout 180]
-    python scripts/gpu_smoke.py check OUT --device cuda [--peak_tflops 989]
+    python scripts/gpu_smoke.py check WORK --device cuda [--peak_tflops 989]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 import urllib.request
@@ -25,6 +27,58 @@ from eval_agent.smollm2 import LLAMA_SIZES  # noqa: E402
 
 # Dense bf16 peak of one GPU (no sparsity), by a piece of its name; --peak_tflops overrides.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+
+
+# The default model size on a GPU, then the smaller ones to fall back on when its files do not fit the disk.
+GPU_SIZES = ("0.5b", "tiny")
+
+
+def size_parameters(tokenizer_dir: str, size: str) -> int:
+    """The parameters of the smoke model of `size` (built on the meta device: no memory, no time)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from eval_agent.smollm2 import random_llama
+
+    with torch.device("meta"):
+        model = random_llama(AutoTokenizer.from_pretrained(tokenizer_dir), size)
+    return sum(p.numel() for p in model.parameters())  # tied weights once, as the checkpoints hold them
+
+
+def smoke_bytes(parameters: int, extra: int, device: str, zero3: bool) -> int:
+    """The most the smoke's folders hold at once: the base model (fp32), SFT with its two kept checkpoints and
+    one set aside for the resume, the ZeRO-3 SFT and both reinforced trainings (their final models, and the
+    largest checkpoint while one of them trains)."""
+    from eval_agent.disk import TrainingDisk
+
+    final = 2 if device == "cuda" else 4
+    plain = TrainingDisk(parameters, extra, final)
+    sharded = TrainingDisk(parameters, extra, final, "zero3") if zero3 else plain
+    base = 4 * parameters + extra
+    sft = 3 * plain.checkpoint() + plain.final()
+    later = [sharded.stage(1)] * (2 if zero3 else 1) + [plain.stage(1)]  # SFT ZeRO-3, beta 0, beta 0.1
+    return base + sft + sum(left for left, _ in later) + max(peak - left for left, peak in later)
+
+
+def pick_size(tokenizer_dir: str, work: str, device: str, zero3: bool, wanted: str | None) -> str:
+    """`wanted` if its files fit the work folder's free disk, else an error; without one the first default size
+    (GPU: 0.5b, then tiny; CPU: tiny) that fits."""
+    from eval_agent.disk import tokenizer_bytes
+
+    free = shutil.disk_usage(work).free
+    candidates = [wanted] if wanted else (GPU_SIZES if device == "cuda" else ("tiny",))
+    needs = {}
+    for size in candidates:
+        needs[size] = smoke_bytes(size_parameters(tokenizer_dir, size), tokenizer_bytes(tokenizer_dir), device, zero3)
+        if needs[size] <= free:
+            if size != candidates[0]:
+                print(f"[gpu_smoke] the {candidates[0]} model needs {needs[candidates[0]] / 1e9:.1f} GB of disk, "
+                      f"{free / 1e9:.1f} GB free under {work}: using {size}", file=sys.stderr)
+            return size
+    raise SystemExit(f"error: the smoke test's files need {min(needs.values()) / 1e9:.1f} GB of disk "
+                     f"({', '.join(f'{k}: {v / 1e9:.1f} GB' for k, v in needs.items())}), {free / 1e9:.1f} GB free "
+                     f"under {work}: free some, or set SMOKE_DIR to a larger disk" + ("" if wanted is None else
+                                                                                      " or SIZE to a smaller model"))
 
 
 def make_model(tokenizer_dir: str, size: str, out: str) -> Path:
@@ -155,7 +209,7 @@ def check(out: Path, device: str, given_peak: float | None) -> dict:
             problems.append(f"{stage['name']}: beta > 0 logged no preference margin")
         if stage.get("generate"):
             generate(str(folder), plan["saved_dtype"])  # raises if it does not reload or generate
-    counts = {}
+    counts, generation = {}, {}
     for run in plan["sampling"]:
         root = RunDir(out / run["run"])
         got = {}
@@ -170,14 +224,17 @@ def check(out: Path, device: str, given_peak: float | None) -> dict:
                                 f"records x {plan['n']}")
         if run.get("eval"):
             summary = root.eval_summary(run["eval"], "seen")
-            got["eval_tasks"] = json.loads(summary.read_text())["num_tasks"] if summary.is_file() else 0
+            data = json.loads(summary.read_text()) if summary.is_file() else {}
+            got["eval_tasks"] = data.get("num_tasks", 0)
+            stats = data.get("run", {})
+            generation[run["name"]] = round(stats["generated_tokens"] / stats["seconds"], 1) if stats.get("seconds") else None
             if got["eval_tasks"] != plan["eval_limit"]:
                 problems.append(f"{run['name']}: evaluated {got['eval_tasks']} tasks, expected {plan['eval_limit']}")
         if not got["steps_explore"] or (run.get("expert", True) and not got["steps_expert"]):
             problems.append(f"{run['name']}: no step records ({got})")
         counts[run["name"]] = got
     figures = {"device": name, "peak_bf16_tflops": peak, "training": training, "sampling": counts,
-               "skipped": plan.get("skipped", []), "problems": problems}
+               "generation_tokens_per_s": generation, "skipped": plan.get("skipped", []), "problems": problems}
     (out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(f"{'stage':<22}{'launcher':<10}{'steps':>6}{'seconds':>9}{'tokens/s':>11}{'peak GPU MiB':>14}{'MFU':>8}")
     for r in training:
@@ -186,7 +243,8 @@ def check(out: Path, device: str, given_peak: float | None) -> dict:
         print(f"{r['stage']:<22}{r['launcher']:<10}{r['optimizer_steps']:>6}{r['train_seconds']:>9}"
               f"{r['tokens_per_s']:>11}{mem:>14}{mfu:>8}")
     for run, got in counts.items():
-        print(f"{run}: " + ", ".join(f"{k} {v}" for k, v in got.items()))
+        rate = f"; evaluation generated {generation[run]} tokens/s" if generation.get(run) else ""
+        print(f"{run}: " + ", ".join(f"{k} {v}" for k, v in got.items()) + rate)
     for reason in plan.get("skipped", []):
         print(f"skipped: {reason}")
     if problems:
@@ -197,6 +255,12 @@ def check(out: Path, device: str, given_peak: float | None) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
+    z = sub.add_parser("size")
+    z.add_argument("--tokenizer", required=True)
+    z.add_argument("--work", required=True)
+    z.add_argument("--device", choices=("cuda", "cpu"), required=True)
+    z.add_argument("--zero3", choices=("0", "1"), default="0")
+    z.add_argument("--size", choices=sorted(LLAMA_SIZES))
     m = sub.add_parser("model")
     m.add_argument("--tokenizer", required=True)
     m.add_argument("--size", choices=sorted(LLAMA_SIZES), default="0.5b")
@@ -212,7 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--device", choices=("cuda", "cpu"), required=True)
     c.add_argument("--peak_tflops", type=float, help="bf16 peak of one GPU; default: by the GPU's name")
     a = p.parse_args(argv)
-    if a.cmd == "model":
+    if a.cmd == "size":
+        print(pick_size(a.tokenizer, a.work, a.device, a.zero3 == "1", a.size))
+    elif a.cmd == "model":
         make_model(a.tokenizer, a.size, a.out)
     elif a.cmd == "rows":
         reinforced_rows(RunDir(a.run_dir))

@@ -4,8 +4,11 @@
 # DeepSpeed ZeRO-3 (one process each), resumed, reloaded and generated from; step records, Monte-Carlo rollouts
 # and evaluation (VirtualHome) with the in-process backend on the GPU and over HTTP through serve_hf; reinforced
 # training with beta = 0 and beta > 0 (the frozen reference under FSDP); vLLM serving the SFT model for a
-# sampling stage when vLLM is importable. Prints each training stage's peak GPU memory, tokens/s and model FLOPs
-# utilisation; everything lands in OUT (figures.json, logs/). The last line starts with `gpu_smoke: ok`.
+# sampling stage and an evaluation when vLLM is importable. Prints each training stage's peak GPU memory, tokens/s
+# and model FLOPs utilisation and each sampling run's generation tokens/s; everything lands in SMOKE_DIR (never in
+# OUT, a GPU lender's variable for the few files it sends back), and the compact figures.json also goes to FIGURES
+# when set. The model is the largest default size whose files fit the free disk. The last line starts with
+# `gpu_smoke: ok`.
 #
 #   bash scripts/gpu_smoke.sh                  # on a GPU (~3-6 min on one H100 for the 0.5B model)
 #   bash scripts/gpu_smoke.sh --cpu            # the same with tiny sizes on a CPU (CI; FSDP skipped: GPU only)
@@ -15,13 +18,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
-OUT=${OUT:-}                      # empty = outputs/gpu_smoke/<UTC time> (a fresh folder per run)
-PYTHON=${PYTHON:-}                # empty = .venv/bin/python, else python3
+source scripts/python_envs.sh     # the environments: VENV, VLLM_VENV (vllm_python)
+SMOKE_DIR=${SMOKE_DIR:-}          # the work folder; empty = outputs/gpu_smoke/<UTC time> (a fresh folder per run)
+FIGURES=${FIGURES:-}              # also write the compact figures.json here (e.g. $OUT/gpu_smoke.json); empty = no
+PYTHON=${PYTHON:-}                # empty = $VENV/bin/python, else python3
 TOKENIZER=${TOKENIZER:-}          # the SmolLM2 tokenizer folder; empty = models/SmolLM2-135M-Instruct (or the bundle's)
 VH_DATA=${VH_DATA:-}              # VirtualHome task sets; empty = data/virtualhome (or the bundle's)
-SIZE=${SIZE:-}                    # tiny | 0.5b | 1b; empty = 0.5b on a GPU, tiny with --cpu
+SIZE=${SIZE:-}                    # tiny | 0.5b | 1b | 3b | 7b; empty = 0.5b on a GPU when its files fit the free disk
+                                  # (else tiny), tiny with --cpu
 VLLM=${VLLM:-auto}                # auto: serve with vLLM when VLLM_PY imports it (GPU only) | 1: required | 0: skip
-VLLM_PY=${VLLM_PY:-}              # empty = .venv-vllm/bin/python, else the smoke's python
+VLLM_PY=${VLLM_PY:-}              # empty = $VLLM_VENV/bin/python, else the smoke's python
 PEAK_TFLOPS=${PEAK_TFLOPS:-}      # bf16 peak of one GPU for the MFU; empty = by the GPU's name (H100/H200: 989)
 
 DEVICE=cuda
@@ -34,16 +40,16 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ -z "$PYTHON" ]; then
-  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+  if [ -x "$VENV/bin/python" ]; then PYTHON=$VENV/bin/python; else PYTHON=python3; fi
 fi
-OUT=${OUT:-outputs/gpu_smoke/$(date -u +%Y%m%dT%H%M%SZ)}
-mkdir -p "$OUT/logs"
-OUT=$(cd "$OUT" && pwd)
+WORK=${SMOKE_DIR:-outputs/gpu_smoke/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$WORK/logs"
+WORK=$(cd "$WORK" && pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if [ -n "$BUNDLE" ]; then  # wheels into OUT/site, ahead of the machine's own packages
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$OUT/site" "$BUNDLE"/wheels/*.whl \
-    > "$OUT/logs/bundle.log" 2>&1 || { echo "gpu_smoke: FAILED installing $BUNDLE/wheels (see $OUT/logs/bundle.log)"; exit 1; }
-  export PYTHONPATH="$OUT/site:$PYTHONPATH"
+if [ -n "$BUNDLE" ]; then  # wheels into WORK/site, ahead of the machine's own packages
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$BUNDLE"/wheels/*.whl \
+    > "$WORK/logs/bundle.log" 2>&1 || { echo "gpu_smoke: FAILED installing $BUNDLE/wheels (see $WORK/logs/bundle.log)"; exit 1; }
+  export PYTHONPATH="$WORK/site:$PYTHONPATH"
   TOKENIZER=${TOKENIZER:-$BUNDLE/tokenizer}
   VH_DATA=${VH_DATA:-$BUNDLE/virtualhome}
 fi
@@ -57,7 +63,7 @@ if [ "$DEVICE" = cpu ]; then
   HTTP_STEPS=4; HTTP_TOKENS=8
   SAVED_DTYPE=float32; PRECISION=fp32
 else
-  SIZE=${SIZE:-0.5b}; ROWS=8; MAX_LEN=2048; BATCH=4; MICRO=2; LIMIT=2; MAX_STEPS=10; NEW_TOKENS=32; N=2; EVAL_LIMIT=4
+  ROWS=8; MAX_LEN=2048; BATCH=4; MICRO=2; LIMIT=2; MAX_STEPS=10; NEW_TOKENS=32; N=2; EVAL_LIMIT=4
   HTTP_STEPS=4; HTTP_TOKENS=16  # serve_hf answers one request at a time: the HTTP path, not throughput
   SAVED_DTYPE=bfloat16; PRECISION=auto
 fi
@@ -73,7 +79,7 @@ cleanup() {
     wait "$SERVER_PID" 2> /dev/null || true
   fi
   if [ "$rc" != 0 ]; then
-    echo "gpu_smoke: FAILED at $CURRENT after $((SECONDS - start)) s (logs: $OUT/logs/$CURRENT.log)"
+    echo "gpu_smoke: FAILED at $CURRENT after $((SECONDS - start)) s (logs: $WORK/logs/$CURRENT.log)"
   fi
   exit "$rc"
 }
@@ -81,11 +87,11 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-step() {  # step NAME COMMAND...: run it with its output in OUT/logs/NAME.log, one line on the terminal
+step() {  # step NAME COMMAND...: run it with its output in WORK/logs/NAME.log, one line on the terminal
   CURRENT=$1; shift
   local t0=$SECONDS
-  if ! "$@" > "$OUT/logs/$CURRENT.log" 2>&1; then
-    tail -n 25 "$OUT/logs/$CURRENT.log"
+  if ! "$@" > "$WORK/logs/$CURRENT.log" 2>&1; then
+    tail -n 25 "$WORK/logs/$CURRENT.log"
     return 1
   fi
   echo "[gpu_smoke] $CURRENT ok ($((SECONDS - t0)) s)"
@@ -97,8 +103,8 @@ skip() { SKIPPED+=("$1"); echo "[gpu_smoke] skipped: $1"; }
 # --- the machine ---------------------------------------------------------------------------------
 if [ "$DEVICE" = cuda ]; then
   "$PY" -c "import sys; from eval_agent.training import cuda_problem; p = cuda_problem(); p and print(p); sys.exit(bool(p))" \
-    > "$OUT/logs/cuda.log" 2>&1 || {
-    echo "gpu_smoke: no usable GPU for $PY: $(tail -n 1 "$OUT/logs/cuda.log"); run with --cpu on a CPU" >&2; exit 1; }
+    > "$WORK/logs/cuda.log" 2>&1 || {
+    echo "gpu_smoke: no usable GPU for $PY: $(tail -n 1 "$WORK/logs/cuda.log"); run with --cpu on a CPU" >&2; exit 1; }
   "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'[gpu_smoke] {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__} (CUDA {torch.version.cuda})')"
 fi
 HAVE_DS=0
@@ -125,9 +131,13 @@ planned() { PLAN_TRAINING+=("$1"); }
 path() { "$PY" -m eval_agent.layout --run_dir "$@"; }  # a path of a run directory (eval_agent/layout.py)
 
 # --- the model and the data: run/ is the main run directory, the others hold one variant each ------
-BASE=$OUT/base
+# the model size: what every stage below writes must fit the work folder's free disk (eval_agent/disk.py)
+CURRENT=size
+SIZE=$("$PY" scripts/gpu_smoke.py size --tokenizer "$TOKENIZER" --work "$WORK" --device "$DEVICE" \
+       --zero3 "$HAVE_DS" ${SIZE:+--size "$SIZE"}) || exit 1
+BASE=$WORK/base
 step model "$PY" scripts/gpu_smoke.py model --tokenizer "$TOKENIZER" --size "$SIZE" --out "$BASE"
-RUN=$OUT/run
+RUN=$WORK/run
 step expert_data "$PY" -m sft.make_expert_data --task_family virtualhome --run_dir "$RUN" --limit "$ROWS"
 EXPERT=$(path "$RUN" expert_data train)
 SFT=$(path "$RUN" sft_model)
@@ -137,15 +147,16 @@ SFT_LAUNCHER=single; [ "$FSDP" = 1 ] && SFT_LAUNCHER=fsdp
 sft_args=(--task_family virtualhome --model_name_or_path "$BASE" --chat_format llama-2 --learning_rate 1e-4
           --global_batch_size "$BATCH" "${common_train[@]}")
 step sft_$SFT_LAUNCHER train "$SFT_LAUNCHER" sft.train "${sft_args[@]}" --run_dir "$RUN" --num_train_epochs 2 \
-  --save_total_limit 2
+  --save_total_limit 2 --keep_checkpoints
 # as if killed during its second epoch: its last checkpoint and summary set aside, the rerun resumes from the first
-mkdir -p "$OUT/set_aside"
-mv "$(ls -d "$SFT"/checkpoint-* | sort -t- -k2 -n | tail -n 1)" "$SFT/train_summary.json" "$OUT/set_aside/"
+# (and, finished, drops its checkpoints)
+mkdir -p "$WORK/set_aside"
+mv "$(ls -d "$SFT"/checkpoint-* | sort -t- -k2 -n | tail -n 1)" "$SFT/train_summary.json" "$WORK/set_aside/"
 step sft_resume train "$SFT_LAUNCHER" sft.train "${sft_args[@]}" --run_dir "$RUN" --num_train_epochs 2 \
   --save_total_limit 2
 planned "{\"name\": \"sft_$SFT_LAUNCHER+resume\", \"launcher\": \"$SFT_LAUNCHER\", \"run\": \"run\", \"model\": \"sft_model\", \"resumed\": true, \"generate\": true}"
 if [ "$HAVE_DS" = 1 ]; then
-  step sft_zero3 train zero3 sft.train "${sft_args[@]}" --run_dir "$OUT/zero3" --data "$EXPERT" --num_train_epochs 1
+  step sft_zero3 train zero3 sft.train "${sft_args[@]}" --run_dir "$WORK/zero3" --data "$EXPERT" --num_train_epochs 1
   planned '{"name": "sft_zero3", "launcher": "zero3", "run": "zero3", "model": "sft_model", "generate": true}'
 fi
 
@@ -159,17 +170,17 @@ RFT_LAUNCHER=single; [ "$HAVE_DS" = 1 ] && RFT_LAUNCHER=zero3
 rft_args=(--learning_rate 3e-6 --global_batch_size "$MICRO" --num_train_epochs 1 "${common_train[@]}")
 step steca_beta0 train "$RFT_LAUNCHER" Reinforced_train.train "${rft_args[@]}" --beta 0 --run_dir "$RUN"
 planned "{\"name\": \"steca_beta0\", \"launcher\": \"$RFT_LAUNCHER\", \"run\": \"run\", \"model\": \"steca_model\"}"
-step steca_beta0.1 train "$SFT_LAUNCHER" Reinforced_train.train "${rft_args[@]}" --beta 0.1 --run_dir "$OUT/beta" \
+step steca_beta0.1 train "$SFT_LAUNCHER" Reinforced_train.train "${rft_args[@]}" --beta 0.1 --run_dir "$WORK/beta" \
   --model_name_or_path "$SFT" --data "$(path "$RUN" train_set)"
 planned "{\"name\": \"steca_beta0.1\", \"launcher\": \"$SFT_LAUNCHER\", \"run\": \"beta\", \"model\": \"steca_model\", \"beta\": 0.1}"
 step eval_hf "$PY" -m eval.evaluate --task_family virtualhome --split seen --limit "$EVAL_LIMIT" --max_steps "$MAX_STEPS" \
   --max_new_tokens "$NEW_TOKENS" --run_dir "$RUN" --label steca
 
 # --- the same stages over HTTP through serve_hf --------------------------------------------------
-HTTP=$OUT/http
+HTTP=$WORK/http
 mkdir -p "$HTTP"
 CURRENT=serve_hf
-"$PY" -m eval_agent.llm.serve_hf --model "$SFT" --port 0 > "$HTTP/serve_hf.out" 2> "$OUT/logs/serve_hf.log" &
+"$PY" -m eval_agent.llm.serve_hf --model "$SFT" --port 0 > "$HTTP/serve_hf.out" 2> "$WORK/logs/serve_hf.log" &
 SERVER_PID=$!
 "$PY" scripts/gpu_smoke.py wait-url "$HTTP/serve_hf.out" --pid "$SERVER_PID" > "$HTTP/endpoints.txt"
 echo "[gpu_smoke] serve_hf up at $(cat "$HTTP/endpoints.txt")"
@@ -186,21 +197,27 @@ SERVER_PID=
 # --- vLLM ----------------------------------------------------------------------------------------
 SAMPLING_RUNS=('{"name": "hf", "run": "run", "mc": true, "eval": "steca"}'
                '{"name": "http", "run": "http", "mc": true, "eval": "sft"}')
-VLLM_PY=${VLLM_PY:-$([ -x .venv-vllm/bin/python ] && echo .venv-vllm/bin/python || echo "$PY")}
+if [ -z "$VLLM_PY" ]; then
+  VLLM_PY=$(vllm_python gpu)
+  [ -x "$VLLM_PY" ] || VLLM_PY=$PY
+fi
 if [ "$VLLM" = 0 ]; then
   skip "vLLM: VLLM=0"
 elif [ "$DEVICE" = cpu ] && [ "$VLLM" = auto ]; then
   skip "vLLM: not on --cpu (tests/test_vllm.py covers vLLM on CPUs; VLLM=1 to include it)"
 elif ! "$VLLM_PY" -c "import vllm" > /dev/null 2>&1; then
   [ "$VLLM" = 1 ] && { echo "gpu_smoke: VLLM=1 but $VLLM_PY cannot import vllm" >&2; exit 1; }
-  skip "vLLM: $VLLM_PY cannot import vllm (bash scripts/setup.sh --gpu installs .venv-vllm)"
+  skip "vLLM: $VLLM_PY cannot import vllm (bash scripts/setup.sh --gpu installs $VLLM_VENV)"
 else
-  step steps_vllm env MODEL="$SFT" VLLM_PY="$VLLM_PY" ENDPOINTS_FILE="$OUT/vllm/endpoints.txt" \
-    LOG_DIR="$OUT/vllm/logs" BASE_PORT=${VLLM_PORT:-8400} NUM_REPLICAS=1 MAX_MODEL_LEN=4096 \
-    GPU_MEMORY_UTILIZATION=0.5 EXTRA_ARGS=--enforce-eager bash scripts/serve_vllm.sh -- "$PY" -m sampling.generate_steps "${sample[@]}" \
-    --kind explore --expert_data "$EXPERT" --limit "$LIMIT" --run_dir "$OUT/vllm" --backend openai \
-    --endpoints "$OUT/vllm/endpoints.txt" --model "$SFT"
-  SAMPLING_RUNS+=('{"name": "vllm", "run": "vllm", "expert": false}')
+  vllm_http=(--backend openai --endpoints "$WORK/vllm/endpoints.txt" --model "$SFT")
+  steps=$(printf '%q ' "$PY" -m sampling.generate_steps "${sample[@]}" --kind explore --expert_data "$EXPERT" \
+          --limit "$LIMIT" --run_dir "$WORK/vllm" "${vllm_http[@]}")
+  evals=$(printf '%q ' "$PY" -m eval.evaluate --task_family virtualhome --split seen --limit "$EVAL_LIMIT" \
+          --max_steps "$MAX_STEPS" --max_new_tokens "$NEW_TOKENS" --run_dir "$WORK/vllm" --label sft "${vllm_http[@]}")
+  step vllm env MODEL="$SFT" VLLM_PY="$VLLM_PY" PYTHON="$PY" ENDPOINTS_FILE="$WORK/vllm/endpoints.txt" \
+    LOG_DIR="$WORK/vllm/logs" BASE_PORT=${VLLM_PORT:-8400} NUM_REPLICAS=1 MAX_MODEL_LEN=4096 \
+    GPU_MEMORY_UTILIZATION=0.5 EXTRA_ARGS=--enforce-eager bash scripts/serve_vllm.sh -- bash -c "$steps && $evals"
+  SAMPLING_RUNS+=('{"name": "vllm", "run": "vllm", "expert": false, "eval": "sft"}')
 fi
 
 # --- the check and the figures -------------------------------------------------------------------
@@ -213,7 +230,11 @@ CURRENT=check
   printf '], "skipped": '
   "$PY" -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "${SKIPPED[@]}"
   printf '}\n'
-} > "$OUT/plan.json"
+} > "$WORK/plan.json"
 peak=(); [ -n "$PEAK_TFLOPS" ] && peak=(--peak_tflops "$PEAK_TFLOPS")
-"$PY" scripts/gpu_smoke.py check "$OUT" --device "$DEVICE" "${peak[@]}" 2>&1 | tee "$OUT/logs/check.log"
-echo "gpu_smoke: ok ($DEVICE, $SIZE model, $((SECONDS - start)) s, ${#SKIPPED[@]} skipped; $OUT/figures.json)"
+"$PY" scripts/gpu_smoke.py check "$WORK" --device "$DEVICE" "${peak[@]}" 2>&1 | tee "$WORK/logs/check.log"
+if [ -n "$FIGURES" ]; then
+  mkdir -p "$(dirname "$FIGURES")"
+  cp "$WORK/figures.json" "$FIGURES"
+fi
+echo "gpu_smoke: ok ($DEVICE, $SIZE model, $((SECONDS - start)) s, ${#SKIPPED[@]} skipped; $WORK/figures.json${FIGURES:+, $FIGURES})"

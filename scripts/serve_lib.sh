@@ -64,12 +64,19 @@ start_server() {  # start_server <label>: serve its model; return once every rep
   echo "== ${RUN_NAME:-$TASK_FAMILY}: server for $label ready: $(tr '\n' ' ' < "$SERVER_ENDPOINTS")"
 }
 
-stop_server() {  # stop the server started last, if any (serve_vllm.sh stops its replicas on SIGTERM)
+stop_server() {  # stop the server started last, if any (serve_vllm.sh stops its replicas on SIGTERM, then waits for
+                 # their GPU memory to be released); fails when it could not, naming the processes still there
   [ -n "$SERVER_PID" ] || return 0
-  local pid=$SERVER_PID
+  local pid=$SERVER_PID status=0 logs
   SERVER_PID=
   kill -TERM "$pid" 2> /dev/null || true
-  wait "$pid" 2> /dev/null || true
+  wait "$pid" 2> /dev/null || status=$?
+  if [ "$status" = 3 ]; then  # serve_vllm.sh: a replica still running, or its GPUs still holding memory
+    logs=$("$PYTHON" -m eval_agent.layout --run_dir "$RUN_DIR" server_logs "$SERVER_LABEL")
+    echo "error: the $SERVER_LABEL server (pid $pid) did not free its GPUs; from $logs/serve.out:" >&2
+    grep -E "error" "$logs/serve.out" | tail -n 3 >&2
+    return 1
+  fi
   echo "== ${RUN_NAME:-$TASK_FAMILY}: server for $SERVER_LABEL stopped (pid $pid)"
 }
 
@@ -110,7 +117,7 @@ with_server() {  # with_server <label> <command...>
   shift
   [ -z "$label" ] || start_server "$label" || return 1
   served "$@" || rc=$?
-  stop_server
+  stop_server || [ "$rc" != 0 ] || rc=1
   return "$rc"
 }
 

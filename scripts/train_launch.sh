@@ -7,6 +7,8 @@ REPORT_TO=${REPORT_TO:-}          # experiment tracker: auto (tensorboard when i
 GRAD_CKPT=${GRAD_CKPT:-}          # 1 | 0: activation checkpointing
 ATTN=${ATTN:-}                    # e.g. flash_attention_2 on GPUs
 SAVE=${SAVE:-}                    # epoch (a rerun resumes from the last) | no
+KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-}  # 1: keep a finished training's last checkpoint (optimizer state); default: dropped
+GPU_FREE_TIMEOUT=${GPU_FREE_TIMEOUT:-60}  # seconds for other processes' GPU memory to be released before training starts
 SEED=${SEED:-}                    # training seed
 NPROC=${NPROC:-1}                 # processes (GPUs, or CPU processes over gloo)
 DIST_CONFIG=${DIST_CONFIG:-}      # accelerate config: sft/configs/fsdp.yaml | sft/configs/ds_zero3.yaml
@@ -17,6 +19,7 @@ opt --report_to "$REPORT_TO"
 opt_bool --activation_checkpointing "$GRAD_CKPT"
 opt --attn_implementation "$ATTN"
 opt --save_strategy "$SAVE"
+opt_bool --keep_checkpoints "$KEEP_CHECKPOINTS"
 opt --seed "$SEED"
 
 launch_training() {
@@ -30,6 +33,9 @@ launch_training() {
     launch=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC")
   else
     launch=("$PYTHON")
+  fi
+  if [ "${STECA_FINGERPRINT:-}" != 1 ]; then  # a server or stray process still on the GPUs: say so, not an OOM later
+    "$PYTHON" -m eval_agent.gpus wait-free --timeout "$GPU_FREE_TIMEOUT" --what "training ($module)" || exit 1
   fi
   exec "${launch[@]}" -m "$module" "$@"  # exec: a signal to the script reaches the trainer
 }

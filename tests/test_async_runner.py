@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -63,6 +64,97 @@ class WhereEnv(CounterEnv):
     def reset(self, task):
         super().reset(task)
         return f"{os.getpid()} env{self.number}"
+
+
+class SignallingPolicy(ScriptedPolicy):
+    """ScriptedPolicy that sets `stepped` when task `b` asks for its last reply, and can fail there."""
+
+    def __init__(self, scripts, fail: bool = False):
+        super().__init__(scripts)
+        self.stepped, self.fail = threading.Event(), fail
+
+    async def act_one(self, ep):
+        if ep.task.key == "b" and len(ep.traj.steps) == len(self.scripts["b"]) - 1:
+            self.stepped.set()
+            if self.fail:
+                raise RuntimeError("the fleet is gone")
+        return self.reply(ep)
+
+
+def test_a_slow_write_does_not_hold_the_other_episodes():
+    """`on_finish` (a stage's fsynced append) runs off the event loop: while a's record is being written, b
+    keeps stepping (in the loop, a's write would wait forever for b's steps); every record is written."""
+    policy = SignallingPolicy({"a": ["Action: count 1", "Action: count 2"],
+                               "b": ["Action: count 1", "Action: count 2", "Action: count 3", "Action: count 4"]})
+    written, b_stepped_during_a_write = [], []
+
+    def on_finish(ep):
+        if ep.task.key == "a":
+            b_stepped_during_a_write.append(policy.stepped.wait(timeout=60))
+        written.append(ep.task.key)
+
+    stats = run_episodes_async([counter_task("a"), counter_task("b", goal=4)], policy, CounterEnv, on_finish,
+                               concurrency=2, env_workers=1, progress=False)
+    assert b_stepped_during_a_write == [True] and written == ["a", "b"] and stats.episodes == 2
+
+
+def test_a_write_under_way_completes_before_the_run_stops():
+    """The crash guarantee: a run that stops (here an error in another episode) has finished every write it
+    started before it raises; the records written are whole (a kill: tests below and tests/test_core.py)."""
+    policy = SignallingPolicy({"a": ["Action: count 1", "Action: count 2"],
+                               "b": ["Action: count 1", "Action: count 2", "Action: count 3"]}, fail=True)
+    written = []
+
+    def on_finish(ep):
+        policy.stepped.wait(timeout=60)  # still writing when b fails ...
+        time.sleep(1)  # ... and for a while after: a slow fsync
+        written.append(ep.task.key)
+
+    with pytest.raises(RuntimeError, match="the fleet is gone"):
+        run_episodes_async([counter_task("a"), counter_task("b", goal=3)], policy, CounterEnv, on_finish,
+                           concurrency=2, env_workers=1, progress=False)
+    assert written == ["a"]
+
+
+class FailingPolicy(ScriptedPolicy):
+    """ScriptedPolicy whose requests for task `down` fail as a fleet's do after the client's retries."""
+
+    async def act_one(self, ep):
+        if ep.task.key == "down":
+            raise BackendUnavailable("request failed 7 times; last: endpoint X refused")
+        return self.reply(ep)
+
+
+def test_client_processes_give_the_one_process_results_written_here():
+    """Several client processes: the same episodes as one, each written once, here (where on_finish runs), the
+    work spread over the processes; a failed episode fails only itself and the run ends naming it."""
+    scripts = {f"t{i}": ["Action: count 1", "Action: count 2"] for i in range(8)}
+    scripts["bad"] = ["Thought: hmm", "Action: count 1", "Action: count 9", "x", "y"]
+    jobs = [counter_task(k) for k in scripts if k != "bad"] + [(counter_task("bad", goal=9), ["Action: count 1"])]
+    one, one_stats = collect(run_episodes_async, jobs, ScriptedPolicy(scripts), WhereEnv, max_steps=4, concurrency=4,
+                             env_workers=2)
+    writers = []
+    many = {}
+
+    def on_finish(ep):
+        writers.append(os.getpid())
+        many[ep.task.key] = ep.traj.to_dict()
+
+    stats = run_episodes_async(jobs, ScriptedPolicy(scripts), WhereEnv, on_finish, max_steps=4, concurrency=4,
+                               env_workers=2, progress=False, processes=2)
+    def played(done):  # the episodes without WhereEnv's note of the process that played them
+        return {k: {**d, "task_text": None} for k, d in done.items()}
+
+    assert played(many) == played(one) and writers == [os.getpid()] * len(jobs)
+    assert (stats.episodes, stats.env_steps, stats.generate_calls) == (one_stats.episodes, one_stats.env_steps,
+                                                                       one_stats.generate_calls)
+    assert len({d["task_text"].split()[0] for d in many.values()}) == 2  # two clients, one environment worker each
+    written = []
+    with pytest.raises(BackendUnavailable, match=r"1 of \d episodes failed.*down: request failed 7 times"):
+        run_episodes_async([counter_task(k) for k in ("down", "t0", "t1")], FailingPolicy(scripts | {"down": []}),
+                           CounterEnv, lambda ep: written.append(ep.task.key), concurrency=4, env_workers=2,
+                           progress=False, processes=2)
+    assert sorted(written) == ["t0", "t1"]
 
 
 def test_workers_share_the_episodes_and_reuse_a_task_s_environment():
@@ -295,3 +387,39 @@ def test_mc_over_http_killed_midway_resumes_every_key_once(hf_server, tiny_model
     assert len(keys) == len(set(keys)) == len(expected) and set(keys) == expected
     for r in read_rollouts(out):
         assert r.seed == (None if r.from_record else derive_seed(3, r.key))
+
+
+SLOW_RUN = """
+import asyncio, sys
+sys.path[:0] = {paths!r}
+from eval_agent.async_runner import run_episodes_async
+from helpers import CounterEnv, ScriptedPolicy, counter_task
+
+class Slow(ScriptedPolicy):
+    async def act_one(self, ep):
+        await asyncio.sleep(1)
+        return self.reply(ep)
+
+if __name__ == "__main__":
+    jobs = [counter_task(f"t{{i}}", goal=50) for i in range(40)]
+    run_episodes_async(jobs, Slow({{j.key: ["Action: count 1"] * 60 for j in jobs}}), CounterEnv, lambda ep: None,
+                       max_steps=60, concurrency=4, env_workers=2, progress=False, processes=2)
+"""
+
+
+def test_client_processes_and_their_workers_end_with_a_killed_run(tmp_path):
+    script = tmp_path / "slow_run.py"
+    script.write_text(SLOW_RUN.format(paths=[str(REPO), str(REPO / "tests")]))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    deadline, clients, workers = time.monotonic() + 120, [], []
+    while time.monotonic() < deadline and not (len(clients) == 2 and len(workers) == 2):
+        clients = env_workers_of(proc.pid)  # the client processes are spawn children of the run
+        workers = [w for c in clients for w in env_workers_of(c)]  # one environment worker each
+        time.sleep(0.2)
+    assert len(clients) == 2 and len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in clients + workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in clients + workers), "client processes or their workers outlived the run"

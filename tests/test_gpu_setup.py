@@ -1,5 +1,6 @@
-"""The GPU install path as far as a CPU machine can check it: setup's Python and driver checks fire before
-anything is installed, serve_vllm.sh looks for vLLM's GPU environment on GPUs, and the doctor reports the
+"""The GPU install path as far as a CPU machine can check it (a faked nvidia-smi and faked environments): setup's
+Python and driver checks fire before anything is installed, TORCH_CUDA picks a build the driver runs, setup,
+serve_vllm.sh, the smoke test and the pre-flight look for the same vLLM environment, and the doctor reports the
 driver, torch's CUDA and the vLLM environments' versions."""
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from eval_agent import preflight
+from helpers import fake_nvidia_smi
 
 REPO = Path(__file__).resolve().parent.parent
 OLD_PYTHONS = ["/root/.pyenv/versions/3.10.13/bin/python3", shutil.which("python3.10") or "", "/usr/bin/python3.10"]
@@ -25,14 +29,6 @@ def setup(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedPr
                           timeout=120)
 
 
-def fake_nvidia_smi(tmp_path: Path, driver: str) -> str:
-    """A PATH whose nvidia-smi reports `driver` (the driver version is all setup asks it)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    smi = bin_dir / "nvidia-smi"
-    smi.write_text(f"#!/bin/sh\ncase \"$*\" in *driver_version*) echo '{driver}' ;; *) echo 'GPU 0: NVIDIA H100' ;; esac\n")
-    smi.chmod(0o755)
-    return f"{bin_dir}:{os.environ['PATH']}"
 
 
 @pytest.mark.parametrize("mode", [[], ["--gpu"]])
@@ -56,10 +52,44 @@ def test_setup_gpu_needs_a_driver(tmp_path):
 
 @pytest.mark.parametrize("driver", ["535.104.05", "garbage"])
 def test_setup_gpu_refuses_a_driver_older_than_cuda_13_needs(tmp_path, driver):
-    done = setup(["--gpu"], tmp_path, PYTHON=sys.executable, PATH=fake_nvidia_smi(tmp_path, driver))
+    done = setup(["--gpu"], tmp_path, PYTHON=sys.executable, PATH=fake_nvidia_smi(tmp_path, driver, cuda="12.2"))
     assert done.returncode == 1
-    assert f"NVIDIA driver '{driver}'" in done.stderr and "need driver >= 580" in done.stderr
+    assert f"NVIDIA driver {driver} (CUDA 12.2 at most) cannot run torch's TORCH_CUDA=cu130 build, built for CUDA " \
+           "13.0 (driver >= 580.65.06 needed)" in done.stderr and "TORCH_CUDA" in done.stderr
     assert not (tmp_path / "venv").exists() and not (tmp_path / "venv-vllm").exists()
+
+
+def stop_at_venv(tmp_path: Path) -> str:
+    """A PYTHON that is this python, except that creating a venv stops setup there (exit 7): past the checks."""
+    wrapper = tmp_path / "python3"
+    wrapper.write_text(f'#!/bin/sh\n[ "$1 $2" = "-m venv" ] && {{ echo "creating venv $3" >&2; exit 7; }}\n'
+                       f'exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_setup_gpu_takes_the_torch_build_an_older_driver_runs(tmp_path):
+    path = fake_nvidia_smi(tmp_path, "570.86.15", cuda="12.8")
+    done = setup(["--gpu"], tmp_path, PYTHON=stop_at_venv(tmp_path), PATH=path, TORCH_CUDA="cu128")
+    assert done.returncode == 7, done.stderr  # past the driver check, at the first install step
+    assert "NVIDIA driver 570.86.15 runs CUDA 12.8 builds (TORCH_CUDA=cu128)" in done.stdout
+    assert f"creating venv {tmp_path / 'venv'}" in done.stderr
+    refused = setup(["--gpu"], tmp_path, PYTHON=stop_at_venv(tmp_path), PATH=path, TORCH_CUDA="cuda12")
+    assert refused.returncode == 1 and "TORCH_CUDA=cuda12: not a CUDA build name like cu130" in refused.stderr
+
+
+def test_serve_script_and_preflight_look_for_the_same_vllm_python(tmp_path):
+    """One definition (scripts/python_envs.sh): where setup puts vLLM's environment is where the pre-flight
+    checks and serve_vllm.sh serves from, on GPUs and on the CPU."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_PY", "CUDA_VISIBLE_DEVICES")}
+    env.update(VLLM_VENV=str(tmp_path / "gpu-env"), VLLM_CPU_VENV=str(tmp_path / "cpu-env"))
+    for gpus, folder in ((1, "gpu-env"), (0, "cpu-env")):
+        path = fake_nvidia_smi(tmp_path, gpus=gpus) if gpus else os.environ["PATH"]
+        done = subprocess.run(["bash", "scripts/serve_vllm.sh"], cwd=REPO, env={**env, "PATH": path},
+                              capture_output=True, text=True, timeout=60)
+        python = tmp_path / folder / "bin" / "python"
+        assert done.returncode == 2 and f"no python at VLLM_PY={python}" in done.stderr
+        assert f"BACKEND=vllm: {python} cannot import vllm" in preflight.vllm_problem(env, gpus)
 
 
 def test_setup_rejects_unknown_options(tmp_path):
@@ -70,7 +100,7 @@ def test_setup_rejects_unknown_options(tmp_path):
 def test_serve_vllm_looks_for_the_gpu_environment_on_gpus(tmp_path):
     if (REPO / ".venv-vllm").exists():
         pytest.skip(".venv-vllm exists here")
-    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_PY", "CUDA_VISIBLE_DEVICES")}
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_PY", "VLLM_VENV", "CUDA_VISIBLE_DEVICES")}
     env["PATH"] = fake_nvidia_smi(tmp_path, "580.65.06")
     done = subprocess.run(["bash", "scripts/serve_vllm.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=60)

@@ -1,5 +1,6 @@
 """scripts/gpu_smoke.sh --cpu: the GPU smoke test's whole path with tiny sizes on the CPU (what a CPU allows:
-FSDP is skipped, ZeRO-3 runs when deepspeed is installed), ending in `gpu_smoke: ok` with its figures."""
+FSDP is skipped, ZeRO-3 runs when deepspeed is installed), ending in `gpu_smoke: ok` with its figures, in its own
+work folder: nothing lands in the caller's OUT (a GPU lender's folder of files to send back)."""
 from __future__ import annotations
 
 import json
@@ -11,14 +12,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_gpu_smoke_cpu_runs_end_to_end(tmp_path, smollm2_dir):
-    out = tmp_path / "smoke"
-    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1"}
+    out, lender = tmp_path / "smoke", tmp_path / "out"
+    lender.mkdir()
+    env = {**os.environ, "SMOKE_DIR": str(out), "OUT": str(lender), "FIGURES": str(tmp_path / "figures" / "smoke.json"),
+           "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", "scripts/gpu_smoke.sh", "--cpu"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     lines = done.stdout.strip().splitlines()
     assert done.returncode == 0 and lines[-1].startswith("gpu_smoke: ok"), done.stdout[-3000:] + done.stderr[-3000:]
+    assert list(lender.iterdir()) == []  # OUT untouched
     figures = json.loads((out / "figures.json").read_text())
+    assert figures == json.loads((tmp_path / "figures" / "smoke.json").read_text())  # FIGURES: a copy, a few KB
     assert figures["problems"] == [] and figures["device"] == "cpu"
+    assert all(figures["generation_tokens_per_s"][run] > 0 for run in ("hf", "http"))
     stages = {r["stage"]: r for r in figures["training"]}
     assert {"sft_single+resume", "steca_beta0", "steca_beta0.1"} <= stages.keys()
     sft = stages["sft_single+resume"]

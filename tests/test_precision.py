@@ -115,7 +115,8 @@ def test_bf16_training_moves_the_fp32_weights_and_saves_bf16(tmp_path, tiny_mode
                     "--output_dir", str(out), "--precision", "bf16", "--use_cpu", "--learning_rate", str(LR),
                     "--global_batch_size", "1",
                     "--per_device_train_batch_size", "1", "--num_train_epochs", "1", "--save_strategy", "steps",
-                    "--save_steps", "1", "--report_to", "none", "--lr_scheduler_type", "constant"])
+                    "--save_steps", "1", "--report_to", "none", "--lr_scheduler_type", "constant",
+                    "--keep_checkpoints"])
     assert summary["precision"] == "bf16 autocast, fp32 weights" and summary["saved_dtype"] == "bfloat16"
     assert summary["parameters"] > 0 and summary["optimizer_steps"] == 1
 

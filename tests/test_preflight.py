@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from eval_agent import preflight
-from eval_agent.preflight import Report, batch_problem, check_batches, check_disk, check_reflection
+from eval_agent.preflight import Hub, Report, batch_problem, check_batches, check_disk, check_model, check_reflection
+from helpers import fake_nvidia_smi, fake_python_env
 
 REPO = Path(__file__).resolve().parent.parent
 SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
@@ -152,10 +153,124 @@ def test_reflection_endpoint_and_key(models_endpoint):
 def test_free_disk(tmp_path, smollm2_dir):
     report = Report()
     check_disk(str(tmp_path / "run"), str(smollm2_dir), 2, report, free=10**6)
-    assert "free disk under" in report.problems[0] and "the checkpoints need about" in report.problems[0]
+    assert "free disk under" in report.problems[0] and "the training stages need about" in report.problems[0]
+    assert "0.13B parameters (its safetensors files)" in report.notes[0]  # the estimate is printed
     report = Report()
     check_disk(str(tmp_path / "run"), str(smollm2_dir), 2, report, free=10**13)
-    assert report.problems == []
+    assert report.problems == [] and len(report.notes) == 1
+
+
+def test_disk_estimate_for_hub_names(tmp_path):
+    """A hub name: the hub's metadata, else the table of the paper's models; 8 GPUs save bf16 models."""
+    def note(name, env=None, hub=Hub(parameters=lambda name, token: None)):
+        report = Report()
+        check_disk(str(tmp_path), name, 2, report, free=10**15, env=env or {}, gpus=8, hub=hub)
+        return (report.notes or report.warnings)[0]
+
+    llama = note("meta-llama/Llama-2-7b-chat-hf")
+    # two families; each keeps two 13.5 GB models; SFT's 3 epochs hold two 80.9 GB checkpoints at once
+    assert "6.74B parameters (the table of the paper's models)" in llama and "keeps 27.0 GB" in llama
+    assert "about 188.7 GB" in llama and "checkpoint takes 80.9 GB" in llama
+    assert "about 377.4 GB" in note("meta-llama/Llama-2-7b-chat-hf", {"KEEP_CHECKPOINTS": "1"})  # the old ~190 a family
+    assert "1.00B parameters (the hub's metadata)" in note("org/model", hub=Hub(parameters=lambda n, t: 10**9))
+    assert "size of org/unknown is unknown" in note("org/unknown")
+
+
+def test_training_epochs_are_the_stages_defaults():
+    from Reinforced_train.train import SteCaTrainingArguments
+    from sft.train import SFTTrainingArguments
+
+    assert preflight.TRAINING_EPOCHS == {"SFT": SFTTrainingArguments.num_train_epochs,
+                                         "RFT": SteCaTrainingArguments.num_train_epochs}
+
+
+# ---- the GPU side: a faked nvidia-smi, environments as setup.sh --gpu leaves them, a faked hub --------------
+
+ALLOWED = Hub(access=lambda name, token: None, parameters=lambda name, token: None)  # licence accepted, token set
+
+
+def paper_command(tmp_path: Path, cuda: str | None = "13.0") -> dict[str, str]:
+    """The README's paper command after `setup.sh --gpu` put its environments at VENV and VLLM_VENV, their
+    torch built for `cuda` (None: a CPU build)."""
+    train = fake_python_env(tmp_path / "venv", torch=("2.13.0", cuda))
+    vllm = fake_python_env(tmp_path / "venv-vllm", torch=("2.14.0", cuda), vllm="0.33.0")
+    return {"PRESET": "paper", "BASE_MODEL": "meta-llama/Llama-2-7b-chat-hf", "CHAT_FORMAT": "llama-2",
+            "BACKEND": "vllm", "NPROC": "8", "RFT_BATCH": "16", "DIST_CONFIG": "sft/configs/fsdp.yaml",
+            "VENV": str(train), "VLLM_VENV": str(vllm)}
+
+
+def gpu_report(tmp_path, monkeypatch, env, hub=ALLOWED, **smi) -> Report:
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path / "smi", **{"gpus": 8, **smi}))
+    return preflight.preflight(env, ["alfworld", "virtualhome"], str(tmp_path / "run"), hub=hub)
+
+
+def gpu_problems(report: Report) -> list[str]:
+    """The problems of the GPU side: the vLLM environment, the driver vs the builds, busy GPUs, the hub."""
+    return [p for p in report.problems if p.startswith(("BACKEND=vllm", "NVIDIA driver", "the training environment",
+                                                        "the vLLM environment", "GPUs in use", "BASE_MODEL="))]
+
+
+def test_paper_command_after_setup_gpu_gets_past_the_vllm_and_driver_checks(tmp_path, monkeypatch):
+    report = gpu_report(tmp_path, monkeypatch, paper_command(tmp_path))
+    assert gpu_problems(report) == [], report.text("test")
+    assert any("PRESET=paper needs the official sets" in p for p in report.problems)  # the rest is still checked
+    assert "about 188.7 GB" in report.notes[0]
+
+
+def test_a_cuda_12_driver_refuses_cuda_13_builds_naming_both(tmp_path, monkeypatch):
+    report = gpu_report(tmp_path, monkeypatch, paper_command(tmp_path), driver="550.54.15", cuda="12.4")
+    refused = gpu_problems(report)
+    assert len(refused) == 2, report.text("test")
+    for torch, where in (("2.13.0", "training"), ("2.14.0", "vLLM")):
+        assert any(f"NVIDIA driver 550.54.15 (CUDA 12.4 at most) cannot run torch {torch} in the {where} environment"
+                   in p and "built for CUDA 13.0 (driver >= 580.65.06 needed)" in p for p in refused), refused
+    # the builds TORCH_CUDA=cu128 installs run on it
+    assert gpu_problems(gpu_report(tmp_path, monkeypatch, paper_command(tmp_path, "12.8"), driver="550.54.15",
+                                   cuda="12.4")) == []
+
+
+def test_a_cpu_torch_with_gpus_visible(tmp_path, monkeypatch):
+    refused = gpu_problems(gpu_report(tmp_path, monkeypatch, paper_command(tmp_path, None)))
+    assert len(refused) == 2 and all("a CPU build, but 8 GPU(s) are visible" in p for p in refused)
+
+
+def test_gpus_held_by_another_process(tmp_path, monkeypatch):
+    holder = {"pid": os.getpid(), "gpu": 3, "mib": 20480}
+    busy = gpu_problems(gpu_report(tmp_path, monkeypatch, paper_command(tmp_path), apps=[holder]))
+    assert busy == [f"GPUs in use by other processes: GPU 3: pid {os.getpid()} (python3, 20480 MiB); the training "
+                    "stages and vLLM need them free: stop those (kill PID) or set CUDA_VISIBLE_DEVICES"]
+    env = {**paper_command(tmp_path), "CUDA_VISIBLE_DEVICES": "0,1", "NPROC": "2", "RFT_BATCH": "16"}
+    assert gpu_problems(gpu_report(tmp_path, monkeypatch, env, apps=[holder])) == []  # not on the GPUs used
+
+
+def test_a_gated_model_without_access_is_refused(tmp_path, monkeypatch):
+    """The hub's own answer, without network: huggingface_hub's auth_check replaced by one that refuses a
+    gated repository unless a token comes with the request."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    asked = []
+
+    def auth_check(repo_id, token=None, **kwargs):
+        asked.append((repo_id, token))
+        if token is None:
+            response = httpx2.Response(403, request=httpx2.Request("GET", f"https://huggingface.co/{repo_id}"))
+            raise GatedRepoError(f"Access to model {repo_id} is restricted", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "auth_check", auth_check)
+    name = "meta-llama/Llama-2-7b-chat-hf"
+    report = Report()
+    check_model(name, {}, report)
+    assert report.problems == [f"BASE_MODEL={name}: not a folder, not in the local hub cache, and a gated model that "
+                               f"these credentials may not read: accept its licence on https://huggingface.co/{name} "
+                               "and log in (huggingface-cli login, or HF_TOKEN)"]
+    report = Report()
+    check_model(name, {"HF_TOKEN": "hf_accepted"}, report)
+    assert report.problems == [] and asked[-1] == (name, "hf_accepted")
+    # the whole pre-flight of the paper command, refused before any stage
+    refused = gpu_problems(gpu_report(tmp_path, monkeypatch, paper_command(tmp_path), hub=Hub()))
+    assert len(refused) == 1 and "a gated model that these credentials may not read" in refused[0]
 
 
 def test_doctor_flag_runs_the_same_check(smollm2_dir):

@@ -281,7 +281,8 @@ def test_published_file_trains_on_two_processes_and_resumes(tmp_path, tiny_model
                                          + [explored_row("e0", 0.99)])))
     out = RunDir(tmp_path).steca_model
     env = {"MODEL": str(tiny_model_dir), "TRAIN_SET": str(data), "OUT": str(out), "NPROC": "2", "BATCH": "2",
-           "MICRO_BATCH": "1", "LR": "1e-3", "MAX_LEN": "1024", "PRECISION": "fp32"}
+           "MICRO_BATCH": "1", "LR": "1e-3", "MAX_LEN": "1024", "PRECISION": "fp32",
+           "KEEP_CHECKPOINTS": "1"}
     summary = steca_train(env)
     assert summary["world_size"] == 2 and summary["gradient_accumulation_steps"] == 1
     assert summary["rows_in"] == summary["rows_out"] == 4 and summary["optimizer_steps"] == 2

@@ -222,7 +222,7 @@ def test_two_process_cpu_training_reloads_and_resumes(tmp_path, tiny_model_dir, 
     out = tmp_path / "sft" / "model"
     env = {"MODEL": str(tiny_model_dir), "DATA": str(expert_file), "OUT": str(out), "CHAT_FORMAT": "llama-2",
            "NPROC": "2", "BATCH": "2", "MICRO_BATCH": "1", "EPOCHS": "3", "LR": "1e-3", "WARMUP": "0",
-           "MAX_LEN": "1024", "PRECISION": "fp32"}
+           "MAX_LEN": "1024", "PRECISION": "fp32", "KEEP_CHECKPOINTS": "1"}
     summary = sft(env)
     assert summary["world_size"] == 2 and summary["gradient_accumulation_steps"] == 1
     assert summary["rows_in"] == summary["rows_out"] == 4 and summary["optimizer_steps"] == 6

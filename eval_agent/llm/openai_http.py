@@ -258,11 +258,16 @@ class HTTPClient:
         self.api_key, self.timeout, self.max_requests = api_key, timeout, max_requests
         self.retry, self.routing, self.what = retry, routing, what
         self.stats = ClientStats()
-        self._pools: dict[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, asyncio.Semaphore]] = {}
+        self._pools: dict[asyncio.AbstractEventLoop, tuple[dict[str, httpx.AsyncClient], asyncio.Semaphore]] = {}
         self._thread: LoopThread | None = None
         self._next = 0
         self._rng = random.Random()
         self._assigned: OrderedDict[str, int] = OrderedDict()  # sticky: route key -> endpoint index (recent keys)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy for another process (the asynchronous runner's client processes): without this process's
+        connection pools and loop thread, which the copy makes anew."""
+        return {**self.__dict__, "_pools": {}, "_thread": None}
 
     # ---- synchronous use --------------------------------------------------------------------------
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
@@ -282,21 +287,30 @@ class HTTPClient:
             self._thread = None
 
     async def aclose(self) -> None:
-        """Close the connection pool of the running loop (a loop that ends must close its own)."""
+        """Close the connection pools of the running loop (a loop that ends must close its own)."""
         pool = self._pools.pop(asyncio.get_running_loop(), None)
-        if pool is not None:
-            await pool[0].aclose()
+        for client in (pool[0].values() if pool is not None else ()):
+            await client.aclose()
 
     # ---- requests -----------------------------------------------------------------------------------
-    def _pool(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+    def _pool(self) -> tuple[dict[str, httpx.AsyncClient], asyncio.Semaphore]:
+        """The running loop's connection pools (by endpoint) and its bound on the requests in flight."""
         loop = asyncio.get_running_loop()
         if loop not in self._pools:
+            self._pools[loop] = ({}, asyncio.Semaphore(self.max_requests))
+        return self._pools[loop]
+
+    def _client(self, url: str) -> httpx.AsyncClient:
+        """The running loop's connection pool for endpoint `url`: one per endpoint, since httpx's pool looks over
+        all its connections and queued requests for every request it places. One pool for 8 replicas with 1,024
+        requests in flight cost the client ~20-40 ms of CPU a call (scripts/bench_scale.py's client measurement)."""
+        clients = self._pool()[0]
+        if url not in clients:
             headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
             limits = httpx.Limits(max_connections=self.max_requests, max_keepalive_connections=self.max_requests)
             timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0))
-            self._pools[loop] = (httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout),
-                                 asyncio.Semaphore(self.max_requests))
-        return self._pools[loop]
+            clients[url] = httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout)
+        return clients[url]
 
     def scrub(self, text: str) -> str:
         """`text` without the API key (an error message may quote it)."""
@@ -304,7 +318,7 @@ class HTTPClient:
 
     async def get(self, url: str, path: str, timeout: float) -> httpx.Response:
         """One GET, no retries (start-up probes)."""
-        return await self._pool()[0].get(url + path, timeout=min(timeout, self.timeout))
+        return await self._client(url).get(url + path, timeout=min(timeout, self.timeout))
 
     def _order(self, route_key: str | None) -> list[int]:
         n = len(self.endpoints)
@@ -355,7 +369,7 @@ class HTTPClient:
 
         Raises `Refused` for a 4xx other than 429, `BackendUnavailable` after all retries.
         """
-        client, semaphore = self._pool()
+        semaphore = self._pool()[1]
         async with semaphore:
             last: Exception | None = None
             previous: Endpoint | None = None
@@ -372,7 +386,7 @@ class HTTPClient:
                 previous = ep
                 ep.inflight += 1
                 try:
-                    response = await client.post(ep.url + path, json=payload)
+                    response = await self._client(ep.url).post(ep.url + path, json=payload)
                     body = response.content
                     if response.status_code == 200:
                         result = parse(ep.url, body)
@@ -431,6 +445,9 @@ class OpenAIBackend:
                                  max_requests=max_requests, retry=retry, routing=routing)
         self._checked = False
         self._check_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_check_locks": {}}  # locks of this process's loops
 
     def generate(self, prompts: list[str], config: GenerationConfig) -> list[list[Completion]]:
         return self.client.run(self._generate(prompts, config))
