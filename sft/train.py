@@ -26,7 +26,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, HfArgumentParser, Trainer
 
-from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
+from eval_agent.chat_format import ChatFormat, resolve_chat_format
 from eval_agent.cli import UserError, at_least, input_file, model_folder, run_main
 from eval_agent.envs import REGISTRY, get_task_family
 from eval_agent.expert_data import check_task_family, load_expert_data
@@ -36,16 +36,17 @@ from eval_agent.layout import RunDir, card_dir
 from eval_agent.run_card import write_run_card
 from eval_agent.smollm2 import default_model_dir
 from eval_agent.trajectory import Trajectory
-from eval_agent.training import (PadCollator, StageTrainingArguments, check_master_weights, configure_training_args,
-                                 encode_conversation, finished_training, load_for_training, output_dir_from_run_dir,
-                                 pad_token_id, save_dtype, sft_messages, train_and_save, trained_positions)
+from eval_agent.training import (PadCollator, StageArguments, StageTrainingArguments, check_master_weights,
+                                 configure_training_args, encode_conversation, finished_training, load_for_training,
+                                 output_dir_from_run_dir, pad_token_id, save_dtype, sft_messages, train_and_save,
+                                 trained_positions)
 
 log = logging.getLogger("sft.train")
 CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
 
 
-@dataclass
-class SFTArguments:
+@dataclass(kw_only=True)
+class SFTArguments(StageArguments):
     task_family: str = field(metadata={"help": f"instruction and ICL example of: {sorted(REGISTRY)}", "aliases": ["--task"]})
     run_dir: str | None = field(default=None, metadata={"help": "the run directory: reads its expert data, writes its "
                                                                  "SFT model (eval_agent/layout.py)"})
@@ -53,17 +54,8 @@ class SFTArguments:
                                                                            "the embedded SmolLM2-135M-Instruct"})
     data: str | None = field(default=None, metadata={"help": "expert trajectories: our JSONL or the published "
                                                              "alfworld_sft.json format; default: the run's"})
-    chat_format: str | None = field(default=None, metadata={"help": f"{FORMATS}; default: what the model folder records, else template"})
     icl_num: int = field(default=0, metadata={"help": "in-context examples in the training prompts: 0 (the original) "
                                                       "or 1", "aliases": ["--icl"]})
-    model_max_length: int = field(default=4096, metadata={"help": "tokens per example; longer ones lose whole trailing turns"})
-    global_batch_size: int = field(default=16, metadata={"help": "examples per optimizer step over all processes"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU that has it, else fp32) | bf16 "
-                                                             "| fp32; weights and optimizer stay fp32"})
-    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved model: auto (bf16 after bf16 training) | bf16 | fp32"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. flash_attention_2; default: transformers' choice"})
-    overwrite: bool = field(default=False, metadata={"help": "start afresh whatever settings made the output folder "
-                                                             "(moved aside as <folder>.old)"})
 
 
 @dataclass
