@@ -13,7 +13,8 @@ at once. A lock left by a dead process of this host is taken over (the holder ke
 is known for sure); a lock from another host never is: the error says how to remove it.
 
 STECA_FINGERPRINT=1 makes a stage print its fingerprints (one JSON line per output) and exit before any work;
-the pipeline compares them with its stage markers:
+the pipeline compares them with its stage markers, which also record the state of each output the stage left
+(`output_state`): a marker stands for exactly the outputs and settings present now.
 
     fp=$(STECA_FINGERPRINT=1 bash sampling/mc_rollouts.sh)
     python -m eval_agent.guard marker-status RUN_DIR/pipeline/mc.done <<< "$fp"   # exit 0: done with these settings
@@ -316,6 +317,14 @@ class Lock:
 
 # ---- the guard a stage runs under -------------------------------------------------------------------------
 
+def own_entries(path: Path) -> list[Path]:
+    """What a folder output holds of its stage's: not another stage's output nested in it (step accuracy inside
+    its evaluation, known by its fingerprint or, while its writer starts, by its lock: the two run side by side),
+    not locks, not a temp file left by a killed writer."""
+    return [p for p in path.iterdir() if p.name != FINGERPRINT_FILE and not p.name.endswith(".lock")
+            and not is_staged(p.name) and not (p / FINGERPRINT_FILE).is_file() and not lock_path(p).exists()]
+
+
 class FingerprintMismatch(UserError):
     """The output holds results made with other settings."""
 
@@ -373,17 +382,9 @@ class RunGuard:
             lock.release()
         self.locks = []
 
-    @staticmethod
-    def _own_entries(path: Path) -> list[Path]:
-        """What a folder output holds of this stage's: not another stage's output nested in it (step accuracy
-        inside its evaluation, known by its fingerprint or, while its writer starts, by its lock: the two run
-        side by side), not locks, not a temp file left by a killed writer."""
-        return [p for p in path.iterdir() if p.name != FINGERPRINT_FILE and not p.name.endswith(".lock")
-                and not is_staged(p.name) and not (p / FINGERPRINT_FILE).is_file() and not lock_path(p).exists()]
-
     def _has_results(self, path: Path) -> bool:
         if self.folder:
-            return path.is_dir() and bool(self._own_entries(path))
+            return path.is_dir() and bool(own_entries(path))
         return path.is_file() and path.stat().st_size > 0
 
     def _claim(self, path: Path, fp: dict[str, Any]) -> None:
@@ -412,7 +413,7 @@ class RunGuard:
         if self.folder:  # only this stage's entries: a nested output stays where its writer (maybe running) writes
             moved = aside_names(path)
             moved[0].mkdir()
-            for p in self._own_entries(path) + [record]:
+            for p in own_entries(path) + [record]:
                 if p.exists():
                     p.rename(moved[0] / p.name)
         else:
@@ -454,26 +455,62 @@ def _read_fingerprints(text: str) -> list[dict[str, Any]]:
     return out
 
 
+def output_state(output: str | Path) -> dict[str, Any] | None:
+    """What an output holds now, for a pipeline marker: the fingerprint recorded with it and the name, size and
+    modification time of each of its files (of a folder, its own ones: `own_entries`); None when it is missing.
+    Whatever a later run does to the output (moves it aside, starts it afresh under other settings, resumes it)
+    changes its state."""
+    path = Path(output)
+    if path.is_file():
+        files, root = [path], path.parent
+    elif path.is_dir():
+        files = sorted(f for e in own_entries(path) for f in ([e] if e.is_file() else e.rglob("*")) if f.is_file())
+        root = path
+    else:
+        return None
+    record = fingerprint_path(path, folder=path.is_dir())
+    try:
+        recorded = _comparable(json.loads(record.read_text()), resume=False) if record.is_file() else None
+    except json.JSONDecodeError:
+        recorded = "unreadable"
+    stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return {"fingerprint": _digest(recorded), "files": _digest(stats)}
+
+
+def _output_changes(name: str, was: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:
+    if now is None:
+        return [f"{name}: missing"]
+    if was is None or was.get("fingerprint") != now["fingerprint"]:
+        return [f"{name}: made with other settings since (an interrupted or failed run)"]
+    return [f"{name}: changed since (rewritten, moved or resumed)"] if was.get("files") != now["files"] else []
+
+
 def marker_changes(marker: Path, fingerprints: list[dict[str, Any]]) -> list[str] | None:
-    """None when the marker says the stage completed with these fingerprints, else what differs."""
+    """None when the marker says the stage completed with these fingerprints and its outputs are still the ones it
+    completed, else what differs."""
     if not marker.is_file():
         return ["not run yet"]
     try:
-        done = json.loads(marker.read_text())["fingerprints"]
+        record = json.loads(marker.read_text())
+        done, states = record["fingerprints"], record["outputs"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        return ["a marker without fingerprints (an older version)"]
-    if len(done) != len(fingerprints):
+        return ["a marker without fingerprints and outputs (an older version)"]
+    if len(done) != len(fingerprints) or len(states) != len(done):
         return [f"{len(done)} outputs -> {len(fingerprints)}"]
     changes = []
-    for old, new in zip(done, fingerprints):
+    for old, new, state in zip(done, fingerprints, states):
+        name = Path(new.get("output", "")).name
         if not same(old, new, resume=False):
-            changes += [f"{Path(new.get('output', '')).name}: {d}" for d in differences(old, new)]
+            changes += [f"{name}: {d}" for d in differences(old, new)]
+        elif "output" in new:
+            changes += _output_changes(name, state, output_state(new["output"]))
     return changes or None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """marker-status MARKER: exit 0 when the stage completed with the fingerprints on stdin, else 1 (and say
-    what changed); marker-write MARKER: record them as completed."""
+    """marker-status MARKER: exit 0 when the stage completed with the fingerprints on stdin and its outputs are
+    still what it completed, else 1 (and say what changed); marker-write MARKER: record them as completed, with
+    the state of each output."""
     p = argparse.ArgumentParser(description="The pipeline's stage markers, which carry the stage's fingerprints.")
     p.add_argument("action", choices=("marker-status", "marker-write"))
     p.add_argument("marker", type=Path)
@@ -481,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     fingerprints = _read_fingerprints(sys.stdin.read())
     if a.action == "marker-write":
-        write_json(a.marker, {"fingerprints": fingerprints, "seconds": a.seconds})
+        states = [output_state(fp["output"]) if "output" in fp else None for fp in fingerprints]
+        write_json(a.marker, {"fingerprints": fingerprints, "outputs": states, "seconds": a.seconds})
         return 0
     changes = marker_changes(a.marker, fingerprints)
     if changes is None:

@@ -160,9 +160,12 @@ def test_move_aside_keeps_results_and_their_fingerprint_together(tmp_path):
 
 def test_markers_carry_the_fingerprints(tmp_path, monkeypatch, capsys):
     marker = RunDir(tmp_path).marker("mc")
+    output = tmp_path / "rollouts.jsonl"
+    output.write_text("{}\n")
 
     def status(fp: dict, action: str = "marker-status") -> int:
-        monkeypatch.setattr(sys, "stdin", io.StringIO("some other line\n" + json.dumps({"output": "o", **fp}) + "\n"))
+        line = json.dumps({"output": str(output), **fp})
+        monkeypatch.setattr(sys, "stdin", io.StringIO("some other line\n" + line + "\n"))
         return guard_main([action, str(marker)])
 
     fp = fingerprint("sampling.mc_rollouts", 1, {"n": 2}, {"steps": {"path": "/a/steps.jsonl", "sha256": "1"}})
@@ -176,6 +179,14 @@ def test_markers_carry_the_fingerprints(tmp_path, monkeypatch, capsys):
     selected = fingerprint("sampling.mc_rollouts", 1, {"n": 2}, {"steps": {"path": "/a/steps.jsonl", "sha256": "1"}},
                            selection={"limit": 2})
     assert status(selected) == 1 and "limit: null -> 2" in capsys.readouterr().err  # resumable, still a rerun
+    # the marker stands for the output as the stage left it: a rewrite or another run's fingerprint beside it is a rerun
+    output.write_text("{}\n{}\n")
+    assert status(fp) == 1 and "rollouts.jsonl: changed since" in capsys.readouterr().err
+    status(fp, "marker-write")
+    fingerprint_path(output, folder=False).write_text(json.dumps(fingerprint("sampling.mc_rollouts", 1, {"n": 3}, {})))
+    assert status(fp) == 1 and "rollouts.jsonl: made with other settings since" in capsys.readouterr().err
+    output.unlink()
+    assert status(fp) == 1 and "rollouts.jsonl: missing" in capsys.readouterr().err
 
 
 # ---- one writer per output ------------------------------------------------------------------------------

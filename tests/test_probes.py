@@ -1,0 +1,102 @@
+"""What a hostile user tried, each probe reproduced as it was run, at the smallest scale that shows it (the real stage
+scripts on the VirtualHome engine with the tiny model): a result is what its label says in every path through the
+pipeline. The pipeline's own stage function runs end to end in tests/test_pipeline.py; `stage` below does what it
+does (scripts/run_pipeline.sh): ask the stage for its fingerprints, skip it when its marker says it completed with
+them, else run it and write the marker."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from eval_agent.layout import RunDir
+from eval_agent.store import read_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+VH_TRAJECTORIES = REPO / "data" / "virtualhome" / "vh_train_trajectories.jsonl"
+
+
+@pytest.fixture(scope="module")
+def vh_expert(tmp_path_factory) -> Path:
+    """The two shortest generated VirtualHome expert trajectories."""
+    rows = sorted((json.loads(line) for line in VH_TRAJECTORIES.read_text().splitlines()), key=lambda r: len(r["steps"]))
+    path = tmp_path_factory.mktemp("vh") / "expert.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    return path
+
+
+def script_env(**env: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "REFLECT_API_KEY", "N", "TRAIN_SETS")}
+    return {**clean, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PRESET": "tiny", **env}
+
+
+def run_script(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def stage(run: Path, name: str, script: str, env: dict[str, str]) -> tuple[str, str]:
+    """("skipped" | "ran" | "failed", what the marker check said), as the pipeline's `stage` does it."""
+    marker = str(RunDir(run).marker(name))
+    fingerprints = subprocess.run(["bash", script], cwd=REPO, env={**env, "STECA_FINGERPRINT": "1"},
+                                  capture_output=True, text=True, check=True).stdout
+    status = subprocess.run([sys.executable, "-m", "eval_agent.guard", "marker-status", marker], input=fingerprints,
+                            cwd=REPO, capture_output=True, text=True)
+    if status.returncode == 0:
+        return "skipped", status.stderr
+    if run_script(script, env).returncode != 0:
+        return "failed", status.stderr
+    subprocess.run([sys.executable, "-m", "eval_agent.guard", "marker-write", marker], input=fingerprints, cwd=REPO,
+                   text=True, check=True)
+    return "ran", status.stderr
+
+
+@pytest.fixture()
+def sampled(tmp_path, vh_expert, tiny_model_dir) -> tuple[Path, dict[str, str]]:
+    """A run directory with step records of one task (both kinds) and its MC rollouts under N=2, marked done."""
+    env = script_env(TASK_FAMILY="virtualhome", RUN_DIR=str(tmp_path), EXPERT_DATA=str(vh_expert),
+                     MODEL=str(tiny_model_dir), MAX_STEPS="5", MAX_NEW_TOKENS="4", SAMPLE_LIMIT="1",
+                     REFLECT_BACKEND="self", STECA_ON_CHANGE="move_aside")
+    assert stage(tmp_path, "steps", "sampling/generate_steps.sh", env)[0] == "ran"
+    assert stage(tmp_path, "mc", "sampling/mc_rollouts.sh", {**env, "N": "2"})[0] == "ran"
+    return tmp_path, env
+
+
+def test_a_marker_stands_for_the_rollouts_on_disk_not_an_interrupted_run_of_other_settings(sampled):
+    """Stopped in MC under N=3 (the N=2 rollouts moved aside), then rerun under N=2: MC once said `done, skipped` and
+    data collection built its training set from the partial N=3 rollouts."""
+    run, env = sampled
+    rollouts = RunDir(run).rollouts("expert")
+    complete = sorted(r["key"] for r in read_jsonl(rollouts))
+    stopped = subprocess.Popen(["bash", "sampling/mc_rollouts.sh"], cwd=REPO, env={**env, "N": "3"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (rollouts.exists() and len(rollouts.read_text().splitlines()) not in (0, len(complete))) \
+            and stopped.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stopped.poll() is None, "the N=3 run ended before it could be stopped"
+    os.kill(stopped.pid, signal.SIGKILL)
+    stopped.wait()
+    assert rollouts.with_name("rollouts_expert.jsonl.old").is_file()  # the N=2 rollouts, moved aside
+    what, said = stage(run, "mc", "sampling/mc_rollouts.sh", {**env, "N": "2"})
+    assert what == "ran" and "rollouts_expert.jsonl: made with other settings since" in said, said
+    assert sorted(r["key"] for r in read_jsonl(rollouts)) == complete  # every rollout of N=2, each once
+    assert stage(run, "mc", "sampling/mc_rollouts.sh", {**env, "N": "2"})[0] == "skipped"
+
+
+def test_a_failed_rerun_under_other_settings_leaves_no_marker_standing_for_its_output(sampled):
+    """A TRAIN_SETS=explored rerun fails on an empty training set after moving the good data collection aside; the
+    next default rerun once skipped data collection as done and failed in training on the empty set."""
+    run, env = sampled
+    assert stage(run, "data_collection", "data_collection/build_dataset.sh", env)[0] == "ran"
+    train = RunDir(run).train_set
+    good = train.read_text()
+    assert good
+    assert stage(run, "data_collection", "data_collection/build_dataset.sh", {**env, "TRAIN_SETS": "explored"})[0] == "failed"
+    assert (run / "data_collection.old" / "train.jsonl").read_text() == good
+    what, said = stage(run, "data_collection", "data_collection/build_dataset.sh", env)
+    assert what == "ran" and "data_collection: made with other settings since" in said, said
+    assert train.read_text() == good
