@@ -40,6 +40,7 @@ from eval.formatting import (ENV_TITLES, MISSING, OUR_LABELS, SPLIT_NAMES, Row, 
                              save_png)
 from eval.paper_results import COLUMNS, PAPER_ROWS
 from eval.summaries import Cell, fail, read_summary
+from eval_agent.cli import run_main
 from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.store import write_atomic, write_json
 
@@ -269,4 +270,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

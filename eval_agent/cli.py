@@ -3,7 +3,9 @@ and inputs a stage runs before it starts any work.
 
 A user error (a bad value, a missing or malformed input) ends a stage with one line on stderr naming the
 file, line and field or the setting, and exit code 2; a real bug still shows its traceback. Set
-`STECA_DEBUG=1` to see the traceback of a user error too.
+`STECA_DEBUG=1` to see the traceback of a user error too. A command-line value argparse refuses is such a line
+too, naming the flag, the accepted form and, under a stage script, the variable that set it
+(`error: SFT_LR=abc: --learning_rate takes a number, got 'abc'`); the usage is printed with --help only.
 
     if __name__ == "__main__":
         run_main(main)
@@ -15,25 +17,37 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 DEBUG_ENV = "STECA_DEBUG"
+SCRIPT_ENV = "STECA_STAGE_SCRIPT"  # set by scripts/stage_lib.sh: the stage script (from the repository root) running
 USER_ERROR_EXIT = 2
+REPO = Path(__file__).resolve().parent.parent
 # A file that names a tokenizer: one of them must be in a model folder the stage loads.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# What argparse says of a refused value, and the accepted form of each type function it names.
+_ARGUMENT = re.compile(r"^argument (?P<flag>[^:/ ]+)[^:]*: (?P<why>.*)$", re.S)
+_INVALID = re.compile(r"^invalid (?P<type>\w+) value: (?P<value>.*)$", re.S)
+FORMS = {"int": "an integer", "float": "a number", "count": "an integer >= 1", "natural": "an integer >= 0",
+         "non_negative": "a number >= 0", "probability": "a number in (0, 1]", "loads": "a JSON value",
+         "Path": "a path"}
+_PASSES = re.compile(r'(--\w+) "\$\{?([A-Z][A-Z0-9_]*)')  # opt --flag "$VAR" in a stage script
+_OLDER = re.compile(r"^([A-Z][A-Z0-9_]*)=\$\{\1:-\$\{([A-Z][A-Z0-9_]*):-", re.M)  # NAME=${NAME:-${OLDER:-...}}
 
 
 class UserError(ValueError):
     """A problem with the user's settings or input files; the message says what and where."""
 
 
-def run_main(main: Callable[[], Any]) -> None:
-    """Run a stage's `main`: a user error becomes one line and exit code 2 (the traceback with STECA_DEBUG=1)."""
+def run_main(main: Callable[[], Any]) -> Any:
+    """Run a stage's `main`: a user error becomes one line and exit code 2 (the traceback with STECA_DEBUG=1), a
+    value the command line refuses too (`argument_error`)."""
     from eval_agent.llm import BackendUnavailable
 
+    refuse, argparse.ArgumentParser.error = argparse.ArgumentParser.error, argument_error
     try:
-        main()
+        return main()
     except SystemExit as e:
         if isinstance(e.code, str):  # raise SystemExit("error: ...")
             print(e.code, file=sys.stderr)
@@ -44,6 +58,44 @@ def run_main(main: Callable[[], Any]) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
+    finally:
+        argparse.ArgumentParser.error = refuse
+
+
+def argument_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """argparse's refusal as one line: the flag, the accepted form, and under a stage script the variable that
+    set the value; the usage only with --help."""
+    m = _ARGUMENT.match(message)
+    if not m:  # not one argument's: missing or unknown flags
+        raise UserError(f"{parser.prog}: {message} (--help lists the options)")
+    flag, why = m["flag"], m["why"]
+    invalid = _INVALID.match(why)
+    if invalid:
+        value, text = invalid["value"].strip("'"), f"{flag} takes {FORMS.get(invalid['type'], invalid['type'])}, got " \
+                                                  f"{invalid['value']}"
+    else:
+        given = re.search(r"(?:got|choice:) '?([^'\s,)]*)", why)
+        value, text = given[1] if given else None, f"{flag}: {why}"
+    variable = script_variable(flag, value)
+    raise UserError(f"{variable}: {text}" if variable else text)
+
+
+def script_variable(flag: str, value: str | None) -> str | None:
+    """`NAME=value`, the variable of the running stage script (STECA_STAGE_SCRIPT) that passes `flag`: the one set
+    to `value` in the environment (older names included), else the script's name for it; None outside a script."""
+    script = os.environ.get(SCRIPT_ENV)
+    if not script or not (REPO / script).is_file():
+        return None
+    text = (REPO / script).read_text()
+    for sourced in re.findall(r"^source ([\w/]+\.sh)", text, re.M):
+        if (REPO / sourced).is_file():
+            text += (REPO / sourced).read_text()
+    names = [var for f, var in _PASSES.findall(text) if f == flag]
+    older = [old for name, old in _OLDER.findall(text) if name in names]
+    given = [n for n in names + older if value is not None and os.environ.get(n) == value]
+    if given:
+        return f"{given[-1]}={value}"
+    return names[-1] if names else None
 
 
 # ---- argparse types: a bad value is refused before anything runs ----------------------------------------

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from eval_agent.cli import run_main
 from eval_agent.envs import alfworld, virtualhome
 from eval_agent.llm import BackendUnavailable
 from eval_agent.llm.openai_http import resolve_base_urls
@@ -178,4 +179,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from eval_agent.cli import UserError
+from eval_agent.cli import UserError, run_main
 from eval_agent.layout import FINGERPRINT_FILE, fingerprint_path, lock_path
 from eval_agent.store import aside_names, is_staged, move_aside, write_json
 
@@ -531,4 +531,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

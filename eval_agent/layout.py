@@ -38,6 +38,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval_agent.cli import run_main
+
 EVAL_SUMMARY = "summary.json"  # what an evaluation folder (RUN_DIR/eval/<label>/<split>/ or any --out) ends with
 FINGERPRINT_FILE = "fingerprint.json"  # the settings an output folder's results were made with (eval_agent/guard.py)
 VARIANT_FILE = "variant.json"  # in a variant's folder: its base run and the stages it shares with it
@@ -255,4 +257,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

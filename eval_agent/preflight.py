@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from eval_agent.cli import run_main
 from eval_agent.envs import alfworld, virtualhome
 
 # The official sets (download_data.sh counts the same): what PRESET=paper needs.
@@ -364,4 +365,4 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

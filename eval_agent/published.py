@@ -19,6 +19,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from eval_agent.cli import run_main
 from eval_agent.envs import REGISTRY, get_task_family
 
 # file name pattern -> the stage variable it fills in
@@ -68,4 +69,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

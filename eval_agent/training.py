@@ -359,8 +359,8 @@ def output_dir_from_run_dir(argv: list[str] | None, model_dir: Callable[[RunDir]
     """`argv` with `--output_dir <the run directory's model folder>` added when --run_dir is given and no
     --output_dir is: before parsing, since TrainingArguments derives its logging folder from it."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    given = {a.split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
-    if "__output_dir" in given:
+    given = {a.split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("-")}
+    if given & {"__output_dir", "__help", "_h"}:  # --help prints the help whatever else is missing
         return argv
     if "__run_dir" not in given:
         raise SystemExit("error: pass --run_dir (the model goes into the run directory) or --output_dir")

@@ -20,6 +20,7 @@
 #   VARIANT=table6,delta_0.05 PRESET=tiny bash scripts/run_pipeline.sh    # the main run, then four variants
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/usage.sh "$@"                      # --help
 
 PRESET=${PRESET:-tiny}                            # tiny | paper (scripts/presets.sh)
 FAMILIES=${TASK_FAMILY:-${TASK:-alfworld}}        # alfworld | virtualhome | both (TASK: the older name)

@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
+from eval_agent.cli import run_main
 from eval_agent.llm import GenerationConfig
 from eval_agent.llm.hf import HFBackend
 
@@ -196,4 +197,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
