@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from eval_agent.cli import UserError, run_main
-from eval_agent.layout import FINGERPRINT_FILE, fingerprint_path, lock_path
+from eval_agent.layout import FINGERPRINT_FILE, RUN_CARD, fingerprint_path, lock_path
 from eval_agent.store import aside_names, is_staged, move_aside, write_json
 
 log = logging.getLogger("guard")
@@ -47,6 +47,7 @@ ON_CHANGE_ENV = "STECA_ON_CHANGE"  # error (default) | move_aside: what a change
 HASH_LIMIT = 1 << 30  # files up to this size are identified by content, larger ones by size and mtime
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 NOT_MODEL_FILES = {FINGERPRINT_FILE, "train_summary.json"}  # written beside a model, not part of it
+NOT_RESULT_FILES = {RUN_CARD}  # in a folder output, what a run writes before its results
 # Arguments that never change a stage's results: where it writes, how fast it runs, where the servers are.
 NOT_RESULTS = frozenset({"run_dir", "out", "output_dir", "overwrite", "concurrency", "num_shards", "shard_id",
                          "backend", "endpoints", "max_requests", "env_workers", "export", "label", "embed_device",
@@ -317,6 +318,15 @@ class Lock:
 
 # ---- the guard a stage runs under -------------------------------------------------------------------------
 
+def holds_results(entry: Path) -> bool:
+    """Whether an entry of a folder output is a result: not the run card, which a run writes before its first
+    result (a run that failed before producing anything leaves no results for another run's settings to clash
+    with), not an empty file or a folder of none."""
+    if entry.is_dir():
+        return any(f.stat().st_size > 0 for f in entry.rglob("*") if f.is_file())
+    return entry.name not in NOT_RESULT_FILES and entry.stat().st_size > 0
+
+
 def own_entries(path: Path) -> list[Path]:
     """What a folder output holds of its stage's: not another stage's output nested in it (step accuracy inside
     its evaluation, known by its fingerprint or, while its writer starts, by its lock: the two run side by side),
@@ -384,7 +394,7 @@ class RunGuard:
 
     def _has_results(self, path: Path) -> bool:
         if self.folder:
-            return path.is_dir() and bool(own_entries(path))
+            return path.is_dir() and any(holds_results(p) for p in own_entries(path))
         return path.is_file() and path.stat().st_size > 0
 
     def _claim(self, path: Path, fp: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ from eval_agent.cli import run_main
 
 EVAL_SUMMARY = "summary.json"  # what an evaluation folder (RUN_DIR/eval/<label>/<split>/ or any --out) ends with
 FINGERPRINT_FILE = "fingerprint.json"  # the settings an output folder's results were made with (eval_agent/guard.py)
+RUN_CARD = "config.json"  # a stage's run card (eval_agent/run_card.py), beside or in its output
 VARIANT_FILE = "variant.json"  # in a variant's folder: its base run and the stages it shares with it
 # The pipeline's stages, in order (scripts/run_pipeline.sh; RUN_DIR/pipeline/<stage>.done).
 STAGES = ("expert_data", "sft", "steps", "mc", "data_collection", "steca", "eval")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from eval_agent.layout import RUN_CARD
 from eval_agent.store import write_json
 
 _LIBS = ("torch", "transformers", "accelerate", "vllm", "alfworld", "textworld", "virtualhome", "openai")
@@ -48,5 +49,5 @@ def run_card(stage: str, args: dict[str, Any]) -> dict[str, Any]:
 
 def write_run_card(out_dir: str | Path, stage: str, args: dict[str, Any]) -> dict[str, Any]:
     card = run_card(stage, args)
-    write_json(Path(out_dir) / "config.json", card)
+    write_json(Path(out_dir) / RUN_CARD, card)
     return card

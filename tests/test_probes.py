@@ -100,3 +100,23 @@ def test_a_failed_rerun_under_other_settings_leaves_no_marker_standing_for_its_o
     what, said = stage(run, "data_collection", "data_collection/build_dataset.sh", env)
     assert what == "ran" and "data_collection: made with other settings since" in said, said
     assert train.read_text() == good
+
+
+def test_a_run_that_failed_before_its_first_result_leaves_nothing_to_refuse(tmp_path, scripted_server, tiny_model_dir):
+    """The wrong served model name fails before any task; the corrected rerun was refused for "results made with other
+    settings" in a folder holding only the failed run's card and fingerprint."""
+    server = scripted_server()
+    endpoints = tmp_path / "endpoints.txt"
+    endpoints.write_text(server.url + "\n")
+    out = tmp_path / "eval"
+    args = [sys.executable, "-m", "eval.evaluate", "--task_family", "virtualhome", "--split", "seen", "--limit", "1",
+            "--max_steps", "2", "--backend", "openai", "--endpoints", str(endpoints), "--tokenizer", str(tiny_model_dir),
+            "--out", str(out)]
+    wrong = subprocess.run(args + ["--model", "wrong"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "serves ['fake'], not 'wrong'" in wrong.stderr.splitlines()[-1]
+    assert (out / "config.json").is_file()  # the card of what failed
+    right = subprocess.run(args + ["--model", "fake"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert right.returncode == 0, right.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["num_tasks"] == 1
+    assert json.loads((out / "config.json").read_text())["args"]["model"] == "fake"
+    assert not out.with_name("eval.old").exists()
