@@ -13,7 +13,7 @@ CPU) or `accelerate launch` with an FSDP or DeepSpeed config (sft/configs; beta 
 from --global_batch_size. A rerun with the same --output_dir resumes from its last checkpoint.
 
 Writes into --output_dir: the model and tokenizer, `steca_chat_format.json`, `train_summary.json`,
-and the run card `config.json` into the parent folder (RUN_DIR/steca/).
+the run card `run_card.json` and the TensorBoard events.
 
     python -m Reinforced_train.train --run_dir outputs/alfworld
 """
@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArgum
 from eval_agent.chat_format import ChatFormat, resolve_chat_format
 from eval_agent.cli import at_least, input_file, model_folder, run_main
 from eval_agent.guard import fingerprint, identity, require_output, settings_of, training_guard, training_settings
-from eval_agent.layout import RunDir, card_dir
+from eval_agent.layout import TRAINING_CARD, RunDir
 from eval_agent.run_card import write_run_card
 from eval_agent.training import (StageArguments, StageTrainingArguments, check_master_weights,
                                  configure_training_args, finished_training, load_for_training, output_dir_from_run_dir,
@@ -208,7 +208,8 @@ def train(args: SteCaArguments, targs: TrainingArguments, fmt_name: str) -> dict
                                   progress=targs.process_index == 0)
     require_output(len(examples), f"no training row fits in {args.model_max_length} tokens ({args.data})")
     if targs.process_index == 0:
-        write_run_card(card_dir(out), "reinforced_train", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
+        write_run_card(out, "reinforced_train", {**vars(args), **targs.to_dict(), "chat_format": fmt_name},
+                       TRAINING_CARD)
     log.info("%s: %d rows in, %d used (%d truncated, %d skipped: too long), %d tokens, %d trained, weights %.4g..%.4g",
              args.data, stats["rows_in"], stats["rows_out"], stats["truncated"], stats["skipped_too_long"],
              stats["tokens"], stats["trained_tokens"], stats["weight_min"], stats["weight_max"])

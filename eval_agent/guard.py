@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from eval_agent.cli import UserError, run_main
-from eval_agent.layout import FINGERPRINT_FILE, RUN_CARD, fingerprint_path, lock_path
+from eval_agent.layout import FINGERPRINT_FILE, RUN_CARD, TRACKING_DIR, TRAINING_CARD, fingerprint_path, lock_path
 from eval_agent.store import aside_names, is_staged, move_aside, write_json
 
 log = logging.getLogger("guard")
@@ -46,8 +46,8 @@ FINGERPRINT_ENV = "STECA_FINGERPRINT"  # 1: print the fingerprints and exit
 ON_CHANGE_ENV = "STECA_ON_CHANGE"  # error (default) | move_aside: what a changed fingerprint does
 HASH_LIMIT = 1 << 30  # files up to this size are identified by content, larger ones by size and mtime
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
-NOT_MODEL_FILES = {FINGERPRINT_FILE, "train_summary.json"}  # written beside a model, not part of it
-NOT_RESULT_FILES = {RUN_CARD}  # in a folder output, what a run writes before its results
+NOT_MODEL_FILES = {FINGERPRINT_FILE, "train_summary.json", TRAINING_CARD}  # written beside a model, not part of it
+NOT_RESULT_ENTRIES = {RUN_CARD, TRAINING_CARD, TRACKING_DIR}  # in a folder output: what a run writes beside results
 # Arguments that never change a stage's results: where it writes, how fast it runs, where the servers are.
 NOT_RESULTS = frozenset({"run_dir", "out", "output_dir", "overwrite", "concurrency", "num_shards", "shard_id",
                          "backend", "endpoints", "max_requests", "env_workers", "export", "label", "embed_device",
@@ -321,10 +321,12 @@ class Lock:
 def holds_results(entry: Path) -> bool:
     """Whether an entry of a folder output is a result: not the run card, which a run writes before its first
     result (a run that failed before producing anything leaves no results for another run's settings to clash
-    with), not an empty file or a folder of none."""
+    with), nor the tracker's event files, nor an empty file or a folder of none."""
+    if entry.name in NOT_RESULT_ENTRIES:
+        return False
     if entry.is_dir():
         return any(f.stat().st_size > 0 for f in entry.rglob("*") if f.is_file())
-    return entry.name not in NOT_RESULT_FILES and entry.stat().st_size > 0
+    return entry.stat().st_size > 0
 
 
 def own_entries(path: Path) -> list[Path]:

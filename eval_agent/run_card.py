@@ -47,7 +47,7 @@ def run_card(stage: str, args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_run_card(out_dir: str | Path, stage: str, args: dict[str, Any]) -> dict[str, Any]:
+def write_run_card(out_dir: str | Path, stage: str, args: dict[str, Any], name: str = RUN_CARD) -> dict[str, Any]:
     card = run_card(stage, args)
-    write_json(Path(out_dir) / RUN_CARD, card)
+    write_json(Path(out_dir) / name, card)
     return card

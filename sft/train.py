@@ -12,8 +12,8 @@ CPU) or under `accelerate launch` with an FSDP or DeepSpeed config (sft/configs)
 the same --output_dir resumes from its last checkpoint.
 
 Writes into --output_dir: the model and tokenizer, `steca_chat_format.json` (later stages read the
-format from there), `train_summary.json` (rows, tokens, time, tokens/s, the loss log), and the
-run card `config.json` into the parent folder (the stage folder, e.g. RUN_DIR/sft/).
+format from there), `train_summary.json` (rows, tokens, time, tokens/s, the loss log), the run card
+`run_card.json` and the TensorBoard events (so two trainings under one parent folder never mix them).
 
     python -m sft.train --run_dir outputs/alfworld --model_name_or_path models/SmolLM2-135M-Instruct
 """
@@ -32,7 +32,7 @@ from eval_agent.envs import REGISTRY, get_task_family
 from eval_agent.expert_data import check_task_family, load_expert_data
 from eval_agent.guard import fingerprint, identity, settings_of, training_guard, training_settings
 from eval_agent.prompts import PromptBuilder
-from eval_agent.layout import RunDir, card_dir
+from eval_agent.layout import TRAINING_CARD, RunDir
 from eval_agent.run_card import write_run_card
 from eval_agent.smollm2 import default_model_dir
 from eval_agent.trajectory import Trajectory
@@ -163,7 +163,7 @@ def train(args: SFTArguments, targs: SFTTrainingArguments, fmt_name: str, trajs:
     chat_format = ChatFormat(fmt_name, tokenizer if fmt_name == "template" else None)
     rows, stats = encode_dataset(args, trajs, tokenizer, chat_format)
     if targs.process_index == 0:
-        write_run_card(card_dir(out), "sft", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
+        write_run_card(out, "sft", {**vars(args), **targs.to_dict(), "chat_format": fmt_name}, TRAINING_CARD)
     log.info("%s: %d rows in, %d used (%d truncated, %d skipped: too long), %d tokens, %d trained",
              args.data, stats["rows_in"], stats["rows_out"], stats["truncated"], stats["skipped_too_long"],
              stats["tokens"], stats["trained_tokens"])

@@ -120,3 +120,25 @@ def test_a_run_that_failed_before_its_first_result_leaves_nothing_to_refuse(tmp_
     assert json.loads((out / "summary.json").read_text())["num_tasks"] == 1
     assert json.loads((out / "config.json").read_text())["args"]["model"] == "fake"
     assert not out.with_name("eval.old").exists()
+
+
+def test_two_trainings_under_one_parent_keep_their_run_cards_and_event_files_apart(tmp_path, tiny_model_dir):
+    """OUT=.../model and OUT=.../model2 once wrote one run card and one tensorboard/ folder in their common parent."""
+    pytest.importorskip("tensorboard")
+    from tests.test_reinforced_train import ROWS, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    env = script_env(MODEL=str(tiny_model_dir), TRAIN_SET=str(data), RFT_BATCH="2", RFT_MICRO_BATCH="2", GRAD_CKPT="0",
+                     PRECISION="fp32", REPORT_TO="tensorboard", RUN_DIR=str(tmp_path / "run"))
+    for name, lr in (("model", "1e-3"), ("model2", "2e-3")):
+        done = subprocess.run(["bash", "Reinforced_train/steca_train.sh", "--max_steps", "1", "--save_strategy", "no"],
+                              cwd=REPO, env={**env, "OUT": str(tmp_path / "steca" / name), "RFT_LR": lr},
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for name, lr in (("model", 1e-3), ("model2", 2e-3)):
+        out = tmp_path / "steca" / name
+        card = json.loads((out / "run_card.json").read_text())["args"]
+        assert card["output_dir"] == str(out) and card["learning_rate"] == lr
+        assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) == 1
+        assert json.loads((out / "config.json").read_text())["model_type"] == "llama"  # the model's own config
+    assert sorted(p.name for p in (tmp_path / "steca").iterdir()) == ["model", "model2"]  # nothing shared beside them
