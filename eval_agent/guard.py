@@ -2,8 +2,9 @@
 
 Every stage records, beside each output, the *fingerprint* of its run: the settings that determine the
 results (decoding, steps, N, seeds, chat format, instruction, a per-stage code version) and the identity of
-every input (a model folder's weight files by name, size and mtime, its other files by content; data files by
-content hash, beyond HASH_LIMIT by size and mtime). A rerun with the same fingerprint resumes; another one is
+every input by content (`content_digest`): data files hashed whole up to HASH_LIMIT, a model
+folder's weight files up to WEIGHTS_HASH_LIMIT, beyond that their size, safetensors header and sampled blocks;
+its other files hashed whole). A rerun with the same fingerprint resumes; another one is
 refused with the settings that differ named, unless `--overwrite` (or STECA_ON_CHANGE=move_aside, which the
 pipeline sets) moves the old results aside first. Settings that do not change results (concurrency, endpoints,
 shards, progress) are not part of it, so they may change between a run and its resumption.
@@ -36,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from eval_agent.cli import UserError, run_main
+from eval_agent.cli import UserError, run_main, safetensors_header, weight_files
 from eval_agent.layout import FINGERPRINT_FILE, RUN_CARD, TRACKING_DIR, TRAINING_CARD, fingerprint_path, lock_path
 from eval_agent.store import aside_names, is_staged, move_aside, write_json
 
@@ -44,10 +45,14 @@ log = logging.getLogger("guard")
 
 FINGERPRINT_ENV = "STECA_FINGERPRINT"  # 1: print the fingerprints and exit
 ON_CHANGE_ENV = "STECA_ON_CHANGE"  # error (default) | move_aside: what a changed fingerprint does
-HASH_LIMIT = 1 << 30  # files up to this size are identified by content, larger ones by size and mtime
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+HASH_LIMIT = 1 << 30  # data files up to this size are hashed whole, larger ones sampled
+WEIGHTS_HASH_LIMIT = 64 << 20  # weight files likewise (a 7B model's 13 GB would take minutes)
+SAMPLES, SAMPLE_BYTES = 256, 16 << 10  # a sampled file: 4 MiB read whatever its size
 NOT_MODEL_FILES = {FINGERPRINT_FILE, "train_summary.json", TRAINING_CARD}  # written beside a model, not part of it
 NOT_RESULT_ENTRIES = {RUN_CARD, TRAINING_CARD, TRACKING_DIR}  # in a folder output: what a run writes beside results
+# How `differences` names a changed part of an input's identity.
+CHANGED_PARTS = {"weights": "weights", "files": "config or tokenizer files", "sha256": "content", "size": "content",
+                 "mtime_ns": "content", "tasks": "task file content", "games": "games"}
 # Arguments that never change a stage's results: where it writes, how fast it runs, where the servers are.
 NOT_RESULTS = frozenset({"run_dir", "out", "output_dir", "overwrite", "concurrency", "num_shards", "shard_id",
                          "backend", "endpoints", "max_requests", "env_workers", "export", "label", "embed_device",
@@ -57,42 +62,50 @@ NOT_RESULTS = frozenset({"run_dir", "out", "output_dir", "overwrite", "concurren
 
 # ---- identities of inputs -------------------------------------------------------------------------------
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def content_digest(path: Path, full_limit: int) -> str:
+    """A file's content digest: all of it up to `full_limit` bytes, beyond that its size, safetensors header and
+    evenly spaced blocks (weights trained again or changed in place differ in every block)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if size <= full_limit:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+            return h.hexdigest()
+        h.update(f"sampled {size}".encode())
+        if path.suffix == ".safetensors":
+            h.update(safetensors_header(path)[0])
+        for i in range(SAMPLES):
+            f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+            h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
 def weights_fingerprint(model: str | Path) -> str | None:
-    """Name, size and modification time of a local model folder's weight files (hashing 13 GB would take
-    minutes); None for a served model name."""
-    files = sorted(p for pattern in WEIGHT_PATTERNS for p in Path(model).glob(pattern))
+    """A local model folder's weight files by name and content (sampled beyond WEIGHTS_HASH_LIMIT: weights
+    trained again or changed in place, whatever their size and modification time); None for a served model name."""
+    files = weight_files(model)
     if not files:
         return None
-    return _digest([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    return _digest([(p.name, content_digest(p, WEIGHTS_HASH_LIMIT)) for p in files])
 
 
 def file_identity(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    if st.st_size <= HASH_LIMIT:
-        return {"path": str(path), "sha256": sha256_file(path)}
-    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": str(path), "sha256": content_digest(path, HASH_LIMIT)}
 
 
 def folder_identity(path: Path) -> dict[str, Any]:
-    """A model folder: its weights (by stat) and its other top-level files (config, tokenizer, chat format)
-    by content; checkpoints and what the stages write beside the model are not part of it."""
-    weights = {p for pattern in WEIGHT_PATTERNS for p in path.glob(pattern)}
+    """A model folder: its weights and its other top-level files (config, tokenizer, chat format) by content;
+    checkpoints and what the stages write beside the model are not part of it."""
+    weights = set(weight_files(path))
     others = sorted(p for p in path.iterdir() if p.is_file() and p not in weights and p.name not in NOT_MODEL_FILES
                     and not p.name.endswith(".lock"))
     return {"path": str(path), "weights": weights_fingerprint(path),
-            "files": _digest([(p.name, file_identity(p).get("sha256") or p.stat().st_mtime_ns) for p in others])}
+            "files": _digest([(p.name, file_identity(p)["sha256"]) for p in others])}
 
 
 def identity(value: str | Path | None) -> dict[str, Any] | None:
@@ -192,11 +205,20 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         a, b = old.get(part, {}), new.get(part, {})
         out += [f"{k}: {_show(a.get(k))} -> {_show(b.get(k))}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     a, b = _comparable(old, False)["inputs"], _comparable(new, False)["inputs"]
-    for k in sorted(a.keys() | b.keys()):
-        if a.get(k) != b.get(k):
-            was, now = _show(old["inputs"].get(k)), _show(new["inputs"].get(k))
-            out.append(f"{k}: {was} -> {now}" if was != now else f"{k}: {now} changed")
+    out += [f"{k}: {_input_change(old['inputs'].get(k), new['inputs'].get(k))}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]
     return out
+
+
+def _input_change(was: Any, now: Any) -> str:
+    """What changed of an input: its content (a model's weights, its config or tokenizer files), wherever it lies
+    (`content changed (expert.jsonl)`, `weights changed (models/a -> models/b)`), or which one it is (a served
+    model's name)."""
+    if not (isinstance(was, dict) and isinstance(now, dict)) or "name" in was or "name" in now:
+        return f"{_show(was)} -> {_show(now)}"
+    parts = sorted({CHANGED_PARTS.get(k, k) for k in was.keys() | now.keys() if k != "path" and was.get(k) != now.get(k)})
+    where = _show(now) if was.get("path") == now.get("path") else f"{_show(was)} -> {_show(now)}"
+    return f"{' and '.join(parts)} changed ({where})"
 
 
 # ---- one writer per output ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ does (scripts/run_pipeline.sh): ask the stage for its fingerprints, skip it when
 them, else run it and write the marker."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from eval.evaluate import main as evaluate
+from eval_agent.guard import FingerprintMismatch
 from eval_agent.layout import RunDir
 from eval_agent.store import read_jsonl
+from sampling.generate_steps import main as generate_steps
+from tests.helpers import change_weights_in_place
 
 REPO = Path(__file__).resolve().parent.parent
 VH_TRAJECTORIES = REPO / "data" / "virtualhome" / "vh_train_trajectories.jsonl"
@@ -142,3 +147,46 @@ def test_two_trainings_under_one_parent_keep_their_run_cards_and_event_files_apa
         assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) == 1
         assert json.loads((out / "config.json").read_text())["model_type"] == "llama"  # the model's own config
     assert sorted(p.name for p in (tmp_path / "steca").iterdir()) == ["model", "model2"]  # nothing shared beside them
+
+
+def test_missing_or_truncated_weights_are_one_line_before_anything_loads(tmp_path, tiny_model_dir, vh_expert):
+    """A model folder without its weights, or with them cut short, was a 38-line transformers traceback ("no file
+    named model.safetensors", "SafetensorError: incomplete metadata"), where a missing folder already got one line."""
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()
+    evaluation = run_script("eval/evaluate.sh", script_env(TASK_FAMILY="virtualhome", SPLIT="seen", EVAL_LIMIT="1",
+                                                           MODEL=str(model), OUT=str(tmp_path / "eval")))
+    assert evaluation.returncode == 2 and evaluation.stderr.strip().splitlines() == [
+        f"error: model folder {model} has no weights (model.safetensors, pytorch_model.bin or their shards): pass a "
+        "complete model folder, or save the model into it"], evaluation.stderr[-3000:]
+    weights.write_bytes(data[: len(data) - 1000])
+    sft = run_script("sft/sft.sh", script_env(TASK_FAMILY="virtualhome", BASE_MODEL=str(model), EXPERT_DATA=str(vh_expert),
+                                              OUT=str(tmp_path / "sft" / "model")))
+    assert sft.returncode == 2 and sft.stderr.strip().splitlines() == [
+        f"error: {weights}: truncated: {len(data) - 1000} bytes, the header gives {len(data)}; copy or save the model "
+        "again"], sft.stderr[-3000:]
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "sft").exists()
+
+
+def test_weights_changed_in_place_and_changed_inputs_are_named_as_such(tmp_path, tiny_model_dir, vh_expert):
+    """Weights changed in place with the same size and modification time were reused silently; a changed input file
+    was reported as a change of its path."""
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    args = ["--task_family", "virtualhome", "--split", "seen", "--limit", "1", "--max_steps", "2", "--max_new_tokens",
+            "4", "--model", str(model), "--out", str(tmp_path / "eval")]
+    evaluate(args)
+    change_weights_in_place(model)
+    with pytest.raises(FingerprintMismatch, match=rf"\(model: weights changed \({model}\)\)"):
+        evaluate(args)
+    first, second, third = (tmp_path / name / "expert.jsonl" for name in ("vh", "vhx", "vhy"))
+    for path in (first, second, third):
+        path.parent.mkdir()
+        shutil.copy(vh_expert, path)
+    second.write_text(second.read_text().replace("First, I", "First I", 1))
+    steps = ["--task_family", "virtualhome", "--kind", "expert", "--run_dir", str(tmp_path / "run"), "--limit", "1"]
+    generate_steps(steps + ["--expert_data", str(first)])
+    with pytest.raises(FingerprintMismatch, match=rf"\(expert_data: content changed \({first} -> {second}\)\)"):
+        generate_steps(steps + ["--expert_data", str(second)])
+    assert generate_steps(steps + ["--expert_data", str(third)])["expert"]["written"] == 0  # the same data elsewhere
