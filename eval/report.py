@@ -24,7 +24,9 @@ is 1 for a solved task and 0 otherwise in both environments, so the two agree). 
 four columns, only when all four are present, as the paper computes it. A missing cell is "–".
 
 Bad input: a summary that is not JSON or lacks a field of eval.evaluate's summary.json, a value out of
-range, two summaries for one cell, an ENV that does not match -> an error naming the file. Skipped, counted
+range, two summaries for one cell, an ENV that does not match, a label its policy does not match (base, sft or
+steca made by the built-in expert) -> an error naming the file. A summary whose model changed after it was made
+(its fingerprint records the model's identity) is shown with a warning naming what changed. Skipped, counted
 and listed in report.json: a label folder with no <split>/summary.json, a split other than seen / unseen.
 """
 from __future__ import annotations
@@ -163,6 +165,10 @@ def to_markdown(rows: list[Row], cells: list[Cell], metric: str, skipped: list[d
             model = c.model or ("expert policy" if c.policy == "expert" else MISSING)
             lines.append(f"| {c.label} | {ENV_TITLES[c.env]} | {c.split} | {c.num_tasks} | {100 * c.success_rate:.1f} "
                          f"| {100 * c.avg_reward:.1f} | {model} | {c.summary} |")
+    changed = [c for c in cells if c.model_changed]
+    if changed:
+        lines += ["", f"Warning: {len(changed)} summaries were made with a model that changed since (evaluate it again "
+                  "to report it as it is now):", ""] + [f"- {c.summary}: {c.model_changed}" for c in changed]
     if skipped:
         lines += ["", f"Skipped ({len(skipped)}):", ""] + [f"- {s['path']}: {s['reason']}" for s in skipped]
     return "\n".join(lines) + "\n"
@@ -235,6 +241,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cells, skipped = collect(args.run, args.summary, args.metric)
     for s in skipped:
         log.warning("skipped %s: %s", s["path"], s["reason"])
+    for c in cells:
+        if c.model_changed:
+            log.warning("%s: its model changed since the summary was made (%s)", c.summary, c.model_changed)
     backbone = args.backbone or default_backbone(cells)
     variant_rows, variant_cells = tables.table1_variant_rows(args.run, args.metric, backbone)
     rows = our_rows(cells, args.backbone) + variant_rows + paper_rows(args.paper_tables)

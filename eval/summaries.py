@@ -1,4 +1,6 @@
-"""Reading the evaluation summaries the report shows: each file checked field by field, a bad one an error naming it."""
+"""Reading the evaluation summaries the report shows: each file checked field by field, a bad one an error naming it.
+A summary is what its label says: the run's models' labels (base, sft, steca) must be a model's evaluation, `expert`
+the built-in expert's; a summary whose model changed after it was made is shown with a warning."""
 from __future__ import annotations
 
 import json
@@ -6,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from eval.formatting import ENV_TITLES, SPLIT_NAMES
+from eval.formatting import ENV_TITLES, OUR_LABELS, SPLIT_NAMES
+from eval_agent.guard import input_changed
+from eval_agent.layout import FINGERPRINT_FILE
 
 
 @dataclass
@@ -23,6 +27,7 @@ class Cell:
     config: str | None
     model: str | None
     policy: str | None
+    model_changed: str | None = None  # what changed of the model since the summary was made
 
 
 def fail(path: Path | str, why: str) -> NoReturn:
@@ -60,7 +65,29 @@ def read_summary(path: Path, label: str, metric: str) -> Cell:
     config = path.parent / "config.json"
     card = load_json(config) if config.is_file() else summary.get("run_card") or {}
     args = card.get("args") or {}
+    check_label(path, label, args.get("policy"))
     return Cell(label=label, env=summary["env"], split=SPLIT_NAMES[summary["split"]], value=100 * summary[metric],
                 num_tasks=num_tasks, success_rate=summary["success_rate"], avg_reward=summary["avg_reward"],
                 summary=str(path), config=str(config) if config.is_file() else None,
-                model=args.get("model"), policy=args.get("policy"))
+                model=args.get("model"), policy=args.get("policy"), model_changed=model_changed(path.parent))
+
+
+def check_label(path: Path, label: str, policy: str | None) -> None:
+    """The run's models' labels name a model's evaluation, `expert` the built-in expert's: an expert's 100.0 shown
+    as "SFT (ours)" would be a wrong result."""
+    if label in OUR_LABELS and policy not in (None, "model"):
+        fail(path, f"labelled {label} ({OUR_LABELS[label]}), but made by the {policy} policy: label it {policy} "
+                   f"(--summary {policy}=...), or evaluate the model (POLICY=model)")
+    if label == "expert" and policy == "model":
+        fail(path, "labelled expert (the built-in expert), but made by a model: label it by its model")
+
+
+def model_changed(folder: Path) -> str | None:
+    """What changed of the evaluated model since the evaluation (its fingerprint records the model's identity);
+    None when nothing did or it cannot be told (no fingerprint, a served model, a folder no longer there)."""
+    record = folder / FINGERPRINT_FILE
+    try:
+        recorded = json.loads(record.read_text())["inputs"]["model"] if record.is_file() else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return input_changed(recorded)

@@ -174,11 +174,15 @@ def training_settings(targs) -> dict[str, Any]:
     return {k: getattr(targs, k) for k in TRAINING_SETTINGS}
 
 
+def _content(ident: Any) -> Any:
+    """An input's identity without where it lies."""
+    return {n: v for n, v in ident.items() if n != "path"} if isinstance(ident, dict) else ident
+
+
 def _comparable(fp: dict[str, Any], resume: bool) -> dict[str, Any]:
     """The fingerprint without where things are (a run directory moved elsewhere is the same run), and to
     resume, without the selection."""
-    inputs = {k: ({n: v for n, v in ident.items() if n != "path"} if isinstance(ident, dict) else ident)
-              for k, ident in fp.get("inputs", {}).items()}
+    inputs = {k: _content(ident) for k, ident in fp.get("inputs", {}).items()}
     drop = {"inputs", "output"} | ({"selection"} if resume else set())
     return {**{k: v for k, v in fp.items() if k not in drop}, "inputs": inputs}
 
@@ -208,6 +212,15 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     out += [f"{k}: {_input_change(old['inputs'].get(k), new['inputs'].get(k))}" for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k)]
     return out
+
+
+def input_changed(recorded: dict[str, Any] | None) -> str | None:
+    """What changed of a local input since its identity was recorded (`model: weights changed (...)` without the
+    name); None when nothing did, or when it is no local file or folder now (a served model, moved away)."""
+    if not isinstance(recorded, dict) or "path" not in recorded or not Path(recorded["path"]).exists():
+        return None
+    now = identity(recorded["path"])
+    return None if _content(now) == _content(recorded) else _input_change(recorded, now)
 
 
 def _input_change(was: Any, now: Any) -> str:

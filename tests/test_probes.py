@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from eval.evaluate import main as evaluate
+from eval.report import main as report
 from eval_agent.guard import FingerprintMismatch
 from eval_agent.layout import RunDir
 from eval_agent.store import read_jsonl
@@ -190,3 +191,36 @@ def test_weights_changed_in_place_and_changed_inputs_are_named_as_such(tmp_path,
     with pytest.raises(FingerprintMismatch, match=rf"\(expert_data: content changed \({first} -> {second}\)\)"):
         generate_steps(steps + ["--expert_data", str(second)])
     assert generate_steps(steps + ["--expert_data", str(third)])["expert"]["written"] == 0  # the same data elsewhere
+
+
+def test_an_expert_evaluation_is_never_reported_as_a_model(tmp_path):
+    """POLICY=expert LABEL=sft was accepted, and the report printed the expert's 100.0 as "SFT (ours)"."""
+    env = script_env(TASK_FAMILY="virtualhome", RUN_DIR=str(tmp_path), SPLIT="seen", EVAL_LIMIT="1", POLICY="expert")
+    refused = run_script("eval/evaluate.sh", {**env, "LABEL": "sft"})
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: --label sft names the run's sft model, but --policy expert plays the built-in expert: leave LABEL "
+        "unset (its results go under expert/) or evaluate the model"], refused.stderr[-2000:]
+    assert not RunDir(tmp_path).evaluation("sft", "seen").exists()
+    assert run_script("eval/evaluate.sh", env).returncode == 0
+    shutil.copytree(RunDir(tmp_path).evaluation("expert", "seen"), RunDir(tmp_path).evaluation("sft", "seen"))
+    summary = RunDir(tmp_path).eval_summary("sft", "seen")  # as an older version, or a hand, put it there
+    shown = subprocess.run([sys.executable, "-m", "eval.report", "--run", f"virtualhome={tmp_path}", "--out",
+                            str(tmp_path / "report")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 2 and shown.stderr.strip().splitlines()[-1] == (
+        f"error: {summary}: labelled sft (SFT), but made by the expert policy: label it expert (--summary expert=...), "
+        "or evaluate the model (POLICY=model)")
+    assert not (tmp_path / "report").exists()
+
+
+def test_the_report_warns_when_a_summarys_model_changed_since(tmp_path, tiny_model_dir):
+    """eval.report showed the summaries of a model that had changed since, without a word."""
+    model = shutil.copytree(tiny_model_dir, tmp_path / "sft_model")
+    evaluate(["--task_family", "virtualhome", "--split", "seen", "--limit", "1", "--max_steps", "2", "--max_new_tokens",
+              "4", "--label", "sft", "--model", str(model), "--run_dir", str(tmp_path / "run")])
+    args = ["--run", f"virtualhome={tmp_path / 'run'}", "--out", str(tmp_path / "report")]
+    assert report(args)["cells"][0]["model_changed"] is None
+    change_weights_in_place(model)
+    cell = report(args)["cells"][0]
+    assert cell["model_changed"] == f"weights changed ({model})"
+    assert (f"Warning: 1 summaries were made with a model that changed since (evaluate it again to report it as it is "
+            f"now):\n\n- {cell['summary']}: weights changed ({model})") in (tmp_path / "report" / "report.md").read_text()
