@@ -224,3 +224,19 @@ def test_the_report_warns_when_a_summarys_model_changed_since(tmp_path, tiny_mod
     assert cell["model_changed"] == f"weights changed ({model})"
     assert (f"Warning: 1 summaries were made with a model that changed since (evaluate it again to report it as it is "
             f"now):\n\n- {cell['summary']}: weights changed ({model})") in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_an_expert_import_that_matches_fewer_tasks_than_asked_fails_at_import(tmp_path, vh_expert):
+    """An EXPERT_SOURCE whose trajectories play no task of the split was accepted ("8 trajectories") and failed only
+    at sampling."""
+    rows = [json.loads(line) for line in vh_expert.read_text().splitlines()]
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text("".join(json.dumps({**r, "key": f"elsewhere/{r['key']}"}) + "\n" for r in rows[:1]) +
+                       "".join(json.dumps(r) + "\n" for r in rows))
+    env = script_env(TASK_FAMILY="virtualhome", RUN_DIR=str(tmp_path / "run"), EXPERT_SOURCE=str(foreign))
+    refused = run_script("sft/make_expert_data.sh", env)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: {foreign}: 2 of the 3 expert trajectories asked for match a task of virtualhome/train (e.g. "
+        f"'elsewhere/{rows[0]['key']}' plays 'elsewhere/{rows[0]['key']}', which is none of the "), refused.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+    assert run_script("sft/make_expert_data.sh", {**env, "EXPERT_SOURCE": str(vh_expert)}).returncode == 0
