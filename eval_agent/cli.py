@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
+from eval_agent.redaction import redact
+
 DEBUG_ENV = "STECA_DEBUG"
 SCRIPT_ENV = "STECA_STAGE_SCRIPT"  # set by scripts/stage_lib.sh: the stage script (from the repository root) running
 USER_ERROR_EXIT = 2
@@ -60,13 +62,13 @@ def run_main(main: Callable[[], Any]) -> Any:
         return main()
     except SystemExit as e:
         if isinstance(e.code, str):  # raise SystemExit("error: ...")
-            print(e.code, file=sys.stderr)
+            print(redact(e.code), file=sys.stderr)
             sys.exit(USER_ERROR_EXIT)
         raise
     except (UserError, FileNotFoundError, BackendUnavailable) as e:
         if os.environ.get(DEBUG_ENV) == "1":
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(redact(f"error: {e}"), file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
     finally:
         argparse.ArgumentParser.error = refuse

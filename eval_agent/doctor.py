@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from eval_agent.cli import run_main
+from eval_agent.redaction import redact
 from eval_agent.envs import alfworld, virtualhome
 from eval_agent.llm import BackendUnavailable
 from eval_agent.llm.openai_http import resolve_base_urls
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> str:
     key = os.environ.get("OPENAI_API_KEY")
     if key:  # an error message that quoted it would still not show it
         text = text.replace(key, "<OPENAI_API_KEY>")
+    text = redact(text)  # credentials in an endpoint URL
     print(text)
     return text
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Mapping
 
 from eval_agent.cli import run_main
+from eval_agent.redaction import redact
 from eval_agent.envs import alfworld, virtualhome
 
 # The official sets (download_data.sh counts the same): what PRESET=paper needs.
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     args = build_parser(env).parse_args(argv)
     families = ["alfworld", "virtualhome"] if args.task_family == "both" else [args.task_family]
     report = preflight(env, families, args.run_root)
-    print(report.text(f"PRESET={env.get('PRESET') or 'tiny'}, {args.task_family}"), flush=True)
+    print(redact(report.text(f"PRESET={env.get('PRESET') or 'tiny'}, {args.task_family}")), flush=True)
     if report.problems:
         raise SystemExit(1)
     return report

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from eval_agent.layout import RUN_CARD
+from eval_agent.redaction import SECRET_WORDS, redact
 from eval_agent.store import write_json
 
 _LIBS = ("torch", "transformers", "accelerate", "vllm", "alfworld", "textworld", "virtualhome", "openai")
-_SECRET_WORDS = {"key", "apikey", "token", "secret", "password"}  # whole name parts: max_new_tokens is no secret
 
 
 def library_versions() -> dict[str, str | None]:
@@ -37,13 +37,14 @@ def git_commit() -> str | None:
 
 
 def run_card(stage: str, args: dict[str, Any]) -> dict[str, Any]:
-    clean = {k: ("<set>" if _SECRET_WORDS & set(k.lower().split("_")) and v else v) for k, v in args.items()}
+    clean = {k: "<set>" if SECRET_WORDS & set(k.lower().split("_")) and v else redact(v) if isinstance(v, str) else v
+             for k, v in args.items()}
     return {
         "stage": stage,
         "args": clean,
         "versions": {"python": platform.python_version(), **library_versions()},
         "git_commit": git_commit(),
-        "command": " ".join(sys.argv),
+        "command": redact(" ".join(sys.argv)),
     }
 
 

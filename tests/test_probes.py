@@ -240,3 +240,25 @@ def test_an_expert_import_that_matches_fewer_tasks_than_asked_fails_at_import(tm
         f"'elsewhere/{rows[0]['key']}' plays 'elsewhere/{rows[0]['key']}', which is none of the "), refused.stderr
     assert not (tmp_path / "run").exists()  # refused before anything is written
     assert run_script("sft/make_expert_data.sh", {**env, "EXPERT_SOURCE": str(vh_expert)}).returncode == 0
+
+
+def test_credentials_in_a_base_url_reach_no_log_line_error_or_file(tmp_path, scripted_server, tiny_model_dir):
+    """http://user:secret@host/v1 appeared in httpx's INFO line and in our own error line."""
+    server = scripted_server()
+    endpoints = tmp_path / "endpoints.txt"
+    endpoints.write_text(server.url.replace("http://", "http://user:secret@") + "\n")
+    args = [sys.executable, "-m", "eval.evaluate", "--task_family", "virtualhome", "--split", "seen", "--limit", "1",
+            "--max_steps", "2", "--backend", "openai", "--endpoints", str(endpoints), "--tokenizer", str(tiny_model_dir),
+            "--out", str(tmp_path / "eval")]
+    served = subprocess.run(args + ["--model", "fake"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert served.returncode == 0 and "httpx: HTTP Request: POST http://***@127.0.0.1" in served.stderr, served.stderr
+    refused = subprocess.run(args + ["--model", "wrong", "--out", str(tmp_path / "wrong")], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "http://***@127.0.0.1" in refused.stderr.splitlines()[-1]
+    endpoints.write_text("http://user:secret@127.0.0.1:9/v1?api_key=secret\n")  # nothing listens there
+    down = subprocess.run(args + ["--model", "fake", "--out", str(tmp_path / "down")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert down.returncode == 2 and "http://***@127.0.0.1:9/v1?api_key=***" in down.stderr.splitlines()[-1]
+    for output in (served, refused, down):
+        assert "secret" not in output.stdout + output.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p != endpoints and b"secret" in p.read_bytes()]

@@ -43,8 +43,10 @@ from typing import Any, Callable, Coroutine, TypeVar
 import httpx
 
 from eval_agent.llm import BackendUnavailable, Completion, GenerationConfig
+from eval_agent.redaction import redact, redact_library_logs
 
 log = logging.getLogger(__name__)
+redact_library_logs()  # httpx logs every request's URL, credentials included
 T = TypeVar("T")
 
 HOW_TO_START = (
@@ -203,12 +205,17 @@ def _rendezvous(key: str, url: str) -> int:
 
 @dataclass
 class Endpoint:
-    url: str
+    url: str  # as given, credentials included: requests only
     inflight: int = 0
     failures: int = 0  # consecutive
     down_until: float = 0.0  # monotonic time before which it is skipped
     requests: int = 0  # answered
     errors: int = 0  # failed attempts
+
+    @property
+    def name(self) -> str:
+        """The URL as messages show it: without credentials (`eval_agent.redaction`)."""
+        return redact(self.url)
 
 
 @dataclass
@@ -299,8 +306,8 @@ class HTTPClient:
         return self._pools[loop]
 
     def scrub(self, text: str) -> str:
-        """`text` without the API key (an error message may quote it)."""
-        return text.replace(self.api_key, "***") if self.api_key and len(self.api_key) > 3 else text
+        """`text` without the API key (an error message may quote it) and without credentials in URLs."""
+        return redact(text.replace(self.api_key, "***") if self.api_key and len(self.api_key) > 3 else text)
 
     async def get(self, url: str, path: str, timeout: float) -> httpx.Response:
         """One GET, no retries (start-up probes)."""
@@ -367,15 +374,15 @@ class HTTPClient:
                 if attempt:
                     self.stats.retries += 1
                     self.stats.failovers += ep is not previous
-                if ep.url not in tried:
-                    tried.append(ep.url)
+                if ep.name not in tried:
+                    tried.append(ep.name)
                 previous = ep
                 ep.inflight += 1
                 try:
                     response = await client.post(ep.url + path, json=payload)
                     body = response.content
                     if response.status_code == 200:
-                        result = parse(ep.url, body)
+                        result = parse(ep.name, body)
                         ep.failures, ep.down_until = 0, 0.0
                         ep.requests += 1
                         self.stats.requests += 1
@@ -384,7 +391,7 @@ class HTTPClient:
                     if response.status_code == 429 or response.status_code >= 500:
                         raise _Transient(f"HTTP {response.status_code}: {message}",
                                          parse_retry_after(response.headers.get("retry-after")))
-                    raise Refused(ep.url, response.status_code, message)
+                    raise Refused(ep.name, response.status_code, message)
                 except (httpx.TransportError, httpx.DecodingError, BadReply, _Transient) as e:
                     last = e
                     self.stats.bad_replies += isinstance(e, BadReply)
@@ -394,7 +401,7 @@ class HTTPClient:
                 finally:
                     ep.inflight -= 1
             self.stats.failed += 1
-            others = [u for u in tried if u != previous.url]
+            others = [u for u in tried if u != previous.name]
             also = f" (also tried {', '.join(others)})" if others else ""
             hint = f"; {HOW_TO_START}" if isinstance(last, httpx.TransportError) and self.what == "endpoint" else ""
             raise BackendUnavailable(f"request failed {self.retry.retries + 1} times{also}; last: "
@@ -403,8 +410,8 @@ class HTTPClient:
     def _happened(self, ep: Endpoint, e: Exception | None) -> str:
         """What went wrong at `ep`, naming it: `endpoint X answered ...`, `endpoint X: HTTP 503: ...`."""
         if isinstance(e, BadReply):
-            return f"{self.what} {ep.url} {e.detail}"
-        return f"{self.what} {ep.url}: {self.scrub(_describe(e))}"
+            return f"{self.what} {ep.name} {e.detail}"
+        return f"{self.what} {ep.name}: {self.scrub(_describe(e))}"
 
 
 def _describe(e: Exception | None) -> str:
@@ -473,12 +480,13 @@ class OpenAIBackend:
                 return f"answered {_snippet(response.content)} to GET /models"
 
         found = await asyncio.gather(*(probe(u) for u in self.urls))
-        down = [f"{u} ({r})" for u, r in zip(self.urls, found) if isinstance(r, str)]
+        down = [f"{redact(u)} ({self.client.scrub(r)})" for u, r in zip(self.urls, found) if isinstance(r, str)]
         if down:
             raise BackendUnavailable(f"cannot use {', '.join(down)}: {HOW_TO_START}")
         for u, ids in zip(self.urls, found):
             if self.model_name not in ids:
-                raise BackendUnavailable(f"{u} serves {ids}, not {self.model_name!r}: pass the served model name")
+                raise BackendUnavailable(f"{redact(u)} serves {ids}, not {self.model_name!r}: pass the served model "
+                                         "name")
 
     async def complete(self, prompt: str, config: GenerationConfig, route_key: str | None = None) -> list[Completion]:
         """`config.n` completions of one prompt (`config.seed` is sent as vLLM's per-request seed)."""
