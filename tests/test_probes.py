@@ -262,3 +262,25 @@ def test_credentials_in_a_base_url_reach_no_log_line_error_or_file(tmp_path, scr
     for output in (served, refused, down):
         assert "secret" not in output.stdout + output.stderr
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p != endpoints and b"secret" in p.read_bytes()]
+
+
+def test_a_hung_server_stops_an_evaluation_in_its_dead_budget_not_after_every_retry(tmp_path, scripted_server,
+                                                                                     tiny_model_dir):
+    """With the default 600 s per request a hung server held an evaluation for ~70 minutes (7 attempts and their
+    backoff; 64 s with STECA_HTTP_TIMEOUT=3). Now a request waits as long as its length asks (tested in
+    test_http_client.py) and an endpoint silent for STECA_HTTP_DEAD_AFTER (default 300 s) is dead: here, scaled
+    down, 1 s per request and 3 s in all."""
+    server = scripted_server()
+    server.control(hang=600)
+    endpoints = tmp_path / "endpoints.txt"
+    endpoints.write_text(server.url + "\n")
+    hung = subprocess.run(
+        [sys.executable, "-m", "eval.evaluate", "--task_family", "virtualhome", "--split", "seen", "--limit", "1",
+         "--backend", "openai", "--endpoints", str(endpoints), "--model", "fake", "--tokenizer", str(tiny_model_dir),
+         "--out", str(tmp_path / "eval")], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=script_env(STECA_HTTP_TIMEOUT="1", STECA_HTTP_DEAD_AFTER="3"))
+    last = hung.stderr.strip().splitlines()[-1]
+    assert hung.returncode == 2 and last.startswith("error: ") and (
+        f"every endpoint is dead ({server.url} answered nothing for 3 s, STECA_HTTP_DEAD_AFTER); last: endpoint "
+        f"{server.url}: ") in last, hung.stderr[-2000:]
+    assert server.posts() < 7  # the retry policy's 7 attempts were not waited out

@@ -9,7 +9,12 @@ evaluation, chat (GPT-4o or any compatible endpoint) for reflection. One retry p
   of its rendezvous order that is not overloaded, and stays there; when that endpoint fails, its keys move, spread
   over the others; `least_busy` sends each request to the endpoint with the fewest in flight;
 - a failing endpoint is skipped for a cool-down that grows while it keeps failing; a request's retry goes at
-  once to the next endpoint of its key, or waits for the first one to come back.
+  once to the next endpoint of its key, or waits for the first one to come back;
+- a request waits for its endpoint as long as its length asks (`request_timeout`: FIRST_ANSWER_S plus
+  SECONDS_PER_TOKEN per token asked for; STECA_HTTP_TIMEOUT fixes it) with no answer from that endpoint (a
+  busy endpoint answering other requests keeps a queued one waiting, up to CAP_FACTOR times that); an endpoint
+  that answered nothing for DEAD_AFTER_S (STECA_HTTP_DEAD_AFTER) since its first failed request is declared
+  dead, and once every endpoint is, every request fails at once: a hung server stops a run in minutes.
 
 The client is asynchronous (httpx); each event loop gets its own connection pool, so the asynchronous episode
 runner awaits requests on its own loop, while the synchronous `generate` of `OpenAIBackend` and the reflection
@@ -61,6 +66,10 @@ MAX_REQUESTS = 1024
 # "The decoder prompt (length N) is longer than the maximum model length of M" (engine).
 _OVERFLOW = re.compile(r"maximum context length|maximum model length|context_length_exceeded", re.I)
 ROUTINGS = ("sticky", "least_busy")
+FIRST_ANSWER_S = 120.0  # what a request may wait for its endpoint before its first token (queue, prefill)
+SECONDS_PER_TOKEN = 0.5  # and per token it asks for: an endpoint slower than 2 tokens/s is taken for hung
+CAP_FACTOR = 10  # a request waits at most this many times its timeout, however busy its endpoint
+DEAD_AFTER_S = 300.0  # an endpoint that answered nothing for this long is declared dead (STECA_HTTP_DEAD_AFTER)
 LOAD_SLACK = 1.1  # sticky routing keeps a key on a replica with at most 10% more requests in flight than the mean
 KEY_MEMORY = 1 << 16  # route keys whose replica is remembered (the most recent)
 
@@ -79,6 +88,10 @@ class Refused(RuntimeError):
     def __init__(self, url: str, status: int, message: str):
         super().__init__(f"endpoint {url} refused the request (HTTP {status}): {message}")
         self.url, self.status, self.message = url, status, message
+
+
+class _Stalled(RuntimeError):
+    """No answer from the endpoint within the request's timeout; retried like a server error."""
 
 
 class _Transient(RuntimeError):
@@ -182,6 +195,26 @@ def chat_choice(url: str, body: bytes) -> tuple[str, str, dict[str, int]]:
     return message["content"], choices[0].get("finish_reason") or "stop", usage
 
 
+def request_timeout(max_tokens: int, fixed: float | None = None) -> float:
+    """Seconds a completion request asking for `max_tokens` may wait with no answer from its endpoint: `fixed`
+    (STECA_HTTP_TIMEOUT) when given, else FIRST_ANSWER_S + SECONDS_PER_TOKEN per token (512 tokens: 376 s)."""
+    return fixed if fixed is not None else FIRST_ANSWER_S + SECONDS_PER_TOKEN * max_tokens
+
+
+def env_seconds(name: str) -> float | None:
+    """A number of seconds from the environment (None when unset); a bad value is a user error naming it."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise BackendUnavailable(f"{name}={value}: takes seconds, a number > 0")
+    return seconds
+
+
 def resolve_base_urls(endpoints_file: str | Path | None = None, base_urls: list[str] | str | None = None) -> list[str]:
     """Base URLs from the endpoints file (one per line, `#` comments), else `base_urls`, else $OPENAI_BASE_URL."""
     if endpoints_file:
@@ -211,6 +244,9 @@ class Endpoint:
     down_until: float = 0.0  # monotonic time before which it is skipped
     requests: int = 0  # answered
     errors: int = 0  # failed attempts
+    last_answer: float = 0.0  # monotonic time of its last HTTP answer, whatever its status
+    silent_since: float | None = None  # when the first request it has not answered since its last answer was sent
+    dead: bool = False  # silent for the client's dead_after: never asked again
 
     @property
     def name(self) -> str:
@@ -252,11 +288,13 @@ class HTTPClient:
 
     `max_requests` bounds the requests in flight (per event loop); `what` names the endpoints in errors
     ("endpoint", "chat endpoint"). The API key is sent as a bearer token and scrubbed from every message.
+    `timeout`: a request's default timeout (`post` takes each request's own); `dead_after`: seconds without an
+    answer after which an endpoint is dead (default STECA_HTTP_DEAD_AFTER, else DEAD_AFTER_S).
     """
 
     def __init__(self, urls: list[str], api_key: str | None = None, timeout: float = 600.0,
                  max_requests: int = MAX_REQUESTS, retry: RetryPolicy = RetryPolicy(), routing: str = "sticky",
-                 what: str = "endpoint"):
+                 what: str = "endpoint", dead_after: float | None = None):
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
         if max_requests < 1:
@@ -264,6 +302,7 @@ class HTTPClient:
         self.endpoints = [Endpoint(u) for u in urls]
         self.api_key, self.timeout, self.max_requests = api_key, timeout, max_requests
         self.retry, self.routing, self.what = retry, routing, what
+        self.dead_after = dead_after or env_seconds("STECA_HTTP_DEAD_AFTER") or DEAD_AFTER_S
         self.stats = ClientStats()
         self._pools: dict[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, asyncio.Semaphore]] = {}
         self._thread: LoopThread | None = None
@@ -300,7 +339,7 @@ class HTTPClient:
         if loop not in self._pools:
             headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
             limits = httpx.Limits(max_connections=self.max_requests, max_keepalive_connections=self.max_requests)
-            timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0))
+            timeout = httpx.Timeout(None, connect=min(self.timeout, 10.0))  # reads: `_answer` watches them
             self._pools[loop] = (httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout),
                                  asyncio.Semaphore(self.max_requests))
         return self._pools[loop]
@@ -332,36 +371,79 @@ class HTTPClient:
         """
         now = time.monotonic()
         sticky = self.routing == "sticky" and route_key is not None
-        healthy = [ep for ep in self.endpoints if ep.down_until <= now]
+        if self._all_dead():
+            raise BackendUnavailable(f"every {self.what} is dead: {', '.join(ep.name for ep in self.endpoints)} "
+                                     f"answered nothing for {self.dead_after:g} s (STECA_HTTP_DEAD_AFTER)")
+        healthy = [ep for ep in self.endpoints if not ep.dead and ep.down_until <= now]
         bound = math.ceil(LOAD_SLACK * (sum(e.inflight for e in healthy) + 1) / max(1, len(healthy)))
         if sticky and route_key in self._assigned:
             ep = self.endpoints[self._assigned[route_key]]
-            if ep.down_until <= now and ep.inflight < bound:
+            if ep in healthy and ep.inflight < bound:
                 self._assigned.move_to_end(route_key)
                 return ep, 0.0
-        order = [self.endpoints[i] for i in self._order(route_key)]
+        order = [self.endpoints[i] for i in self._order(route_key) if not self.endpoints[i].dead]
         if not healthy:
             ep = min(order, key=lambda e: e.down_until)
             return ep, ep.down_until - now
-        ep = next(e for e in order if e.down_until <= now)
+        ep = next(e for e in order if e in healthy)
         if sticky:
-            ep = next((e for e in order if e.down_until <= now and e.inflight < bound), ep)
+            ep = next((e for e in order if e in healthy and e.inflight < bound), ep)
             self._assigned[route_key] = self.endpoints.index(ep)
             if len(self._assigned) > KEY_MEMORY:
                 self._assigned.popitem(last=False)
         return ep, 0.0
 
-    def _failed(self, ep: Endpoint, retry_after: float | None) -> None:
+    def _all_dead(self) -> bool:
+        return all(ep.dead for ep in self.endpoints)
+
+    def _failed(self, ep: Endpoint, retry_after: float | None, sent: float, answered: bool) -> None:
+        """A failed attempt sent at `sent`: a cool-down, and an endpoint silent for `dead_after` is dead."""
         ep.failures += 1
         ep.errors += 1
         ep.down_until = max(ep.down_until, time.monotonic() + self.retry.delay(ep.failures, retry_after, self._rng))
+        if not answered and ep.silent_since is None:
+            ep.silent_since = sent
+        if not ep.dead and ep.silent_since is not None and time.monotonic() - ep.silent_since >= self.dead_after:
+            ep.dead = True
+            log.error("%s %s answered nothing for %g s: declared dead", self.what, ep.name,
+                      round(time.monotonic() - ep.silent_since, 1))
+
+    async def _answer(self, request: Coroutine[Any, Any, httpx.Response], ep: Endpoint, timeout: float
+                      ) -> httpx.Response:
+        """The response to `request`, sent to `ep` now; `_Stalled` when the endpoint answers nothing (to any
+        request) for `timeout` seconds after it was sent, when it has been silent for the client's `dead_after`,
+        or after CAP_FACTOR x `timeout` in all."""
+        sent = time.monotonic()
+        task = asyncio.ensure_future(request)
+        try:
+            while True:
+                quiet_until = max(sent, ep.last_answer) + timeout
+                deadline = min(quiet_until, sent + CAP_FACTOR * timeout,
+                               ep.silent_since + self.dead_after if ep.silent_since is not None else math.inf)
+                done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
+                if done:
+                    response = task.result()
+                    ep.last_answer, ep.silent_since = time.monotonic(), None
+                    return response
+                now = time.monotonic()
+                if ep.silent_since is not None and now - ep.silent_since >= self.dead_after:
+                    raise _Stalled(f"answered nothing for {round(now - ep.silent_since, 1):g} s")
+                if now >= min(max(sent, ep.last_answer) + timeout, sent + CAP_FACTOR * timeout):
+                    raise _Stalled(f"no answer for {round(now - max(sent, ep.last_answer), 1):g} s (timeout "
+                                   f"{round(timeout, 1):g} s)")
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def post(self, path: str, payload: dict[str, Any], parse: Callable[[str, bytes], T],
-                   route_key: str | None = None) -> tuple[T, str]:
+                   route_key: str | None = None, timeout: float | None = None) -> tuple[T, str]:
         """POST `payload` to `path` of an endpoint; `parse(url, body)` of the first valid 200 answer, and its URL.
+        `timeout`: seconds the request may wait with no answer from its endpoint (default: the client's).
 
-        Raises `Refused` for a 4xx other than 429, `BackendUnavailable` after all retries.
+        Raises `Refused` for a 4xx other than 429, `BackendUnavailable` after all retries or once every endpoint
+        is dead.
         """
+        timeout = timeout or self.timeout
         client, semaphore = self._pool()
         async with semaphore:
             last: Exception | None = None
@@ -378,8 +460,9 @@ class HTTPClient:
                     tried.append(ep.name)
                 previous = ep
                 ep.inflight += 1
+                sent = time.monotonic()
                 try:
-                    response = await client.post(ep.url + path, json=payload)
+                    response = await self._answer(client.post(ep.url + path, json=payload), ep, timeout)
                     body = response.content
                     if response.status_code == 200:
                         result = parse(ep.name, body)
@@ -392,10 +475,13 @@ class HTTPClient:
                         raise _Transient(f"HTTP {response.status_code}: {message}",
                                          parse_retry_after(response.headers.get("retry-after")))
                     raise Refused(ep.name, response.status_code, message)
-                except (httpx.TransportError, httpx.DecodingError, BadReply, _Transient) as e:
+                except (httpx.TransportError, httpx.DecodingError, BadReply, _Transient, _Stalled) as e:
                     last = e
                     self.stats.bad_replies += isinstance(e, BadReply)
-                    self._failed(ep, getattr(e, "retry_after", None))
+                    self._failed(ep, getattr(e, "retry_after", None), sent,
+                                 answered=isinstance(e, (BadReply, _Transient, httpx.DecodingError)))
+                    if self._all_dead():
+                        break
                     if attempt < self.retry.retries:
                         log.warning("%s; retry %d/%d", self._happened(ep, e), attempt + 1, self.retry.retries)
                 finally:
@@ -404,7 +490,11 @@ class HTTPClient:
             others = [u for u in tried if u != previous.name]
             also = f" (also tried {', '.join(others)})" if others else ""
             hint = f"; {HOW_TO_START}" if isinstance(last, httpx.TransportError) and self.what == "endpoint" else ""
-            raise BackendUnavailable(f"request failed {self.retry.retries + 1} times{also}; last: "
+            if self._all_dead():
+                raise BackendUnavailable(f"every {self.what} is dead ({', '.join(p.name for p in self.endpoints)} "
+                                         f"answered nothing for {self.dead_after:g} s, STECA_HTTP_DEAD_AFTER); last: "
+                                         f"{self._happened(previous, last)}{hint}")
+            raise BackendUnavailable(f"request failed {attempt + 1} times{also}; last: "
                                      f"{self._happened(previous, last)}{hint}")
 
     def _happened(self, ep: Endpoint, e: Exception | None) -> str:
@@ -433,8 +523,9 @@ class OpenAIBackend:
         retry = retry or RetryPolicy()
         if max_retries is not None:
             retry = RetryPolicy(max_retries, retry.backoff_s, retry.max_backoff_s)
-        timeout = float(timeout if timeout is not None else os.environ.get("STECA_HTTP_TIMEOUT", 600))
-        self.client = HTTPClient(self.urls, api_key=os.environ.get("OPENAI_API_KEY") or None, timeout=timeout,
+        self.fixed_timeout = timeout if timeout is not None else env_seconds("STECA_HTTP_TIMEOUT")
+        self.client = HTTPClient(self.urls, api_key=os.environ.get("OPENAI_API_KEY") or None,
+                                 timeout=request_timeout(GenerationConfig.max_new_tokens, self.fixed_timeout),
                                  max_requests=max_requests, retry=retry, routing=routing)
         self._checked = False
         self._check_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
@@ -514,7 +605,8 @@ class OpenAIBackend:
         if config.seed is not None:
             payload["seed"] = config.seed
         (choices, tokens), url = await self.client.post(
-            "/completions", payload, lambda u, body: completion_choices(u, body, n), route_key)
+            "/completions", payload, lambda u, body: completion_choices(u, body, n), route_key,
+            request_timeout(config.max_new_tokens, self.fixed_timeout))
         per_sample = tokens // len(choices)  # usage is the request's total; vLLM gives no per-sample count
         return [Completion(text=text, num_tokens=per_sample, finish_reason=reason, meta={"endpoint": url})
                 for text, reason in choices for _ in range(greedy_copies)]
