@@ -34,15 +34,6 @@ VH_SEEN = REPO / "data" / "virtualhome" / "vh_seen_test.jsonl"
 TINY_RUN = ["--max_steps", "3", "--max_new_tokens", "4", "--icl_num", "0"]
 
 
-@pytest.fixture(scope="module")
-def vh_expert(tmp_path_factory) -> Path:
-    """The two shortest generated VirtualHome expert trajectories."""
-    rows = sorted((json.loads(line) for line in VH_TRAJECTORIES.read_text().splitlines()), key=lambda r: len(r["steps"]))
-    path = tmp_path_factory.mktemp("vh") / "expert.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
-    return path
-
-
 def run_script(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env}
     return subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

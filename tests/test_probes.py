@@ -23,16 +23,6 @@ from sampling.generate_steps import main as generate_steps
 from tests.helpers import change_weights_in_place
 
 REPO = Path(__file__).resolve().parent.parent
-VH_TRAJECTORIES = REPO / "data" / "virtualhome" / "vh_train_trajectories.jsonl"
-
-
-@pytest.fixture(scope="module")
-def vh_expert(tmp_path_factory) -> Path:
-    """The two shortest generated VirtualHome expert trajectories."""
-    rows = sorted((json.loads(line) for line in VH_TRAJECTORIES.read_text().splitlines()), key=lambda r: len(r["steps"]))
-    path = tmp_path_factory.mktemp("vh") / "expert.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
-    return path
 
 
 def script_env(**env: str) -> dict[str, str]:
