@@ -32,7 +32,7 @@ USER_ERROR_EXIT = 2
 REPO = Path(__file__).resolve().parent.parent
 # A file that names a tokenizer: one of them must be in a model folder the stage loads.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")  # a model folder's weight files (single or sharded)
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # a model folder's weight files (single or sharded)
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # a sharded model's list of its files
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}  # bytes per element of a safetensors dtype
@@ -221,7 +221,8 @@ def safetensors_header(path: Path) -> tuple[bytes, dict]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{path}: the safetensors header is not JSON (a damaged file); copy or save the model again") from None
+        raise UserError(f"{path}: the safetensors header is not JSON (a damaged file); copy or save the model "
+                        "again") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: the safetensors header is not a JSON object; copy or save the model again")
     return raw, header
@@ -238,7 +239,7 @@ def check_safetensors(path: Path) -> None:
             begin, stop = tensor["data_offsets"]
             want = math.prod(tensor["shape"]) * DTYPE_BYTES[tensor["dtype"]]
         except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: tensor {name!r} has no readable dtype, shape and offsets in the header") from None
+            raise UserError(f"{path}: tensor {name!r} has no readable dtype, shape and offsets in its header") from None
         if stop - begin != want:
             raise UserError(f"{path}: tensor {name!r} takes {stop - begin} bytes, its dtype and shape need {want}")
         end = max(end, stop)
@@ -260,8 +261,8 @@ def check_weights(folder: str | Path, what: str = "model") -> None:
                 raise UserError(f"{index}: not a weight index (no weight_map)") from None
             missing = sorted(s for s in shards if not (folder / s).is_file())
             if missing:
-                raise UserError(f"{what} folder {folder}: {len(missing)} of the {len(shards)} weight files {index.name} "
-                                f"names are missing (e.g. {missing[0]}); copy the whole folder")
+                raise UserError(f"{what} folder {folder}: {len(missing)} of the {len(shards)} weight files "
+                                f"{index.name} names are missing (e.g. {missing[0]}); copy the whole folder")
     if not files:
         raise UserError(f"{what} folder {folder} has no weights (model.safetensors, pytorch_model.bin or their "
                         "shards): pass a complete model folder, or save the model into it")

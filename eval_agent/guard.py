@@ -229,7 +229,8 @@ def _input_change(was: Any, now: Any) -> str:
     model's name)."""
     if not (isinstance(was, dict) and isinstance(now, dict)) or "name" in was or "name" in now:
         return f"{_show(was)} -> {_show(now)}"
-    parts = sorted({CHANGED_PARTS.get(k, k) for k in was.keys() | now.keys() if k != "path" and was.get(k) != now.get(k)})
+    parts = sorted({CHANGED_PARTS.get(k, k) for k in was.keys() | now.keys()
+                    if k != "path" and was.get(k) != now.get(k)})
     where = _show(now) if was.get("path") == now.get("path") else f"{_show(was)} -> {_show(now)}"
     return f"{' and '.join(parts)} changed ({where})"
 

@@ -255,8 +255,8 @@ def test_a_hung_endpoint_is_declared_dead_and_left_then_every_request_fails_at_o
         assert client.run(send([f"k{i}" for i in range(20)])) == [fine.url] * 20 and hung.posts() == posts  # left
         fine.control(hang=30)
         before = fine.posts()
-        with pytest.raises(BackendUnavailable, match=rf"every endpoint is dead \({hung.url}, {fine.url} answered nothing "
-                                                     r"for 1 s, STECA_HTTP_DEAD_AFTER\); last: endpoint .*(no )?answer(ed nothing)? for"):
+        dead = rf"every endpoint is dead \({hung.url}, {fine.url} answered nothing for 1 s, STECA_HTTP_DEAD_AFTER\); "
+        with pytest.raises(BackendUnavailable, match=dead + r"last: endpoint .*(no )?answer(ed nothing)? for"):
             client.run(send(["k"]))
         assert fine.posts() - before < 7  # fewer attempts than the retry policy's 7
         with pytest.raises(BackendUnavailable, match="every endpoint is dead"):  # the next one at once

@@ -91,7 +91,8 @@ def test_a_failed_rerun_under_other_settings_leaves_no_marker_standing_for_its_o
     train = RunDir(run).train_set
     good = train.read_text()
     assert good
-    assert stage(run, "data_collection", "data_collection/build_dataset.sh", {**env, "TRAIN_SETS": "explored"})[0] == "failed"
+    explored = {**env, "TRAIN_SETS": "explored"}
+    assert stage(run, "data_collection", "data_collection/build_dataset.sh", explored)[0] == "failed"
     assert (run / "data_collection.old" / "train.jsonl").read_text() == good
     what, said = stage(run, "data_collection", "data_collection/build_dataset.sh", env)
     assert what == "ran" and "data_collection: made with other settings since" in said, said
@@ -106,8 +107,8 @@ def test_a_run_that_failed_before_its_first_result_leaves_nothing_to_refuse(tmp_
     endpoints.write_text(server.url + "\n")
     out = tmp_path / "eval"
     args = [sys.executable, "-m", "eval.evaluate", "--task_family", "virtualhome", "--split", "seen", "--limit", "1",
-            "--max_steps", "2", "--backend", "openai", "--endpoints", str(endpoints), "--tokenizer", str(tiny_model_dir),
-            "--out", str(out)]
+            "--max_steps", "2", "--backend", "openai", "--endpoints", str(endpoints), "--tokenizer",
+            str(tiny_model_dir), "--out", str(out)]
     wrong = subprocess.run(args + ["--model", "wrong"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "serves ['fake'], not 'wrong'" in wrong.stderr.splitlines()[-1]
     assert (out / "config.json").is_file()  # the card of what failed
@@ -153,8 +154,8 @@ def test_missing_or_truncated_weights_are_one_line_before_anything_loads(tmp_pat
         f"error: model folder {model} has no weights (model.safetensors, pytorch_model.bin or their shards): pass a "
         "complete model folder, or save the model into it"], evaluation.stderr[-3000:]
     weights.write_bytes(data[: len(data) - 1000])
-    sft = run_script("sft/sft.sh", script_env(TASK_FAMILY="virtualhome", BASE_MODEL=str(model), EXPERT_DATA=str(vh_expert),
-                                              OUT=str(tmp_path / "sft" / "model")))
+    sft = run_script("sft/sft.sh", script_env(TASK_FAMILY="virtualhome", BASE_MODEL=str(model),
+                                              EXPERT_DATA=str(vh_expert), OUT=str(tmp_path / "sft" / "model")))
     assert sft.returncode == 2 and sft.stderr.strip().splitlines() == [
         f"error: {weights}: truncated: {len(data) - 1000} bytes, the header gives {len(data)}; copy or save the model "
         "again"], sft.stderr[-3000:]
@@ -212,8 +213,9 @@ def test_the_report_warns_when_a_summarys_model_changed_since(tmp_path, tiny_mod
     change_weights_in_place(model)
     cell = report(args)["cells"][0]
     assert cell["model_changed"] == f"weights changed ({model})"
+    shown = (tmp_path / "report" / "report.md").read_text()
     assert (f"Warning: 1 summaries were made with a model that changed since (evaluate it again to report it as it is "
-            f"now):\n\n- {cell['summary']}: weights changed ({model})") in (tmp_path / "report" / "report.md").read_text()
+            f"now):\n\n- {cell['summary']}: weights changed ({model})") in shown
 
 
 def test_an_expert_import_that_matches_fewer_tasks_than_asked_fails_at_import(tmp_path, vh_expert):
@@ -238,8 +240,8 @@ def test_credentials_in_a_base_url_reach_no_log_line_error_or_file(tmp_path, scr
     endpoints = tmp_path / "endpoints.txt"
     endpoints.write_text(server.url.replace("http://", "http://user:secret@") + "\n")
     args = [sys.executable, "-m", "eval.evaluate", "--task_family", "virtualhome", "--split", "seen", "--limit", "1",
-            "--max_steps", "2", "--backend", "openai", "--endpoints", str(endpoints), "--tokenizer", str(tiny_model_dir),
-            "--out", str(tmp_path / "eval")]
+            "--max_steps", "2", "--backend", "openai", "--endpoints", str(endpoints), "--tokenizer",
+            str(tiny_model_dir), "--out", str(tmp_path / "eval")]
     served = subprocess.run(args + ["--model", "fake"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert served.returncode == 0 and "httpx: HTTP Request: POST http://***@127.0.0.1" in served.stderr, served.stderr
     refused = subprocess.run(args + ["--model", "wrong", "--out", str(tmp_path / "wrong")], cwd=REPO,
