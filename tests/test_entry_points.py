@@ -121,6 +121,13 @@ def test_every_stage_script_prints_its_help_and_names_a_bad_variable(script, tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_a_refused_learning_rate_is_one_line_naming_its_variable(tmp_path):
+    """SFT_LR=abc printed 8 to 115 lines of usage before the error."""
+    env = {**os.environ, "PYTHON": sys.executable, "RUN_DIR": str(tmp_path), "SFT_LR": "abc"}
+    refused = subprocess.run(["bash", "sft/sft.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr == "error: SFT_LR=abc: --learning_rate takes a number, got 'abc'\n"
+
+
 @pytest.mark.parametrize("script", ["scripts/run_pipeline.sh", "scripts/quickstart.sh"])
 def test_the_whole_pipeline_scripts_print_their_help_and_take_no_arguments(script):
     done = subprocess.run(["bash", script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
