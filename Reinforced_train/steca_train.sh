@@ -29,7 +29,7 @@ BETA=${BETA:-}                                 # DPO term weight; 0 = weighted N
 WEIGHTS=${WEIGHTS:-}                           # reward (each row's reward) | uniform (every row 1: plain NLL)
 REF_MODEL=${REF_MODEL:-}                       # frozen reference for BETA > 0; empty = MODEL
 NLL=${NLL:-}                                   # sum (the original: summed per row) | mean (per token)
-OUT=${OUT:-}                                   # the model folder; empty = the run's; the run card goes to its parent
+OUT=${OUT:-}                                   # the model folder; empty = the run's; its run card goes into it
 
 args+=(--run_dir "$RUN_DIR")
 opt --model_name_or_path "$MODEL"

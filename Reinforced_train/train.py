@@ -13,7 +13,7 @@ CPU) or `accelerate launch` with an FSDP or DeepSpeed config (sft/configs; beta 
 from --global_batch_size. A rerun with the same --output_dir resumes from its last checkpoint.
 
 Writes into --output_dir: the model and tokenizer, `steca_chat_format.json`, `train_summary.json`,
-and the run card `config.json` into the parent folder (RUN_DIR/steca/).
+the run card `run_card.json` and the TensorBoard events.
 
     python -m Reinforced_train.train --run_dir outputs/alfworld
 """
@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
-from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
+from eval_agent.chat_format import ChatFormat, resolve_chat_format
 from eval_agent.cli import at_least, input_file, model_folder, run_main
 from eval_agent.guard import fingerprint, identity, require_output, settings_of, training_guard, training_settings
-from eval_agent.layout import RunDir, card_dir
+from eval_agent.layout import TRAINING_CARD, RunDir
 from eval_agent.run_card import write_run_card
-from eval_agent.training import (StageTrainingArguments, check_master_weights, configure_training_args,
-                                 finished_training, load_for_training, output_dir_from_run_dir, pad_token_id,
-                                 save_dtype, train_and_save)
+from eval_agent.training import (StageArguments, StageTrainingArguments, check_master_weights,
+                                 configure_training_args, finished_training, load_for_training, output_dir_from_run_dir,
+                                 pad_token_id, save_dtype, train_and_save)
 from Reinforced_train.data import encode_rows, load_rows
 from Reinforced_train.loss import WeightedCollator, steca_loss
 
@@ -42,8 +42,8 @@ log = logging.getLogger("Reinforced_train.train")
 CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
 
 
-@dataclass
-class SteCaArguments:
+@dataclass(kw_only=True)
+class SteCaArguments(StageArguments):
     run_dir: str | None = field(default=None, metadata={"help": "the run directory: reads its SFT model and training "
                                                                  "set, writes its STeCa model (eval_agent/layout.py)"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "the SFT model folder (HF format): the "
@@ -55,15 +55,7 @@ class SteCaArguments:
                                                              "every row weighs 1, plain NLL (STeCa w/o RT, RFT)"})
     ref_model: str | None = field(default=None, metadata={"help": "frozen reference for beta > 0; default: the SFT folder"})
     nll_reduction: str = field(default="sum", metadata={"help": "sum (the original: log-probs summed per row) | mean (per token)"})
-    chat_format: str | None = field(default=None, metadata={"help": f"{FORMATS}; default: what the model folder records"})
-    model_max_length: int = field(default=4096, metadata={"help": "tokens per sequence; longer ones lose whole trailing turns"})
     global_batch_size: int = field(default=15, metadata={"help": "rows per optimizer step over all processes"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU that has it, else fp32) | bf16 "
-                                                             "| fp32; weights and optimizer stay fp32"})
-    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved model: auto (bf16 after bf16 training) | bf16 | fp32"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. flash_attention_2; default: transformers' choice"})
-    overwrite: bool = field(default=False, metadata={"help": "start afresh whatever settings made the output folder "
-                                                             "(moved aside as <folder>.old)"})
 
 
 @dataclass
@@ -216,7 +208,8 @@ def train(args: SteCaArguments, targs: TrainingArguments, fmt_name: str) -> dict
                                   progress=targs.process_index == 0)
     require_output(len(examples), f"no training row fits in {args.model_max_length} tokens ({args.data})")
     if targs.process_index == 0:
-        write_run_card(card_dir(out), "reinforced_train", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
+        write_run_card(out, "reinforced_train", {**vars(args), **targs.to_dict(), "chat_format": fmt_name},
+                       TRAINING_CARD)
     log.info("%s: %d rows in, %d used (%d truncated, %d skipped: too long), %d tokens, %d trained, weights %.4g..%.4g",
              args.data, stats["rows_in"], stats["rows_out"], stats["truncated"], stats["skipped_too_long"],
              stats["tokens"], stats["trained_tokens"], stats["weight_min"], stats["weight_max"])

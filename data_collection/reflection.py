@@ -29,6 +29,7 @@ from eval_agent.guard import weights_fingerprint
 from eval_agent.llm import DEFAULT_STOP, BackendUnavailable, GenerationConfig
 from eval_agent.llm.openai_http import HTTPClient, Refused, RetryPolicy, chat_choice
 from eval_agent.llm.reflect_endpoint import reflection_endpoint
+from eval_agent.redaction import redact
 from eval_agent.store import JsonlStore
 from eval_agent.trajectory import format_reply
 
@@ -227,8 +228,8 @@ class ChatModel:
 
     def _unavailable(self, why: str) -> BackendUnavailable:
         """A clear error naming the endpoint; the key is never part of it (the client scrubs it from messages)."""
-        return BackendUnavailable(f"chat endpoint {self.url} (model {self.model!r}): {why}; set REFLECT_BASE_URL / "
-                                  f"REFLECT_API_KEY, or use --reflect_backend self")
+        return BackendUnavailable(f"chat endpoint {redact(self.url)} (model {self.model!r}): {why}; set "
+                                  "REFLECT_BASE_URL / REFLECT_API_KEY, or use --reflect_backend self")
 
     def _check(self) -> None:
         """Fail fast when the endpoint is down or refuses the key (a missing /models route is fine)."""

@@ -25,10 +25,10 @@ from typing import Any
 
 from eval.manifest import manifest
 from eval_agent.async_runner import run_for_policy
-from eval_agent.cli import check_policy_model, count, non_negative, per_split, run_main
+from eval_agent.cli import UserError, check_policy_model, count, non_negative, per_split, run_main
 from eval_agent.envs import Task, add_task_family_arg, get_task_family
 from eval_agent.guard import RunGuard, fingerprint, model_arg_names, policy_fingerprint, settings_of
-from eval_agent.layout import EVAL_SUMMARY, RunDir
+from eval_agent.layout import EVAL_SUMMARY, LABELS, RunDir
 from eval_agent.llm import BackendUnavailable
 from eval_agent.run_card import write_run_card
 from eval_agent.smollm2 import default_model_dir
@@ -85,6 +85,11 @@ def model_of_label(args: argparse.Namespace) -> str:
 def resolve_output(args: argparse.Namespace) -> Path:
     """The output folder, and the model the label names when --model is not given."""
     args.label = args.label or ("expert" if args.policy == "expert" else "base")
+    if args.policy == "expert" and args.label in LABELS:
+        raise UserError(f"--label {args.label} names the run's {args.label} model, but --policy expert plays the "
+                        "built-in expert: leave LABEL unset (its results go under expert/) or evaluate the model")
+    if args.policy == "model" and args.label == "expert":
+        raise UserError("--label expert names the built-in expert (--policy expert), not a model: label the model")
     if args.policy == "model" and not args.model:
         args.model = model_of_label(args)
     if args.out:

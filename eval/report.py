@@ -26,101 +26,33 @@ is 1 for a solved task and 0 otherwise in both environments, so the two agree). 
 four columns, only when all four are present, as the paper computes it. A missing cell is "–".
 
 Bad input: a summary that is not JSON or lacks a field of eval.evaluate's summary.json, a value out of
-range, two summaries for one cell, an ENV that does not match -> an error naming the file. Skipped, counted
+range, two summaries for one cell, an ENV that does not match, a label its policy does not match (base, sft or
+steca made by the built-in expert) -> an error naming the file. A summary whose model changed after it was made
+(its fingerprint records the model's identity) is shown with a warning naming what changed. Skipped, counted
 and listed in report.json: a label folder with no <split>/summary.json, a split other than seen / unseen.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from eval import manifest
+from eval import compare, manifest, signals, tables
+from eval.formatting import (ENV_TITLES, MISSING, OUR_LABELS, SPLIT_NAMES, Row, fmt, label_order, latex_escape, mean_of,
+                             save_png)
 from eval.paper_results import COLUMNS, PAPER_ROWS
+from eval.summaries import Cell, fail, read_summary
+from eval_agent.cli import run_main
 from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.opt_ins import model_opt_ins, row_name
-from eval_agent.store import BadRecord, staged, write_atomic, write_json
+from eval_agent.store import BadRecord, write_atomic, write_json
 
 log = logging.getLogger("report")
 
-ENV_TITLES = {"virtualhome": "VirtualHome", "alfworld": "ALFWorld"}
-# The split names eval.evaluate accepts for the two test splits.
-SPLIT_NAMES = {"seen": "seen", "valid_seen": "seen", "dev": "seen",
-               "unseen": "unseen", "valid_unseen": "unseen", "test": "unseen"}
 METRICS = {"avg_reward": "Average final reward", "success_rate": "Success rate"}
-OUR_LABELS = {"base": "Base model", "sft": "SFT", "steca": "STeCa"}
-MISSING = "–"
 COLUMN_TITLES = [f"{ENV_TITLES[env]} {split}" for env, split in COLUMNS]
-
-
-@dataclass
-class Cell:
-    """One of our table cells: what one summary.json says, and where it came from."""
-    label: str
-    env: str
-    split: str
-    value: float  # the metric ×100
-    num_tasks: int
-    success_rate: float
-    avg_reward: float
-    summary: str
-    config: str | None
-    model: str | None
-    policy: str | None
-
-
-@dataclass
-class Row:
-    method: str
-    backbone: str
-    source: str  # "ours" or "paper Table N"
-    cells: list[float | None]  # in COLUMNS order
-    average: float | None
-    average_computed: bool = False  # a paper row whose Average the paper does not print: ours, from its cells
-
-
-def fail(path: Path | str, why: str) -> NoReturn:
-    raise SystemExit(f"error: {path}: {why}")
-
-
-def load_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        fail(path, f"not a readable JSON file ({e})")
-    if not isinstance(data, dict):
-        fail(path, "expected a JSON object")
-    return data
-
-
-def read_summary(path: Path, label: str, metric: str) -> Cell:
-    """One cell from an eval.evaluate summary.json, checked field by field, with the model path its
-    run card (config.json beside it, else the copy inside the summary) records."""
-    summary = load_json(path)
-    for field in ("env", "split", "num_tasks", "success_rate", "avg_reward"):
-        if field not in summary:
-            fail(path, f"missing field {field!r} (not a summary.json of eval.evaluate?)")
-    if summary["env"] not in ENV_TITLES:
-        fail(path, f"field 'env' is {summary['env']!r}; the table has {sorted(ENV_TITLES)}")
-    if summary["split"] not in SPLIT_NAMES:
-        fail(path, f"field 'split' is {summary['split']!r}; the table has the test splits seen and unseen")
-    num_tasks = summary["num_tasks"]
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks <= 0:
-        fail(path, f"field 'num_tasks' is {num_tasks!r}: no task was evaluated")
-    for field in ("success_rate", "avg_reward"):
-        v = summary[field]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-            fail(path, f"field {field!r} is {v!r}, expected a fraction in [0, 1]")
-    config = path.parent / "config.json"
-    card = load_json(config) if config.is_file() else summary.get("run_card") or {}
-    args = card.get("args") or {}
-    return Cell(label=label, env=summary["env"], split=SPLIT_NAMES[summary["split"]], value=100 * summary[metric],
-                num_tasks=num_tasks, success_rate=summary["success_rate"], avg_reward=summary["avg_reward"],
-                summary=str(path), config=str(config) if config.is_file() else None,
-                model=args.get("model"), policy=args.get("policy"))
 
 
 def discover(run: str) -> tuple[str | None, list[tuple[str, Path]], list[dict[str, str]]]:
@@ -144,9 +76,7 @@ def discover(run: str) -> tuple[str | None, list[tuple[str, Path]], list[dict[st
                 found.append((label_dir.name, path))
             else:
                 skipped.append({"path": str(path), "reason": f"split {path.parent.name!r} is not a column"})
-    from eval.signals import step_accuracy_summaries
-
-    if not found and not step_accuracy_summaries(root) and not RunDir(root).collection_summary.is_file():
+    if not found and not signals.step_accuracy_summaries(root) and not RunDir(root).collection_summary.is_file():
         raise SystemExit(f"error: --run {run}: no <label>/<split>/summary.json under {evals}")
     return env or None, found, skipped
 
@@ -184,16 +114,6 @@ def collect(runs: list[str], summaries: list[str], metric: str) -> tuple[list[Ce
     return list(cells.values()), skipped
 
 
-def mean_of(values: list[float | None]) -> float | None:
-    """The paper's Average: the plain mean of the four columns, only when all four are there."""
-    return sum(values) / len(values) if values and all(v is not None for v in values) else None
-
-
-def label_order(label: str) -> tuple[int, str]:
-    order = list(OUR_LABELS)
-    return (order.index(label) if label in order else len(order), label)
-
-
 def default_backbone(cells: list[Cell]) -> str:
     """The model name the `base` summaries record."""
     return ", ".join(sorted({Path(c.model).name for c in cells if c.label == "base" and c.model})) or MISSING
@@ -224,10 +144,6 @@ def paper_rows(tables: list[str] | None) -> list[Row]:
     return rows
 
 
-def fmt(value: float | None) -> str:
-    return MISSING if value is None else f"{value:.1f}"
-
-
 def caption(metric: str, rows: list[Row]) -> str:
     text = (f"{METRICS[metric]} ×100 on the seen / unseen test splits (reward 1 for a solved task, else 0, in both "
             "environments). Average: the mean of the four columns, only where all four are present, as the paper "
@@ -253,16 +169,13 @@ def to_markdown(rows: list[Row], cells: list[Cell], metric: str, skipped: list[d
             model = c.model or ("expert policy" if c.policy == "expert" else MISSING)
             lines.append(f"| {c.label} | {ENV_TITLES[c.env]} | {c.split} | {c.num_tasks} | {100 * c.success_rate:.1f} "
                          f"| {100 * c.avg_reward:.1f} | {model} | {c.summary} |")
+    changed = [c for c in cells if c.model_changed]
+    if changed:
+        lines += ["", f"Warning: {len(changed)} summaries were made with a model that changed since (evaluate it again "
+                  "to report it as it is now):", ""] + [f"- {c.summary}: {c.model_changed}" for c in changed]
     if skipped:
         lines += ["", f"Skipped ({len(skipped)}):", ""] + [f"- {s['path']}: {s['reason']}" for s in skipped]
     return "\n".join(lines) + "\n"
-
-
-def latex_escape(text: str) -> str:
-    special = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "–": "--",
-               "×": r"$\times$", "†": r"$^\dagger$"}
-    return "".join(special.get(ch, ch) for ch in text)
 
 
 def to_latex(rows: list[Row], metric: str) -> str:
@@ -312,15 +225,6 @@ def plot(rows: list[Row], metric: str, path: Path) -> None:
     save_png(fig, path, dpi=150)
 
 
-def save_png(fig: Any, path: Path, dpi: int) -> None:
-    """Save a matplotlib figure under a temp name and rename it, then free it."""
-    import matplotlib.pyplot as plt
-
-    with staged(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", default=[], metavar="[ENV=]RUN_DIR",
@@ -340,11 +244,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="put side by side evaluations that ran other task lists or environment versions (eval/manifest.py)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from eval import compare, signals, tables
-
     cells, skipped = collect(args.run, args.summary, args.metric)
     for s in skipped:
         log.warning("skipped %s: %s", s["path"], s["reason"])
+    for c in cells:
+        if c.model_changed:
+            log.warning("%s: its model changed since the summary was made (%s)", c.summary, c.model_changed)
     backbone = args.backbone or default_backbone(cells)
     variant_rows, variant_cells = tables.table1_variant_rows(args.run, args.metric, backbone)
     rows = our_rows(cells, args.backbone) + variant_rows + paper_rows(args.paper_tables)
@@ -392,4 +297,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

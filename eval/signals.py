@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from eval.formatting import ENV_TITLES, MISSING, OUR_LABELS, SPLIT_NAMES, label_order, latex_escape, save_png
 from eval.paper_results import COLUMNS, PAPER_ROWS
-from eval.report import (ENV_TITLES, MISSING, OUR_LABELS, SPLIT_NAMES, fail, label_order, latex_escape, load_json,
-                         save_png)
+from eval.summaries import fail, load_json
 from eval_agent.layout import EVAL_SUMMARY, RunDir
 from eval_agent.stats import difference_interval, format_share, wilson_interval
 

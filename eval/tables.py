@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eval.formatting import ENV_TITLES, MISSING, OUR_LABELS, Row, fmt, latex_escape, mean_of, save_png
 from eval.paper_results import COLUMNS, LENGTH_BINS, PAPER_BY_LENGTH, PAPER_ROWS
-from eval.report import (ENV_TITLES, MISSING, OUR_LABELS, Cell, Row, fmt, latex_escape, load_json, mean_of, read_summary,
-                         save_png)
+from eval.summaries import Cell, load_json, read_summary
 from eval_agent.layout import EVAL_SUMMARY, VARIANT_FILE, RunDir
 from eval_agent.opt_ins import model_opt_ins, row_name, run_opt_ins
 from eval_agent.variants import VARIANTS, Variant

@@ -16,6 +16,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from eval_agent.cli import run_main
+from eval_agent.redaction import redact
 from eval_agent.envs import alfworld, virtualhome
 from eval_agent.gpus import driver_version
 from eval_agent.pyenvs import probe, vllm_python
@@ -163,9 +165,10 @@ def main(argv: list[str] | None = None) -> str:
     key = os.environ.get("OPENAI_API_KEY")
     if key:  # an error message that quoted it would still not show it
         text = text.replace(key, "<OPENAI_API_KEY>")
+    text = redact(text)  # credentials in an endpoint URL
     print(text)
     return text
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from eval_agent.cli import UserError
-from eval_agent.envs import task_family_of
+from eval_agent.envs import get_task_family, task_family_of
 from eval_agent.store import BadRecord, read_rows
 from eval_agent.trajectory import Step, Trajectory, trajectory_from_conversation
 
@@ -101,6 +101,22 @@ def task_of(traj: Trajectory, by_tail: dict[str, Any]) -> Any:
     """The task (from `{task_tail(task.key): task}`) an expert trajectory plays, or None."""
     key = traj.meta["key"]
     return by_tail.get(task_tail(traj.meta.get("game_file", key))) or by_tail.get(task_tail(key))
+
+
+def check_tasks_matched(trajs: list[Trajectory], task_family: str, split: str, data_root: str | Path | None,
+                        source: str | Path) -> None:
+    """Every expert trajectory asked for plays a task of the split (`task_of`): an import that matches fewer would be
+    accepted and fail only when sampling replays it."""
+    family = get_task_family(task_family)
+    by_tail = {task_tail(t.key): t for t in family.load_tasks(split, data_root=data_root)}
+    unmatched = [t for t in trajs if task_of(t, by_tail) is None]
+    if unmatched:
+        first = unmatched[0].meta
+        raise UserError(f"{source}: {len(trajs) - len(unmatched)} of the {len(trajs)} expert trajectories asked for "
+                        f"match a task of {task_family}/{split} (e.g. {first['key']!r} plays "
+                        f"{task_tail(first.get('game_file', first['key']))!r}, which is none of the "
+                        f"{len(by_tail)} tasks under {family.find_data_root(data_root)}): pass the data root of the "
+                        "tasks they were made on, or an expert file of these tasks")
 
 
 def to_published(trajs: list[Trajectory], instruction: str, id_prefix: str) -> list[dict[str, Any]]:

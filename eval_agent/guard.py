@@ -2,8 +2,9 @@
 
 Every stage records, beside each output, the *fingerprint* of its run: the settings that determine the
 results (decoding, steps, N, seeds, chat format, instruction, a per-stage code version) and the identity of
-every input (a model folder's weight files by name, size and mtime, its other files by content; data files by
-content hash, beyond HASH_LIMIT by size and mtime). A rerun with the same fingerprint resumes; another one is
+every input by content (`content_digest`): data files hashed whole up to HASH_LIMIT, a model
+folder's weight files up to WEIGHTS_HASH_LIMIT, beyond that their size, safetensors header and sampled blocks;
+its other files hashed whole). A rerun with the same fingerprint resumes; another one is
 refused with the settings that differ named, unless `--overwrite` (or STECA_ON_CHANGE=move_aside, which the
 pipeline sets) moves the old results aside first. Settings that do not change results (concurrency, endpoints,
 shards, progress) are not part of it, so they may change between a run and its resumption.
@@ -13,7 +14,8 @@ at once. A lock left by a dead process of this host is taken over (the holder ke
 is known for sure); a lock from another host never is: the error says how to remove it.
 
 STECA_FINGERPRINT=1 makes a stage print its fingerprints (one JSON line per output) and exit before any work;
-the pipeline compares them with its stage markers:
+the pipeline compares them with its stage markers, which also record the state of each output the stage left
+(`output_state`): a marker stands for exactly the outputs and settings present now.
 
     fp=$(STECA_FINGERPRINT=1 bash sampling/mc_rollouts.sh)
     python -m eval_agent.guard marker-status RUN_DIR/pipeline/mc.done <<< "$fp"   # exit 0: done with these settings
@@ -35,17 +37,22 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from eval_agent.cli import UserError
-from eval_agent.layout import FINGERPRINT_FILE, fingerprint_path, lock_path
+from eval_agent.cli import UserError, run_main, safetensors_header, weight_files
+from eval_agent.layout import FINGERPRINT_FILE, RUN_CARD, TRACKING_DIR, TRAINING_CARD, fingerprint_path, lock_path
 from eval_agent.store import aside_names, is_staged, move_aside, write_json
 
 log = logging.getLogger("guard")
 
 FINGERPRINT_ENV = "STECA_FINGERPRINT"  # 1: print the fingerprints and exit
 ON_CHANGE_ENV = "STECA_ON_CHANGE"  # error (default) | move_aside: what a changed fingerprint does
-HASH_LIMIT = 1 << 30  # files up to this size are identified by content, larger ones by size and mtime
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
-NOT_MODEL_FILES = {FINGERPRINT_FILE, "train_summary.json"}  # written beside a model, not part of it
+HASH_LIMIT = 1 << 30  # data files up to this size are hashed whole, larger ones sampled
+WEIGHTS_HASH_LIMIT = 64 << 20  # weight files likewise (a 7B model's 13 GB would take minutes)
+SAMPLES, SAMPLE_BYTES = 256, 16 << 10  # a sampled file: 4 MiB read whatever its size
+NOT_MODEL_FILES = {FINGERPRINT_FILE, "train_summary.json", TRAINING_CARD}  # written beside a model, not part of it
+NOT_RESULT_ENTRIES = {RUN_CARD, TRAINING_CARD, TRACKING_DIR}  # in a folder output: what a run writes beside results
+# How `differences` names a changed part of an input's identity.
+CHANGED_PARTS = {"weights": "weights", "files": "config or tokenizer files", "sha256": "content", "size": "content",
+                 "mtime_ns": "content", "tasks": "task file content", "games": "games"}
 # Arguments that never change a stage's results: where it writes, how fast it runs, where the servers are.
 NOT_RESULTS = frozenset({"run_dir", "out", "output_dir", "overwrite", "concurrency", "num_shards", "shard_id",
                          "backend", "endpoints", "max_requests", "env_workers", "export", "label", "embed_device",
@@ -55,42 +62,50 @@ NOT_RESULTS = frozenset({"run_dir", "out", "output_dir", "overwrite", "concurren
 
 # ---- identities of inputs -------------------------------------------------------------------------------
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def content_digest(path: Path, full_limit: int) -> str:
+    """A file's content digest: all of it up to `full_limit` bytes, beyond that its size, safetensors header and
+    evenly spaced blocks (weights trained again or changed in place differ in every block)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if size <= full_limit:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+            return h.hexdigest()
+        h.update(f"sampled {size}".encode())
+        if path.suffix == ".safetensors":
+            h.update(safetensors_header(path)[0])
+        for i in range(SAMPLES):
+            f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+            h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
 def weights_fingerprint(model: str | Path) -> str | None:
-    """Name, size and modification time of a local model folder's weight files (hashing 13 GB would take
-    minutes); None for a served model name."""
-    files = sorted(p for pattern in WEIGHT_PATTERNS for p in Path(model).glob(pattern))
+    """A local model folder's weight files by name and content (sampled beyond WEIGHTS_HASH_LIMIT: weights
+    trained again or changed in place, whatever their size and modification time); None for a served model name."""
+    files = weight_files(model)
     if not files:
         return None
-    return _digest([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    return _digest([(p.name, content_digest(p, WEIGHTS_HASH_LIMIT)) for p in files])
 
 
 def file_identity(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    if st.st_size <= HASH_LIMIT:
-        return {"path": str(path), "sha256": sha256_file(path)}
-    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": str(path), "sha256": content_digest(path, HASH_LIMIT)}
 
 
 def folder_identity(path: Path) -> dict[str, Any]:
-    """A model folder: its weights (by stat) and its other top-level files (config, tokenizer, chat format)
-    by content; checkpoints and what the stages write beside the model are not part of it."""
-    weights = {p for pattern in WEIGHT_PATTERNS for p in path.glob(pattern)}
+    """A model folder: its weights and its other top-level files (config, tokenizer, chat format) by content;
+    checkpoints and what the stages write beside the model are not part of it."""
+    weights = set(weight_files(path))
     others = sorted(p for p in path.iterdir() if p.is_file() and p not in weights and p.name not in NOT_MODEL_FILES
                     and not p.name.endswith(".lock"))
     return {"path": str(path), "weights": weights_fingerprint(path),
-            "files": _digest([(p.name, file_identity(p).get("sha256") or p.stat().st_mtime_ns) for p in others])}
+            "files": _digest([(p.name, file_identity(p)["sha256"]) for p in others])}
 
 
 def identity(value: str | Path | None) -> dict[str, Any] | None:
@@ -171,11 +186,15 @@ def training_settings(targs) -> dict[str, Any]:
     return {k: getattr(targs, k) for k in TRAINING_SETTINGS}
 
 
+def _content(ident: Any) -> Any:
+    """An input's identity without where it lies."""
+    return {n: v for n, v in ident.items() if n != "path"} if isinstance(ident, dict) else ident
+
+
 def _comparable(fp: dict[str, Any], resume: bool) -> dict[str, Any]:
     """The fingerprint without where things are (a run directory moved elsewhere is the same run), and to
     resume, without the selection."""
-    inputs = {k: ({n: v for n, v in ident.items() if n != "path"} if isinstance(ident, dict) else ident)
-              for k, ident in fp.get("inputs", {}).items()}
+    inputs = {k: _content(ident) for k, ident in fp.get("inputs", {}).items()}
     drop = {"inputs", "output"} | ({"selection"} if resume else set())
     return {**{k: v for k, v in fp.items() if k not in drop}, "inputs": inputs}
 
@@ -202,11 +221,30 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         a, b = old.get(part, {}), new.get(part, {})
         out += [f"{k}: {_show(a.get(k))} -> {_show(b.get(k))}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     a, b = _comparable(old, False)["inputs"], _comparable(new, False)["inputs"]
-    for k in sorted(a.keys() | b.keys()):
-        if a.get(k) != b.get(k):
-            was, now = _show(old["inputs"].get(k)), _show(new["inputs"].get(k))
-            out.append(f"{k}: {was} -> {now}" if was != now else f"{k}: {now} changed")
+    out += [f"{k}: {_input_change(old['inputs'].get(k), new['inputs'].get(k))}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]
     return out
+
+
+def input_changed(recorded: dict[str, Any] | None) -> str | None:
+    """What changed of a local input since its identity was recorded (`model: weights changed (...)` without the
+    name); None when nothing did, or when it is no local file or folder now (a served model, moved away)."""
+    if not isinstance(recorded, dict) or "path" not in recorded or not Path(recorded["path"]).exists():
+        return None
+    now = identity(recorded["path"])
+    return None if _content(now) == _content(recorded) else _input_change(recorded, now)
+
+
+def _input_change(was: Any, now: Any) -> str:
+    """What changed of an input: its content (a model's weights, its config or tokenizer files), wherever it lies
+    (`content changed (expert.jsonl)`, `weights changed (models/a -> models/b)`), or which one it is (a served
+    model's name)."""
+    if not (isinstance(was, dict) and isinstance(now, dict)) or "name" in was or "name" in now:
+        return f"{_show(was)} -> {_show(now)}"
+    parts = sorted({CHANGED_PARTS.get(k, k) for k in was.keys() | now.keys()
+                    if k != "path" and was.get(k) != now.get(k)})
+    where = _show(now) if was.get("path") == now.get("path") else f"{_show(was)} -> {_show(now)}"
+    return f"{' and '.join(parts)} changed ({where})"
 
 
 # ---- one writer per output ------------------------------------------------------------------------------
@@ -328,6 +366,25 @@ class Lock:
 
 # ---- the guard a stage runs under -------------------------------------------------------------------------
 
+def holds_results(entry: Path) -> bool:
+    """Whether an entry of a folder output is a result: not the run card, which a run writes before its first
+    result (a run that failed before producing anything leaves no results for another run's settings to clash
+    with), nor the tracker's event files, nor an empty file or a folder of none."""
+    if entry.name in NOT_RESULT_ENTRIES:
+        return False
+    if entry.is_dir():
+        return any(f.stat().st_size > 0 for f in entry.rglob("*") if f.is_file())
+    return entry.stat().st_size > 0
+
+
+def own_entries(path: Path) -> list[Path]:
+    """What a folder output holds of its stage's: not another stage's output nested in it (step accuracy inside
+    its evaluation, known by its fingerprint or, while its writer starts, by its lock: the two run side by side),
+    not locks, not a temp file left by a killed writer."""
+    return [p for p in path.iterdir() if p.name != FINGERPRINT_FILE and not p.name.endswith(".lock")
+            and not is_staged(p.name) and not (p / FINGERPRINT_FILE).is_file() and not lock_path(p).exists()]
+
+
 class FingerprintMismatch(UserError):
     """The output holds results made with other settings."""
 
@@ -385,17 +442,9 @@ class RunGuard:
             lock.release()
         self.locks = []
 
-    @staticmethod
-    def _own_entries(path: Path) -> list[Path]:
-        """What a folder output holds of this stage's: not another stage's output nested in it (step accuracy
-        inside its evaluation, known by its fingerprint or, while its writer starts, by its lock: the two run
-        side by side), not locks, not a temp file left by a killed writer."""
-        return [p for p in path.iterdir() if p.name != FINGERPRINT_FILE and not p.name.endswith(".lock")
-                and not is_staged(p.name) and not (p / FINGERPRINT_FILE).is_file() and not lock_path(p).exists()]
-
     def _has_results(self, path: Path) -> bool:
         if self.folder:
-            return path.is_dir() and bool(self._own_entries(path))
+            return path.is_dir() and any(holds_results(p) for p in own_entries(path))
         return path.is_file() and path.stat().st_size > 0
 
     def _claim(self, path: Path, fp: dict[str, Any]) -> None:
@@ -424,7 +473,7 @@ class RunGuard:
         if self.folder:  # only this stage's entries: a nested output stays where its writer (maybe running) writes
             moved = aside_names(path)
             moved[0].mkdir()
-            for p in self._own_entries(path) + [record]:
+            for p in own_entries(path) + [record]:
                 if p.exists():
                     p.rename(moved[0] / p.name)
         else:
@@ -466,26 +515,62 @@ def _read_fingerprints(text: str) -> list[dict[str, Any]]:
     return out
 
 
+def output_state(output: str | Path) -> dict[str, Any] | None:
+    """What an output holds now, for a pipeline marker: the fingerprint recorded with it and the name, size and
+    modification time of each of its files (of a folder, its own ones: `own_entries`); None when it is missing.
+    Whatever a later run does to the output (moves it aside, starts it afresh under other settings, resumes it)
+    changes its state."""
+    path = Path(output)
+    if path.is_file():
+        files, root = [path], path.parent
+    elif path.is_dir():
+        files = sorted(f for e in own_entries(path) for f in ([e] if e.is_file() else e.rglob("*")) if f.is_file())
+        root = path
+    else:
+        return None
+    record = fingerprint_path(path, folder=path.is_dir())
+    try:
+        recorded = _comparable(json.loads(record.read_text()), resume=False) if record.is_file() else None
+    except json.JSONDecodeError:
+        recorded = "unreadable"
+    stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return {"fingerprint": _digest(recorded), "files": _digest(stats)}
+
+
+def _output_changes(name: str, was: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:
+    if now is None:
+        return [f"{name}: missing"]
+    if was is None or was.get("fingerprint") != now["fingerprint"]:
+        return [f"{name}: made with other settings since (an interrupted or failed run)"]
+    return [f"{name}: changed since (rewritten, moved or resumed)"] if was.get("files") != now["files"] else []
+
+
 def marker_changes(marker: Path, fingerprints: list[dict[str, Any]]) -> list[str] | None:
-    """None when the marker says the stage completed with these fingerprints, else what differs."""
+    """None when the marker says the stage completed with these fingerprints and its outputs are still the ones it
+    completed, else what differs."""
     if not marker.is_file():
         return ["not run yet"]
     try:
-        done = json.loads(marker.read_text())["fingerprints"]
+        record = json.loads(marker.read_text())
+        done, states = record["fingerprints"], record["outputs"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        return ["a marker without fingerprints (an older version)"]
-    if len(done) != len(fingerprints):
+        return ["a marker without fingerprints and outputs (an older version)"]
+    if len(done) != len(fingerprints) or len(states) != len(done):
         return [f"{len(done)} outputs -> {len(fingerprints)}"]
     changes = []
-    for old, new in zip(done, fingerprints):
+    for old, new, state in zip(done, fingerprints, states):
+        name = Path(new.get("output", "")).name
         if not same(old, new, resume=False):
-            changes += [f"{Path(new.get('output', '')).name}: {d}" for d in differences(old, new)]
+            changes += [f"{name}: {d}" for d in differences(old, new)]
+        elif "output" in new:
+            changes += _output_changes(name, state, output_state(new["output"]))
     return changes or None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """marker-status MARKER: exit 0 when the stage completed with the fingerprints on stdin, else 1 (and say
-    what changed); marker-write MARKER: record them as completed."""
+    """marker-status MARKER: exit 0 when the stage completed with the fingerprints on stdin and its outputs are
+    still what it completed, else 1 (and say what changed); marker-write MARKER: record them as completed, with
+    the state of each output."""
     p = argparse.ArgumentParser(description="The pipeline's stage markers, which carry the stage's fingerprints.")
     p.add_argument("action", choices=("marker-status", "marker-write"))
     p.add_argument("marker", type=Path)
@@ -493,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     fingerprints = _read_fingerprints(sys.stdin.read())
     if a.action == "marker-write":
-        write_json(a.marker, {"fingerprints": fingerprints, "seconds": a.seconds})
+        states = [output_state(fp["output"]) if "output" in fp else None for fp in fingerprints]
+        write_json(a.marker, {"fingerprints": fingerprints, "outputs": states, "seconds": a.seconds})
         return 0
     changes = marker_changes(a.marker, fingerprints)
     if changes is None:
@@ -505,4 +591,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -3,11 +3,11 @@ spelled out; stages take `--run_dir` and ask a `RunDir` for their paths (an expl
 
     RUN_DIR/
       expert/<split>/trajectories.jsonl   expert trajectories (stage 1 data); config.json beside them
-      sft/model/                     the SFT model; sft/config.json its run card
+      sft/model/                     the SFT model, with its run card run_card.json and tensorboard/ in it
       sampling/steps_<kind>.jsonl    step records (stage 2a); sampling/config.json
       sampling/mc/rollouts_<kind>.jsonl   Monte-Carlo rollouts (stage 2b); sampling/mc/config.json
       data_collection/               step rewards, deviations, D_c / D_e / D_s, train.jsonl (stage 3)
-      steca/model/                   the STeCa model (stage 4); steca/config.json
+      steca/model/                   the STeCa model (stage 4), likewise
       eval/<label>/<split>/          one evaluation (stage 5): tasks/, summary.json, config.json
       eval/<label>/<split>/step_accuracy/   the model's greedy step against the expert's (eval.step_accuracy)
       pipeline/<stage>.done          the pipeline's record of a completed stage and the fingerprints it ran with
@@ -39,8 +39,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval_agent.cli import run_main
+
 EVAL_SUMMARY = "summary.json"  # what an evaluation folder (RUN_DIR/eval/<label>/<split>/ or any --out) ends with
 FINGERPRINT_FILE = "fingerprint.json"  # the settings an output folder's results were made with (eval_agent/guard.py)
+RUN_CARD = "config.json"  # a stage's run card (eval_agent/run_card.py), beside or in its output
+TRAINING_CARD = "run_card.json"  # a training stage's, in its model folder (whose config.json is the model's)
+TRACKING_DIR = "tensorboard"  # TensorBoard's event files, in or beside a stage's output (eval_agent/tracking.py)
 VARIANT_FILE = "variant.json"  # in a variant's folder: its base run and the stages it shares with it
 # The pipeline's stages, in order (scripts/run_pipeline.sh; RUN_DIR/pipeline/<stage>.done).
 STAGES = ("expert_data", "sft", "steps", "mc", "data_collection", "steca", "eval")
@@ -230,11 +235,6 @@ def lock_path(output: str | Path) -> Path:
     return output.with_name(f"{output.name}.lock")
 
 
-def card_dir(model_dir: str | Path) -> Path:
-    """Where a training stage writes its run card: beside the model folder, never into the model's own config.json."""
-    return Path(model_dir).parent
-
-
 def main(argv: list[str] | None = None) -> str:
     """Print one path of the layout, for shell scripts (which never spell a path out themselves)."""
     p = argparse.ArgumentParser(description="Print a path of the run directory layout.")
@@ -257,4 +257,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -44,9 +44,11 @@ from typing import Callable, Mapping
 
 from eval_agent import gpus as gpu_info
 from eval_agent import pyenvs
+from eval_agent.cli import run_main
 from eval_agent.disk import TrainingDisk, folder_parameters, run_need, tokenizer_bytes
 from eval_agent.envs import alfworld, virtualhome
 from eval_agent.opt_ins import asks_reflecting_model, generated_training_data, reflection_is_chat
+from eval_agent.redaction import redact
 from eval_agent.variants import Variant, resolve
 
 # The official sets (download_data.sh counts the same): what PRESET=paper needs.
@@ -627,11 +629,11 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     args = build_parser(env).parse_args(argv)
     families = ["alfworld", "virtualhome"] if args.task_family == "both" else [args.task_family]
     report = preflight(env, families, args.run_root)
-    print(report.text(f"PRESET={env.get('PRESET') or 'tiny'}, {args.task_family}"), flush=True)
+    print(redact(report.text(f"PRESET={env.get('PRESET') or 'tiny'}, {args.task_family}")), flush=True)
     if report.problems:
         raise SystemExit(1)
     return report
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval_agent.cli import run_main
 from eval_agent.envs import REGISTRY, get_task_family
 
 # file name pattern -> the stage variable it fills in
@@ -165,4 +166,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

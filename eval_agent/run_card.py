@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from eval_agent.layout import RUN_CARD
 from eval_agent.opt_ins import card_opt_ins
+from eval_agent.redaction import SECRET_WORDS, redact
 from eval_agent.store import write_json
 
 _LIBS = ("torch", "transformers", "accelerate", "vllm", "alfworld", "textworld", "virtualhome", "openai")
-_SECRET_WORDS = {"key", "apikey", "token", "secret", "password"}  # whole name parts: max_new_tokens is no secret
 
 
 def library_versions() -> dict[str, str | None]:
@@ -38,18 +39,19 @@ def git_commit() -> str | None:
 
 
 def run_card(stage: str, args: dict[str, Any]) -> dict[str, Any]:
-    clean = {k: ("<set>" if _SECRET_WORDS & set(k.lower().split("_")) and v else v) for k, v in args.items()}
+    clean = {k: "<set>" if SECRET_WORDS & set(k.lower().split("_")) and v else redact(v) if isinstance(v, str) else v
+             for k, v in args.items()}
     return {
         "stage": stage,
         "args": clean,
         "opt_ins": card_opt_ins(stage, args),  # what makes its results not the paper's, opted into by name
         "versions": {"python": platform.python_version(), **library_versions()},
         "git_commit": git_commit(),
-        "command": " ".join(sys.argv),
+        "command": redact(" ".join(sys.argv)),
     }
 
 
-def write_run_card(out_dir: str | Path, stage: str, args: dict[str, Any]) -> dict[str, Any]:
+def write_run_card(out_dir: str | Path, stage: str, args: dict[str, Any], name: str = RUN_CARD) -> dict[str, Any]:
     card = run_card(stage, args)
-    write_json(Path(out_dir) / "config.json", card)
+    write_json(Path(out_dir) / name, card)
     return card

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from eval_agent.layout import RunDir, card_dir
+from eval_agent.layout import TRACKING_DIR, RunDir
 from eval_agent.store import write_json
 
 TRACKERS = ("tensorboard", "wandb")
@@ -57,12 +57,11 @@ def configure_tracking(targs, stage: str):
     """`TrainingArguments` reporting to the resolved trackers under the run directory's name; the choice is
     recorded in RUN_DIR/tracking.json (the main process writes it) for the stages that follow."""
     out = Path(targs.output_dir)
-    stage_dir = card_dir(out)
-    run = RunDir(stage_dir.parent)
+    run = RunDir(out.parent.parent)
     report_to = resolve_report_to(targs.report_to)
-    name = f"{run.root.resolve().name}/{stage}"
-    if "tensorboard" in report_to:
-        _set_env("TENSORBOARD_LOGGING_DIR", str(stage_dir / "tensorboard"))
+    name = f"{run.root.resolve().name}/{stage}" + ("" if out in (run.sft_model, run.steca_model) else f"/{out.name}")
+    if "tensorboard" in report_to:  # in the output folder: two trainings under one parent never share it
+        _set_env("TENSORBOARD_LOGGING_DIR", str(out / TRACKING_DIR))
     if "wandb" in report_to:
         _set_env("WANDB_PROJECT", WANDB_PROJECT)
         _set_env("WANDB_RUN_GROUP", run.root.resolve().name)
@@ -107,7 +106,7 @@ def log_summary(run_dir: str | Path | None, stage: str, figures: dict[str, Any],
         if tracker == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            with SummaryWriter(log_dir=str(Path(stage_dir) / "tensorboard")) as writer:
+            with SummaryWriter(log_dir=str(Path(stage_dir) / TRACKING_DIR)) as writer:
                 for key, value in numbers.items():
                     writer.add_scalar(f"{stage}/{key}", value, 0)
         elif tracker == "wandb":

@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from eval_agent.chat_format import ChatFormat, write_chat_format
+from eval_agent.chat_format import FORMATS, ChatFormat, write_chat_format
 from eval_agent.layout import RunDir
 from eval_agent.prompts import PromptBuilder
 from eval_agent.store import write_json
@@ -220,6 +220,31 @@ def configure_training_args(targs, global_batch_size: int, precision: str, stage
     return configure_tracking(targs, stage) if stage else targs
 
 
+@dataclass(kw_only=True)
+class StageArguments:
+    """The arguments both training stages take beside transformers' (`StageTrainingArguments`): where the run is,
+    the model and data they train on, the chat format, length, global batch and precision. A stage adds its own
+    and may redefine one to give it another default or help."""
+
+    run_dir: str | None = field(default=None, metadata={"help": "the run directory: reads the stage's inputs, writes "
+                                                                 "its model (eval_agent/layout.py)"})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "the model to train (HF folder)"})
+    data: str | None = field(default=None, metadata={"help": "the training data; default: the run's"})
+    chat_format: str | None = field(default=None, metadata={"help": f"{FORMATS}; default: what the model folder "
+                                                                    "records, else template"})
+    model_max_length: int = field(default=4096, metadata={"help": "tokens per example; longer ones lose whole "
+                                                                  "trailing turns"})
+    global_batch_size: int = field(default=16, metadata={"help": "examples per optimizer step over all processes"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU that has it, else fp32) | bf16 "
+                                                             "| fp32; weights and optimizer stay fp32"})
+    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved model: auto (bf16 after bf16 training) "
+                                                              "| bf16 | fp32"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. flash_attention_2; default: "
+                                                                             "transformers' choice"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh whatever settings made the output folder "
+                                                             "(moved aside as <folder>.old)"})
+
+
 @dataclass
 class StageTrainingArguments(TrainingArguments):
     """What both training stages change in transformers' arguments before their recipes: `--report_to` defaults
@@ -357,8 +382,8 @@ def output_dir_from_run_dir(argv: list[str] | None, model_dir: Callable[[RunDir]
     """`argv` with `--output_dir <the run directory's model folder>` added when --run_dir is given and no
     --output_dir is: before parsing, since TrainingArguments derives its logging folder from it."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    given = {a.split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
-    if "__output_dir" in given:
+    given = {a.split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("-")}
+    if given & {"__output_dir", "__help", "_h"}:  # --help prints the help whatever else is missing
         return argv
     if "__run_dir" not in given:
         raise SystemExit("error: pass --run_dir (the model goes into the run directory) or --output_dir")

@@ -5,6 +5,7 @@
 #   bash scripts/quickstart.sh            # -> outputs/quickstart/report/report.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/usage.sh "$@"  # --help
 
 RUN_ROOT=${RUN_ROOT:-outputs/quickstart}
 TASK_FAMILY=${TASK_FAMILY:-${TASK:-both}}  # alfworld | virtualhome | both

@@ -7,7 +7,8 @@
 # prompts and stops it after the stage (scripts/serve_lib.sh): the SFT model for step records, MC rollouts
 # and self-reflection, then the base, SFT and STeCa models in turn for evaluation; none runs while a model
 # trains. A completed stage leaves a marker in RUN_DIR/pipeline/ with the fingerprints of its settings and
-# inputs, and is skipped on a rerun with the same ones; a changed setting (BASE_MODEL, N, ...) reruns the stages
+# inputs and the state of its outputs, and is skipped on a rerun with the same ones while its outputs are the ones
+# it left; a changed setting (BASE_MODEL, N, ...) reruns the stages
 # it affects, their old results moved aside; an interrupted stage is rerun and resumes (docs/reliability.md).
 # Then the calibration-ability evaluation (Figure 4) of the CALIBRATION_LABELS models, and each VARIANT of the run
 # (eval_agent/variants.py, docs/variants.md): its own stages in RUN_DIR/variants/<name>/, the stages it shares
@@ -19,6 +20,7 @@
 #   VARIANT=table6,delta_0.05 PRESET=tiny bash scripts/run_pipeline.sh    # the main run, then four variants
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/usage.sh "$@"                      # --help
 
 PRESET=${PRESET:-tiny}                            # tiny | small | paper (scripts/presets.sh)
 FAMILIES=${TASK_FAMILY:-${TASK:-alfworld}}        # alfworld | virtualhome | both (TASK: the older name)

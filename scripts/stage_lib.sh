@@ -14,6 +14,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/presets.sh"
 apply_preset "${PRESET:-}"
 
 RUN_DIR=${RUN_DIR:-outputs/${TASK_FAMILY}}      # the run directory every stage reads and writes (eval_agent/layout.py)
+# the running script, from the repository root: a refused value is named by its variable (eval_agent/cli.py)
+export STECA_STAGE_SCRIPT="$(basename "$(dirname "$0")")/$(basename "$0")"
 args=()
 
 opt() {

@@ -21,13 +21,14 @@ from pathlib import Path
 
 from eval_agent.cli import count, run_main
 from eval_agent.envs import add_task_family_arg, get_task_family
-from eval_agent.expert_data import alfworld_expert_trajectory, load_expert_data, to_published
+from eval_agent.expert_data import alfworld_expert_trajectory, check_tasks_matched, load_expert_data, to_published
 from eval_agent.guard import RunGuard, fingerprint, identity, require_output, settings_of
 from eval_agent.layout import RunDir
 from eval_agent.published import training_data
 from eval_agent.run_card import write_run_card
 from eval_agent.runner import MAX_STEPS, Episode, ExpertPolicy, run_episodes
 from eval_agent.store import BadRecord, JsonlStore, write_json
+from eval_agent.trajectory import Trajectory
 from sft.check_expert_data import KEEP, check, kept, summarize
 
 log = logging.getLogger("sft.make_expert_data")
@@ -67,12 +68,18 @@ def vh_trajectories(args: argparse.Namespace) -> Path:
     return path
 
 
-def imported(args: argparse.Namespace, store: JsonlStore, source: Path, out: Path) -> dict[str, int]:
-    """Trajectories of an expert file (published or ours), optionally checked by replay, into the store."""
+def read_source(args: argparse.Namespace, source: Path) -> list[Trajectory]:
+    """The trajectories of an expert file asked for (the first --limit), each playing a task of the split."""
     try:
         trajs = load_expert_data(source)[: args.limit]
     except (BadRecord, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    check_tasks_matched(trajs, args.task_family, args.split, args.data_root, source)
+    return trajs
+
+
+def imported(args: argparse.Namespace, store: JsonlStore, trajs: list[Trajectory], out: Path) -> dict[str, int]:
+    """Trajectories of an expert file (published or ours), optionally checked by replay, into the store."""
     todo = [t for t in trajs if t.meta["key"] not in store]
     failed, dropped = sum(not t.success for t in todo), 0
     todo = [t for t in todo if t.success]
@@ -125,11 +132,12 @@ def main(argv: list[str] | None = None) -> dict:
     if source is None or args.check_replay:  # the games the expert plays, or the replay checks in
         inputs["tasks"] = get_task_family(args.task_family).data_identity(args.split, args.data_root)
     fp = fingerprint("sft.make_expert_data", CODE_VERSION, settings_of(args, drop={"data_root", "source"}), inputs)
+    trajs = read_source(args, source) if source else []  # refused before anything is written
     with RunGuard({out: fp}, folder=False, overwrite=args.overwrite):
         write_run_card(out.parent, "sft.make_expert_data", vars(args))
         store = JsonlStore(out)
         t0 = time.perf_counter()
-        stats = imported(args, store, source, out) if source else alfworld(args, store)
+        stats = imported(args, store, trajs, out) if source else alfworld(args, store)
         require_output(len(store), f"no expert trajectory was kept in {out} ({stats['tasks']} "
                                    f"{args.task_family}/{args.split} tasks, {stats['failed']} not won)")
         if args.export:

@@ -22,7 +22,7 @@ SFT_SCHEDULER=${SFT_SCHEDULER:-${SCHEDULER:-}}
 SFT_WARMUP=${SFT_WARMUP:-${WARMUP:-}}          # warmup, a fraction of the steps
 SFT_WEIGHT_DECAY=${SFT_WEIGHT_DECAY:-${WEIGHT_DECAY:-}}
 SFT_MAX_LEN=${SFT_MAX_LEN:-${MAX_LEN:-}}       # tokens per row; longer ones lose whole trailing turns
-OUT=${OUT:-}                                   # the model folder; empty = the run's; the run card goes to its parent
+OUT=${OUT:-}                                   # the model folder; empty = the run's; its run card goes into it
 
 args+=(--task_family "$TASK_FAMILY" --run_dir "$RUN_DIR")
 opt --model_name_or_path "$BASE_MODEL"

@@ -13,8 +13,8 @@ CPU) or under `accelerate launch` with an FSDP or DeepSpeed config (sft/configs)
 the same --output_dir resumes from its last checkpoint.
 
 Writes into --output_dir: the model and tokenizer, `steca_chat_format.json` (later stages read the
-format from there), `train_summary.json` (rows, tokens, time, tokens/s, the loss log), and the
-run card `config.json` into the parent folder (the stage folder, e.g. RUN_DIR/sft/).
+format from there), `train_summary.json` (rows, tokens, time, tokens/s, the loss log), the run card
+`run_card.json` and the TensorBoard events (so two trainings under one parent folder never mix them).
 
     python -m sft.train --run_dir outputs/alfworld --model_name_or_path models/SmolLM2-135M-Instruct
 """
@@ -28,26 +28,27 @@ from typing import Iterator
 
 from transformers import AutoTokenizer, HfArgumentParser, Trainer
 
-from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
+from eval_agent.chat_format import ChatFormat, resolve_chat_format
 from eval_agent.cli import UserError, at_least, input_file, model_folder, run_main
 from eval_agent.envs import REGISTRY
 from eval_agent.expert_data import check_task_family, load_expert_data
 from eval_agent.guard import fingerprint, identity, prompt_inputs, settings_of, training_guard, training_settings
 from eval_agent.prompts import PromptBuilder, training_instruction
-from eval_agent.layout import RunDir, card_dir
+from eval_agent.layout import TRAINING_CARD, RunDir
 from eval_agent.run_card import write_run_card
 from eval_agent.smollm2 import default_model_dir
 from eval_agent.trajectory import Trajectory
-from eval_agent.training import (PadCollator, StageTrainingArguments, check_master_weights, configure_training_args,
-                                 encode_conversation, finished_training, load_for_training, output_dir_from_run_dir,
-                                 pad_token_id, save_dtype, sft_messages, train_and_save, trained_positions)
+from eval_agent.training import (PadCollator, StageArguments, StageTrainingArguments, check_master_weights,
+                                 configure_training_args, encode_conversation, finished_training, load_for_training,
+                                 output_dir_from_run_dir, pad_token_id, save_dtype, sft_messages, train_and_save,
+                                 trained_positions)
 
 log = logging.getLogger("sft.train")
 CODE_VERSION = 1  # raise it when a change makes the stage give other results for the same settings
 
 
-@dataclass
-class SFTArguments:
+@dataclass(kw_only=True)
+class SFTArguments(StageArguments):
     task_family: str = field(metadata={"help": f"instruction and ICL example of: {sorted(REGISTRY)}", "aliases": ["--task"]})
     run_dir: str | None = field(default=None, metadata={"help": "the run directory: reads its expert data, writes its "
                                                                  "SFT model (eval_agent/layout.py)"})
@@ -55,7 +56,6 @@ class SFTArguments:
                                                                            "the embedded SmolLM2-135M-Instruct"})
     data: str | None = field(default=None, metadata={"help": "expert trajectories: our JSONL or the published "
                                                              "alfworld_sft.json format; default: the run's"})
-    chat_format: str | None = field(default=None, metadata={"help": f"{FORMATS}; default: what the model folder records, else template"})
     icl_num: int = field(default=0, metadata={"help": "in-context examples in the training prompts: 0 (the original) "
                                                       "or 1", "aliases": ["--icl"]})
     instruction_from: str | None = field(default=None, metadata={
@@ -66,14 +66,6 @@ class SFTArguments:
     row_instruction: bool = field(default=False, metadata={
         "help": "train each row with its own instruction (a published row's first turn), as the original did, "
                 "instead of the run's, the one every stage prompts with"})
-    model_max_length: int = field(default=4096, metadata={"help": "tokens per example; longer ones lose whole trailing turns"})
-    global_batch_size: int = field(default=16, metadata={"help": "examples per optimizer step over all processes"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU that has it, else fp32) | bf16 "
-                                                             "| fp32; weights and optimizer stay fp32"})
-    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved model: auto (bf16 after bf16 training) | bf16 | fp32"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. flash_attention_2; default: transformers' choice"})
-    overwrite: bool = field(default=False, metadata={"help": "start afresh whatever settings made the output folder "
-                                                             "(moved aside as <folder>.old)"})
 
 
 @dataclass
@@ -199,7 +191,7 @@ def train(args: SFTArguments, targs: SFTTrainingArguments, fmt_name: str, trajs:
     chat_format = ChatFormat(fmt_name, tokenizer if fmt_name == "template" else None)
     rows, stats = encode_dataset(args, trajs, tokenizer, chat_format)
     if targs.process_index == 0:
-        write_run_card(card_dir(out), "sft", {**vars(args), **targs.to_dict(), "chat_format": fmt_name})
+        write_run_card(out, "sft", {**vars(args), **targs.to_dict(), "chat_format": fmt_name}, TRAINING_CARD)
     log.info("%s: %d rows in, %d used (%d truncated, %d skipped: too long), %d tokens, %d trained",
              args.data, stats["rows_in"], stats["rows_out"], stats["truncated"], stats["skipped_too_long"],
              stats["tokens"], stats["trained_tokens"])

@@ -41,6 +41,16 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def vh_expert(tmp_path_factory) -> Path:
+    """The two shortest generated VirtualHome expert trajectories."""
+    rows = sorted((json.loads(line) for line in (REPO / "data" / "virtualhome" / "vh_train_trajectories.jsonl")
+                   .read_text().splitlines()), key=lambda r: len(r["steps"]))
+    path = tmp_path_factory.mktemp("vh") / "expert.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     from eval_agent.smollm2 import make_tiny_model
 

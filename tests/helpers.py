@@ -1,6 +1,25 @@
 """Small checks and test doubles several test modules share."""
+import os
+import struct
+from pathlib import Path
+
 from eval_agent.envs.base import StepResult, Task
 from eval_agent.llm import Completion
+
+
+def change_weights_in_place(model_dir: Path) -> None:
+    """Change every 4096th byte of model.safetensors' tensor data, keeping its size and modification time: weights
+    trained again (or edited) in place, which a name, size and mtime cannot tell from the old ones."""
+    path = model_dir / "model.safetensors"
+    st = path.stat()
+    with path.open("r+b") as f:
+        start = 8 + struct.unpack("<Q", f.read(8))[0]
+        for offset in range(start, st.st_size, 4096):
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0x01]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def trained_runs(ids: list[int], labels: list[int]) -> list[list[int]]:

@@ -7,6 +7,7 @@ vLLM replica). Standard library only.
 - `POST /v1/completions` and `/v1/chat/completions` answer a valid reply (`text` for every choice, or the
   chat message's content) unless told otherwise by `POST /control` with a JSON object:
   `script`: raw replies (`{"status", "body", "headers"}`) for the next POSTs, in order;
+  `hang`: seconds every POST waits before it is answered (a hung server: longer than the client waits);
   `poison` + `poison_reply`: that raw reply to every POST whose prompt or messages contain `poison`;
   `text`: the valid reply's text; `posts`: the count to start from.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -27,6 +29,7 @@ class State:
         self.poison_reply: dict[str, Any] = {}
         self.text = "Thought: I count.\nAction: count 1"
         self.posts = 0
+        self.hang = 0.0
 
 
 def valid_reply(state: State, path: str, req: dict[str, Any]) -> dict[str, Any]:
@@ -73,13 +76,15 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.rstrip("/")
         if path == "/control":
             with state.lock:
-                for k in ("script", "poison", "poison_reply", "text", "posts"):
+                for k in ("script", "poison", "poison_reply", "text", "posts", "hang"):
                     if k in req:
                         setattr(state, k, req[k])
             return self._raw({"body": "{}"})
         with state.lock:
             state.posts += 1
             scripted = state.script.pop(0) if state.script else None
+        if state.hang:
+            time.sleep(state.hang)
         said = json.dumps(req.get("prompt", req.get("messages")))
         if state.poison and state.poison in said:
             return self._raw(state.poison_reply)

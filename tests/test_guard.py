@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from eval.evaluate import main as evaluate
-from eval_agent.cli import UserError, model_folder
+from eval_agent.cli import UserError, check_weights, model_folder
 from eval_agent.expert_data import load_expert_data
 from eval_agent.guard import FingerprintMismatch, Lock, LockHeld, RunGuard, fingerprint
 from eval_agent.guard import main as guard_main
@@ -25,20 +26,12 @@ from eval_agent.store import BadRecord, move_aside
 from Reinforced_train.data import load_rows
 from sampling.generate_steps import main as generate_steps
 from sampling.merge import main as merge
+from tests.helpers import change_weights_in_place
 
 REPO = Path(__file__).resolve().parent.parent
 VH_TRAJECTORIES = REPO / "data" / "virtualhome" / "vh_train_trajectories.jsonl"
 VH_SEEN = REPO / "data" / "virtualhome" / "vh_seen_test.jsonl"
 TINY_RUN = ["--max_steps", "3", "--max_new_tokens", "4", "--icl_num", "0"]
-
-
-@pytest.fixture(scope="module")
-def vh_expert(tmp_path_factory) -> Path:
-    """The two shortest generated VirtualHome expert trajectories."""
-    rows = sorted((json.loads(line) for line in VH_TRAJECTORIES.read_text().splitlines()), key=lambda r: len(r["steps"]))
-    path = tmp_path_factory.mktemp("vh") / "expert.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
-    return path
 
 
 def run_script(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -95,11 +88,11 @@ def test_step_records_of_another_model_are_refused_expert_ones_do_not_depend_on_
     args = ["--task_family", "virtualhome", "--expert_data", str(vh_expert), "--run_dir", str(tmp_path), "--limit", "1"]
     written = generate_steps(args + ["--kind", "both", "--model", str(tiny_model_dir), *TINY_RUN])
     retrained = shutil.copytree(tiny_model_dir, tmp_path / "retrained")  # the same folder trained again
-    os.utime(retrained / "model.safetensors")
+    change_weights_in_place(retrained)
     steps = RunDir(tmp_path).steps("explore")
     before = steps.read_text()
     with pytest.raises(FingerprintMismatch, match=r"steps_explore.jsonl holds results made with other settings "
-                                                  r"\(model: .*tiny_model.* -> .*retrained\)"):
+                                                  r"\(model: weights changed \(.*tiny_model.* -> .*retrained\)\)"):
         generate_steps(args + ["--kind", "both", "--model", str(retrained), *TINY_RUN])
     assert steps.read_text() == before
     again = generate_steps(args + ["--kind", "expert", "--model", str(retrained), *TINY_RUN])  # no model in them
@@ -160,9 +153,12 @@ def test_move_aside_keeps_results_and_their_fingerprint_together(tmp_path):
 
 def test_markers_carry_the_fingerprints(tmp_path, monkeypatch, capsys):
     marker = RunDir(tmp_path).marker("mc")
+    output = tmp_path / "rollouts.jsonl"
+    output.write_text("{}\n")
 
     def status(fp: dict, action: str = "marker-status") -> int:
-        monkeypatch.setattr(sys, "stdin", io.StringIO("some other line\n" + json.dumps({"output": "o", **fp}) + "\n"))
+        line = json.dumps({"output": str(output), **fp})
+        monkeypatch.setattr(sys, "stdin", io.StringIO("some other line\n" + line + "\n"))
         return guard_main([action, str(marker)])
 
     fp = fingerprint("sampling.mc_rollouts", 1, {"n": 2}, {"steps": {"path": "/a/steps.jsonl", "sha256": "1"}})
@@ -172,10 +168,18 @@ def test_markers_carry_the_fingerprints(tmp_path, monkeypatch, capsys):
     assert status(fingerprint("sampling.mc_rollouts", 1, {"n": 3}, {"steps": {"path": "/a/steps.jsonl", "sha256": "1"}})) == 1
     assert "n: 2 -> 3" in capsys.readouterr().err
     assert status(fingerprint("sampling.mc_rollouts", 1, {"n": 2}, {"steps": {"path": "/a/steps.jsonl", "sha256": "2"}})) == 1
-    assert "steps: /a/steps.jsonl changed" in capsys.readouterr().err
+    assert "steps: content changed (/a/steps.jsonl)" in capsys.readouterr().err
     selected = fingerprint("sampling.mc_rollouts", 1, {"n": 2}, {"steps": {"path": "/a/steps.jsonl", "sha256": "1"}},
                            selection={"limit": 2})
     assert status(selected) == 1 and "limit: null -> 2" in capsys.readouterr().err  # resumable, still a rerun
+    # the marker stands for the output as the stage left it: a rewrite or another run's fingerprint beside it is a rerun
+    output.write_text("{}\n{}\n")
+    assert status(fp) == 1 and "rollouts.jsonl: changed since" in capsys.readouterr().err
+    status(fp, "marker-write")
+    fingerprint_path(output, folder=False).write_text(json.dumps(fingerprint("sampling.mc_rollouts", 1, {"n": 3}, {})))
+    assert status(fp) == 1 and "rollouts.jsonl: made with other settings since" in capsys.readouterr().err
+    output.unlink()
+    assert status(fp) == 1 and "rollouts.jsonl: missing" in capsys.readouterr().err
 
 
 # ---- one writer per output ------------------------------------------------------------------------------
@@ -250,6 +254,40 @@ def test_a_missing_model_folder_or_one_without_a_tokenizer(tmp_path, tiny_model_
     assert model_folder("HuggingFaceTB/SmolLM2-135M-Instruct")  # a Hub id is left to transformers
     with pytest.raises(UserError, match="model folder not found: models/nope"):
         model_folder("models/nope")  # models/ is a folder here: a local path that is missing
+
+
+def test_weights_are_checked_before_loading(tmp_path, tiny_model_dir):
+    """Present, every shard an index names, every safetensors file as long as its header says, each tensor the size
+    of its dtype and shape: else one line naming the file."""
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    check_weights(model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=rf"^{weights}: truncated: {len(data) // 2} bytes, the header gives {len(data)}"):
+        check_weights(model)
+    weights.write_bytes(data[:5])
+    with pytest.raises(UserError, match="not a complete safetensors file .5 bytes"):
+        check_weights(model)
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [header[name]["shape"][0] + 1, *header[name]["shape"][1:]]
+    raw = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    with pytest.raises(UserError, match=rf"tensor {name!r} takes \d+ bytes, its dtype and shape need \d+"):
+        check_weights(model)
+    weights.rename(model / "model-00001-of-00002.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(UserError, match="1 of the 2 weight files model.safetensors.index.json names are missing "
+                                        r"\(e.g. model-00002-of-00002.safetensors\)"):
+        check_weights(model)
+    for p in model.glob("*.safetensors*"):
+        p.unlink()
+    with pytest.raises(UserError, match=rf"^model folder {model} has no weights"):
+        model_folder(str(model))
+    assert model_folder(str(model), "tokenizer", weights=False)  # a tokenizer folder needs none
 
 
 def test_a_stage_that_produces_nothing_fails(tmp_path, vh_expert):

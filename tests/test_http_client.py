@@ -12,7 +12,8 @@ import pytest
 
 from eval_agent.llm import BackendUnavailable, GenerationConfig
 from eval_agent.llm.openai_http import (
-    HTTPClient, OpenAIBackend, Refused, RetryPolicy, chat_choice, completion_choices, parse_retry_after,
+    DEAD_AFTER_S, FIRST_ANSWER_S, HTTPClient, OpenAIBackend, Refused, RetryPolicy, chat_choice, completion_choices,
+    parse_retry_after, request_timeout,
 )
 
 FAST = RetryPolicy(retries=2, backoff_s=0.01, max_backoff_s=0.05)
@@ -36,7 +37,7 @@ def server(scripted_server):
 
 @pytest.fixture
 def fresh(server):
-    server.control(script=[], poison=None, text="Thought: I count.\nAction: count 1", posts=0)
+    server.control(script=[], poison=None, text="Thought: I count.\nAction: count 1", posts=0, hang=0)
     return server
 
 
@@ -197,3 +198,68 @@ def test_one_client_serves_several_event_loops(fresh):
         assert b.generate(["p"], GREEDY)[0][0].text.endswith("count 1")
     finally:
         b.close()
+
+
+def test_a_request_waits_as_long_as_its_length_asks():
+    assert request_timeout(512) == FIRST_ANSWER_S + 256 == 376  # the default max_new_tokens: 6.3 minutes
+    assert request_timeout(40) == 140  # the tiny preset's
+    assert request_timeout(40, fixed=3) == 3  # STECA_HTTP_TIMEOUT
+    assert request_timeout(512) < 600 and DEAD_AFTER_S <= 300  # a hung endpoint stops a run in minutes
+
+
+def test_a_busy_endpoint_keeps_a_queued_request_a_silent_one_does_not():
+    """A request waits while its endpoint answers other requests; silence for its timeout stalls it."""
+    client = HTTPClient(["http://x/v1"], retry=FAST)
+    ep = client.endpoints[0]
+
+    async def slow() -> str:
+        await asyncio.sleep(1.5)
+        return "answer"
+
+    async def busy() -> str:
+        async def answering_others() -> None:
+            while True:
+                ep.last_answer = time.monotonic()
+                await asyncio.sleep(0.02)
+
+        others = asyncio.ensure_future(answering_others())
+        try:
+            return await client._answer(slow(), ep, timeout=0.5)
+        finally:
+            others.cancel()
+
+    assert asyncio.run(busy()) == "answer"
+    with pytest.raises(Exception, match=r"no answer for 0\.\d s \(timeout 0.5 s\)") as stalled:
+        asyncio.run(client._answer(slow(), ep, timeout=0.5))
+    assert type(stalled.value).__name__ == "_Stalled"
+
+
+def test_a_hung_endpoint_is_declared_dead_and_left_then_every_request_fails_at_once(scripted_server, caplog):
+    hung, fine = scripted_server(), scripted_server()
+    hung.control(hang=30)
+    fine.control(hang=0)
+    client = HTTPClient([hung.url, fine.url], timeout=0.3, dead_after=1.0,
+                        retry=RetryPolicy(retries=6, backoff_s=0.01, max_backoff_s=0.05))
+    payload = {"model": "fake", "prompt": "p", "n": 1}
+
+    async def send(keys):
+        return [(await client.post("/completions", payload, lambda u, body: None, route_key=k))[1] for k in keys]
+
+    try:
+        for i in range(100):  # the keys the hung one is first for fail over to the other, until it is dead
+            assert client.run(send([f"first{i}"])) == [fine.url]
+            if client.endpoints[0].dead:
+                break
+        assert f"endpoint {hung.url} answered nothing for 1 s: declared dead" in caplog.text
+        posts = hung.posts()
+        assert client.run(send([f"k{i}" for i in range(20)])) == [fine.url] * 20 and hung.posts() == posts  # left
+        fine.control(hang=30)
+        before = fine.posts()
+        dead = rf"every endpoint is dead \({hung.url}, {fine.url} answered nothing for 1 s, STECA_HTTP_DEAD_AFTER\); "
+        with pytest.raises(BackendUnavailable, match=dead + r"last: endpoint .*(no )?answer(ed nothing)? for"):
+            client.run(send(["k"]))
+        assert fine.posts() - before < 7  # fewer attempts than the retry policy's 7
+        with pytest.raises(BackendUnavailable, match="every endpoint is dead"):  # the next one at once
+            client.run(send(["k2"]))
+    finally:
+        client.close()

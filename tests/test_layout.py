@@ -3,7 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from eval_agent.layout import RunDir, card_dir, report_dir, run_dir_of
+from eval_agent.layout import RunDir, report_dir, run_dir_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -15,7 +15,6 @@ def test_run_dir_paths():
     assert run.rollouts("expert") == Path("out/alfworld/sampling/mc/rollouts_expert.jsonl")
     assert run.evaluation("sft", "seen") == Path("out/alfworld/eval/sft/seen")
     assert run.step_accuracy("sft", "seen") == Path("out/alfworld/eval/sft/seen/step_accuracy")
-    assert card_dir(run.sft_model) == run.sft and card_dir(run.steca_model) == run.steca
     assert run.server_endpoints == Path("out/alfworld/servers/endpoints.txt")
     assert run.server_logs("steca") == Path("out/alfworld/servers/logs/steca")
     assert run_dir_of("out", "virtualhome") == RunDir("out/virtualhome") and report_dir("out") == Path("out/report")

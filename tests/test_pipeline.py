@@ -166,8 +166,8 @@ def test_pipeline_both_envs_killed_and_resumed(tmp_path, tiny_model_dir):
         assert summary["train"]["rows"] == len(train) == sum(v["kept"] for v in summary["sets"].values())
         assert summary["inputs"]["rollouts"] == {k: N * v for k, v in summary["inputs"]["step_records"].items()}
         assert (run.steca_model / "steca_chat_format.json").is_file()
-        assert json.loads((run.sft / "config.json").read_text())["stage"] == "sft"  # run cards beside the models
-        assert json.loads((run.steca / "config.json").read_text())["stage"] == "reinforced_train"
+        assert json.loads((run.sft_model / "run_card.json").read_text())["stage"] == "sft"  # run cards in the models
+        assert json.loads((run.steca_model / "run_card.json").read_text())["stage"] == "reinforced_train"
         for label in ("base", "sft", "steca"):
             for split in ("seen", "unseen"):
                 s = json.loads(run.eval_summary(label, split).read_text())
@@ -226,7 +226,7 @@ def test_pipeline_both_envs_killed_and_resumed(tmp_path, tiny_model_dir):
     assert summary["inputs"]["rollouts"]["expert"] == (N + 1) * records  # the main run's current rollouts
     assert "explored" not in summary["train"]["sets"]
     assert {r["set"] for r in read_jsonl(wo_de.train_set)} <= {"calibration", "expert_sub", "expert_full"}
-    card = json.loads((variants["sft_dpo"].steca / "config.json").read_text())["args"]
+    card = json.loads((variants["sft_dpo"].steca_model / "run_card.json").read_text())["args"]
     assert card["beta"] == 0.1 and card["data"] == str(vh_run.train_set)  # the main run's training set
     assert not vh_run.variant("sft_dpo").joinpath("data_collection").exists()
 

@@ -291,7 +291,7 @@ def test_published_file_trains_on_two_processes_and_resumes(tmp_path, tiny_model
     assert len(logged) == 2 and all(h["nll"] > 0 and "margin" not in h for h in logged)
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
     assert resolve_chat_format(out, None) == "template"
-    card = json.loads((out.parent / "config.json").read_text())
+    card = json.loads((out / "run_card.json").read_text())
     assert card["stage"] == "reinforced_train" and card["args"]["learning_rate"] == 1e-3
     assert card["args"]["lr_scheduler_type"] == "constant_with_warmup" and card["args"]["remove_unused_columns"] is False
     trained = AutoModelForCausalLM.from_pretrained(out).state_dict()

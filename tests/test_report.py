@@ -54,15 +54,18 @@ def table_row(markdown: str, method: str) -> list[str]:
 def two_runs(tmp_path, real_summaries) -> tuple[Path, Path]:
     """outputs/alfworld and outputs/virtualhome as the pipeline lays them out: eval/<label>/<split>/."""
     alf, vh = tmp_path / "alfworld", tmp_path / "virtualhome"
-    shutil.copytree(real_summaries["alfworld"], RunDir(alf).evaluation("base", "seen"))  # the real one, unchanged
     base = "models/SmolLM2-135M-Instruct"
+    place(real_summaries["alfworld"], RunDir(alf).evaluation("base", "seen"), "seen", 1.0, model=base)
     place(real_summaries["alfworld"], RunDir(alf).evaluation("base", "unseen"), "unseen", 0.25, model=base)
     place(real_summaries["alfworld"], RunDir(alf).evaluation("sft", "seen"), "seen", 0.5, model="outputs/alfworld/sft/model")
     place(real_summaries["alfworld"], RunDir(alf).evaluation("steca", "seen"), "seen", 0.75, model="x/steca/model")
     place(real_summaries["alfworld"], RunDir(alf).evaluation("steca", "unseen"), "unseen", 0.625, model="x/steca/model")
     place(real_summaries["virtualhome"], RunDir(vh).evaluation("base", "seen"), "seen", 0.1, model=base)
     place(real_summaries["virtualhome"], RunDir(vh).evaluation("steca", "seen"), "seen", 0.5, model="y/steca/model")
-    shutil.copytree(real_summaries["virtualhome"], RunDir(vh).evaluation("steca", "unseen"))  # real: 100
+    real = shutil.copytree(real_summaries["virtualhome"], RunDir(vh).evaluation("steca", "unseen"))  # 100, its tasks
+    card = json.loads((real / "config.json").read_text())
+    card["args"].update(policy="model", model="y/steca/model")  # as a model's evaluation records itself
+    (real / "config.json").write_text(json.dumps(card))
     return alf, vh
 
 
@@ -100,8 +103,8 @@ def test_tables_chart_and_sources(tmp_path, two_runs):
     assert len(cells) == 8
     real = cells[("base", "alfworld", "seen")]
     assert real["summary"] == str(RunDir(alf).eval_summary("base", "seen"))
-    assert real["config"].endswith("config.json") and real["policy"] == "expert" and real["model"] is None
-    assert real["num_tasks"] == 1 and real["value"] == 100.0
+    assert real["config"].endswith("config.json") and real["policy"] == "model" and real["model"].endswith("Instruct")
+    assert real["num_tasks"] == 1 and real["value"] == 100.0 and real["model_changed"] is None
     assert cells[("sft", "alfworld", "seen")]["model"] == "outputs/alfworld/sft/model"
     steca = next(r for r in saved["rows"] if r["method"] == "STeCa (ours)")
     assert steca["cells"] == [50.0, 100.0, 75.0, 62.5] and steca["average"] == pytest.approx(71.875)
@@ -126,7 +129,7 @@ def test_summary_flag_metric_and_no_paper_rows(tmp_path, real_summaries):
 
 def test_skipped_folders_are_counted(tmp_path, real_summaries):
     run = tmp_path / "alfworld"
-    shutil.copytree(real_summaries["alfworld"], RunDir(run).evaluation("sft", "seen"))
+    place(real_summaries["alfworld"], RunDir(run).evaluation("sft", "seen"), "seen", 1.0, model="m/sft/model")
     (RunDir(run).eval / "steca").mkdir()  # evaluation not run yet
     shutil.copytree(real_summaries["alfworld"], RunDir(run).eval / "flat")  # summary.json without a split folder
     place(real_summaries["alfworld"], RunDir(run).evaluation("sft", "train"), "train", 1.0)
@@ -141,7 +144,7 @@ def test_skipped_folders_are_counted(tmp_path, real_summaries):
 
 def test_bad_input_names_the_file(tmp_path, real_summaries):
     run = tmp_path / "run"
-    bad = place(real_summaries["alfworld"], RunDir(run).evaluation("sft", "seen"), "seen", 0.5)
+    bad = place(real_summaries["alfworld"], RunDir(run).evaluation("sft", "seen"), "seen", 0.5, model="m")
     summary = json.loads(bad.read_text())
     del summary["avg_reward"]
     bad.write_text(json.dumps(summary))
@@ -153,7 +156,7 @@ def test_bad_input_names_the_file(tmp_path, real_summaries):
     place(real_summaries["alfworld"], tmp_path / "x", "seen", 1.5, success=0.5)
     with pytest.raises(SystemExit, match=r"x/summary.json: field 'avg_reward' is 1.5, expected a fraction"):
         report(["--summary", f"a={tmp_path / 'x'}", "--out", str(tmp_path / "o")])
-    shutil.copytree(real_summaries["alfworld"], tmp_path / "alf" / "eval" / "base" / "seen")
+    shutil.copytree(real_summaries["alfworld"], tmp_path / "alf" / "eval" / "expert" / "seen")
     with pytest.raises(SystemExit, match="field 'env' is 'alfworld', but --run says 'virtualhome'"):
         report(["--run", f"virtualhome={tmp_path / 'alf'}", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="a second summary for a alfworld/seen"):
@@ -263,7 +266,7 @@ def test_variant_tables_table9_and_figure4(tmp_path, two_runs):
 
 
 def real_summaries_of(run: Path) -> Path:
-    """A real evaluation summary folder of the run (the expert's, copied in by two_runs)."""
+    """An evaluation summary folder of the run (placed by two_runs)."""
     return RunDir(run).evaluation("base", "seen")
 
 

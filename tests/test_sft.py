@@ -238,7 +238,7 @@ def test_two_process_cpu_training_reloads_and_resumes(tmp_path, tiny_model_dir, 
     ids = tok(ChatFormat("llama-2").render([{"role": "user", "content": "hi"}]), add_special_tokens=False,
               return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2
-    card = json.loads((out.parent / "config.json").read_text())
+    card = json.loads((out / "run_card.json").read_text())
     assert card["stage"] == "sft" and card["args"]["chat_format"] == "llama-2" and card["args"]["learning_rate"] == 1e-3
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"  # the HF config is intact
     # a rerun with more epochs is refused in one line: resuming would mix two recipes into one model

@@ -182,8 +182,8 @@ def test_a_run_with_step_accuracy_only(tmp_path, real_step_accuracy):
 
 def test_step_accuracy_flag_and_bad_summaries(tmp_path, real_summaries, real_step_accuracy):  # noqa: F811
     out = tmp_path / "report"
-    rep = report(["--summary", f"sft={real_summaries['virtualhome']}", "--step_accuracy", f"sft={real_step_accuracy}",
-                  "--out", str(out)])
+    sft = place(real_summaries["virtualhome"], tmp_path / "sft", "unseen", 1.0, model="x/sft/model")
+    rep = report(["--summary", f"sft={sft}", "--step_accuracy", f"sft={real_step_accuracy}", "--out", str(out)])
     row = next(r for r in rep["signals"]["rows"] if r["label"] == "sft" and r["step_accuracy"])
     real = json.loads((real_step_accuracy / "summary.json").read_text())
     assert (row["env"], row["split"]) == ("virtualhome", "unseen") and row["step_accuracy"]["k"] == real["match"]

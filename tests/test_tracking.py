@@ -61,9 +61,9 @@ def test_training_and_summaries_report_to_one_tensorboard_run(tmp_path, tiny_mod
           "--global_batch_size", "2", "--per_device_train_batch_size", "2", "--precision", "fp32", "--max_steps", "1",
           "--save_strategy", "no", "--logging_steps", "1"])  # --report_to left to its default: auto
     assert json.loads(run.tracking.read_text()) == {"report_to": ["tensorboard"], "run": "myrun"}
-    card = json.loads((run.steca / "config.json").read_text())
+    card = json.loads((run.steca_model / "run_card.json").read_text())
     assert card["args"]["run_name"] == "myrun/steca" and card["args"]["report_to"] == ["tensorboard"]
-    assert "train/loss" in scalars(run.steca / "tensorboard")
+    assert "train/loss" in scalars(run.steca_model / "tensorboard")
 
     mc = {"explore": {"records_in": 4, "success_rate": 0.25, "out": "x.jsonl"}}
     assert log_summary(run.root, "mc", mc, run.mc) == ["tensorboard"]

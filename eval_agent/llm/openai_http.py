@@ -9,7 +9,12 @@ evaluation, chat (GPT-4o or any compatible endpoint) for reflection. One retry p
   of its rendezvous order that is not overloaded, and stays there; when that endpoint fails, its keys move, spread
   over the others; `least_busy` sends each request to the endpoint with the fewest in flight;
 - a failing endpoint is skipped for a cool-down that grows while it keeps failing; a request's retry goes at
-  once to the next endpoint of its key, or waits for the first one to come back.
+  once to the next endpoint of its key, or waits for the first one to come back;
+- a request waits for its endpoint as long as its length asks (`request_timeout`: FIRST_ANSWER_S plus
+  SECONDS_PER_TOKEN per token asked for; STECA_HTTP_TIMEOUT fixes it) with no answer from that endpoint (a
+  busy endpoint answering other requests keeps a queued one waiting, up to CAP_FACTOR times that); an endpoint
+  that answered nothing for DEAD_AFTER_S (STECA_HTTP_DEAD_AFTER) since its first failed request is declared
+  dead, and once every endpoint is, every request fails at once: a hung server stops a run in minutes.
 
 The client is asynchronous (httpx); each event loop gets its own connection pool, so the asynchronous episode
 runner awaits requests on its own loop, while the synchronous `generate` of `OpenAIBackend` and the reflection
@@ -43,8 +48,10 @@ from typing import Any, Callable, Coroutine, TypeVar
 import httpx
 
 from eval_agent.llm import BackendUnavailable, Completion, GenerationConfig
+from eval_agent.redaction import redact, redact_library_logs
 
 log = logging.getLogger(__name__)
+redact_library_logs()  # httpx logs every request's URL, credentials included
 T = TypeVar("T")
 
 HOW_TO_START = (
@@ -59,6 +66,10 @@ MAX_REQUESTS = 1024
 # "The decoder prompt (length N) is longer than the maximum model length of M" (engine).
 _OVERFLOW = re.compile(r"maximum context length|maximum model length|context_length_exceeded", re.I)
 ROUTINGS = ("sticky", "least_busy")
+FIRST_ANSWER_S = 120.0  # what a request may wait for its endpoint before its first token (queue, prefill)
+SECONDS_PER_TOKEN = 0.5  # and per token it asks for: an endpoint slower than 2 tokens/s is taken for hung
+CAP_FACTOR = 10  # a request waits at most this many times its timeout, however busy its endpoint
+DEAD_AFTER_S = 300.0  # an endpoint that answered nothing for this long is declared dead (STECA_HTTP_DEAD_AFTER)
 LOAD_SLACK = 1.1  # sticky routing keeps a key on a replica with at most 10% more requests in flight than the mean
 KEY_MEMORY = 1 << 16  # route keys whose replica is remembered (the most recent)
 
@@ -77,6 +88,10 @@ class Refused(RuntimeError):
     def __init__(self, url: str, status: int, message: str):
         super().__init__(f"endpoint {url} refused the request (HTTP {status}): {message}")
         self.url, self.status, self.message = url, status, message
+
+
+class _Stalled(RuntimeError):
+    """No answer from the endpoint within the request's timeout; retried like a server error."""
 
 
 class _Transient(RuntimeError):
@@ -180,6 +195,26 @@ def chat_choice(url: str, body: bytes) -> tuple[str, str, dict[str, int]]:
     return message["content"], choices[0].get("finish_reason") or "stop", usage
 
 
+def request_timeout(max_tokens: int, fixed: float | None = None) -> float:
+    """Seconds a completion request asking for `max_tokens` may wait with no answer from its endpoint: `fixed`
+    (STECA_HTTP_TIMEOUT) when given, else FIRST_ANSWER_S + SECONDS_PER_TOKEN per token (512 tokens: 376 s)."""
+    return fixed if fixed is not None else FIRST_ANSWER_S + SECONDS_PER_TOKEN * max_tokens
+
+
+def env_seconds(name: str) -> float | None:
+    """A number of seconds from the environment (None when unset); a bad value is a user error naming it."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise BackendUnavailable(f"{name}={value}: takes seconds, a number > 0")
+    return seconds
+
+
 def resolve_base_urls(endpoints_file: str | Path | None = None, base_urls: list[str] | str | None = None) -> list[str]:
     """Base URLs from the endpoints file (one per line, `#` comments), else `base_urls`, else $OPENAI_BASE_URL."""
     if endpoints_file:
@@ -203,12 +238,20 @@ def _rendezvous(key: str, url: str) -> int:
 
 @dataclass
 class Endpoint:
-    url: str
+    url: str  # as given, credentials included: requests only
     inflight: int = 0
     failures: int = 0  # consecutive
     down_until: float = 0.0  # monotonic time before which it is skipped
     requests: int = 0  # answered
     errors: int = 0  # failed attempts
+    last_answer: float = 0.0  # monotonic time of its last HTTP answer, whatever its status
+    silent_since: float | None = None  # when the first request it has not answered since its last answer was sent
+    dead: bool = False  # silent for the client's dead_after: never asked again
+
+    @property
+    def name(self) -> str:
+        """The URL as messages show it: without credentials (`eval_agent.redaction`)."""
+        return redact(self.url)
 
 
 @dataclass
@@ -245,11 +288,13 @@ class HTTPClient:
 
     `max_requests` bounds the requests in flight (per event loop); `what` names the endpoints in errors
     ("endpoint", "chat endpoint"). The API key is sent as a bearer token and scrubbed from every message.
+    `timeout`: a request's default timeout (`post` takes each request's own); `dead_after`: seconds without an
+    answer after which an endpoint is dead (default STECA_HTTP_DEAD_AFTER, else DEAD_AFTER_S).
     """
 
     def __init__(self, urls: list[str], api_key: str | None = None, timeout: float = 600.0,
                  max_requests: int = MAX_REQUESTS, retry: RetryPolicy = RetryPolicy(), routing: str = "sticky",
-                 what: str = "endpoint"):
+                 what: str = "endpoint", dead_after: float | None = None):
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
         if max_requests < 1:
@@ -257,6 +302,7 @@ class HTTPClient:
         self.endpoints = [Endpoint(u) for u in urls]
         self.api_key, self.timeout, self.max_requests = api_key, timeout, max_requests
         self.retry, self.routing, self.what = retry, routing, what
+        self.dead_after = dead_after or env_seconds("STECA_HTTP_DEAD_AFTER") or DEAD_AFTER_S
         self.stats = ClientStats()
         self._pools: dict[asyncio.AbstractEventLoop, tuple[dict[str, httpx.AsyncClient], asyncio.Semaphore]] = {}
         self._thread: LoopThread | None = None
@@ -308,13 +354,13 @@ class HTTPClient:
         if url not in clients:
             headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
             limits = httpx.Limits(max_connections=self.max_requests, max_keepalive_connections=self.max_requests)
-            timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0))
+            timeout = httpx.Timeout(None, connect=min(self.timeout, 10.0))  # reads: `_answer` watches them
             clients[url] = httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout)
         return clients[url]
 
     def scrub(self, text: str) -> str:
-        """`text` without the API key (an error message may quote it)."""
-        return text.replace(self.api_key, "***") if self.api_key and len(self.api_key) > 3 else text
+        """`text` without the API key (an error message may quote it) and without credentials in URLs."""
+        return redact(text.replace(self.api_key, "***") if self.api_key and len(self.api_key) > 3 else text)
 
     async def get(self, url: str, path: str, timeout: float) -> httpx.Response:
         """One GET, no retries (start-up probes)."""
@@ -339,36 +385,79 @@ class HTTPClient:
         """
         now = time.monotonic()
         sticky = self.routing == "sticky" and route_key is not None
-        healthy = [ep for ep in self.endpoints if ep.down_until <= now]
+        if self._all_dead():
+            raise BackendUnavailable(f"every {self.what} is dead: {', '.join(ep.name for ep in self.endpoints)} "
+                                     f"answered nothing for {self.dead_after:g} s (STECA_HTTP_DEAD_AFTER)")
+        healthy = [ep for ep in self.endpoints if not ep.dead and ep.down_until <= now]
         bound = math.ceil(LOAD_SLACK * (sum(e.inflight for e in healthy) + 1) / max(1, len(healthy)))
         if sticky and route_key in self._assigned:
             ep = self.endpoints[self._assigned[route_key]]
-            if ep.down_until <= now and ep.inflight < bound:
+            if ep in healthy and ep.inflight < bound:
                 self._assigned.move_to_end(route_key)
                 return ep, 0.0
-        order = [self.endpoints[i] for i in self._order(route_key)]
+        order = [self.endpoints[i] for i in self._order(route_key) if not self.endpoints[i].dead]
         if not healthy:
             ep = min(order, key=lambda e: e.down_until)
             return ep, ep.down_until - now
-        ep = next(e for e in order if e.down_until <= now)
+        ep = next(e for e in order if e in healthy)
         if sticky:
-            ep = next((e for e in order if e.down_until <= now and e.inflight < bound), ep)
+            ep = next((e for e in order if e in healthy and e.inflight < bound), ep)
             self._assigned[route_key] = self.endpoints.index(ep)
             if len(self._assigned) > KEY_MEMORY:
                 self._assigned.popitem(last=False)
         return ep, 0.0
 
-    def _failed(self, ep: Endpoint, retry_after: float | None) -> None:
+    def _all_dead(self) -> bool:
+        return all(ep.dead for ep in self.endpoints)
+
+    def _failed(self, ep: Endpoint, retry_after: float | None, sent: float, answered: bool) -> None:
+        """A failed attempt sent at `sent`: a cool-down, and an endpoint silent for `dead_after` is dead."""
         ep.failures += 1
         ep.errors += 1
         ep.down_until = max(ep.down_until, time.monotonic() + self.retry.delay(ep.failures, retry_after, self._rng))
+        if not answered and ep.silent_since is None:
+            ep.silent_since = sent
+        if not ep.dead and ep.silent_since is not None and time.monotonic() - ep.silent_since >= self.dead_after:
+            ep.dead = True
+            log.error("%s %s answered nothing for %g s: declared dead", self.what, ep.name,
+                      round(time.monotonic() - ep.silent_since, 1))
+
+    async def _answer(self, request: Coroutine[Any, Any, httpx.Response], ep: Endpoint, timeout: float
+                      ) -> httpx.Response:
+        """The response to `request`, sent to `ep` now; `_Stalled` when the endpoint answers nothing (to any
+        request) for `timeout` seconds after it was sent, when it has been silent for the client's `dead_after`,
+        or after CAP_FACTOR x `timeout` in all."""
+        sent = time.monotonic()
+        task = asyncio.ensure_future(request)
+        try:
+            while True:
+                quiet_until = max(sent, ep.last_answer) + timeout
+                deadline = min(quiet_until, sent + CAP_FACTOR * timeout,
+                               ep.silent_since + self.dead_after if ep.silent_since is not None else math.inf)
+                done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
+                if done:
+                    response = task.result()
+                    ep.last_answer, ep.silent_since = time.monotonic(), None
+                    return response
+                now = time.monotonic()
+                if ep.silent_since is not None and now - ep.silent_since >= self.dead_after:
+                    raise _Stalled(f"answered nothing for {round(now - ep.silent_since, 1):g} s")
+                if now >= min(max(sent, ep.last_answer) + timeout, sent + CAP_FACTOR * timeout):
+                    raise _Stalled(f"no answer for {round(now - max(sent, ep.last_answer), 1):g} s (timeout "
+                                   f"{round(timeout, 1):g} s)")
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def post(self, path: str, payload: dict[str, Any], parse: Callable[[str, bytes], T],
-                   route_key: str | None = None) -> tuple[T, str]:
+                   route_key: str | None = None, timeout: float | None = None) -> tuple[T, str]:
         """POST `payload` to `path` of an endpoint; `parse(url, body)` of the first valid 200 answer, and its URL.
+        `timeout`: seconds the request may wait with no answer from its endpoint (default: the client's).
 
-        Raises `Refused` for a 4xx other than 429, `BackendUnavailable` after all retries.
+        Raises `Refused` for a 4xx other than 429, `BackendUnavailable` after all retries or once every endpoint
+        is dead.
         """
+        timeout = timeout or self.timeout
         semaphore = self._pool()[1]
         async with semaphore:
             last: Exception | None = None
@@ -381,15 +470,16 @@ class HTTPClient:
                 if attempt:
                     self.stats.retries += 1
                     self.stats.failovers += ep is not previous
-                if ep.url not in tried:
-                    tried.append(ep.url)
+                if ep.name not in tried:
+                    tried.append(ep.name)
                 previous = ep
                 ep.inflight += 1
+                sent = time.monotonic()
                 try:
-                    response = await self._client(ep.url).post(ep.url + path, json=payload)
+                    response = await self._answer(self._client(ep.url).post(ep.url + path, json=payload), ep, timeout)
                     body = response.content
                     if response.status_code == 200:
-                        result = parse(ep.url, body)
+                        result = parse(ep.name, body)
                         ep.failures, ep.down_until = 0, 0.0
                         ep.requests += 1
                         self.stats.requests += 1
@@ -398,27 +488,34 @@ class HTTPClient:
                     if response.status_code == 429 or response.status_code >= 500:
                         raise _Transient(f"HTTP {response.status_code}: {message}",
                                          parse_retry_after(response.headers.get("retry-after")))
-                    raise Refused(ep.url, response.status_code, message)
-                except (httpx.TransportError, httpx.DecodingError, BadReply, _Transient) as e:
+                    raise Refused(ep.name, response.status_code, message)
+                except (httpx.TransportError, httpx.DecodingError, BadReply, _Transient, _Stalled) as e:
                     last = e
                     self.stats.bad_replies += isinstance(e, BadReply)
-                    self._failed(ep, getattr(e, "retry_after", None))
+                    self._failed(ep, getattr(e, "retry_after", None), sent,
+                                 answered=isinstance(e, (BadReply, _Transient, httpx.DecodingError)))
+                    if self._all_dead():
+                        break
                     if attempt < self.retry.retries:
                         log.warning("%s; retry %d/%d", self._happened(ep, e), attempt + 1, self.retry.retries)
                 finally:
                     ep.inflight -= 1
             self.stats.failed += 1
-            others = [u for u in tried if u != previous.url]
+            others = [u for u in tried if u != previous.name]
             also = f" (also tried {', '.join(others)})" if others else ""
             hint = f"; {HOW_TO_START}" if isinstance(last, httpx.TransportError) and self.what == "endpoint" else ""
-            raise BackendUnavailable(f"request failed {self.retry.retries + 1} times{also}; last: "
+            if self._all_dead():
+                raise BackendUnavailable(f"every {self.what} is dead ({', '.join(p.name for p in self.endpoints)} "
+                                         f"answered nothing for {self.dead_after:g} s, STECA_HTTP_DEAD_AFTER); last: "
+                                         f"{self._happened(previous, last)}{hint}")
+            raise BackendUnavailable(f"request failed {attempt + 1} times{also}; last: "
                                      f"{self._happened(previous, last)}{hint}")
 
     def _happened(self, ep: Endpoint, e: Exception | None) -> str:
         """What went wrong at `ep`, naming it: `endpoint X answered ...`, `endpoint X: HTTP 503: ...`."""
         if isinstance(e, BadReply):
-            return f"{self.what} {ep.url} {e.detail}"
-        return f"{self.what} {ep.url}: {self.scrub(_describe(e))}"
+            return f"{self.what} {ep.name} {e.detail}"
+        return f"{self.what} {ep.name}: {self.scrub(_describe(e))}"
 
 
 def _describe(e: Exception | None) -> str:
@@ -440,8 +537,9 @@ class OpenAIBackend:
         retry = retry or RetryPolicy()
         if max_retries is not None:
             retry = RetryPolicy(max_retries, retry.backoff_s, retry.max_backoff_s)
-        timeout = float(timeout if timeout is not None else os.environ.get("STECA_HTTP_TIMEOUT", 600))
-        self.client = HTTPClient(self.urls, api_key=os.environ.get("OPENAI_API_KEY") or None, timeout=timeout,
+        self.fixed_timeout = timeout if timeout is not None else env_seconds("STECA_HTTP_TIMEOUT")
+        self.client = HTTPClient(self.urls, api_key=os.environ.get("OPENAI_API_KEY") or None,
+                                 timeout=request_timeout(GenerationConfig.max_new_tokens, self.fixed_timeout),
                                  max_requests=max_requests, retry=retry, routing=routing)
         self._checked = False
         self._check_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
@@ -490,12 +588,13 @@ class OpenAIBackend:
                 return f"answered {_snippet(response.content)} to GET /models"
 
         found = await asyncio.gather(*(probe(u) for u in self.urls))
-        down = [f"{u} ({r})" for u, r in zip(self.urls, found) if isinstance(r, str)]
+        down = [f"{redact(u)} ({self.client.scrub(r)})" for u, r in zip(self.urls, found) if isinstance(r, str)]
         if down:
             raise BackendUnavailable(f"cannot use {', '.join(down)}: {HOW_TO_START}")
         for u, ids in zip(self.urls, found):
             if self.model_name not in ids:
-                raise BackendUnavailable(f"{u} serves {ids}, not {self.model_name!r}: pass the served model name")
+                raise BackendUnavailable(f"{redact(u)} serves {ids}, not {self.model_name!r}: pass the served model "
+                                         "name")
 
     async def complete(self, prompt: str, config: GenerationConfig, route_key: str | None = None) -> list[Completion]:
         """`config.n` completions of one prompt (`config.seed` is sent as vLLM's per-request seed)."""
@@ -523,7 +622,8 @@ class OpenAIBackend:
         if config.seed is not None:
             payload["seed"] = config.seed
         (choices, tokens), url = await self.client.post(
-            "/completions", payload, lambda u, body: completion_choices(u, body, n), route_key)
+            "/completions", payload, lambda u, body: completion_choices(u, body, n), route_key,
+            request_timeout(config.max_new_tokens, self.fixed_timeout))
         per_sample = tokens // len(choices)  # usage is the request's total; vLLM gives no per-sample count
         return [Completion(text=text, num_tokens=per_sample, finish_reason=reason, meta={"endpoint": url})
                 for text, reason in choices for _ in range(greedy_copies)]

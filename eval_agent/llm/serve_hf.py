@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from eval_agent.chat_format import FORMATS, ChatFormat, resolve_chat_format
+from eval_agent.cli import model_folder, run_main
 from eval_agent.llm import GenerationConfig
 from eval_agent.llm.hf import HFBackend
 
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-
+    model_folder(args.model)
     backend = HFBackend(args.model, max_context=args.max_context, batch_size=args.batch_size)
     name = args.served_model_name or args.model
     server = Server((args.host, args.port), backend, name, resolve_chat_format(args.model, args.chat_format),
@@ -196,4 +197,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
