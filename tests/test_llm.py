@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from eval_agent.llm import BackendUnavailable, GenerationConfig
-from eval_agent.llm.hf import HFBackend, PrefixCache, shared_prefix_attention
+from eval_agent.llm.hf import HFBackend, PrefixCache
 from eval_agent.llm.openai_http import OpenAIBackend, RetryPolicy, resolve_base_urls
 
 GREEDY = GenerationConfig(max_new_tokens=12)
@@ -134,65 +134,6 @@ def test_shared_prefix_runs_once(tiny_model_dir):
     assert backend.prompt_tokens_run < sum(lengths) - shared  # the shared part ran once at most
     whole = HFBackend(str(tiny_model_dir), prefix_cache_gb=0)
     assert summary(got) == summary(whole.generate(prompts, GREEDY))
-
-
-@pytest.mark.parametrize("q", [1, 3])
-def test_shared_prefix_attention_is_attention_over_both_pieces(q):
-    """The two-piece attention (one copy of the shared prefix, each row's own positions under its padding mask)
-    equals PyTorch's attention over every row's whole sequence, grouped-query heads included."""
-    import torch
-
-    torch.manual_seed(0)
-    batch, heads, kv_heads, head_dim, shared, own = 3, 6, 2, 8, 5, 7
-
-    class Module:
-        layer_idx, is_causal = 0, True
-
-    query = torch.randn(batch, heads, q, head_dim)
-    shared_k, shared_v = torch.randn(kv_heads, shared, head_dim), torch.randn(kv_heads, shared, head_dim)
-    key, value = torch.randn(batch, kv_heads, own, head_dim), torch.randn(batch, kv_heads, own, head_dim)
-    pad = torch.tensor([0, 2, 4])  # left padding of each row's own positions
-    allowed = torch.arange(own)[None, :] >= pad[:, None]  # [batch, own]
-    causal = torch.ones(q, own, dtype=torch.bool).tril(own - q)
-    mask = allowed[:, None, None, :] & causal[None, None]  # [batch, 1, q, own], as transformers' sdpa_mask gives it
-    got, _ = shared_prefix_attention(Module(), query, key, value, mask, shared_prefix=[(shared_k, shared_v)])
-
-    whole_k = torch.cat([shared_k.expand(batch, -1, -1, -1), key], dim=2).repeat_interleave(heads // kv_heads, dim=1)
-    whole_v = torch.cat([shared_v.expand(batch, -1, -1, -1), value], dim=2).repeat_interleave(heads // kv_heads, dim=1)
-    whole_mask = torch.cat([torch.ones(batch, 1, q, shared, dtype=torch.bool), mask], dim=-1)
-    want = torch.nn.functional.scaled_dot_product_attention(query, whole_k, whole_v, attn_mask=whole_mask)
-    assert got.shape == (batch, q, heads, head_dim)
-    assert torch.allclose(got, want.transpose(1, 2), atol=1e-5)
-
-
-def test_decoding_over_a_shared_prefix_gives_the_text_of_whole_rows(tiny_model_dir, monkeypatch):
-    """Rows of different lengths (left padding), a twin and a prompt that is the shared part plus one token: the
-    shared prefix held once gives the greedy text each row gets with every prompt run whole."""
-    from transformers import AttentionInterface
-
-    from eval_agent.llm import hf
-
-    pieces = []
-
-    def spy(module, query, key, value, attention_mask, shared_prefix=None, **kwargs):
-        if shared_prefix is not None and module.layer_idx == 0:
-            pieces.append((shared_prefix[0][0].shape[-2], key.shape[-2]))
-        return shared_prefix_attention(module, query, key, value, attention_mask, shared_prefix=shared_prefix, **kwargs)
-
-    monkeypatch.setitem(AttentionInterface._global_mapping, hf.SHARED_PREFIX_ATTENTION, spy)
-    head = " ".join(f"word{i}" for i in range(50))
-    prompts = [f"{head} task one", f"{head} the second task is longer", f"{head} task one", f"{head} x",
-               f"{head} and a fourth, the longest of all of them by far"]
-    shared = HFBackend(str(tiny_model_dir), batch_size=5)
-    got = shared.generate(prompts, GREEDY)
-    head_tokens = len(shared.tokenizer(head)["input_ids"])
-    assert pieces and all(n >= head_tokens > own for n, own in pieces)  # every step: the head once, the rest per row
-    whole = HFBackend(str(tiny_model_dir), prefix_cache_gb=0)
-    assert summary(got) == summary(whole.generate(prompts, GREEDY))
-    assert summary(got) == summary([whole.generate([p], GREEDY)[0] for p in prompts])
-    # the next step of each conversation starts from the states the shared decode left in the prefix cache
-    follow = [p + c[0].text + " and then" for p, c in zip(prompts, got)]
-    assert summary(shared.generate(follow, GREEDY)) == summary(whole.generate(follow, GREEDY))
 
 
 def test_a_prompt_that_begins_another_of_its_call_reuses_its_states(tiny_model_dir):

@@ -13,11 +13,6 @@ rollouts of one step record and all prompts of a task family share most of those
   in place (transformers' DynamicCache re-copies the whole cache for every token), only the last
   position goes through the LM head, finished rows leave the batch, and stop strings are checked on
   each row's text as it grows (no per-call stop-string tables, which `generate` rebuilds every call).
-- The prefix all rows of a batch share is kept once, not once per row: a decoding step reads every row's
-  key/value states, and at 1-2k tokens a prompt those dwarf the weights (SmolLM2-135M: 45 KB a token,
-  64 MB a row at 1.4k tokens against 0.5 GB of weights for the whole batch), while instruction and example
-  are most of every prompt. `shared_prefix_attention` attends to the shared states with one matrix product
-  for all rows and to each row's own states apart; the same attention, computed in two pieces.
 
 Batched greedy decoding gives the same text as one prompt at a time (tested): each prompt is run on
 its own, and in the batch each row keeps its own positions and attends only to its own tokens (left
@@ -30,57 +25,13 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from eval_agent.llm import Completion, GenerationConfig
 
 # Below this many shared leading tokens, running the common part of a call's prompts once is not worth a pass.
 MIN_SHARED_PREFIX = 32
-
-
-# The attention the backend's models run: PyTorch's scaled-dot-product attention, or the two-piece one when a
-# decoding step passes the batch's shared prefix (`shared_prefix=`, one (keys, values) pair per layer).
-SHARED_PREFIX_ATTENTION = "steca_shared_prefix"
-
-
-def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                            shared_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None, **kwargs):
-    """Attention over a prefix every row shares (keys and values [kv_heads, shared, head_dim], stored once) and then
-    each row's own positions (`key`, `value` [batch, kv_heads, own, head_dim], masked by `attention_mask`), with one
-    softmax over both: the shared part is one product for all rows, so its states are read once per step instead
-    of once per row. Without `shared_prefix`, transformers' sdpa attention."""
-    if shared_prefix is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    shared_keys, shared_values = shared_prefix[module.layer_idx]
-    batch, heads, q, head_dim = query.shape
-    kv_heads, shared = key.shape[1], shared_keys.shape[-2]
-    group = heads // kv_heads  # the query heads of a key/value head (grouped-query attention) are consecutive
-    scaling = head_dim ** -0.5 if scaling is None else scaling
-    rows = query.reshape(batch, kv_heads, group * q, head_dim)
-    own = torch.matmul(rows, key.transpose(-1, -2)) * scaling  # [batch, kv_heads, group * q, own]
-    if attention_mask is None and q > 1:
-        attention_mask = torch.ones(q, key.shape[-2], dtype=torch.bool, device=query.device).tril(key.shape[-2] - q)
-    if attention_mask is not None:  # [batch or 1, 1, q, own], True (or 0) where a query may look
-        mask = attention_mask[..., -key.shape[-2]:]
-        mask = mask.reshape(-1, 1, 1, q, mask.shape[-1]).expand(-1, 1, group, q, -1).reshape(-1, 1, group * q, mask.shape[-1])
-        own = own.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else own + mask
-    by_head = rows.transpose(0, 1).reshape(kv_heads, batch * group * q, head_dim)  # every row against the one copy
-    first = torch.matmul(by_head, shared_keys.transpose(-1, -2)) * scaling  # [kv_heads, batch * group * q, shared]
-    first = first.reshape(kv_heads, batch, group * q, shared).transpose(0, 1)
-    probs = torch.softmax(torch.cat([first, own], dim=-1), dim=-1)
-    out = torch.matmul(probs[..., shared:], value)
-    out += torch.matmul(probs[..., :shared].transpose(0, 1).reshape(kv_heads, batch * group * q, shared),
-                        shared_values).reshape(kv_heads, batch, group * q, head_dim).transpose(0, 1)
-    return out.reshape(batch, heads, q, head_dim).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
-AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, sdpa_mask)
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -173,21 +124,16 @@ def in_place_cache(buffer: torch.Tensor, length: int) -> DynamicCache:
 
 class HFBackend:
     """`batch_size` rows decode together; `prefix_cache_gb` bounds the prefix cache (SmolLM2-135M in float32
-    holds 45 KB a token: 4 GB keep ~90k tokens, some 40-60 live episodes of 1.5-2k tokens; 0 turns it off);
-    `share_prefix` holds the prefix a batch's rows share once while they decode (False: a copy per row, as before;
-    scripts/bench_runner.py measures the two side by side)."""
+    holds 45 KB a token: 4 GB keep ~90k tokens, some 40-60 live episodes of 1.5-2k tokens; 0 turns it off)."""
 
     def __init__(self, model: str, device: str | None = None, dtype: torch.dtype | None = None,
-                 batch_size: int = 16, max_context: int | None = None, prefix_cache_gb: float = 4.0,
-                 share_prefix: bool = True):
+                 batch_size: int = 16, max_context: int | None = None, prefix_cache_gb: float = 4.0):
         self.model_name = model
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         dtype = dtype or (torch.bfloat16 if self.device == "cuda" else torch.float32)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(self.device).eval()
-        self.model.set_attn_implementation(SHARED_PREFIX_ATTENTION)
         self.batch_size = batch_size
-        self.share_prefix = share_prefix
         config = self.model.config
         self.max_context = max_context or getattr(config, "max_position_embeddings", None)
         eos = self.model.generation_config.eos_token_id
@@ -252,68 +198,49 @@ class HFBackend:
         self._prefill(prompts[0][:shared], buffer)
         self.prefix_cache.add(prompts[0][:shared], buffer[:, :, 0])
 
-    def _shared_states(self, prompts: list[torch.Tensor], shared: int) -> torch.Tensor | None:
-        """The cached states [layers, 2, heads, shared, head_dim] of the `shared` tokens every prompt begins with,
-        leaving each prompt at least one token of its own (None: too short to be worth a piece of its own)."""
-        shared = min(shared, min(len(p) for p in prompts) - 1)
-        if shared < MIN_SHARED_PREFIX:
-            return None
-        states, n = self.prefix_cache.longest(prompts[0][:shared])
-        return states[:, :, :, :shared] if states is not None and n >= shared else None
-
     def _generate_batch(self, prompts: list[torch.Tensor], config: GenerationConfig) -> list[Completion]:
         # Each row's own budget (what it would get alone): a long prompt must not shorten its neighbours.
         budgets = [config.max_new_tokens if self.max_context is None
                    else max(1, min(config.max_new_tokens, self.max_context - len(p))) for p in prompts]
-        by_text: dict[bytes, int] = {}  # one run per distinct prompt
-        distinct = list({p.numpy().tobytes(): p for p in prompts}.values())
-        self.prompt_tokens += sum(len(p) for p in prompts)
-        begins_another: set[bytes] = set()
-        shared_states = None
-        if self.prefix_cache.max_tokens > 0 and len(distinct) > 1:
-            shared = min(common_prefix(distinct[0], p) for p in distinct[1:])
-            self._cache_shared_prefix(distinct, shared)
-            begins_another = begun_by_shorter(distinct, shared)
-            shared_states = self._shared_states(prompts, shared) if self.share_prefix else None
-        skip = 0 if shared_states is None else shared_states.shape[-2]  # positions held once, not per row
-        width = max(len(p) for p in prompts) - skip  # rows are left-padded to end together at column `width`
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)  # rows are left-padded to end together at column `width`
         layers, kv, heads, head_dim = self.state_shape
         buffer = torch.empty(layers, kv, len(prompts), heads, width + max(budgets), head_dim, dtype=self.model.dtype,
                              device=self.device)
         mask = torch.zeros(len(prompts), width + max(budgets), dtype=torch.long, device=self.device)
+        by_text: dict[bytes, int] = {}  # one run per distinct prompt
+        distinct = list({p.numpy().tobytes(): p for p in prompts}.values())
+        self.prompt_tokens += sum(len(p) for p in prompts)
+        begins_another: set[bytes] = set()
+        if self.prefix_cache.max_tokens > 0 and len(distinct) > 1:
+            shared = min(common_prefix(distinct[0], p) for p in distinct[1:])
+            self._cache_shared_prefix(distinct, shared)
+            begins_another = begun_by_shorter(distinct, shared)
         first_logits = []
         for r, p in enumerate(prompts):
-            start = width - (len(p) - skip)
+            start = width - len(p)
             buffer[:, :, r, :, :start] = 0  # masked, but 0 * garbage (NaN) would still poison the sum
             mask[r, start:width] = 1
             text = p.numpy().tobytes()
             twin = by_text.setdefault(text, r)
-            if twin != r:
+            if twin == r:
+                first_logits.append(self._prefill(p, buffer[:, :, r:r + 1, :, start:]))
+                if text in begins_another:  # prompts run longest first: the shorter one reuses it
+                    self.prefix_cache.add(p, buffer[:, :, r, :, start:width].clone())
+            else:
                 buffer[:, :, r, :, start:width] = buffer[:, :, twin, :, start:width]
                 first_logits.append(first_logits[twin])
-                continue
-            whole = buffer[:, :, r:r + 1, :, start:] if not skip else torch.empty(
-                layers, kv, 1, heads, len(p), head_dim, dtype=self.model.dtype, device=self.device)
-            first_logits.append(self._prefill(p, whole))
-            if skip:
-                buffer[:, :, r, :, start:width] = whole[:, :, 0, :, skip:]
-            if text in begins_another:  # prompts run longest first: the shorter one reuses it
-                self.prefix_cache.add(p, whole[:, :, 0, :, :len(p)].clone())
-        return self._decode(prompts, budgets, buffer, mask, width, torch.stack(first_logits), config, shared_states)
+        return self._decode(prompts, budgets, buffer, mask, width, torch.stack(first_logits), config)
 
     def _decode(self, prompts: list[torch.Tensor], budgets: list[int], buffer: torch.Tensor, mask: torch.Tensor,
-                width: int, logits: torch.Tensor, config: GenerationConfig,
-                shared_states: torch.Tensor | None = None) -> list[Completion]:
+                width: int, logits: torch.Tensor, config: GenerationConfig) -> list[Completion]:
         """Sample until every row ends (end of sequence, stop string, budget); finished rows leave the batch
-        once half of it is done. `shared_states`: the prefix all rows begin with, not in `buffer`."""
+        once half of it is done."""
         generated: list[list[int]] = [[] for _ in prompts]
         done: list[Completion | None] = [None] * len(prompts)
         live = list(range(len(prompts)))  # batch row -> prompt
         positions = torch.tensor([len(p) for p in prompts], device=self.device)
         cache, column = in_place_cache(buffer, width), width
-        skip = 0 if shared_states is None else shared_states.shape[-2]
-        extra = {} if shared_states is None else {
-            "shared_prefix": [(layer[0].contiguous(), layer[1].contiguous()) for layer in shared_states]}
         while True:
             tokens = self._pick(logits, config).tolist()
             for r, token in zip(live, tokens):
@@ -323,9 +250,7 @@ class HFBackend:
             if not keep or 2 * len(keep) <= len(live):  # shrink the batch to the live rows
                 for b, r in enumerate(live):
                     if done[r] is not None:
-                        own = buffer[:, :, b, :, width - (len(prompts[r]) - skip):]
-                        self._remember(prompts[r], generated[r], done[r],
-                                       own if not skip else torch.cat([shared_states, own], dim=-2))
+                        self._remember(prompts[r], generated[r], done[r], buffer[:, :, b, :, width - len(prompts[r]):])
                 if not keep:
                     break
                 index = torch.tensor(keep, device=self.device)
@@ -334,7 +259,7 @@ class HFBackend:
                 cache = in_place_cache(buffer, column)
             mask[:, column] = 1
             out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], position_ids=positions[:, None],
-                             attention_mask=mask[:, :column + 1], cache=cache, use_cache=True, **extra)
+                             attention_mask=mask[:, :column + 1], cache=cache, use_cache=True)
             logits, positions, column = out.logits[:, -1].float(), positions + 1, column + 1
         return done  # type: ignore[return-value]
 
