@@ -1,5 +1,6 @@
-"""How long each pipeline stage took, per run, from the stage markers (eval_agent/guard.py): the table the
-pipeline prints at its end, so a user sees where the time went (and what a skipped stage cost when it ran).
+"""How long each pipeline stage took, per run and per variant of it (RUN_DIR/variants/<name>/, a column of its own),
+from the stage markers (eval_agent/guard.py): the table the pipeline prints at its end, so a user sees where the
+time went (and what a skipped stage cost when it ran).
 
     python -m eval.stage_times --run alfworld=outputs/quickstart/alfworld --run virtualhome=... [--out FOLDER]
 """
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> str:
         if not sep:
             p.error(f"--run {item}: expected NAME=RUN_DIR")
         runs[name] = marker_seconds(Path(path))
+        for variant in sorted(p for p in RunDir(path).variants.glob("*") if p.is_dir()):
+            runs[f"{name}/{variant.name}"] = marker_seconds(variant)
     table = "## Stage times\n\n" + to_markdown(runs)
     if args.out:
         write_atomic(args.out / "stage_times.md", table)

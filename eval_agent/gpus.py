@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from eval_agent.cli import run_main
+
 # The oldest driver that runs any build of a CUDA major version (NVIDIA's minor-version compatibility: a
 # driver of 12.x runs builds for later 12.y too, but nothing of 13).
 MIN_DRIVER = {12: "525.60.13", 13: "580.65.06"}
@@ -156,4 +158,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -6,9 +6,10 @@
 - reflection, or LLM step rewards, by the SFT model itself (`REFLECT_BACKEND=self`): the paper's Table 3 rows,
   not its STeCa.
 
-Every training stage's run card (`config.json`, eval_agent/run_card.py) records them under `opt_ins`
-({label: what it means}), from the settings the stage ran with; the report reads the cards of the stages that
-made a model and puts the labels after the row name: `STeCa (ours) [self-reflection, generated data]`.
+Every training stage's run card (`run_card.json` in its model folder, eval_agent/run_card.py) and data
+collection's record them under `opt_ins` ({label: what it means}), from the settings the stage ran with; the
+report reads the cards of the stages that made a model and puts the labels after the row name:
+`STeCa (ours) [self-reflection, generated data]`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from eval_agent.layout import RunDir
+from eval_agent.layout import RUN_CARD, TRAINING_CARD, RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATED_DATA = "generated data"
@@ -45,7 +46,7 @@ def expert_source(env: Mapping[str, str], run_dir: str | Path | None = None) -> 
     if env.get("EXPERT_DATA"):
         return env["EXPERT_DATA"]
     if run_dir is not None:
-        card = RunDir(run_dir).expert_data("train").parent / "config.json"
+        card = RunDir(run_dir).expert_data("train").parent / RUN_CARD
         if card.is_file():
             return (json.loads(card.read_text()).get("args") or {}).get("source")
     return env.get("EXPERT_SOURCE") or None
@@ -125,10 +126,9 @@ def card_opt_ins(stage: str, args: Mapping[str, Any], env: Mapping[str, str] | N
 def _cards(run: RunDir, label: str) -> list[Path]:
     """The run cards of the stages that made the model `label` names (none for the base model or the expert)."""
     if label == "sft":
-        return [run.sft_model.parent / "config.json"]
+        return [run.sft_model / TRAINING_CARD]
     if label == "steca":
-        return [run.sft_model.parent / "config.json", run.data_collection / "config.json",
-                run.steca_model.parent / "config.json"]
+        return [run.sft_model / TRAINING_CARD, run.data_collection / RUN_CARD, run.steca_model / TRAINING_CARD]
     return []
 
 

@@ -102,12 +102,17 @@ def test_reflection_without_a_key_is_refused_unless_self_by_name(smollm2_dir):
     assert not any("self_reflection:" in p or "wo_de:" in p for p in found)  # wo_de's problem is the main run's
 
 
-def test_run_cards_and_report_label_self_reflection_and_generated_data(tmp_path, smollm2_dir, monkeypatch):
+def model_evaluation(run: Path, label: str, model: Path, limit: str = "1") -> None:
+    """A real evaluation of `model` labelled `label` (a label names a model: the expert's run would be refused)."""
+    evaluate(["--task", "alfworld", "--split", "seen", "--model", str(model), "--limit", limit, "--max_steps", "1",
+              "--max_new_tokens", "4", "--run_dir", str(run), "--label", label])
+
+
+def test_run_cards_and_report_label_self_reflection_and_generated_data(tmp_path, tiny_model_dir, monkeypatch):
     for key in KEYS:
         monkeypatch.delenv(key, raising=False)
     alf = tmp_path / "alfworld"
-    evaluate(["--task", "alfworld", "--split", "seen", "--policy", "expert", "--limit", "1",
-              "--out", str(RunDir(alf).evaluation("steca", "seen"))])
+    model_evaluation(alf, "steca", tiny_model_dir)
     shutil.copytree(RunDir(alf).evaluation("steca", "seen"), RunDir(alf).evaluation("base", "seen"))
     env = dict(os.environ)
     args = {"task_family": "alfworld", "run_dir": str(alf), "train_sets": ("calibration", "explored"),
@@ -191,11 +196,10 @@ def test_paper_preset_sets_the_published_code_choices():
 
 # ---- the evaluation manifest ------------------------------------------------------------------------------
 
-def test_manifest_recorded_and_different_ones_refused(tmp_path):
+def test_manifest_recorded_and_different_ones_refused(tmp_path, tiny_model_dir):
     run = tmp_path / "alfworld"
     for label, limit in (("base", "1"), ("sft", "2")):
-        evaluate(["--task", "alfworld", "--split", "seen", "--policy", "expert", "--limit", limit,
-                  "--out", str(RunDir(run).evaluation(label, "seen"))])
+        model_evaluation(run, label, tiny_model_dir, limit)
     base = json.loads(RunDir(run).eval_summary("base", "seen").read_text())["manifest"]
     assert base["num_tasks"] == 1 and base["tasks"][0].startswith("valid_seen/") and len(base["tasks_sha256"]) == 64
     assert set(base["packages"]) == {"alfworld", "textworld"} and base["packages"]["alfworld"]

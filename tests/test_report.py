@@ -283,3 +283,8 @@ def test_stage_times_from_the_markers(tmp_path, capsys):
     assert "| sft | 61 s | 20 s |" in table and "| mc | 30 s | - |" in table and "| eval |" not in table
     assert "| **total** | **91 s** | **20 s** |" in table and "111 s (1.9 min)" in table
     assert (tmp_path / "stage_times.md").read_text() == table == capsys.readouterr().out
+    variant = RunDir(tmp_path / "a" / "variants" / "wo_dc")  # a variant's own stages: a column of its own
+    variant.pipeline.mkdir(parents=True)
+    variant.marker("steca").write_text(json.dumps({"fingerprints": [], "seconds": 7}))
+    table = stage_times(["--run", f"a={tmp_path / 'a'}"])
+    assert "| stage | a | a/wo_dc |" in table and "| steca | - | 7 s |" in table and "**91 s** | **7 s** |" in table
