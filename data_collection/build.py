@@ -38,7 +38,7 @@ from eval_agent.guard import (RunGuard, fingerprint, identity, model_arg_names, 
 from eval_agent.layout import RunDir
 from eval_agent.prompts import training_instruction
 from eval_agent.run_card import write_run_card
-from eval_agent.records import KINDS, Rollout, StepRecord
+from eval_agent.records import KINDS, MIN_STEP, Rollout, StepRecord
 from eval_agent.runner import add_model_args, run_prompt
 from eval_agent.store import BadRecord, JsonlStore, read_jsonl, write_atomic, write_json
 from eval_agent.trajectory import Step, Trajectory
@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--delta", type=float, default=0.0, help="deviated when r(explored t) <= r(expert t-1) + delta")
     g.add_argument("--strict", action="store_true", help="< instead of the original's <=")
     g.add_argument("--sim_threshold", type=float, default=0.95, help="deviated only when action similarity is below")
-    g.add_argument("--min_step", type=natural, default=2, help="explored steps t < MIN_STEP are not considered")
+    g.add_argument("--min_step", type=natural, default=MIN_STEP,
+                   help="explored steps t < MIN_STEP are not considered (the original: 2); MC rolls out from there")
     g.add_argument("--margin", type=float, default=0.01, help="expert_sub / expert_full: the expert must be better by this")
     g = p.add_argument_group("weights (nDTW)")
     g.add_argument("--k", type=non_negative, help="reward = 1 +/- k * nDTW (default: alfworld 0.01, virtualhome 1)")
@@ -336,8 +337,12 @@ def collect(args: argparse.Namespace, embeddings: ActionEmbeddings | None) -> di
     rewards, reward_stats, scorer_stats = {}, {}, None
     if args.step_reward == "mc":
         for kind in KINDS:
-            by_key, reward_stats[kind] = step_rewards(records[kind], rollouts[kind], args.n)
+            by_key, reward_stats[kind] = step_rewards(records[kind], rollouts[kind], args.n, args.min_step)
             rewards.update(by_key)
+            if reward_stats[kind]["missing_samples"]:  # counted skips below; say why they may be missing
+                log.warning("%d %s records judged here have no rollouts (e.g. %s): MC was interrupted, or ran with a "
+                            "higher MIN_STEP than this stage's %d (rerun it with the same)", reward_stats[kind]["missing_samples"],
+                            kind, reward_stats[kind]["missing_examples"][0], args.min_step)
     else:
         scorer = StepScorer(reflection_model(args, SCORE_SETTINGS), out / SCORE_CACHE, retries=args.reflect_retries)
         for kind in KINDS:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from data_collection.embeddings import ActionEmbeddings
-from eval_agent.records import StepRecord
+from eval_agent.records import MIN_STEP, StepRecord
 from eval_agent.trajectory import Step
 
 CRITERIA = ("reward_not_higher", "continuation_failed", "action_differs", "dissimilar", "has_continuation")
@@ -24,7 +24,7 @@ class DeviationConfig:
     delta: float = 0.0
     strict: bool = False  # `<` instead of the original's `<=`
     sim_threshold: float = 0.95
-    min_step: int = 2
+    min_step: int = MIN_STEP
 
     def reward_not_higher(self, explored: float, expert_prev: float) -> bool:
         """r(explored) - r(expert prev) <= delta (< when strict); a difference within 1e-9 of delta

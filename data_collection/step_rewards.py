@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from data_collection.reflection import CachedAsker, Cleaned
-from eval_agent.records import Rollout, StepRecord, mc_values
+from eval_agent.records import MIN_STEP, Rollout, StepRecord, judged, mc_values
 
 SOURCES = ("mc", "llm")
 SCORE_REQUEST = (
@@ -43,9 +43,11 @@ class StepReward:
         return asdict(self)
 
 
-def step_rewards(records: list[StepRecord], rollouts: list[Rollout], n: int | None) -> tuple[dict[str, StepReward], dict[str, Any]]:
+def step_rewards(records: list[StepRecord], rollouts: list[Rollout], n: int | None,
+                 min_step: int = MIN_STEP) -> tuple[dict[str, StepReward], dict[str, Any]]:
     """Monte-Carlo rewards by record key, and the counts for the summary. A rollout key seen twice counts once
-    (the last copy, as `JsonlStore` reads it); rollouts of unknown records are counted, not used."""
+    (the last copy, as `JsonlStore` reads it); rollouts of unknown records are counted, not used. Records before
+    the steps data collection judges (`judged`) need none: MC leaves them out, and they are counted apart."""
     unique = {r.key: r for r in rollouts}
     known = {rec.key for rec in records}
     used = [r for r in unique.values() if r.record_key in known]
@@ -53,10 +55,13 @@ def step_rewards(records: list[StepRecord], rollouts: list[Rollout], n: int | No
     samples = Counter(r.record_key for r in used)
     out = {rec.key: StepReward(rec.key, rec.task_key, rec.t, rec.kind, means.get(rec.key), "mc", samples[rec.key])
            for rec in records}
-    missing = [k for k, s in out.items() if s.samples == 0]
+    needed = {rec.key for rec in records if judged(rec.kind, rec.t, min_step)}
+    missing = [k for k, s in out.items() if s.samples == 0 and k in needed]
     stats = {"records": len(records), "rollouts": len(rollouts), "duplicate_rollout_keys": len(rollouts) - len(unique),
-             "rollouts_of_unknown_records": len(unique) - len(used), "with_reward": len(out) - len(missing),
-             "missing_samples": len(missing), "missing_examples": missing[:5]}
+             "rollouts_of_unknown_records": len(unique) - len(used),
+             "with_reward": sum(s.samples > 0 for s in out.values()), "missing_samples": len(missing),
+             "missing_examples": missing[:5],
+             "not_judged_without_samples": sum(s.samples == 0 and k not in needed for k, s in out.items())}
     if n is not None:
         stats["expected_samples"] = n
         stats["fewer_samples"] = sum(0 < s.samples < n for s in out.values())

@@ -21,6 +21,16 @@ from eval_agent.store import BadRecord, read_jsonl
 from eval_agent.trajectory import Step, Trajectory
 
 KINDS = ("expert", "explore")
+# The first explored step data collection judges (the original skips iterations 0 and 1): its deviation test
+# compares an explored step t with the expert's step t-1, and D_s pairs steps t >= MIN_STEP. Monte-Carlo rollouts
+# are made for those records only (`judged`), a default both stages read.
+MIN_STEP = 2
+
+
+def judged(kind: str, t: int, min_step: int = MIN_STEP) -> bool:
+    """Whether data collection reads the step reward of a record of `kind` at step t: an explored step from
+    `min_step` on, an expert step from one before it."""
+    return t >= (min_step if kind == "explore" else min_step - 1)
 
 
 def task_step_key(task_key: str, t: int) -> str:

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Container
 
 from eval_agent.async_runner import run_for_policy
-from eval_agent.cli import check_policy_model, count, input_file, non_negative, probability, run_main
+from eval_agent.cli import check_policy_model, count, input_file, natural, non_negative, probability, run_main
 from eval_agent.envs import Task, get_task_family
 from eval_agent.guard import RunGuard, fingerprint, identity, model_arg_names, policy_fingerprint, require_output, settings_of
 from eval_agent.layout import RunDir
 from eval_agent.llm import BackendUnavailable, GenerationConfig
 from eval_agent.run_card import write_run_card
-from eval_agent.records import Rollout, StepRecord, read_step_records, rollout_key
+from eval_agent.records import MIN_STEP, Rollout, StepRecord, judged, read_step_records, rollout_key
 from eval_agent.runner import Episode, ModelPolicy, derive_seed
 from eval_agent.store import BadRecord, JsonlStore
 from eval_agent.tracking import log_summary
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run's seed: seeds the in-process sampler once; over HTTP each rollout's requests carry "
                         "seeds derived from it and the rollout key (recorded in the rollout)")
     p.add_argument("--steps", help="step records to roll out (default: this kind's and shard's generate_steps output)")
+    p.add_argument("--min_step", type=natural, default=MIN_STEP,
+                   help="roll out the records data collection judges at this MIN_STEP: explored steps t >= MIN_STEP, "
+                        "expert steps t >= MIN_STEP - 1 (0: every record, as the original)")
     return p
 
 
@@ -99,13 +102,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def fingerprints(args: argparse.Namespace, run: RunDir, sources: dict[str, Path]) -> dict[Path, dict[str, Any]]:
-    """One per output file: the sampling settings, the policy, and the step records rolled out."""
-    settings = settings_of(args, drop=model_arg_names() | {"kind", "steps", "data_root"})
+    """One per output file: the sampling settings, the policy, and the step records rolled out; MIN_STEP only
+    selects which records (a rollout is the same whichever are chosen: a lower one adds rollouts)."""
+    settings = settings_of(args, drop=model_arg_names() | {"kind", "steps", "data_root", "min_step"})
     policy_settings, policy_inputs = policy_fingerprint(args)
     tasks = get_task_family(args.task_family).data_identity(args.split, args.data_root)
     return {run.rollouts(kind, args.num_shards, args.shard_id): fingerprint(
         "sampling.mc_rollouts", CODE_VERSION, {**settings, **policy_settings, "kind": kind},
-        {"steps": identity(source), "tasks": tasks, **policy_inputs}) for kind, source in sources.items()}
+        {"steps": identity(source), "tasks": tasks, **policy_inputs}, selection={"min_step": args.min_step})
+        for kind, source in sources.items()}
 
 
 def roll_out(args: argparse.Namespace, run: RunDir, sources: dict[str, Path]) -> dict[str, Any]:
@@ -129,6 +134,10 @@ def roll_out(args: argparse.Namespace, run: RunDir, sources: dict[str, Path]) ->
             raise SystemExit(f"error: {e}") from None
         records = [r for r in records if shard_of(r.task_key, args.num_shards) == args.shard_id]
         require_output(len(records), f"{source} has no step record of shard {args.shard_id}/{args.num_shards}")
+        before_min = sum(not judged(r.kind, r.t, args.min_step) for r in records)
+        records = [r for r in records if judged(r.kind, r.t, args.min_step)]
+        require_output(len(records), f"{source}: no {kind} step record at the steps data collection judges "
+                                     f"(MIN_STEP={args.min_step})")
         unknown = sorted({r.task_key for r in records} - tasks.keys())
         if unknown:
             raise SystemExit(f"error: {source}: {len(unknown)} tasks are not in {args.task_family}/{args.split} "
@@ -141,7 +150,8 @@ def roll_out(args: argparse.Namespace, run: RunDir, sources: dict[str, Path]) ->
                     store.append(copied_rollout(rec, i).to_dict())
         kind_jobs = rollout_jobs([r for r in records if not r.done], tasks, args.n, store, request_seed)
         jobs += kind_jobs
-        counts[kind] = {"records": len(records), "before": before, "copied": len(store) - before, "jobs": len(kind_jobs)}
+        counts[kind] = {"records": len(records), "before": before, "copied": len(store) - before, "jobs": len(kind_jobs),
+                        "before_min_step": before_min}
 
     t0 = time.perf_counter()
     if jobs:  # both kinds in one runner call: on a CPU their rows decode together
@@ -156,14 +166,16 @@ def roll_out(args: argparse.Namespace, run: RunDir, sources: dict[str, Path]) ->
     summary: dict[str, Any] = {"seconds": seconds}
     for kind, store in stores.items():
         c, expected = counts[kind], counts[kind]["records"] * args.n
-        summary[kind] = {"records_in": c["records"], "rollouts_expected": expected,
+        summary[kind] = {"records_in": c["records"], "records_before_min_step": c["before_min_step"],
+                         "rollouts_expected": expected,
                          "skipped_done": expected - c["copied"] - c["jobs"], "copied_from_done_records": c["copied"],
                          "rolled_out": len(store) - c["before"] - c["copied"],
                          "success_rate": sum(r["success"] for r in store.records.values()) / max(1, len(store)),
                          "out": str(store.path)}
-        log.info("rollouts_%s: %d step records x %d = %d rollouts: %d done before, %d copied from finished records, "
-                 "%d rolled out now -> %s", kind, c["records"], args.n, expected, summary[kind]["skipped_done"],
-                 c["copied"], summary[kind]["rolled_out"], store.path)
+        log.info("rollouts_%s: %d step records x %d = %d rollouts (%d records before the steps data collection "
+                 "judges left out): %d done before, %d copied from finished records, %d rolled out now -> %s", kind,
+                 c["records"], args.n, expected, c["before_min_step"], summary[kind]["skipped_done"], c["copied"],
+                 summary[kind]["rolled_out"], store.path)
     log.info("%d rollouts of %s in one run of %.1fs", len(jobs), " and ".join(stores), seconds)
     log_summary(run.root, "mc", summary, run.mc)
     return summary

@@ -20,7 +20,7 @@ from typing import Any
 from eval_agent.cli import count, run_main
 from eval_agent.envs import add_task_family_arg
 from eval_agent.guard import RunGuard, differences, identity, same
-from eval_agent.records import read_step_records, rollout_key, step_key
+from eval_agent.records import judged, read_step_records, rollout_key, step_key
 from eval_agent.store import BadRecord, merge_jsonl, read_jsonl
 from eval_agent.layout import RunDir, fingerprint_path
 from sampling.expert_tasks import kinds, load_expert_tasks, log
@@ -91,17 +91,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         absent = [str(s) for s in sources if not s.is_file()]
         if absent:
             raise SystemExit(f"error: {len(absent)} of {args.num_shards} shard files are missing: {', '.join(absent)}")
+        fp = merged_fingerprint(sources, run.steps(kind) if args.what == "rollouts" else None)
         try:
             if args.what == "steps":
                 expected = {step_key(x.task.key, t, kind) for x in items for t in range(len(x.expert.steps))}
-            else:
-                records = read_step_records(run.steps(kind))
+            else:  # the records the shards rolled out: those data collection judges at their MIN_STEP
+                min_step = fp["selection"].get("min_step", 0)
+                records = [r for r in read_step_records(run.steps(kind)) if judged(r.kind, r.t, min_step)]
                 expected = {rollout_key(r.key, i) for r in records for i in range(args.n)}
             check_keys(sources, expected)
         except (BadRecord, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}") from None
         out = path_of(kind)
-        fp = merged_fingerprint(sources, run.steps(kind) if args.what == "rollouts" else None)
         with RunGuard({out: fp}, folder=False, overwrite=args.overwrite):
             n = merge_jsonl(sources, out)
         summary[kind] = {"shards": args.num_shards, "records": n, "out": str(out), "seconds": round(time.perf_counter() - t0, 1)}

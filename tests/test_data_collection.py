@@ -169,6 +169,12 @@ def test_step_rewards_mean_count_and_missing():
     assert stats["missing_samples"] == 1 and stats["missing_examples"] == [recs[3].key]
     assert (stats["fewer_samples"], stats["more_samples"]) == (1, 1)
     assert (stats["duplicate_rollout_keys"], stats["rollouts_of_unknown_records"]) == (1, 1)
+    # MC rolls out only what is judged: the expert's step 0 (and explored steps 0 and 1) need no rollouts
+    explored = [StepRecord(**{**vars(r), "key": r.key.replace("expert", "explore"), "kind": "explore"}) for r in recs]
+    _, stats = step_rewards([recs[0], *explored[:2]], [], n=5)
+    assert stats["missing_samples"] == 0 and stats["not_judged_without_samples"] == 3
+    _, stats = step_rewards([recs[0], *explored[:2]], [], n=5, min_step=1)
+    assert stats["missing_samples"] == 2 and stats["missing_examples"] == [recs[0].key, explored[1].key]
 
 
 def judge(step: Step, r_explored, r_prev, cfg=DeviationConfig(), rest=None, success=False, t=2, emb=None, expert_step=None):
@@ -476,7 +482,10 @@ def test_stage_on_a_real_tiny_alfworld_sampling_run(tmp_path, tiny_model_dir):
     explore = read_step_records(RunDir(tmp_path).steps("explore"))
     expert = read_step_records(RunDir(tmp_path).steps("expert"))
     assert len(read(out / "step_rewards.jsonl")) == len(explore) + len(expert)
-    assert all(r["samples"] == 2 for r in read(out / "step_rewards.jsonl"))
+    # MC rolled out the records data collection judges (explored t >= 2, expert t >= 1), two each, and no other
+    assert all(r["samples"] == (2 if r["t"] >= (2 if r["kind"] == "explore" else 1) else 0)
+               for r in read(out / "step_rewards.jsonl"))
+    assert all(summary["step_rewards"][kind]["missing_samples"] == 0 for kind in ("expert", "explore"))
     devs = read(out / "deviations.jsonl")
     assert len(devs) == len(explore) == summary["deviation"]["explored_steps"]
     judged = [d for d in devs if d["skip"] is None]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from eval_agent.envs.alfworld import AlfWorldEnv, load_tasks
-from eval_agent.records import read_rollouts, read_step_records, rollout_key
+from eval_agent.records import judged, read_rollouts, read_step_records, rollout_key
 from eval_agent.runner import ExpertPolicy, run_episodes
 from eval_agent.store import read_jsonl
 from eval_agent.layout import RunDir
@@ -69,7 +69,9 @@ def test_expert_records_reproduce_alfworld_expert(tmp_path):
 
 def test_mc_killed_midway_resumes_every_key_once(tmp_path, vh_expert, tiny_model_dir):
     generate_steps(vh_args(vh_expert, tmp_path, "--kind", "expert"))
-    records = read_step_records(RunDir(tmp_path).steps("expert"))
+    every = read_step_records(RunDir(tmp_path).steps("expert"))
+    records = [r for r in every if judged(r.kind, r.t)]  # MC rolls out what data collection reads: expert t >= 1
+    assert len(records) == len(every) - len({r.task_key for r in every})
     n = 3
     cmd = [sys.executable, "-m", "sampling.mc_rollouts", "--task", "virtualhome", "--kind", "expert", "--n", str(n),
            "--model", str(tiny_model_dir), "--run_dir", str(tmp_path), *FAST, "--concurrency", "2"]
@@ -161,9 +163,9 @@ def test_crash_in_one_episode_is_recorded_and_the_stage_carries_on(tmp_path, vh_
     for r in explore:  # the greedy episode starts with the replayed expert prefix
         if r.error is None:
             assert [s["text"] for s in r.trajectory["steps"][: r.t]] == r.prefix and r.trajectory["steps"][r.t] == r.step
-    # rollouts of records an error ended are copied, not rolled out, and the stage goes on
+    # rollouts of records an error ended are copied, not rolled out, and the stage goes on (every record: MIN_STEP 0)
     mc = mc_rollouts(["--task", "virtualhome", "--kind", "explore", "--n", "2", "--model", str(tiny_model_dir),
-                      "--run_dir", str(tmp_path), *FAST])
+                      "--run_dir", str(tmp_path), "--min_step", "0", *FAST])
     assert mc["explore"]["rollouts_expected"] == 2 * len(explore) == len(keys_of(RunDir(tmp_path).rollouts("explore")))
     assert mc["explore"]["copied_from_done_records"] >= 2
 
@@ -179,9 +181,10 @@ def test_both_kinds_roll_out_in_one_runner_call_each_into_its_own_file(tmp_path,
                            "--run_dir", str(tmp_path), *FAST])
     assert len(calls) == 1 and {task.meta["rollout"]["kind"] for task, _ in calls[0]} == {"expert", "explore"}
     for kind in ("expert", "explore"):
-        records = read_step_records(RunDir(tmp_path).steps(kind))
+        records = [r for r in read_step_records(RunDir(tmp_path).steps(kind)) if judged(kind, r.t)]
         rollouts = read_rollouts(RunDir(tmp_path).rollouts(kind))
         assert {r.key for r in rollouts} == {rollout_key(r.key, i) for r in records for i in range(2)}
+        assert summary[kind]["records_before_min_step"] == (1 if kind == "expert" else 2) * len({r.task_key for r in records})
         assert all(r.kind == kind for r in rollouts) and summary[kind]["rolled_out"] == len(calls[0]) - sum(
             task.meta["rollout"]["kind"] != kind for task, _ in calls[0])
     assert mc_rollouts(["--task", "virtualhome", "--kind", "both", "--n", "2", "--model", str(tiny_model_dir),
