@@ -419,9 +419,9 @@ def scale_sentences(rows: list[Signals], backbone: str) -> list[str]:
                        + ": too few tasks to tell our numbers from the paper's.")
     steps = [r.step_accuracy.n for r in rows if r.step_accuracy]
     if steps and with_success:
-        out.append(f"Step accuracy scores every step of the expert trajectories ({min(steps)} to {max(steps)} steps a "
-                   f"cell, against {min(r.success.n for r in with_success)} to {max(r.success.n for r in with_success)} "
-                   "tasks for success), so its intervals are narrower and it moves before success does.")
+        out.append(f"Step accuracy scores every step of the expert trajectories ({count_range(steps)} steps a cell, "
+                   f"against {count_range([r.success.n for r in with_success])} tasks for success), so its intervals "
+                   "are narrower and it moves before success does.")
     return out
 
 
@@ -456,3 +456,9 @@ def reading(rows: list[Signals], collections: list[Collection], backbone: str, f
     if figures:
         lines += ["", "Charts and plots: " + ", ".join(figures) + "."]
     return "\n".join(lines) + "\n"
+
+
+def count_range(counts: list[int]) -> str:
+    """'106 to 114', or '12' when every cell has the same count."""
+    lo, hi = min(counts), max(counts)
+    return str(lo) if lo == hi else f"{lo} to {hi}"

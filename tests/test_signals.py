@@ -202,3 +202,9 @@ def test_step_accuracy_flag_and_bad_summaries(tmp_path, real_summaries, real_ste
     with pytest.raises(SystemExit, match="a second step-accuracy summary for sft virtualhome/unseen"):
         report(["--step_accuracy", f"sft={real_step_accuracy}", "--step_accuracy", f"sft={real_step_accuracy}",
                 "--out", str(out)])
+
+
+def test_count_range_names_one_count_once():
+    from eval.signals import count_range
+
+    assert (count_range([12, 12]), count_range([106, 114, 110])) == ("12", "106 to 114")
