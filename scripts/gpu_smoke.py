@@ -23,6 +23,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from eval_agent.layout import RunDir  # noqa: E402  (after the path is set)
+from eval_agent.records import judged  # noqa: E402
 from eval_agent.smollm2 import LLAMA_SIZES  # noqa: E402
 
 # Dense bf16 peak of one GPU (no sparsity), by a piece of its name; --peak_tflops overrides.
@@ -215,12 +216,15 @@ def check(out: Path, device: str, given_peak: float | None) -> dict:
         got = {}
         for kind in ("expert", "explore"):
             steps = root.steps(kind)
-            got[f"steps_{kind}"] = sum(1 for _ in steps.open()) if steps.is_file() else 0
-        if run.get("mc"):
+            records = [json.loads(line) for line in steps.open()] if steps.is_file() else []
+            got[f"steps_{kind}"] = len(records)
+            if kind == "explore":
+                got["judged_explore"] = sum(judged(kind, r["t"]) for r in records)
+        if run.get("mc"):  # MC rolls out the records data collection judges (eval_agent.records.MIN_STEP)
             rollouts = root.rollouts("explore")
             got["rollouts_explore"] = sum(1 for _ in rollouts.open()) if rollouts.is_file() else 0
-            if got["rollouts_explore"] != got["steps_explore"] * plan["n"]:
-                problems.append(f"{run['name']}: {got['rollouts_explore']} rollouts for {got['steps_explore']} "
+            if got["rollouts_explore"] != got["judged_explore"] * plan["n"]:
+                problems.append(f"{run['name']}: {got['rollouts_explore']} rollouts for {got['judged_explore']} judged "
                                 f"records x {plan['n']}")
         if run.get("eval"):
             summary = root.eval_summary(run["eval"], "seen")

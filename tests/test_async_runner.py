@@ -342,6 +342,7 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the worker processes")
 def test_mc_over_http_killed_midway_resumes_every_key_once(hf_server, tiny_model_dir, tmp_path):
+    from eval_agent.records import judged
     from sampling.generate_steps import main as generate_steps
     from sampling.mc_rollouts import main as mc_rollouts
 
@@ -358,6 +359,7 @@ def test_mc_over_http_killed_midway_resumes_every_key_once(hf_server, tiny_model
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = tmp_path / "sampling" / "mc" / "rollouts_expert.jsonl"
     records = [json.loads(line) for line in (tmp_path / "sampling" / "steps_expert.jsonl").read_text().splitlines()]
+    records = [r for r in records if judged("expert", r["t"])]  # what MC rolls out (MIN_STEP)
     copied = sum(r["done"] for r in records) * n
     deadline = time.monotonic() + 120
     workers: list[int] = []

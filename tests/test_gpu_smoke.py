@@ -32,6 +32,7 @@ def test_gpu_smoke_cpu_runs_end_to_end(tmp_path, smollm2_dir):
     assert all(r["saved_dtype"] == "float32" and r["peak_gpu_mib"] is None for r in stages.values())
     for run in ("hf", "http"):  # in process and over HTTP through serve_hf
         got = figures["sampling"][run]
-        assert got["steps_explore"] > 0 and got["rollouts_explore"] == 2 * got["steps_explore"] and got["eval_tasks"] == 1
+        assert 0 < got["judged_explore"] <= got["steps_explore"] and got["eval_tasks"] == 1
+        assert got["rollouts_explore"] == 2 * got["judged_explore"]  # MC rolls out the judged records
     assert any(s.startswith("FSDP: accelerate applies FSDP on GPUs only") for s in figures["skipped"])
     assert (out / "logs" / "sft_single.log").is_file() and (out / "base" / "config.json").is_file()

@@ -190,7 +190,7 @@ def test_paper_preset_prompts_carry_the_published_instruction_and_example(tmp_pa
     monkeypatch.setenv("ALFWORLD_DATA", str(alf))  # as the stages see it
     assert instructions(args, {"alfworld_0": expert}) == {"alfworld_0": INSTRUCTION}  # the reflection history's
     stage("sampling/generate_steps.sh")
-    stage("sampling/mc_rollouts.sh")
+    stage("sampling/mc_rollouts.sh", MIN_STEP="0")  # the one short trajectory has no step data collection judges
     stage("eval/evaluate.sh", SPLIT="seen")
     prompts = [json.loads(line)["prompt"] for line in log.read_text().splitlines()]
     prompts = [p for batch in prompts for p in (batch if isinstance(batch, list) else [batch])]

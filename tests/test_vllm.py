@@ -26,7 +26,7 @@ import pytest
 from eval_agent.llm import GenerationConfig
 from eval_agent.llm.hf import HFBackend
 from eval_agent.llm.openai_http import OpenAIBackend
-from eval_agent.records import read_rollouts, read_step_records, rollout_key
+from eval_agent.records import judged, read_rollouts, read_step_records, rollout_key
 from eval_agent.layout import RunDir
 from sampling.generate_steps import main as generate_steps
 from sampling.mc_rollouts import main as mc_rollouts
@@ -355,7 +355,7 @@ def test_vllm_serves_mc_rollouts(vllm_url, tiny32_dir, tmp_path):
     n = 3
     mc_rollouts(common + ["--n", str(n), "--model", str(tiny32_dir), "--tokenizer", str(tiny32_dir), "--backend", "openai",
                           "--endpoints", str(endpoints), "--max_new_tokens", "8", "--max_steps", "6", "--concurrency", "6"])
-    records = read_step_records(RunDir(tmp_path).steps("expert"))
+    records = [rec for rec in read_step_records(RunDir(tmp_path).steps("expert")) if judged("expert", rec.t)]
     rollouts = read_rollouts(RunDir(tmp_path).rollouts("expert"))
     assert sorted(r.key for r in rollouts) == sorted({rollout_key(rec.key, i) for rec in records for i in range(n)})
     rolled = [r for r in rollouts if not r.from_record]
