@@ -398,8 +398,7 @@ def scale_sentences(rows: list[Signals], backbone: str) -> list[str]:
     if with_success:
         widest = max(with_success, key=lambda r: r.success.ci[1] - r.success.ci[0])
         lo, hi = widest.success.ci
-        ns = sorted({r.success.n for r in with_success})
-        out.append(f"Each success cell rests on {ns[0]}" + (f" to {ns[-1]}" if len(ns) > 1 else "") + " tasks: "
+        out.append(f"Each success cell rests on {count_range([r.success.n for r in with_success])} tasks: "
                    f"{widest.success.k}/{widest.success.n} ({method(widest.label)}, {ENV_TITLES[widest.env]} "
                    f"{widest.split}) is consistent with any success rate from {lo:.2f} to {hi:.2f}.")
         steca = {(r.env, r.split): r.success for r in with_success if r.label == "steca"}
