@@ -206,7 +206,7 @@ VH_GENERATED = REPO / "data" / "virtualhome"
 VH_INSTRUCTION = ("Interact with a household to solve a task. PUBLISHED-VH-MARKER\nYour response should use the "
                   "following format:\nThought: <your thoughts>\nAction: <your next action>")
 VH_ICL_TASK = "The task is Drink (Drink water)."
-AUTHORS_PREFIX = ("/home/hlwang/hlwang_projects/research/language-planner-main/evaluation-code/dataset/"
+AUTHORS_PREFIX = ("/home/author/projects/research/language-planner-main/evaluation-code/dataset/"
                   "programs_processed_precond_nograb_morepreconds/executable_programs/")
 
 
