@@ -172,6 +172,24 @@ def test_sticky_routing_keeps_a_key_on_one_endpoint_and_fails_over(scripted_serv
         client.close()
 
 
+def test_a_sticky_key_spills_to_the_idle_replica_only_past_the_load_bound():
+    """LOAD_SLACK: a key stays on its replica while that holds fewer requests than 1.1 x the mean (counting the
+    new one), then moves to the least loaded one and stays there."""
+    client = HTTPClient(["http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1"])
+    home = client._order("k")[0]
+    other = 1 - home
+    try:
+        assert client.endpoints.index(client._pick("k")[0]) == home
+        client.endpoints[home].inflight, client.endpoints[other].inflight = 1, 1  # bound ceil(1.1 * 3 / 2) = 2
+        assert client.endpoints.index(client._pick("k")[0]) == home
+        client.endpoints[home].inflight, client.endpoints[other].inflight = 2, 0  # bound ceil(1.1 * 3 / 2) = 2
+        assert client.endpoints.index(client._pick("k")[0]) == other
+        client.endpoints[home].inflight = 0
+        assert client.endpoints.index(client._pick("k")[0]) == other  # the key keeps its new replica
+    finally:
+        client.close()
+
+
 def test_no_endpoint_left_is_a_clear_error_naming_them(fresh):
     client = HTTPClient(["http://127.0.0.1:9/v1"], retry=FAST)
     try:
