@@ -110,7 +110,7 @@ def test_server_errors_and_rate_limits_are_retried_client_errors_are_not(fresh):
 def test_retry_after_is_honoured(fresh):
     b = backend(fresh.url, retry=RetryPolicy(retries=2, backoff_s=0.01, max_backoff_s=5.0))
     try:
-        fresh.control(script=[{"status": 429, "body": "{}", "headers": {"Retry-After": "1"}}])
+        fresh.control(script=[{"status": 429, "body": "{}", "headers": {"Retry-After": "2"}}])
         t0 = time.monotonic()
         b.generate(["p"], GREEDY)
         waited = time.monotonic() - t0
@@ -120,7 +120,7 @@ def test_retry_after_is_honoured(fresh):
         quick = time.monotonic() - t0
     finally:
         b.close()
-    assert waited >= 1.0 and quick < 0.5
+    assert waited >= 2.0 and quick < 1.0  # a margin of a second for a loaded machine
 
 
 def test_chat_requests_honour_retry_after_too(fresh):
