@@ -33,8 +33,8 @@ from data_collection.step_rewards import SCORE_SETTINGS, SOURCES, StepScorer, ll
 from eval_agent.cli import count, natural, non_negative, run_main
 from eval_agent.envs import add_task_family_arg
 from eval_agent.expert_data import check_task_family, load_expert_data
-from eval_agent.guard import (RunGuard, fingerprint, identity, model_arg_names, policy_fingerprint, prompt_inputs,
-                              require_output, settings_of)
+from eval_agent.guard import (RunGuard, fingerprint, identity, json_digest, model_arg_names, policy_fingerprint,
+                              prompt_inputs, require_output, settings_of)
 from eval_agent.layout import RunDir
 from eval_agent.prompts import training_instruction
 from eval_agent.run_card import write_run_card
@@ -414,6 +414,9 @@ def collect(args: argparse.Namespace, embeddings: ActionEmbeddings | None) -> di
         "step_rewards": {"source": args.step_reward, **reward_stats, **({"llm": scorer_stats} if scorer_stats else {})},
         "deviation": {"config": vars(cfg), "explored_steps": len(deviations), "judged": len(judged),
                       "deviated": sum(d["deviated"] for d in deviations), "calibrated_steps": len(deviated),
+                      # which steps were calibrated: two thresholds that select the same ones (Table 7 at small N)
+                      # train on the same deviations, and eval.tables says so
+                      "calibrated_digest": json_digest(sorted(rec.key for rec, _ in deviated)),
                       "calibrate": args.calibrate, "skipped": dict(Counter(d["skip"] for d in deviations if d["skip"])),
                       "criterion_true": {c: sum(bool(d[c]) for d in judged) for c in CRITERIA},
                       "explored_action_missing": sum(d["explored_action"] is None for d in judged),

@@ -22,6 +22,7 @@ from eval.formatting import ENV_TITLES, MISSING, OUR_LABELS, SPLIT_NAMES, label_
 from eval.paper_results import COLUMNS, PAPER_ROWS
 from eval.summaries import fail, load_json
 from eval_agent.layout import EVAL_SUMMARY, RunDir
+from eval_agent.opt_ins import model_opt_ins, row_name, run_opt_ins
 from eval_agent.stats import difference_interval, format_share, wilson_interval
 
 COMPARED = (("base", "sft", "SFT"), ("sft", "steca", "STeCa training"))  # (before, after, what changed it)
@@ -61,6 +62,15 @@ class Signals:
     no_action: int | None = None  # replies without an `Action:` among the scored steps
     model: str | None = None  # the model the step-accuracy summary records
     sources: dict[str, str] = field(default_factory=dict)  # signal -> file it came from
+    opt_ins: list[str] = field(default_factory=list)  # what the runs that made the model opted into (opt_ins.py)
+
+    def add_opt_ins(self, labels: list[str]) -> None:
+        self.opt_ins += [x for x in labels if x not in self.opt_ins]
+
+    @property
+    def title(self) -> str:
+        """`STeCa`, `STeCa [self-reflection]`: the model's name and the labels Table 1's row carries too."""
+        return row_name(method(self.label), self.opt_ins)
 
     def get(self, metric: str) -> Count | None:
         return getattr(self, metric)
@@ -168,10 +178,12 @@ def collect(cells: list[Any], runs: list[str], step_accuracy: list[str]) -> tupl
         k = round(c.success_rate * c.num_tasks)
         row = at(c.label, c.env, c.split)
         row.success, row.sources["success"] = Count(k, c.num_tasks), c.summary
+        row.add_opt_ins(model_opt_ins([c.summary], c.label))
 
-    def add_step_accuracy(label: str, path: Path) -> None:
+    def add_step_accuracy(label: str, path: Path, run: RunDir | None = None) -> None:
         env, split, match, valid, no_action, model = read_step_accuracy(path)
         row = at(label, env, split)
+        row.add_opt_ins(run_opt_ins(run, label) if run else [])
         if "step_accuracy" in row.sources:
             fail(path, f"a second step-accuracy summary for {label} {env}/{split} "
                        f"(the first: {row.sources['step_accuracy']})")
@@ -183,7 +195,7 @@ def collect(cells: list[Any], runs: list[str], step_accuracy: list[str]) -> tupl
         env, _, folder = run.rpartition("=")
         rd = RunDir(folder)
         for label, path in step_accuracy_summaries(folder):
-            add_step_accuracy(label, path)
+            add_step_accuracy(label, path, rd)
         summary = rd.collection_summary
         card = summary.with_name("config.json")  # the stage's run card beside its summary
         args = (load_json(card).get("args") if card.is_file() else None) or {}
@@ -244,7 +256,7 @@ def to_markdown(rows: list[Signals], collections: list[Collection]) -> str:
     if rows:
         lines += ["| Environment | Split | Model | Success | Step accuracy | Valid actions |",
                   "|---|---|---|---:|---:|---:|"]
-        lines += [f"| {ENV_TITLES[r.env]} | {r.split} | {method(r.label)} | {cell(r.success)} | {cell(r.step_accuracy)} "
+        lines += [f"| {ENV_TITLES[r.env]} | {r.split} | {r.title} | {cell(r.success)} | {cell(r.step_accuracy)} "
                   f"| {cell(r.valid)} |" for r in rows]
     else:
         lines.append("No evaluation or step-accuracy summary found.")
@@ -264,7 +276,7 @@ def to_latex(rows: list[Signals], collections: list[Collection]) -> str:
 
     lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{lllrrr}", r"\toprule",
              r"Environment & Split & Model & Success & Step accuracy & Valid actions \\", r"\midrule"]
-    lines += [" & ".join(tex(x) for x in [ENV_TITLES[r.env], r.split, method(r.label), cell(r.success),
+    lines += [" & ".join(tex(x) for x in [ENV_TITLES[r.env], r.split, r.title, cell(r.success),
                                           cell(r.step_accuracy), cell(r.valid)]) + r" \\" for r in rows]
     lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{tex(CAPTION)}}}", r"\label{tab:steca-signals}",
               r"\end{table}"]
@@ -284,7 +296,7 @@ def to_json(rows: list[Signals], collections: list[Collection], reading_text: st
 
     return {"rows": [{"label": r.label, "env": r.env, "split": r.split, "success": count(r.success),
                       "step_accuracy": count(r.step_accuracy), "valid": count(r.valid), "no_action": r.no_action,
-                      "sources": r.sources} for r in rows],
+                      "opt_ins": r.opt_ins, "sources": r.sources} for r in rows],
             "data_collection": [asdict(c) for c in collections], "reading": reading_text}
 
 

@@ -81,15 +81,16 @@ def value_of(run: RunDir, label: str, env: str, split: str, metric: str) -> Cell
 
 
 def our_row(method: str, runs: list[tuple[str, RunDir]], label: str, columns: list[tuple[str, str]],
-            metric: str) -> TRow | None:
-    """A row of ours over `columns` from the runs of each family (env, RunDir); None when it has no value at all."""
+            metric: str, labels: list[str] | None = None) -> TRow | None:
+    """A row of ours over `columns` from the runs of each family (env, RunDir); None when it has no value at all.
+    `labels`: said after the method's name, after what its runs opted into."""
     row = TRow(method, "ours", [], [], [])
     for env, split in columns:
         cell = next((c for e, rd in runs if e == env and (c := value_of(rd, label, env, split, metric))), None)
         row.cells.append(cell.value if cell else None)
         row.counts.append(cell.num_tasks if cell else None)
         row.sources.append(cell.summary if cell else None)
-    row.method = row_name(method, model_opt_ins([s for s in row.sources if s], label))  # e.g. self-reflection
+    row.method = row_name(method, model_opt_ins([s for s in row.sources if s], label) + (labels or []))
     return row if any(v is not None for v in row.cells) else None
 
 
@@ -144,11 +145,32 @@ def table1_variant_rows(specs: list[str], metric: str, backbone: str) -> tuple[l
 
 # ---- Tables 2, 3, 6, 7 ------------------------------------------------------------------------------------
 
+def calibrated_steps(runs: list[tuple[str, RunDir]]) -> dict[str, str] | None:
+    """{family: which explored steps its data collection calibrated (the digest its summary records)}; None when
+    a run does not say."""
+    found = {}
+    for env, rd in runs:
+        path = rd.collection_summary
+        digest = (load_json(path).get("deviation") or {}).get("calibrated_digest") if path.is_file() else None
+        if digest is None:
+            return None
+        found[env] = digest
+    return found or None
+
+
 def variants_table(key: str, table: str, title: str, caption: str, runs: list[Run], metric: str,
-                   columns: list[tuple[str, str]], main_title: str, paper_titles: dict[str, str]) -> Table:
-    rows = [r for r in [our_row(f"{main_title} (ours)", mains(runs), "steca", columns, metric)] if r]
-    for v in in_table(table):
-        row = our_row(f"{v.title} (ours)", variant_runs(runs, v.name), "steca", columns, metric)
+                   columns: list[tuple[str, str]], main_title: str, paper_titles: dict[str, str],
+                   same_steps: bool = False) -> Table:
+    """STeCa of the main run and of each variant of `table`, then the paper's rows. `same_steps`: a row whose
+    runs calibrated the same steps as an earlier row's says so (Table 7: thresholds that select the same
+    deviations at the run's N train on the same data)."""
+    rows, before = [], []
+    for method, run_list in [(main_title, mains(runs))] + [(v.title, variant_runs(runs, v.name)) for v in in_table(table)]:
+        steps = calibrated_steps(run_list) if same_steps else None
+        same = next((m for m, s in before if steps and steps.items() <= s.items()), None)  # in each of its families
+        labels = [f"same calibrated steps as {same}"] if same else []
+        before += [(method, steps)] if steps else []
+        row = our_row(f"{method} (ours)", run_list, "steca", columns, metric, labels)
         rows += [row] if row else []
     return Table(key, title, caption, [f"{ENV_TITLES[e]} {s}" for e, s in columns],
                  rows + paper(table, columns, paper_titles))
@@ -171,7 +193,7 @@ def delta_table(runs: list[Run], metric: str) -> Table:
                        "STeCa with deviations detected at other thresholds: deviated when r(explored t) <= "
                        "r(expert t-1) + delta. The paper: delta = 0 is best, the others slightly lower (their values "
                        "were not recovered).", runs, metric, list(COLUMNS), "delta = 0",
-                       {"STeCa": "delta = 0 (STeCa)"})
+                       {"STeCa": "delta = 0 (STeCa)"}, same_steps=True)
     t.rows += [TRow(v.title, "paper Table 7", [None] * len(COLUMNS)) for v in in_table("Table 7")]
     return t
 

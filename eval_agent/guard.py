@@ -62,7 +62,8 @@ NOT_RESULTS = frozenset({"run_dir", "out", "output_dir", "overwrite", "concurren
 
 # ---- identities of inputs -------------------------------------------------------------------------------
 
-def _digest(obj: Any) -> str:
+def json_digest(obj: Any) -> str:
+    """A short digest of a JSON-able value (keys sorted): equal digests, equal values."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -91,7 +92,7 @@ def weights_fingerprint(model: str | Path) -> str | None:
     files = weight_files(model)
     if not files:
         return None
-    return _digest([(p.name, content_digest(p, WEIGHTS_HASH_LIMIT)) for p in files])
+    return json_digest([(p.name, content_digest(p, WEIGHTS_HASH_LIMIT)) for p in files])
 
 
 def file_identity(path: Path) -> dict[str, Any]:
@@ -105,7 +106,7 @@ def folder_identity(path: Path) -> dict[str, Any]:
     others = sorted(p for p in path.iterdir() if p.is_file() and p not in weights and p.name not in NOT_MODEL_FILES
                     and not p.name.endswith(".lock"))
     return {"path": str(path), "weights": weights_fingerprint(path),
-            "files": _digest([(p.name, file_identity(p)["sha256"]) for p in others])}
+            "files": json_digest([(p.name, file_identity(p)["sha256"]) for p in others])}
 
 
 def identity(value: str | Path | None) -> dict[str, Any] | None:
@@ -534,7 +535,7 @@ def output_state(output: str | Path) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         recorded = "unreadable"
     stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return {"fingerprint": _digest(recorded), "files": _digest(stats)}
+    return {"fingerprint": json_digest(recorded), "files": json_digest(stats)}
 
 
 def _output_changes(name: str, was: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:

@@ -16,6 +16,7 @@ from data_collection.ndtw import action_deviation, ndtw
 from data_collection.step_rewards import step_rewards
 from eval_agent.expert_data import alfworld_expert_trajectory
 from eval_agent.envs.alfworld import INSTRUCTION, AlfWorldEnv, load_tasks
+from eval_agent.guard import json_digest
 from eval_agent.records import Rollout, StepRecord, read_step_records, rollout_key, step_key
 from eval_agent.runner import ExpertPolicy, run_episodes
 from eval_agent.store import read_jsonl
@@ -358,6 +359,7 @@ def test_fixture_run_end_to_end_with_self_reflection(tmp_path, tiny_model_dir):
     assert devs[step_key(kb, 4, "explore")]["has_continuation"] is False
     assert summary["deviation"]["skipped"] == {"before_min_step": 2, "missing_mc_explored": 1}
     assert summary["deviation"]["by_step"][2] == {"considered": 3, "deviated": 2}
+    assert summary["deviation"]["calibrated_digest"] == json_digest(sorted(k for k, d in devs.items() if d["deviated"]))
 
     # B's and C's reflections by the tiny random model are garbage: counted, the rows skipped (the default)
     refl = summary["reflections"]

@@ -128,6 +128,11 @@ def test_run_cards_and_report_label_self_reflection_and_generated_data(tmp_path,
     text = (md / "report.md").read_text()
     assert "| STeCa (ours) [generated data, self-reflection] |" in text
     assert "| Base model (ours) |" in text  # the base model was trained on nothing
+    # the signals table's rows carry the same labels
+    assert "| ALFWorld | seen | STeCa [generated data, self-reflection] |" in text
+    assert "| ALFWorld | seen | Base model |" in text
+    rows = json.loads((md / "report.json").read_text())["signals"]["rows"]
+    assert next(r["opt_ins"] for r in rows if r["label"] == "steca") == ["generated data", "self-reflection"]
 
 
 # ---- the deviation threshold grid (Table 7) ---------------------------------------------------------------

@@ -212,9 +212,18 @@ def test_variant_tables_table9_and_figure4(tmp_path, two_runs):
     from eval_agent.variants import VARIANTS, init
 
     alf, vh = two_runs
-    for name, reward in (("wo_de", 0.25), ("delta_0.05", 0.5), ("sft_dpo", 0.125), ("mistral_7b", 0.375)):
+    for name, reward in (("wo_de", 0.25), ("delta_0.05", 0.5), ("delta_0.1", 0.5), ("sft_dpo", 0.125),
+                         ("mistral_7b", 0.375)):
         variant = init(str(alf), VARIANTS[name])
         place(real_summaries_of(alf), variant.evaluation("steca", "seen"), "seen", reward, model=f"{name}/steca/model")
+    # delta = 0.05 calibrated the main run's steps (as at N = 5), delta = 0.1 others
+    for run, digest in ((alf, "a0"), (vh, "v0"), (alf / "variants" / "delta_0.05", "a0"),
+                        (alf / "variants" / "delta_0.1", "a1")):
+        RunDir(run).collection_summary.parent.mkdir(parents=True, exist_ok=True)
+        RunDir(run).collection_summary.write_text(json.dumps({
+            "deviation": {"explored_steps": 4, "judged": 3, "deviated": 1, "calibrated_digest": digest},
+            "sets": {"calibration": {"rows": 1, "kept": 1}}, "train": {"rows": 2},
+            "step_reward_by_position": {kind: {"mean": [], "count": []} for kind in ("expert", "explore")}}))
     mistral = RunDir(alf / "variants" / "mistral_7b")
     place(real_summaries_of(alf), mistral.evaluation("sft", "unseen"), "unseen", 0.5, model="m/sft/model")
     (RunDir(alf).calibration("steca", "seen")).mkdir(parents=True)
@@ -239,7 +248,8 @@ def test_variant_tables_table9_and_figure4(tmp_path, two_runs):
     assert table_row(t6, "STeCa")[1:] == ["69.6", "63.6", "74.3", "76.1", "paper Table 1"]
     # Table 7: delta 0 is the main run; the paper's other thresholds are unknown
     t7 = sections["Table 7: the deviation threshold delta"]
-    assert table_row(t7, "delta = 0.05 (ours)")[3] == "50.0 (n 1)"
+    assert table_row(t7, "delta = 0.05 (ours) [same calibrated steps as delta = 0]")[3] == "50.0 (n 1)"
+    assert table_row(t7, "delta = 0.1 (ours)")[3] == "50.0 (n 1)"
     assert table_row(t7, "delta = 0 (STeCa)")[1:] == ["69.6", "63.6", "74.3", "76.1", "paper Table 1"]
     assert table_row(t7, "delta = 0.1")[1:] == ["–", "–", "–", "–", "paper Table 7"]
     # Table 2: a backbone variant evaluates its own SFT; the paper's Mistral rows
