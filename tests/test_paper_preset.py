@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -223,14 +222,12 @@ def test_manifest_recorded_and_different_ones_refused(tmp_path, tiny_model_dir):
 
 def test_paper_pipeline_stops_in_the_preflight_naming_each_problem(tmp_path, smollm2_dir):
     """PRESET=paper TASK_FAMILY=both without a key, without the published data, with the paper's delta grid: refused
-    in seconds, each problem on one line, no stage run or marked done."""
+    before any stage, each problem on one line, no stage run or marked done."""
     env = {k: v for k, v in os.environ.items() if k not in KEYS}
     env.update(TASK_FAMILY="both", PRESET="paper", BASE_MODEL=str(SMOLLM2), RUN_ROOT=str(tmp_path / "run"),
                HF_HUB_OFFLINE="1", VARIANT="table7", PYTHON=sys.executable)
-    t0 = time.monotonic()
     done = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
-    took = time.monotonic() - t0
     assert done.returncode == 1, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     for needle in ("reflections by the SFT model itself", "alfworld: SFT trains on alfworld's handcoded expert",
@@ -238,7 +235,6 @@ def test_paper_pipeline_stops_in_the_preflight_naming_each_problem(tmp_path, smo
                    "virtualhome: sampling and MC play the generated"):
         assert sum(needle in line for line in lines) == 1, done.stdout
     assert "== " not in done.stdout and not (tmp_path / "run").exists()  # no stage started, none marked done
-    assert took < 60, took
 
 
 def test_env_args_and_action_parse_reach_the_evaluation(tmp_path, smollm2_dir):

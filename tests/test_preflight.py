@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -283,19 +282,16 @@ def test_doctor_flag_runs_the_same_check(smollm2_dir):
 
 
 def test_readme_paper_command_stops_before_any_stage(tmp_path, smollm2_dir):
-    """The README's recipe with NPROC=8 and the paper's RFT batch of 15: refused in seconds, no stage run."""
+    """The README's recipe with NPROC=8 and the paper's RFT batch of 15: refused before any stage runs."""
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "REFLECT_API_KEY", "EXPERT_DATA")}
     env.update(TASK_FAMILY="both", PRESET="paper", BASE_MODEL="meta-llama/Llama-2-7b-chat-hf", CHAT_FORMAT="llama-2",
                BACKEND="vllm", NPROC="8", DIST_CONFIG="sft/configs/fsdp.yaml", RUN_ROOT=str(tmp_path / "run"),
                HF_HUB_OFFLINE="1")
-    t0 = time.monotonic()
     done = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
-    took = time.monotonic() - t0
     assert done.returncode == 1, done.stdout + done.stderr
     assert "RFT_BATCH=15 is not a multiple of RFT_MICRO_BATCH=1 x NPROC=8" in done.stdout
     assert "== " not in done.stdout and not (tmp_path / "run").exists()  # no stage started, nothing written
-    assert took < 60, took
 
 
 def test_paper_preset_checks_the_published_files_beside_the_data(tmp_path, smollm2_dir):
