@@ -7,8 +7,8 @@ problem it finds, not the first, and exits 1 when there is one:
   games, VirtualHome 247 / 247 test tasks), never a silent run on the generated ones;
 - the expert file, instruction and example the stages will read (published ones for PRESET=paper) parse;
 - the base model is reachable (a folder with a tokenizer, or a hub name in the local cache or readable on the
-  hub with the user's credentials: a gated model needs its licence accepted and a token), and its chat format
-  is usable (a template, or CHAT_FORMAT=llama-2);
+  hub with the user's credentials: a gated model needs its licence accepted and a token), the same for each
+  VARIANT's own base model (Table 2's backbones), and its chat format is usable (a template, or CHAT_FORMAT=llama-2);
 - both training stages' global batch is a multiple of micro-batch x NPROC, else the nearest valid settings;
 - GPUs vs NPROC and the vLLM replicas, and that no other process holds their memory; the vLLM environment
   scripts/serve_vllm.sh will run (scripts/python_envs.sh) imports vllm for BACKEND=vllm; the NVIDIA driver
@@ -202,6 +202,18 @@ def check_model(name: str, env: Mapping[str, str], report: Report, what: str = "
     why = hub.access(name, env.get("HF_TOKEN") or None)
     if why:
         report.problems.append(f"{what}={name}: not a folder, not in the local hub cache, and {why}")
+
+
+def check_variant_models(base_model: str, env: Mapping[str, str], variants: list[Variant], report: Report,
+                         hub: Hub = Hub()) -> None:
+    """The base model of each variant that trains its own (Table 2's backbones), checked as the main run's is: a
+    gated one would otherwise stop the variant after the main run's hours."""
+    checked = {base_model}
+    for name, settings in runs_of(env, variants)[1:]:
+        model = settings.get("BASE_MODEL") or settings.get("MODEL")
+        if model and model not in checked:
+            checked.add(model)
+            check_model(model, settings, report, what=f"{name}: BASE_MODEL", hub=hub)
 
 
 def check_chat_format(base_model: str, env: Mapping[str, str], preset: str, report: Report) -> None:
@@ -602,6 +614,7 @@ def preflight(env: Mapping[str, str], families: list[str], run_root: str, gpus: 
 
     base_model = env.get("BASE_MODEL") or env.get("MODEL") or str(default_model_dir())
     check_model(base_model, env, report, hub=hub)
+    check_variant_models(base_model, env, variants, report, hub)
     check_chat_format(base_model, env, preset, report)
     check_embedder(env, report, hub)
     check_batches(env, report)

@@ -206,7 +206,8 @@ def gpu_report(tmp_path, monkeypatch, env, hub=ALLOWED, **smi) -> Report:
 def gpu_problems(report: Report) -> list[str]:
     """The problems of the GPU side: the vLLM environment, the driver vs the builds, busy GPUs, the hub."""
     return [p for p in report.problems if p.startswith(("BACKEND=vllm", "NVIDIA driver", "the training environment",
-                                                        "the vLLM environment", "GPUs in use", "BASE_MODEL="))]
+                                                        "the vLLM environment", "GPUs in use", "BASE_MODEL=",
+                                                        "variant "))]
 
 
 def test_paper_command_after_setup_gpu_gets_past_the_vllm_and_driver_checks(tmp_path, monkeypatch):
@@ -270,6 +271,21 @@ def test_a_gated_model_without_access_is_refused(tmp_path, monkeypatch):
     # the whole pre-flight of the paper command, refused before any stage
     refused = gpu_problems(gpu_report(tmp_path, monkeypatch, paper_command(tmp_path), hub=Hub()))
     assert len(refused) == 1 and "a gated model that these credentials may not read" in refused[0]
+
+
+def test_a_variant_s_own_base_model_is_checked_too(tmp_path, monkeypatch):
+    """Table 2's backbones are gated on the hub: a variant that could not read its model would stop after the
+    main run's hours; the pre-flight names it with the main run's check."""
+    readable = {"meta-llama/Llama-2-7b-chat-hf"}
+    hub = Hub(access=lambda name, token: None if name in readable else "a gated model that these credentials may "
+              "not read", parameters=lambda name, token: None)
+    refused = gpu_problems(gpu_report(tmp_path, monkeypatch, {**paper_command(tmp_path), "VARIANT": "table2,wo_dc"},
+                                      hub=hub))
+    assert [p.split(":")[0] for p in refused] == ["variant mistral_7b", "variant llama3_8b"], refused
+    assert refused[0].startswith("variant mistral_7b: BASE_MODEL=mistralai/Mistral-7B-Instruct-v0.2: not a folder")
+    readable |= {"mistralai/Mistral-7B-Instruct-v0.2", "meta-llama/Meta-Llama-3-8B-Instruct"}
+    assert gpu_problems(gpu_report(tmp_path, monkeypatch, {**paper_command(tmp_path), "VARIANT": "table2"},
+                                   hub=hub)) == []
 
 
 def test_doctor_flag_runs_the_same_check(smollm2_dir):
