@@ -63,13 +63,13 @@ class TrainingDisk:
         return self.final() + (ckpt if keep else 0), peak
 
 
-def run_need(disk: TrainingDisk, families: int, epochs: dict[str, float], save: bool = True,
-             keep: bool = False) -> tuple[int, int]:
-    """(the free disk a run needs: what the earlier families left plus the last one's peak, what each family
-    leaves) for training stages of `epochs` (stage name -> epochs) run in order, family after family."""
+def run_need(stages: list[tuple[TrainingDisk, float]], save: bool = True, keep: bool = False) -> tuple[int, int]:
+    """(the free disk training stages run in this order need: at each stage, what the earlier ones left plus its
+    peak; what they all leave) for (the model's folders, the stage's epochs) in the order the pipeline trains them:
+    SFT then reinforced training, of the main run then of each variant that trains its own, family after family."""
     left, peak = 0, 0
-    for stage_epochs in epochs.values():
-        stage_left, stage_peak = disk.stage(stage_epochs, save, keep)
+    for disk, epochs in stages:
+        stage_left, stage_peak = disk.stage(epochs, save, keep)
         peak = max(peak, left + stage_peak)
         left += stage_left
-    return (families - 1) * left + peak, left
+    return peak, left

@@ -14,8 +14,8 @@ problem it finds, not the first, and exits 1 when there is one:
   scripts/serve_vllm.sh will run (scripts/python_envs.sh) imports vllm for BACKEND=vllm; the NVIDIA driver
   runs the CUDA build of torch in the training and the vLLM environment (both versions named when not);
 - the reflection endpoint answers with its key when reflection is by a chat model;
-- free disk for what the training stages write (eval_agent/disk.py: checkpoints, final models; from the model
-  folder, the hub's metadata or a table of the paper's models), printed as a note;
+- free disk for what the training stages write, the variants' included (eval_agent/disk.py: checkpoints, final
+  models; from the model folder, the hub's metadata or a table of the paper's models), printed as a note;
 - what PRESET=paper refuses unless opted into by name (eval_agent/opt_ins.py): generated training data
   (ALLOW_GENERATED_DATA=1), reflection or LLM step rewards by the SFT model itself (REFLECT_BACKEND=self), for the
   main run and each VARIANT; deviation thresholds of the run and its variants that select the same deviations at
@@ -56,6 +56,7 @@ OFFICIAL_COUNTS = {"alfworld": {"train": 3553, "valid_seen": 140, "valid_unseen"
                    "virtualhome": {"seen": 247, "unseen": 247}}
 # The training stages' epochs by default (sft/train.py, Reinforced_train/train.py; tests/test_disk.py checks them).
 TRAINING_EPOCHS = {"SFT": 3, "RFT": 1}
+MODEL_STAGES = {"SFT": "sft", "RFT": "steca"}  # the pipeline stage (eval_agent/layout.py) each of them is
 # Parameters of the paper's models, for the disk estimate when the hub cannot be asked (its metadata's counts).
 MODEL_PARAMETERS = {"meta-llama/Llama-2-7b-chat-hf": 6_738_415_616, "meta-llama/Llama-2-7b-hf": 6_738_415_616,
                     "meta-llama/Meta-Llama-3-8B-Instruct": 8_030_261_248,
@@ -423,9 +424,17 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
+def training_epochs(env: Mapping[str, str]) -> dict[str, float]:
+    """{"SFT": epochs, "RFT": epochs} as the training stages will read them."""
+    return {stage: float(env.get(f"{stage}_EPOCHS") or env.get("EPOCHS") or default)
+            for stage, default in TRAINING_EPOCHS.items()}
+
+
 def check_disk(run_root: str, base_model: str, families: int, report: Report, free: int | None = None,
-               env: Mapping[str, str] | None = None, gpus: int = 0, hub: Hub = Hub()) -> None:
-    """Free disk under RUN_ROOT for the training stages' folders, family after family (eval_agent/disk.py)."""
+               env: Mapping[str, str] | None = None, gpus: int = 0, hub: Hub = Hub(),
+               variants: list[Variant] | None = None) -> None:
+    """Free disk under RUN_ROOT for the training stages' folders, family after family, the main run's then each
+    variant's own (eval_agent/disk.py)."""
     env = {} if env is None else env
     size = model_size(base_model, env, hub)
     if size is None:
@@ -433,10 +442,25 @@ def check_disk(run_root: str, base_model: str, families: int, report: Report, fr
         return
     parameters, extra, source = size
     disk = training_disk(parameters, extra, env, gpus)
-    epochs = {"SFT": float(env.get("SFT_EPOCHS") or env.get("EPOCHS") or TRAINING_EPOCHS["SFT"]),
-              "RFT": float(env.get("RFT_EPOCHS") or env.get("EPOCHS") or TRAINING_EPOCHS["RFT"])}
-    keep = env.get("KEEP_CHECKPOINTS") == "1"
-    need, left = run_need(disk, families, epochs, save=(env.get("SAVE") or "epoch") != "no", keep=keep)
+    stages = [(disk, epochs) for epochs in training_epochs(env).values()]  # a family's, in the pipeline's order
+    main_stages = len(stages)
+    for v in variants or []:
+        settings = {**env, **v.env}
+        own = [epochs for stage, epochs in training_epochs(settings).items() if MODEL_STAGES[stage] not in v.shares]
+        if not own:
+            continue
+        model = settings.get("BASE_MODEL") or settings.get("MODEL") or base_model
+        v_size = size if model == base_model else model_size(model, settings, hub)
+        if v_size is None:
+            report.warnings.append(f"free disk: variant {v.name}'s models are not counted: the size of {model} is "
+                                   "unknown here")
+            continue
+        stages += [(training_disk(v_size[0], v_size[1], settings, gpus), epochs) for epochs in own]
+    keep, save = env.get("KEEP_CHECKPOINTS") == "1", (env.get("SAVE") or "epoch") != "no"
+    need, _ = run_need(stages * families, save, keep)
+    left = run_need(stages[:main_stages], save, keep)[1]
+    variants_left = run_need(stages[main_stages:], save, keep)[1]
+    also = f" and {gb(variants_left)} of the variants' own models" if variants_left else ""
     where = Path(run_root).resolve()
     while not where.exists():
         where = where.parent
@@ -444,7 +468,7 @@ def check_disk(run_root: str, base_model: str, families: int, report: Report, fr
     estimate = (f"disk: the training stages need about {gb(need)} under {where} ({gb(free)} free): "
                 f"{base_model} has {parameters / 1e9:.2f}B parameters ({source}); each family keeps "
                 f"{gb(left)} (SFT and STeCa models, {disk.final_bytes_per_parameter} bytes a parameter"
-                f"{', and their last checkpoints (KEEP_CHECKPOINTS=1)' if keep else ''}), and a training "
+                f"{', and their last checkpoints (KEEP_CHECKPOINTS=1)' if keep else ''}){also}, and a training "
                 f"checkpoint takes {gb(disk.checkpoint())} while a stage runs")
     report.notes.append(estimate)
     if free < need:
@@ -624,7 +648,7 @@ def preflight(env: Mapping[str, str], families: list[str], run_root: str, gpus: 
     check_backend(env, preset, gpus, report, probe)
     check_driver(env, gpus, report, probe)
     check_reflection(env, report)
-    check_disk(run_root, base_model, len(families), report, env=env, gpus=gpus, hub=hub)
+    check_disk(run_root, base_model, len(families), report, env=env, gpus=gpus, hub=hub, variants=variants)
     return report
 
 

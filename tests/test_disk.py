@@ -68,7 +68,7 @@ def test_training_stages_write_what_the_estimate_says(tmp_path, tiny_model_dir, 
     rows = write_jsonl(tmp_path / "train.jsonl", [calibration_row("c0", 1.0), explored_row("e0", 0.5)])
     rft(run.sft_model, rows, run.steca_model)
     assert checkpoints(run.steca_model) == []
-    _, left = run_need(disk, 1, {"SFT": 2, "RFT": 1})
+    _, left = run_need([(disk, 2), (disk, 1)])
     assert written(run.sft_model) + written(run.steca_model) == pytest.approx(left, rel=TOLERANCE)
 
 

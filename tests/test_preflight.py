@@ -14,6 +14,7 @@ import pytest
 
 from eval_agent import preflight
 from eval_agent.preflight import Hub, Report, batch_problem, check_batches, check_disk, check_model, check_reflection
+from eval_agent.variants import resolve
 from helpers import fake_nvidia_smi, fake_python_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,9 +162,9 @@ def test_free_disk(tmp_path, smollm2_dir):
 
 def test_disk_estimate_for_hub_names(tmp_path):
     """A hub name: the hub's metadata, else the table of the paper's models; 8 GPUs save bf16 models."""
-    def note(name, env=None, hub=Hub(parameters=lambda name, token: None)):
+    def note(name, env=None, hub=Hub(parameters=lambda name, token: None), variants=None):
         report = Report()
-        check_disk(str(tmp_path), name, 2, report, free=10**15, env=env or {}, gpus=8, hub=hub)
+        check_disk(str(tmp_path), name, 2, report, free=10**15, env=env or {}, gpus=8, hub=hub, variants=variants)
         return (report.notes or report.warnings)[0]
 
     llama = note("meta-llama/Llama-2-7b-chat-hf")
@@ -173,6 +174,13 @@ def test_disk_estimate_for_hub_names(tmp_path):
     assert "about 377.4 GB" in note("meta-llama/Llama-2-7b-chat-hf", {"KEEP_CHECKPOINTS": "1"})  # the old ~190 a family
     assert "1.00B parameters (the hub's metadata)" in note("org/model", hub=Hub(parameters=lambda n, t: 10**9))
     assert "size of org/unknown is unknown" in note("org/unknown")
+    # variants that train their own models: Mistral's SFT and STeCa (2 x 14.5 GB), Llama-3's (2 x 16.1 GB), wo_dc's
+    # STeCa from the main run's SFT (13.5 GB); the second family starts with all of the first's, and Llama-3's two
+    # SFT checkpoints (2 x 96.4 GB) are the largest peak
+    both = note("meta-llama/Llama-2-7b-chat-hf", variants=resolve("table2,wo_dc"))
+    assert "keeps 27.0 GB (SFT and STeCa models, 2 bytes a parameter) and 74.6 GB of the variants' own models" in both
+    assert "about 350.2 GB" in both
+    assert "and 13.5 GB of the variants' own" in note("meta-llama/Llama-2-7b-chat-hf", variants=resolve("wo_rt"))
 
 
 def test_training_epochs_are_the_stages_defaults():
