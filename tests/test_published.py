@@ -206,7 +206,8 @@ VH_GENERATED = REPO / "data" / "virtualhome"
 VH_INSTRUCTION = ("Interact with a household to solve a task. PUBLISHED-VH-MARKER\nYour response should use the "
                   "following format:\nThought: <your thoughts>\nAction: <your next action>")
 VH_ICL_TASK = "The task is Drink (Drink water)."
-AUTHORS_PREFIX = ("/home/author/projects/research/language-planner-main/evaluation-code/dataset/"
+# an absolute path from another machine (the published rows carry their authors'): only its tail matches ours
+FOREIGN_PREFIX = ("/srv/elsewhere/language-planner-main/evaluation-code/dataset/"
                   "programs_processed_precond_nograb_morepreconds/executable_programs/")
 
 
@@ -227,7 +228,7 @@ def vh_training_rows(schema: str, n: int = 3) -> list[dict]:
         if schema == "role":
             conversation = turns("role", [({"human": "user", "gpt": "assistant"}[t["from"]], t["value"])
                                           for t in conversation])
-        rows.append({"id": str(i), "path": AUTHORS_PREFIX + tail + ".txt", "conversations": conversation,
+        rows.append({"id": str(i), "path": FOREIGN_PREFIX + tail + ".txt", "conversations": conversation,
                      **{k: task[k] for k in ("revised_graph", "object_id_dict", "task", "description")}})
     return rows
 
@@ -275,7 +276,7 @@ def test_vh_published_training_data_is_the_training_split(tmp_path, schema, sft_
     want_expert = vh / ("new_train_sft.json" if sft_file else "new_train_conversation.jsonl")
     assert (data.kind, data.tasks, data.expert) == ("published", vh / "new_train_conversation.jsonl", want_expert)
     tasks = load_tasks("train", data_root=vh)
-    assert [t.key for t in tasks] == [r["path"][len(AUTHORS_PREFIX):-4] for r in vh_training_rows(schema)]
+    assert [t.key for t in tasks] == [r["path"][len(FOREIGN_PREFIX):-4] for r in vh_training_rows(schema)]
     assert tasks[0].meta["program"] == [] and tasks[0].meta["graph_file"].endswith(tasks[0].key + ".json")
 
     run = tmp_path / "run"
