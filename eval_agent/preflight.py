@@ -205,16 +205,21 @@ def check_model(name: str, env: Mapping[str, str], report: Report, what: str = "
         report.problems.append(f"{what}={name}: not a folder, not in the local hub cache, and {why}")
 
 
+def variant_model(v: Variant, base_model: str) -> str:
+    """The base model a variant's SFT starts from: its own (Table 2's backbones) or the main run's."""
+    return v.env.get("BASE_MODEL") or base_model
+
+
 def check_variant_models(base_model: str, env: Mapping[str, str], variants: list[Variant], report: Report,
                          hub: Hub = Hub()) -> None:
     """The base model of each variant that trains its own (Table 2's backbones), checked as the main run's is: a
     gated one would otherwise stop the variant after the main run's hours."""
     checked = {base_model}
-    for name, settings in runs_of(env, variants)[1:]:
-        model = settings.get("BASE_MODEL") or settings.get("MODEL")
-        if model and model not in checked:
+    for v in variants:
+        model = variant_model(v, base_model)
+        if model not in checked:
             checked.add(model)
-            check_model(model, settings, report, what=f"{name}: BASE_MODEL", hub=hub)
+            check_model(model, {**env, **v.env}, report, what=f"variant {v.name}: BASE_MODEL", hub=hub)
 
 
 def check_chat_format(base_model: str, env: Mapping[str, str], preset: str, report: Report) -> None:
@@ -442,24 +447,23 @@ def check_disk(run_root: str, base_model: str, families: int, report: Report, fr
         return
     parameters, extra, source = size
     disk = training_disk(parameters, extra, env, gpus)
-    stages = [(disk, epochs) for epochs in training_epochs(env).values()]  # a family's, in the pipeline's order
-    main_stages = len(stages)
+    main = [(disk, epochs) for epochs in training_epochs(env).values()]  # a family's, in the pipeline's order
+    own = []  # then each variant's own training stages
     for v in variants or []:
         settings = {**env, **v.env}
-        own = [epochs for stage, epochs in training_epochs(settings).items() if MODEL_STAGES[stage] not in v.shares]
-        if not own:
+        epochs = [e for stage, e in training_epochs(settings).items() if MODEL_STAGES[stage] not in v.shares]
+        if not epochs:
             continue
-        model = settings.get("BASE_MODEL") or settings.get("MODEL") or base_model
+        model = variant_model(v, base_model)
         v_size = size if model == base_model else model_size(model, settings, hub)
         if v_size is None:
             report.warnings.append(f"free disk: variant {v.name}'s models are not counted: the size of {model} is "
                                    "unknown here")
             continue
-        stages += [(training_disk(v_size[0], v_size[1], settings, gpus), epochs) for epochs in own]
+        own += [(training_disk(v_size[0], v_size[1], settings, gpus), e) for e in epochs]
     keep, save = env.get("KEEP_CHECKPOINTS") == "1", (env.get("SAVE") or "epoch") != "no"
-    need, _ = run_need(stages * families, save, keep)
-    left = run_need(stages[:main_stages], save, keep)[1]
-    variants_left = run_need(stages[main_stages:], save, keep)[1]
+    need, _ = run_need((main + own) * families, save, keep)
+    left, variants_left = run_need(main, save, keep)[1], run_need(own, save, keep)[1]
     also = f" and {gb(variants_left)} of the variants' own models" if variants_left else ""
     where = Path(run_root).resolve()
     while not where.exists():
