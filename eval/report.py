@@ -19,7 +19,10 @@ Inputs:
 - step accuracy: RUN_DIR/eval/<label>/<split>/step_accuracy/summary.json of each `--run`, and
   `--step_accuracy LABEL=PATH`; data collection: RUN_DIR/data_collection/summary.json of each `--run`.
 The labels base, sft and steca are shown as "Base model (ours)", "SFT (ours)", "STeCa (ours)", others as
-given. Our rows' backbone is `--backbone`, else the model name the `base` summaries record.
+given, each followed by what its runs opted into (`[generated data, self-reflection]`, in Table 1 and the signals
+alike); a Table 7 row whose data collection calibrated the same steps as an earlier row's says so
+(`[same calibrated steps as delta = 0]`). Our rows' backbone is `--backbone`, else the model name the `base`
+summaries record.
 
 Metric: average final reward ×100, the paper's (`--metric success_rate` for the success rate; the reward
 is 1 for a solved task and 0 otherwise in both environments, so the two agree). Average: the mean of the

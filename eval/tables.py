@@ -4,7 +4,8 @@ values (eval/paper_results.py): eval.report lays them out below Table 1.
 - Table 1's variant rows (RFT, STeCa w/o RT, STeCa w/ SFT+DPO): each variant's STeCa model, in Table 1's columns;
 - Table 2 (other backbones, ALFWorld): SFT and STeCa of the main run and of each backbone variant;
 - Table 3 (reflection and step-reward sources), Table 6 (without D_c / D_e / D_s), Table 7 (delta): STeCa of the
-  main run and of each variant of the table, in Table 1's columns;
+  main run and of each variant of the table, in Table 1's columns; a Table 7 row that calibrated the same steps as
+  an earlier row (thresholds that select the same deviations at the run's N) is labelled so;
 - Table 9 (VirtualHome by the expert trajectory's length: <= 7, 8-13, >= 14 steps): SFT and STeCa of the main
   run, from the evaluations' per-task files (both test splits pooled: the paper does not say which) and the
   expert program each task file records;
